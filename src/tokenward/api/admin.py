@@ -1,0 +1,108 @@
+"""The admin REST API: projects and tokens."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from tokenward.api.auth import AdminRead, AdminWrite
+from tokenward.api.schemas import ProjectCreate, TokenCreate, TokenRevoke, TokenRotate
+from tokenward.service import Issued, TokenService, TokenSpec
+from tokenward.tokens.durations import parse_rates
+from tokenward.tokens.model import TokenState
+
+router = APIRouter(prefix="/v1")
+
+ONCE_WARNING = "Store this token now: it is shown only once and cannot be recovered."
+
+
+def _service(request: Request) -> TokenService:
+    service: TokenService = request.app.state.services.tokens
+    return service
+
+
+def _issued(issued: Issued, status: int = 201, **extra: Any) -> JSONResponse:
+    body = {"token": issued.secret, **issued.record.public(), "warning": ONCE_WARNING, **extra}
+    return JSONResponse(body, status, headers={"Cache-Control": "no-store"})
+
+
+@router.post("/projects", status_code=201, tags=["projects"])
+async def create_project(body: ProjectCreate, actor: AdminWrite, request: Request) -> Any:
+    project = await _service(request).create_project(actor, body.name)
+    return JSONResponse(project.public(), 201)
+
+
+@router.get("/projects", tags=["projects"])
+async def list_projects(actor: AdminRead, request: Request) -> Any:
+    projects = await _service(request).list_projects(actor)
+    return {"projects": [p.public() for p in projects]}
+
+
+@router.get("/projects/{name}", tags=["projects"])
+async def get_project(name: str, actor: AdminRead, request: Request) -> Any:
+    return (await _service(request).project_for(actor, name)).public()
+
+
+@router.post("/tokens", status_code=201, tags=["tokens"])
+async def create_token(body: TokenCreate, actor: AdminWrite, request: Request) -> Any:
+    spec = TokenSpec(
+        project=body.project,
+        scopes=body.scopes,
+        environment=body.environment,
+        name=body.name,
+        kind=body.kind,
+        principal=body.principal,
+        expires_at=body.expires_at,
+        ttl=body.ttl_delta(),
+        not_before=body.not_before,
+        ip_allowlist=body.ip_allowlist,
+        rate_limit=parse_rates(body.rate_limit) if body.rate_limit else [],
+        uses=body.uses,
+        metadata=body.metadata,
+    )
+    return _issued(await _service(request).create_token(actor, spec))
+
+
+@router.get("/tokens", tags=["tokens"])
+async def list_tokens(
+    actor: AdminRead,
+    request: Request,
+    project: Annotated[str | None, Query(max_length=64)] = None,
+    state: TokenState | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(max_length=32)] = None,
+) -> Any:
+    records = await _service(request).list_tokens(
+        actor, project=project, state=state, limit=limit, after=after
+    )
+    now = _service(request).now
+    items = [{**r.public(), "state": r.state(now).value} for r in records]
+    return {"tokens": items, "next": records[-1].id if len(records) == limit else None}
+
+
+@router.get("/tokens/{token_id}", tags=["tokens"])
+async def get_token(
+    token_id: Annotated[str, Path(max_length=32)], actor: AdminRead, request: Request
+) -> Any:
+    record = await _service(request).get_token(actor, token_id)
+    return {**record.public(), "state": record.state(_service(request).now).value}
+
+
+@router.post("/tokens/{token_id}/revoke", tags=["tokens"])
+async def revoke_token(
+    token_id: str, actor: AdminWrite, request: Request, body: TokenRevoke | None = None
+) -> Any:
+    reason = body.reason if body else ""
+    record = await _service(request).revoke_token(actor, token_id, reason)
+    return {**record.public(), "state": record.state(_service(request).now).value}
+
+
+@router.post("/tokens/{token_id}/rotate", tags=["tokens"])
+async def rotate_token(
+    token_id: str, actor: AdminWrite, request: Request, body: TokenRotate | None = None
+) -> Response:
+    grace = (body or TokenRotate()).grace_delta()
+    issued, old = await _service(request).rotate_token(actor, token_id, grace)
+    return _issued(issued, 201, previous={"id": old.id, "grace_until": old.public()["grace_until"]})

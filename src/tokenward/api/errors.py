@@ -1,0 +1,74 @@
+"""Turn every failure into ``{"error": code, "message": text}`` with the right status.
+
+Validation messages name the field and the rule, never the value given (it may be a secret).
+"""
+
+from __future__ import annotations
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenward.errors import TokenwardError
+
+log = structlog.get_logger("tokenward.api")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+
+def error_response(status: int, code: str, message: str, **extra: object) -> JSONResponse:
+    headers = {"Cache-Control": "no-store"}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="tokenward"'
+    return JSONResponse({"error": code, "message": message, **extra}, status, headers=headers)
+
+
+def _describe(errors: list[dict[str, object]]) -> tuple[str, list[dict[str, object]]]:
+    details = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        details.append({"field": ".".join(loc) or "body", "problem": str(err.get("msg", ""))})
+    summary = "; ".join(f"{d['field']}: {d['problem']}" for d in details[:5])
+    return summary, details
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TokenwardError)
+    async def _tokenward(_request: Request, exc: TokenwardError) -> JSONResponse:
+        response = error_response(exc.status, exc.code, exc.message, **exc.extra)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "invalid_json", "the request body is not valid JSON")
+        summary, details = _describe(errors)
+        return error_response(422, "invalid_request", summary or "invalid request",
+                              details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        response = error_response(exc.status_code, code, message)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled_error", error_type=type(exc).__name__)
+        return error_response(500, "internal_error", "an unexpected error occurred")

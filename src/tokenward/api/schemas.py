@@ -1,0 +1,93 @@
+"""Request bodies of the admin API: closed (unknown fields are refused) and bounded."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from tokenward.tokens.durations import parse_duration, parse_rates
+from tokenward.tokens.scopes import parse_scope
+
+ProjectName = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", max_length=63)
+]
+ShortText = Annotated[str, StringConstraints(max_length=128)]
+Cidr = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetaValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+class Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProjectCreate(Closed):
+    name: ProjectName = Field(description="Lower-case letters, digits, '-' and '_'.")
+
+
+class TokenCreate(Closed):
+    project: Annotated[str, StringConstraints(max_length=64)] | None = None
+    environment: Literal["live", "test"] = "live"
+    scopes: list[Annotated[str, StringConstraints(max_length=128)]] = Field(
+        min_length=1, max_length=64
+    )
+    name: ShortText = ""
+    principal: ShortText | None = None
+    kind: Literal["api_key", "canary"] = "api_key"
+    ttl: Annotated[str, StringConstraints(max_length=32)] | None = Field(
+        None, description="Lifetime such as 90d, 12h, 15m."
+    )
+    expires_at: AwareDatetime | None = None
+    not_before: AwareDatetime | None = None
+    ip_allowlist: list[Cidr] = Field(default_factory=list, max_length=100)
+    rate_limit: Annotated[str, StringConstraints(max_length=200)] | None = Field(
+        None, description="One or more windows: 100/minute or 10/second;1000/hour."
+    )
+    uses: int | None = Field(None, ge=1, le=1_000_000_000)
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: list[str]) -> list[str]:
+        for scope in value:
+            parse_scope(scope)
+        return value
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rates(value)
+        return value
+
+    def ttl_delta(self) -> timedelta | None:
+        return parse_duration(self.ttl) if self.ttl else None
+
+
+class TokenRevoke(Closed):
+    reason: Annotated[str, StringConstraints(max_length=200)] = ""
+
+
+class TokenRotate(Closed):
+    grace: Annotated[str, StringConstraints(max_length=32)] = Field(
+        "1h", description="How long the old token keeps working (0 for no overlap)."
+    )
+
+    @field_validator("grace")
+    @classmethod
+    def _grace(cls, value: str) -> str:
+        if value not in ("0", "0s"):
+            parse_duration(value)
+        return value
+
+    def grace_delta(self) -> timedelta:
+        return timedelta(0) if self.grace in ("0", "0s") else parse_duration(self.grace)

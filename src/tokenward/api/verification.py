@@ -1,0 +1,172 @@
+"""``POST /v1/verify``, RFC 7662 introspection and RFC 7009 revocation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from tokenward.api.auth import Verifying, authenticate, bearer_token, client_ip
+from tokenward.api.errors import error_response
+from tokenward.errors import Forbidden, Invalid
+from tokenward.tokens.format import TokenFormatError, parse_token
+from tokenward.tokens.model import Reason
+
+router = APIRouter()
+
+_VERIFY_FIELDS = {"token": 4096, "scope": 128, "ip": 64, "project": 64, "environment": 8}
+
+VERIFY_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["token"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "token": {"type": "string", "description": "The presented token."},
+                        "scope": {"type": "string", "example": "records:read"},
+                        "ip": {"type": "string", "example": "203.0.113.7"},
+                        "project": {"type": "string"},
+                        "environment": {"type": "string", "enum": ["live", "test"]},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _verify_body(raw: bytes) -> dict[str, str | None]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise Invalid("invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise Invalid("invalid_request", "the body must be a JSON object")
+    unknown = set(body) - _VERIFY_FIELDS.keys()
+    if unknown:
+        raise Invalid("invalid_request", f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
+    if "token" not in body:
+        raise Invalid("invalid_request", "token: field required")
+    for name, value in body.items():
+        if value is None and name != "token":
+            continue
+        if not isinstance(value, str):
+            raise Invalid("invalid_request", f"{name}: must be a string")
+        if len(value) > _VERIFY_FIELDS[name]:
+            raise Invalid("invalid_request", f"{name}: longer than {_VERIFY_FIELDS[name]}")
+    if body.get("environment") not in (None, "live", "test"):
+        raise Invalid("invalid_request", "environment: must be 'live' or 'test'")
+    return body
+
+
+@router.post("/v1/verify", tags=["verify"], openapi_extra=VERIFY_SCHEMA)
+async def verify(request: Request, caller: Verifying) -> JSONResponse:
+    """Is this token good for this action? Always 200 with ``valid``; 503 if fail-closed."""
+    body = _verify_body(await request.body())
+    services = request.app.state.services
+    decision = await services.verifier.verify(
+        body["token"] or "",
+        scope=body.get("scope"),
+        ip=body.get("ip"),
+        tenant=caller.project_id,
+        environment=body.get("environment"),
+        project=body.get("project"),
+    )
+    result = decision.as_dict()
+    if decision.reason == Reason.UNKNOWN or decision.token is None:
+        result.update(token_id=None, project=None, environment=None, principal=None, scopes=[])
+    if decision.reason == Reason.UNAVAILABLE:
+        result.update(error="unavailable", message="a dependency is unavailable; access denied")
+        return JSONResponse(result, 503)
+    return JSONResponse(result)
+
+
+def _epoch(value: Any) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+async def _form(request: Request) -> dict[str, str]:
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("application/x-www-form-urlencoded"):
+        raise Invalid("invalid_request", "use application/x-www-form-urlencoded",
+                      error_description="use application/x-www-form-urlencoded")
+    form = await request.form(max_files=0, max_fields=10)
+    values = {k: v for k, v in form.items() if isinstance(v, str)}
+    if not values.get("token"):
+        raise Invalid("invalid_request", "token: field required",
+                      error_description="token: field required")
+    if len(values["token"]) > 4096:
+        raise Invalid("invalid_request", "token: too long", error_description="token: too long")
+    return values
+
+
+@router.post("/oauth/introspect", tags=["oauth"])
+async def introspect(request: Request, caller: Verifying) -> JSONResponse:
+    """RFC 7662: ``{"active": false}`` for anything that is not a currently valid token."""
+    form = await _form(request)
+    services = request.app.state.services
+    decision = await services.verifier.verify(form["token"], tenant=caller.project_id,
+                                              consume=False)
+    headers = {"Cache-Control": "no-store"}
+    if not decision.allowed or decision.token is None:
+        return JSONResponse({"active": False}, headers=headers)
+    token = decision.token
+    body = {
+        "active": True,
+        "scope": " ".join(token.scopes),
+        "client_id": token.project or "",
+        "sub": token.principal,
+        "username": token.principal,
+        "token_type": token.kind,
+        "exp": _epoch(token.expires_at),
+        "iat": _epoch(token.created_at),
+        "nbf": _epoch(token.not_before),
+        "jti": token.id,
+        "iss": "tokenward",
+        "environment": token.environment,
+        "project": token.project,
+    }
+    return JSONResponse({k: v for k, v in body.items() if v is not None}, headers=headers)
+
+
+@router.post("/oauth/revoke", tags=["oauth"])
+async def revoke(request: Request) -> JSONResponse:
+    """RFC 7009: revoke a token; answers 200 whether or not the token was known.
+
+    The caller authenticates with an ``admin:write`` credential, or presents the token
+    itself as its credential (a client may always give up its own token).
+    """
+    form = await _form(request)
+    services = request.app.state.services
+    own = bearer_token(request) == form["token"]
+    if own:
+        try:
+            parse_token(form["token"])
+        except TokenFormatError:
+            return JSONResponse({}, headers={"Cache-Control": "no-store"})
+        found = await services.verifier.verify(form["token"], consume=False,
+                                               ip=client_ip(request))
+        if found.token is not None:
+            await services.tokens.revoke_own(found.token, "revoked by its holder (RFC 7009)")
+        return JSONResponse({}, headers={"Cache-Control": "no-store"})
+    try:
+        caller = await authenticate(request, "admin:write")
+    except Forbidden:
+        return error_response(403, "insufficient_scope", "revoking needs admin:write",
+                              error_description="revoking needs admin:write")
+    try:
+        parse_token(form["token"])
+    except TokenFormatError:
+        return JSONResponse({}, headers={"Cache-Control": "no-store"})
+    decision = await services.verifier.verify(form["token"], tenant=caller.project_id,
+                                              consume=False)
+    if decision.token is not None and decision.reason != Reason.UNKNOWN:
+        await services.tokens.revoke_token(caller, decision.token.id, "revoked via RFC 7009")
+    return JSONResponse({}, headers={"Cache-Control": "no-store"})
+

@@ -1,0 +1,328 @@
+"""``tokenward …``: set up and run the server, and do every admin action.
+
+Admin commands talk to a running server: ``TOKENWARD_URL`` (default http://127.0.0.1:8080) and
+``TOKENWARD_ADMIN_TOKEN``. The secret is read from the environment only, never from a flag,
+so it does not land in shell history or in the process list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from tokenward.client.admin import AdminAPIError, AdminClient
+
+app = typer.Typer(help="tokenward: API tokens for Backend-as-a-Service apps.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+project_app = typer.Typer(help="Projects (one per app).", no_args_is_help=True)
+token_app = typer.Typer(help="Tokens: create, list, show, revoke, rotate.", no_args_is_help=True)
+app.add_typer(project_app, name="project")
+app.add_typer(token_app, name="token")
+
+out = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="TOKENWARD_DATA_DIR",
+                                       help="Data folder (SQLite database, server key).")]
+
+
+def fail(message: str, code: int = 1, *, as_json: bool = False, error: str = "error") -> NoReturn:
+    if as_json:
+        print(json.dumps({"error": error, "message": message}), file=sys.stderr)
+    else:
+        err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def emit_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+# -- server side --------------------------------------------------------------------------
+@app.command()
+def init(
+    data_dir: DataDir = Path(".tokenward"),
+    reset: Annotated[bool, typer.Option(help="Revoke the bootstrap admin token, issue a new one.")]
+    = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the data dir, server key and database; print the first admin token once."""
+    from tokenward.bootstrap import initialize
+    from tokenward.settings import Settings
+
+    settings = Settings.load(data_dir=data_dir)
+    result = asyncio.run(initialize(settings, reset=reset))
+    info = {"data_dir": str(settings.data_dir), "database": _safe_db(settings),
+            "key_file": None if settings.secret_key else str(settings.key_file)}
+    if not result.created:
+        message = ("already initialized; the admin token was shown when it was created. "
+                   "Use --reset to revoke it and issue a new one.")
+        if as_json:
+            emit_json({"initialized": False, "admin_token_id": result.token_id, **info,
+                       "message": message})
+        else:
+            out.print(message)
+        return
+    if as_json:
+        emit_json({"initialized": True, "admin_token": result.admin_token,
+                   "admin_token_id": result.token_id, **info})
+    else:
+        _show_admin_token(result.admin_token or "", result.token_id or "")
+
+
+def _safe_db(settings: Any) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+
+
+def _show_admin_token(secret: str, token_id: str) -> None:
+    out.print(Panel.fit(
+        f"[bold]{secret}[/bold]\n\nid: {token_id}\n"
+        "This is the first admin credential. It is shown once: store it now.\n"
+        "Use it with:  export TOKENWARD_ADMIN_TOKEN=<the token above>",
+        title="admin token", border_style="yellow"), highlight=False)
+
+
+@app.command()
+def serve(
+    data_dir: DataDir = Path(".tokenward"),
+    host: Annotated[str, typer.Option(envvar="TOKENWARD_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="TOKENWARD_PORT")] = 8080,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate for HTTPS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for HTTPS.")] = None,
+    tls_self_signed: Annotated[bool, typer.Option(help="Make a development certificate.")]
+    = False,
+    allow_insecure_http: Annotated[bool, typer.Option(
+        envvar="TOKENWARD_ALLOW_INSECURE_HTTP",
+        help="Plain HTTP on a non-loopback address (only behind a TLS proxy).")] = False,
+    init_first: Annotated[bool, typer.Option("--init", help="Initialize first if needed.")]
+    = False,
+) -> None:
+    """Run the server (admin API, verification API, /healthz)."""
+    import uvicorn
+
+    from tokenward.app import create_app
+    from tokenward.logs import configure_logging
+    from tokenward.server import InsecureBind, check_bind, self_signed
+    from tokenward.settings import Settings
+
+    settings = Settings.load(data_dir=data_dir, host=host, port=port,
+                             allow_insecure_http=allow_insecure_http or None)
+    configure_logging(settings.log_level)
+    if (tls_cert is None) != (tls_key is None):
+        fail("give both --tls-cert and --tls-key", 2)
+    if tls_self_signed:
+        tls_cert, tls_key, fingerprint = self_signed(settings.data_dir / "tls", host)
+        out.print(f"self-signed certificate {tls_cert}\nSHA-256 fingerprint: {fingerprint}",
+                  highlight=False)
+    tls = tls_cert is not None
+    try:
+        check_bind(host, tls, settings.allow_insecure_http)
+    except InsecureBind as exc:
+        fail(str(exc), 2)
+    if init_first:
+        from tokenward.bootstrap import initialize
+
+        result = asyncio.run(initialize(settings))
+        if result.created:
+            _show_admin_token(result.admin_token or "", result.token_id or "")
+    elif settings.secret_key is None and not settings.key_file.exists():
+        fail(f"{settings.data_dir} is not initialized: run 'tokenward init --data-dir "
+             f"{settings.data_dir}' first (or pass --init)", 2)
+    scheme = "https" if tls else "http"
+    shown = f"[{host}]" if ":" in host else host
+    base = f"{scheme}://{shown}:{port}"
+    out.print(f"tokenward listening on {base}\n  API docs:  {base}/docs\n"
+              f"  health:    {base}/healthz\n"
+              f"  CLI:       export TOKENWARD_URL={base} TOKENWARD_ADMIN_TOKEN=<admin token>",
+              highlight=False)
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level="warning", access_log=False,
+        server_header=False, proxy_headers=False, lifespan="on",
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+    )
+
+
+# -- admin client side --------------------------------------------------------------------
+def client(as_json: bool = False) -> AdminClient:
+    token = os.environ.get("TOKENWARD_ADMIN_TOKEN")
+    if not token:
+        fail("set TOKENWARD_ADMIN_TOKEN to an admin token (it is never taken from a flag)", 2,
+             as_json=as_json, error="missing_credential")
+    url = os.environ.get("TOKENWARD_URL", "http://127.0.0.1:8080")
+    ca = os.environ.get("TOKENWARD_CA_CERT")
+    return AdminClient(url, token, verify=ca or True)
+
+
+def call(as_json: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except AdminAPIError as exc:
+        fail(exc.message, 1, as_json=as_json, error=exc.code)
+    except Exception as exc:  # connection refused, TLS failure, timeout
+        import httpx
+
+        if isinstance(exc, httpx.HTTPError):
+            fail(f"cannot reach the server: {type(exc).__name__}", 3, as_json=as_json,
+                 error="connection_failed")
+        raise
+
+
+@project_app.command("create")
+def project_create(name: str, as_json: JsonOpt = False) -> None:
+    """Create a project."""
+    with client(as_json) as c:
+        project = call(as_json, c.create_project, name)
+    if as_json:
+        emit_json(project)
+    else:
+        out.print(f"created project [bold]{project['name']}[/bold] ({project['id']})")
+
+
+@project_app.command("list")
+def project_list(as_json: JsonOpt = False) -> None:
+    """List projects."""
+    with client(as_json) as c:
+        projects = call(as_json, c.list_projects)
+    if as_json:
+        emit_json(projects)
+        return
+    table = Table("name", "id", "created")
+    for p in projects:
+        table.add_row(p["name"], p["id"], p["created_at"])
+    out.print(table)
+
+
+def _meta(pairs: list[str]) -> dict[str, str]:
+    meta = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--meta wants key=value, got {pair!r}", 2)
+        meta[key] = value
+    return meta
+
+
+def _show_secret(body: dict[str, Any], title: str) -> None:
+    out.print(Panel.fit(
+        f"[bold]{body['token']}[/bold]\n\nid: {body['id']}\n{body['warning']}",
+        title=title, border_style="yellow"), highlight=False)
+
+
+@token_app.command("create")
+def token_create(
+    project: Annotated[str, typer.Option(help="Project name.")],
+    scope: Annotated[list[str], typer.Option("--scope", help="resource:action (repeatable).")],
+    env: Annotated[str, typer.Option("--env", help="live or test.")] = "live",
+    ttl: Annotated[str | None, typer.Option(help="Lifetime: 90d, 12h, 15m.")] = None,
+    not_before: Annotated[str | None, typer.Option(help="ISO 8601 time it starts to work.")]
+    = None,
+    ip: Annotated[list[str] | None, typer.Option("--ip", help="Allowed CIDR (repeatable).")]
+    = None,
+    rate: Annotated[list[str] | None, typer.Option("--rate", help="100/minute (repeatable).")]
+    = None,
+    uses: Annotated[int | None, typer.Option(help="Number of uses before it stops working.")]
+    = None,
+    principal: Annotated[str | None, typer.Option(help="Who the token acts as.")] = None,
+    name: Annotated[str, typer.Option(help="A label.")] = "",
+    meta: Annotated[list[str] | None, typer.Option("--meta", help="key=value (repeatable).")]
+    = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a token; its secret is printed once."""
+    with client(as_json) as c:
+        body = call(as_json, c.create_token, project=project, scopes=scope, environment=env,
+                    ttl=ttl, not_before=not_before, ip_allowlist=ip or None,
+                    rate_limit=";".join(rate) if rate else None, uses=uses,
+                    principal=principal, name=name, metadata=_meta(meta or []) or None)
+    if as_json:
+        emit_json(body)
+    else:
+        _show_secret(body, "new token")
+
+
+def _token_table(items: list[dict[str, Any]]) -> Table:
+    table = Table("id", "project", "env", "name", "state", "scopes", "expires", "hint")
+    for t in items:
+        table.add_row(t["id"], t["project"] or "-", t["environment"], t["name"],
+                      t.get("state", ""), " ".join(t["scopes"]), t["expires_at"] or "never",
+                      t["hint"])
+    return table
+
+
+@token_app.command("list")
+def token_list(
+    project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
+    state: Annotated[str | None, typer.Option(help="active, expired, revoked or rotated.")]
+    = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List tokens (never their secrets)."""
+    with client(as_json) as c:
+        items = call(as_json, c.list_tokens, project=project, state=state)
+    if as_json:
+        emit_json(items)
+    else:
+        out.print(_token_table(items))
+
+
+@token_app.command("show")
+def token_show(token_id: str, as_json: JsonOpt = False) -> None:
+    """Show one token's settings and state."""
+    with client(as_json) as c:
+        body = call(as_json, c.get_token, token_id)
+    if as_json:
+        emit_json(body)
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in body.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: str,
+    reason: Annotated[str, typer.Option(help="Why (kept with the token).")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a token now, on every replica."""
+    with client(as_json) as c:
+        body = call(as_json, c.revoke_token, token_id, reason)
+    if as_json:
+        emit_json(body)
+    else:
+        out.print(f"revoked {body['id']} at {body['revoked_at']}")
+
+
+@token_app.command("rotate")
+def token_rotate(
+    token_id: str,
+    grace: Annotated[str, typer.Option(help="How long the old token keeps working.")] = "1h",
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a successor; the old token works until the grace period ends."""
+    with client(as_json) as c:
+        body = call(as_json, c.rotate_token, token_id, grace)
+    if as_json:
+        emit_json(body)
+    else:
+        _show_secret(body, "rotated: new token")
+        out.print(f"the old token {body['previous']['id']} works until "
+                  f"{body['previous']['grace_until']}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,66 @@
+"""Every error tokenward raises on purpose.
+
+::
+
+    TokenwardError            status, stable ``code``, human ``message``
+    ├── BadRequest            400  malformed input the schema could not catch
+    ├── Unauthorized          401  no credential, or one that does not verify
+    ├── Forbidden             403  a valid credential without the needed scope or project
+    ├── NotFound              404  no such thing (or not visible to this credential)
+    ├── Conflict              409  the thing exists, or is in a state that forbids the change
+    ├── Invalid               422  well-formed JSON with values that break a rule
+    ├── TooManyRequests       429  rate limited
+    └── Unavailable           503  a dependency is down: fail closed
+
+The API turns each into ``{"error": code, "message": message}`` with its status. Messages
+never contain a presented secret.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TokenwardError(Exception):
+    status: ClassVar[int] = 500
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.extra}
+
+
+class BadRequest(TokenwardError):
+    status = 400
+
+
+class Unauthorized(TokenwardError):
+    status = 401
+
+
+class Forbidden(TokenwardError):
+    status = 403
+
+
+class NotFound(TokenwardError):
+    status = 404
+
+
+class Conflict(TokenwardError):
+    status = 409
+
+
+class Invalid(TokenwardError):
+    status = 422
+
+
+class TooManyRequests(TokenwardError):
+    status = 429
+
+
+class Unavailable(TokenwardError):
+    status = 503

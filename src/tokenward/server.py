@@ -1,0 +1,74 @@
+"""Running the server: uvicorn, with TLS (given or self-signed) or loopback-only plain HTTP."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+class InsecureBind(ValueError):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, tls: bool, allow_insecure_http: bool) -> None:
+    if not tls and not is_loopback(host) and not allow_insecure_http:
+        raise InsecureBind(
+            f"refusing plain HTTP on {host}: tokens would cross the network in clear. "
+            "Give --tls-cert/--tls-key or --tls-self-signed, or, behind a TLS-terminating "
+            "proxy, --allow-insecure-http (TOKENWARD_ALLOW_INSECURE_HTTP=1)."
+        )
+
+
+def self_signed(directory: Path, host: str) -> tuple[Path, Path, str]:
+    """Create (or reuse) a development certificate; returns cert, key and its SHA-256."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    if not (cert_path.exists() and key_path.exists()):
+        key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = [x509.DNSName("localhost"),
+                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                         x509.IPAddress(ipaddress.ip_address("::1"))]
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            if host not in ("localhost", ""):
+                names.append(x509.DNSName(host))
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tokenward development")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    return cert_path, key_path, fingerprint

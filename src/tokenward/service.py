@@ -1,0 +1,252 @@
+"""Admin operations on projects and tokens, with the rules that protect them.
+
+Every operation is done *by* an actor (the verified admin credential) and checks, in one
+place, what the invariants demand:
+
+* tenant isolation: a project-bound credential sees and changes only its own project, and
+  anything else looks like it does not exist (404, never 403, so ids cannot be probed);
+* scopes only narrow: a new or rotated token never holds a scope its creator lacks, nor
+  outlives its creator;
+* every change is invalidated in the verifier's cache before it is acknowledged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from tokenward.errors import Forbidden, Invalid, NotFound
+from tokenward.store.repository import Project, TokenStore
+from tokenward.tokens.format import Environment, generate_token, new_public_id, token_hint
+from tokenward.tokens.hashing import TokenHasher
+from tokenward.tokens.model import TokenKind, TokenRecord, TokenState
+from tokenward.tokens.scopes import is_narrower, validate_scopes
+from tokenward.verify import Verifier
+
+MAX_GRACE = timedelta(days=30)
+
+
+@dataclass(slots=True)
+class TokenSpec:
+    """What an admin asks for when creating a token (already type-checked by the API)."""
+
+    project: str | None
+    scopes: list[str]
+    environment: str = "live"
+    name: str = ""
+    kind: str = TokenKind.API_KEY.value
+    principal: str | None = None
+    expires_at: datetime | None = None
+    ttl: timedelta | None = None
+    not_before: datetime | None = None
+    ip_allowlist: list[str] = field(default_factory=list)
+    rate_limit: list[str] = field(default_factory=list)
+    uses: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Issued:
+    """A token just created: the only moment its secret exists outside the client."""
+
+    secret: str
+    record: TokenRecord
+
+
+def normalize_cidrs(cidrs: list[str]) -> list[str]:
+    out = []
+    for cidr in cidrs:
+        try:
+            out.append(str(ipaddress.ip_network(cidr, strict=False)))
+        except ValueError:
+            raise Invalid("invalid_cidr", f"{cidr!r} is not an IPv4 or IPv6 address or CIDR") \
+                from None
+    return out
+
+
+class TokenService:
+    def __init__(
+        self,
+        store: TokenStore,
+        hasher: TokenHasher,
+        verifier: Verifier,
+        on_change: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.store = store
+        self.hasher = hasher
+        self.verifier = verifier
+        self.on_change = on_change
+
+    @property
+    def now(self) -> datetime:
+        return self.verifier.clock()
+
+    # -- projects -------------------------------------------------------------------------
+    async def create_project(self, actor: TokenRecord, name: str) -> Project:
+        if actor.project_id is not None:
+            raise Forbidden("forbidden", "only a global admin credential can create projects")
+        return await self.store.create_project(name, self.now)
+
+    async def list_projects(self, actor: TokenRecord) -> list[Project]:
+        only = None if actor.project_id is None else [actor.project_id]
+        return await self.store.list_projects(only)
+
+    async def project_for(self, actor: TokenRecord, name_or_id: str) -> Project:
+        project = await self.store.get_project(name_or_id)
+        if project is None or (actor.project_id not in (None, project.id)):
+            raise NotFound("project_not_found", f"no project named {name_or_id!r}")
+        return project
+
+    # -- tokens ---------------------------------------------------------------------------
+    async def create_token(self, actor: TokenRecord, spec: TokenSpec) -> Issued:
+        now = self.now
+        if spec.project is None:
+            if actor.project_id is not None:
+                raise Invalid("project_required", "a project is required")
+            project_id, project_name = None, None
+        else:
+            project = await self.project_for(actor, spec.project)
+            project_id, project_name = project.id, project.name
+        scopes = validate_scopes(spec.scopes)
+        if not scopes:
+            raise Invalid("invalid_scope", "a token needs at least one scope")
+        if not is_narrower(scopes, actor.scopes):
+            raise Forbidden("scope_not_held", "a token cannot have a scope its creator lacks")
+        if actor.environment == Environment.TEST and spec.environment == Environment.LIVE:
+            raise Forbidden("environment_not_held", "a test credential cannot create live tokens")
+        expires_at = spec.expires_at
+        if spec.ttl is not None:
+            if expires_at is not None:
+                raise Invalid("conflicting_expiry", "give either ttl or expires_at, not both")
+            expires_at = now + spec.ttl
+        if expires_at is not None and expires_at <= now:
+            raise Invalid("invalid_expiry", "expires_at must be in the future")
+        if spec.not_before and expires_at and spec.not_before >= expires_at:
+            raise Invalid("invalid_not_before", "not_before must be before the expiry")
+        if actor.expires_at is not None and (expires_at is None or expires_at > actor.expires_at):
+            raise Forbidden("lifetime_not_held", "a token cannot outlive the credential creating it")
+        if spec.uses is not None and spec.uses < 1:
+            raise Invalid("invalid_uses", "uses must be at least 1")
+        secret = generate_token(spec.environment)
+        token_id = new_public_id("tok")
+        record = TokenRecord(
+            id=token_id,
+            project_id=project_id,
+            project=project_name,
+            environment=spec.environment,
+            name=spec.name,
+            kind=spec.kind,
+            principal=spec.principal or spec.name or token_id,
+            scopes=scopes,
+            created_at=now,
+            created_by=actor.id,
+            not_before=spec.not_before,
+            expires_at=expires_at,
+            ip_allowlist=normalize_cidrs(spec.ip_allowlist),
+            rate_limit=list(spec.rate_limit),
+            remaining_uses=spec.uses,
+            hint=token_hint(secret),
+            key_id=self.hasher.current.id,
+            metadata=dict(spec.metadata),
+        )
+        await self.store.insert_token(record, self.hasher.hash(secret))
+        return Issued(secret, record)
+
+    async def get_token(self, actor: TokenRecord, token_id: str) -> TokenRecord:
+        record = await self.store.get_token(token_id)
+        if record is None or actor.project_id not in (None, record.project_id):
+            raise NotFound("token_not_found", "no such token")
+        return record
+
+    async def list_tokens(
+        self,
+        actor: TokenRecord,
+        *,
+        project: str | None = None,
+        state: TokenState | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[TokenRecord]:
+        if project is not None:
+            project_ids: list[str] | None = [(await self.project_for(actor, project)).id]
+        elif actor.project_id is not None:
+            project_ids = [actor.project_id]
+        else:
+            project_ids = None
+        return await self.store.list_tokens(
+            project_ids=project_ids, state=state, now=self.now, limit=limit, after=after
+        )
+
+    async def revoke_token(self, actor: TokenRecord, token_id: str, reason: str) -> TokenRecord:
+        await self.get_token(actor, token_id)
+        record = await self.store.revoke(token_id, reason or "revoked by admin", self.now)
+        await self._changed(token_id)
+        return record
+
+    async def revoke_own(self, record: TokenRecord, reason: str) -> None:
+        """A holder gives up its own token (RFC 7009 with the token as its own credential)."""
+        await self.store.revoke(record.id, reason, self.now)
+        await self._changed(record.id)
+
+    async def rotate_token(
+        self, actor: TokenRecord, token_id: str, grace: timedelta
+    ) -> tuple[Issued, TokenRecord]:
+        """Issue a successor with the same settings; the old token works until grace ends."""
+        if grace < timedelta(0) or grace > MAX_GRACE:
+            raise Invalid("invalid_grace", "grace must be between 0 and 30 days")
+        old = await self.get_token(actor, token_id)
+        if old.state(self.now) not in (TokenState.ACTIVE, TokenState.NOT_YET_VALID):
+            raise Invalid("token_not_rotatable", f"a token that is {old.state(self.now)} "
+                          "cannot be rotated")
+        if not is_narrower(old.scopes, actor.scopes):
+            raise Forbidden("scope_not_held", "a token cannot have a scope its creator lacks")
+        now = self.now
+        expires_at = None
+        if old.expires_at is not None:
+            expires_at = now + (old.expires_at - old.created_at)
+        if actor.expires_at is not None and (expires_at is None or expires_at > actor.expires_at):
+            expires_at = actor.expires_at
+        secret = generate_token(old.environment)
+        successor = TokenRecord(
+            id=new_public_id("tok"),
+            project_id=old.project_id,
+            project=old.project,
+            environment=old.environment,
+            name=old.name,
+            kind=old.kind,
+            principal=old.principal,
+            scopes=list(old.scopes),
+            created_at=now,
+            created_by=actor.id,
+            not_before=None,
+            expires_at=expires_at,
+            ip_allowlist=list(old.ip_allowlist),
+            rate_limit=list(old.rate_limit),
+            remaining_uses=old.remaining_uses,
+            rotated_from=old.id,
+            hint=token_hint(secret),
+            key_id=self.hasher.current.id,
+            metadata=dict(old.metadata),
+        )
+        updated_old = await self.store.rotate(old.id, successor, self.hasher.hash(secret),
+                                              now + grace)
+        await self._changed(old.id)
+        return Issued(secret, successor), updated_old
+
+    async def _changed(self, token_id: str) -> None:
+        self.verifier.invalidate(token_id)
+        if self.on_change is not None:
+            await self.on_change(token_id)
+
+
+def issue_bootstrap_record(hasher: TokenHasher, now: datetime) -> Issued:
+    secret = generate_token(Environment.LIVE)
+    record = TokenRecord(
+        id=new_public_id("tok"), project_id=None, project=None, environment="live",
+        name="bootstrap admin", kind=TokenKind.API_KEY.value, principal="admin",
+        scopes=["*"], created_at=now, hint=token_hint(secret), key_id=hasher.current.id,
+        metadata={"bootstrap": "true"},
+    )
+    return Issued(secret, record)

@@ -1,0 +1,106 @@
+"""All configuration: one class, every option with a default, an env var and a line of docs.
+
+Options come from ``TOKENWARD_*`` environment variables (``TOKENWARD_DATABASE_URL``…) or a TOML
+file named by ``TOKENWARD_CONFIG_FILE`` (keys as below, without the prefix); the environment
+wins. README.md's configuration reference lists them all; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tokenward.tokens.hashing import MIN_KEY_BYTES, ServerKey, TokenHasher
+
+KEY_FILE_NAME = "secret.key"
+DB_FILE_NAME = "tokenward.db"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENWARD_", extra="forbid")
+
+    data_dir: Path = Field(Path(".tokenward"), description="Folder for the SQLite database and the server key file.")
+    database_url: str | None = Field(None, description="SQLAlchemy async URL; default: SQLite in the data dir. PostgreSQL: postgresql+asyncpg://user@host/db.")
+    secret_key: SecretStr | None = Field(None, description="Server key for hashing tokens (hex, at least 32 bytes); default: the key file.")
+    secret_key_file: Path | None = Field(None, description="File with the server key(s), one hex key per line, current first; default: DATA_DIR/secret.key.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
+    cache_ttl: float = Field(5.0, ge=0, le=300, description="Seconds a verified token's state may be served from the per-replica cache.")
+    redis_url: str | None = Field(None, description="Redis URL (redis://host:6379/0) for shared rate limits; default: in-process.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body the API accepts, in bytes.")
+    usage_flush_seconds: float = Field(5.0, gt=0, description="How often last-used times and IPs are written.")
+    log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+    allow_insecure_http: bool = Field(False, description="Serve plain HTTP on a non-loopback address (only behind a TLS proxy).")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level must be debug, info, warning or error")
+        return value.lower()
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """Settings from the TOML file (if any), then env vars, then explicit overrides."""
+        values: dict[str, Any] = {}
+        config_file = os.environ.get("TOKENWARD_CONFIG_FILE")
+        if config_file:
+            with open(config_file, "rb") as fh:
+                values.update(tomllib.load(fh))
+        env = cls()  # environment variables only
+        values.update(env.model_dump(exclude_unset=True))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / DB_FILE_NAME}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.secret_key_file or self.data_dir / KEY_FILE_NAME
+
+
+def _decode_key(text: str) -> bytes:
+    text = text.strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("a server key must be hex-encoded") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"a server key must be at least {MIN_KEY_BYTES} bytes")
+    return key
+
+
+def write_new_key_file(path: Path) -> None:
+    """Create the key file with a fresh random key, readable by its owner only (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+
+
+def load_hasher(settings: Settings) -> TokenHasher:
+    """The token hasher from ``TOKENWARD_SECRET_KEY`` or the key file (current key first)."""
+    if settings.secret_key is not None:
+        keys = [_decode_key(k) for k in settings.secret_key.get_secret_value().split(",")]
+    else:
+        path = settings.key_file
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no server key at {path}: run 'tokenward init' or set TOKENWARD_SECRET_KEY"
+            )
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        if not lines:
+            raise ValueError(f"the key file {path} holds no key")
+        keys = [_decode_key(k) for k in lines]
+    server_keys = [ServerKey.from_bytes(k) for k in keys]
+    return TokenHasher(server_keys[0], server_keys[1:])

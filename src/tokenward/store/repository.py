@@ -1,0 +1,275 @@
+"""The token store: one contract, the same code on SQLite and PostgreSQL.
+
+Every method is a short transaction. Atomic steps (spending a use, rotating) are single
+conditional statements, so concurrent callers on any number of replicas cannot double-spend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokenward.errors import Conflict, NotFound
+from tokenward.store.tables import projects, tokens
+from tokenward.tokens.format import new_public_id
+from tokenward.tokens.model import TokenRecord, TokenState
+
+
+@dataclass(slots=True)
+class Project:
+    id: str
+    name: str
+    created_at: datetime
+    ip_allowlist: list[str]
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "created_at": self.created_at.isoformat().replace("+00:00", "Z"),
+            "ip_allowlist": list(self.ip_allowlist),
+        }
+
+
+_TOKEN_COLUMNS = [c for c in tokens.c if c.name not in ("token_hash",)]
+_SELECT_TOKEN = select(*_TOKEN_COLUMNS, projects.c.name.label("project_name")).select_from(
+    tokens.outerjoin(projects, tokens.c.project_id == projects.c.id)
+)
+
+
+def _record(row: Row[Any]) -> TokenRecord:
+    m = row._mapping
+    return TokenRecord(
+        id=m["id"],
+        project_id=m["project_id"],
+        project=m["project_name"],
+        environment=m["environment"],
+        name=m["name"],
+        kind=m["kind"],
+        principal=m["principal"],
+        scopes=list(m["scopes"]),
+        created_at=m["created_at"],
+        created_by=m["created_by"],
+        not_before=m["not_before"],
+        expires_at=m["expires_at"],
+        ip_allowlist=list(m["ip_allowlist"]),
+        rate_limit=m["rate_limit"].split(";") if m["rate_limit"] else [],
+        remaining_uses=m["remaining_uses"],
+        rotated_from=m["rotated_from"],
+        replaced_by=m["replaced_by"],
+        grace_until=m["grace_until"],
+        revoked_at=m["revoked_at"],
+        revoked_reason=m["revoked_reason"],
+        last_used_at=m["last_used_at"],
+        last_used_ip=m["last_used_ip"],
+        hint=m["hint"],
+        key_id=m["key_id"],
+        metadata=dict(m["metadata"]),
+    )
+
+
+def _project(row: Row[Any]) -> Project:
+    m = row._mapping
+    return Project(m["id"], m["name"], m["created_at"], list(m["ip_allowlist"]))
+
+
+def _token_values(record: TokenRecord, token_hash: str) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "project_id": record.project_id,
+        "environment": record.environment,
+        "name": record.name,
+        "kind": record.kind,
+        "principal": record.principal,
+        "scopes": list(record.scopes),
+        "token_hash": token_hash,
+        "key_id": record.key_id,
+        "hint": record.hint,
+        "created_at": record.created_at,
+        "created_by": record.created_by,
+        "not_before": record.not_before,
+        "expires_at": record.expires_at,
+        "ip_allowlist": list(record.ip_allowlist),
+        "rate_limit": ";".join(record.rate_limit) or None,
+        "remaining_uses": record.remaining_uses,
+        "rotated_from": record.rotated_from,
+        "replaced_by": record.replaced_by,
+        "grace_until": record.grace_until,
+        "revoked_at": record.revoked_at,
+        "revoked_reason": record.revoked_reason,
+        "metadata": dict(record.metadata),
+    }
+
+
+class TokenStore:
+    """Projects and tokens in a SQL database (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # -- projects -------------------------------------------------------------------------
+    async def create_project(self, name: str, now: datetime) -> Project:
+        project = Project(new_public_id("prj"), name, now, [])
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    projects.insert().values(
+                        id=project.id, name=name, created_at=now, ip_allowlist=[], settings={}
+                    )
+                )
+        except IntegrityError:
+            raise Conflict("project_exists", f"a project named {name!r} already exists") from None
+        return project
+
+    async def get_project(self, name_or_id: str) -> Project | None:
+        query = select(projects).where(
+            or_(projects.c.name == name_or_id, projects.c.id == name_or_id)
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return _project(row) if row else None
+
+    async def list_projects(self, only_ids: Sequence[str] | None = None) -> list[Project]:
+        query = select(projects).order_by(projects.c.name)
+        if only_ids is not None:
+            query = query.where(projects.c.id.in_(list(only_ids)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_project(r) for r in rows]
+
+    # -- tokens ---------------------------------------------------------------------------
+    async def insert_token(self, record: TokenRecord, token_hash: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(tokens.insert().values(**_token_values(record, token_hash)))
+
+    async def find_by_hash(self, hashes: Sequence[str]) -> tuple[TokenRecord, str] | None:
+        """The token whose stored hash is one of ``hashes``, with the hash that matched."""
+        query = _SELECT_TOKEN.add_columns(tokens.c.token_hash).where(
+            tokens.c.token_hash.in_(list(hashes)) if len(hashes) > 1
+            else tokens.c.token_hash == hashes[0]
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        return _record(row), row._mapping["token_hash"]
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == token_id))).first()
+        return _record(row) if row else None
+
+    async def list_tokens(
+        self,
+        *,
+        project_ids: Sequence[str] | None,
+        state: TokenState | None,
+        now: datetime,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[TokenRecord]:
+        """Tokens of the given projects (``None``: all), newest id order, keyset-paginated."""
+        query = _SELECT_TOKEN.order_by(tokens.c.id).limit(limit)
+        if project_ids is not None:
+            query = query.where(tokens.c.project_id.in_(list(project_ids)))
+        if after:
+            query = query.where(tokens.c.id > after)
+        c = tokens.c
+        live = and_(
+            c.revoked_at.is_(None),
+            or_(c.replaced_by.is_(None), c.grace_until > now),
+        )
+        if state == TokenState.REVOKED:
+            query = query.where(c.revoked_at.is_not(None))
+        elif state == TokenState.EXPIRED:
+            query = query.where(live, c.expires_at <= now)
+        elif state == TokenState.ROTATED:
+            query = query.where(c.revoked_at.is_(None), c.replaced_by.is_not(None),
+                                or_(c.grace_until.is_(None), c.grace_until <= now))
+        elif state == TokenState.ACTIVE:
+            query = query.where(live, or_(c.expires_at.is_(None), c.expires_at > now))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        records = [_record(r) for r in rows]
+        if state == TokenState.ACTIVE:
+            records = [r for r in records if r.state(now) in (TokenState.ACTIVE,
+                                                              TokenState.ROTATED_IN_GRACE,
+                                                              TokenState.NOT_YET_VALID)]
+        return records
+
+    async def revoke(self, token_id: str, reason: str, now: datetime) -> TokenRecord:
+        """Revoke a token (idempotent: the first revocation's time and reason are kept)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(tokens)
+                .where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
+                .values(revoked_at=now, revoked_reason=reason)
+            )
+            row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == token_id))).first()
+        if row is None:
+            raise NotFound("token_not_found", "no such token")
+        return _record(row)
+
+    async def rotate(
+        self, old_id: str, successor: TokenRecord, successor_hash: str, grace_until: datetime
+    ) -> TokenRecord:
+        """Atomically link ``old_id`` to its successor; fails if it was already replaced."""
+        async with self.engine.begin() as conn:
+            await conn.execute(tokens.insert().values(**_token_values(successor, successor_hash)))
+            result = await conn.execute(
+                update(tokens)
+                .where(
+                    tokens.c.id == old_id,
+                    tokens.c.replaced_by.is_(None),
+                    tokens.c.revoked_at.is_(None),
+                )
+                .values(replaced_by=successor.id, grace_until=grace_until)
+            )
+            if result.rowcount != 1:
+                raise Conflict("token_not_rotatable", "the token is revoked or already rotated")
+            row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == old_id))).first()
+        assert row is not None
+        return _record(row)
+
+    async def consume_use(self, token_id: str) -> int | None:
+        """Spend one use atomically; the uses left after it, or ``None`` when none were left."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    update(tokens)
+                    .where(tokens.c.id == token_id, tokens.c.remaining_uses > 0)
+                    .values(remaining_uses=tokens.c.remaining_uses - 1)
+                    .returning(tokens.c.remaining_uses)
+                )
+            ).first()
+        return None if row is None else int(row[0])
+
+    async def touch_many(self, seen: dict[str, tuple[datetime, str | None]]) -> None:
+        """Record last-used time and IP for many tokens at once (written in batches)."""
+        if not seen:
+            return
+        async with self.engine.begin() as conn:
+            for token_id, (at, ip) in seen.items():
+                await conn.execute(
+                    update(tokens).where(tokens.c.id == token_id)
+                    .values(last_used_at=at, last_used_ip=ip)
+                )
+
+    async def active_bootstrap_ids(self, name: str) -> list[str]:
+        """Unrevoked global tokens made by ``tokenward init`` (no creator, no project)."""
+        query = select(tokens.c.id).where(
+            tokens.c.project_id.is_(None), tokens.c.created_by.is_(None),
+            tokens.c.name == name, tokens.c.revoked_at.is_(None),
+        )
+        async with self.engine.connect() as conn:
+            return [r[0] for r in (await conn.execute(query)).all()]
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(select(1))

@@ -1,0 +1,110 @@
+"""Token wire format: ``tw_<env>_<body><check>`` (DESIGN.md §3).
+
+* ``env`` is ``live`` or ``test`` and is visible to anyone who sees the token;
+* ``body`` is 32 base62 characters from :mod:`secrets` (about 190 bits);
+* ``check`` is the CRC32 of everything before it, as 6 base62 characters.
+
+The checksum lets a scanner confirm a match of :data:`TOKEN_PATTERN` without false
+positives and lets the verifier reject typos and garbage before any store lookup.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import zlib
+from dataclasses import dataclass
+from enum import StrEnum
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+BODY_LENGTH = 32
+CHECK_LENGTH = 6
+PREFIX = "tw_"
+TOKEN_LENGTH = len(PREFIX) + 4 + 1 + BODY_LENGTH + CHECK_LENGTH  # "live"/"test" are both 4
+
+#: One regex finds every tokenward token in text (for leak scanners).
+TOKEN_PATTERN = re.compile(r"\btw_(?:live|test)_[0-9A-Za-z]{38}\b")
+
+_BASE62_SET = frozenset(BASE62)
+
+
+class Environment(StrEnum):
+    LIVE = "live"
+    TEST = "test"
+
+
+class TokenFormatError(ValueError):
+    """The presented string is not a well-formed token.
+
+    ``reason`` is ``malformed`` (wrong shape) or ``bad_checksum`` (right shape, wrong check).
+    The message never contains the token itself.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedToken:
+    environment: Environment
+    value: str
+
+
+def _base62(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, rem = divmod(number, 62)
+        digits.append(BASE62[rem])
+    return "".join(reversed(digits))
+
+
+def checksum(text: str) -> str:
+    """The 6-character base62 CRC32 of ``text``."""
+    return _base62(zlib.crc32(text.encode("ascii")), CHECK_LENGTH)
+
+
+def generate_token(environment: Environment | str) -> str:
+    """A new random token for ``environment``. Shown once; only its keyed hash is kept."""
+    env = Environment(environment)
+    body = "".join(secrets.choice(BASE62) for _ in range(BODY_LENGTH))
+    head = f"{PREFIX}{env.value}_{body}"
+    return head + checksum(head)
+
+
+def parse_token(token: str) -> ParsedToken:
+    """Check shape and checksum; raise :class:`TokenFormatError` otherwise. No I/O."""
+    if len(token) != TOKEN_LENGTH or not token.startswith(PREFIX):
+        raise TokenFormatError("malformed")
+    env_text = token[3:7]
+    if env_text not in ("live", "test") or token[7] != "_":
+        raise TokenFormatError("malformed")
+    tail = token[8:]
+    if not _BASE62_SET.issuperset(tail):
+        raise TokenFormatError("malformed")
+    head = token[:-CHECK_LENGTH]
+    if checksum(head) != token[-CHECK_LENGTH:]:
+        raise TokenFormatError("bad_checksum")
+    return ParsedToken(Environment(env_text), token)
+
+
+def token_hint(token: str) -> str:
+    """What may be shown after creation: the prefix and the last four characters."""
+    return f"{token[:8]}…{token[-4:]}"
+
+
+def find_tokens(text: str) -> list[str]:
+    """Every well-formed token (checksum confirmed) in ``text``."""
+    found = []
+    for match in TOKEN_PATTERN.finditer(text):
+        try:
+            parse_token(match.group(0))
+        except TokenFormatError:
+            continue
+        found.append(match.group(0))
+    return found
+
+
+def new_public_id(prefix: str) -> str:
+    """A public identifier such as ``tok_3kP9…`` (safe to log and show)."""
+    return prefix + "_" + "".join(secrets.choice(BASE62) for _ in range(16))

@@ -1,0 +1,129 @@
+"""The token as the domain sees it, and the rules of its life (no I/O here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class TokenKind(StrEnum):
+    API_KEY = "api_key"
+    ACCESS = "access"
+    REFRESH = "refresh"
+    CANARY = "canary"
+
+
+class TokenState(StrEnum):
+    ACTIVE = "active"
+    NOT_YET_VALID = "not_yet_valid"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    ROTATED_IN_GRACE = "rotated_in_grace"
+    ROTATED = "rotated"
+
+
+class Reason(StrEnum):
+    """Stable machine-readable reasons of a verification decision."""
+
+    OK = "ok"
+    MALFORMED = "malformed"
+    BAD_CHECKSUM = "bad_checksum"
+    UNKNOWN = "unknown"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    ROTATED = "rotated"
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    IP_NOT_ALLOWED = "ip_not_allowed"
+    RATE_LIMITED = "rate_limited"
+    USES_EXHAUSTED = "uses_exhausted"
+    WRONG_ENVIRONMENT = "wrong_environment"
+    WRONG_PROJECT = "wrong_project"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(slots=True)
+class TokenRecord:
+    """One token's stored state (never its secret)."""
+
+    id: str
+    project_id: str | None
+    project: str | None
+    environment: str
+    name: str
+    kind: str
+    principal: str
+    scopes: list[str]
+    created_at: datetime
+    not_before: datetime | None = None
+    expires_at: datetime | None = None
+    ip_allowlist: list[str] = field(default_factory=list)
+    rate_limit: list[str] = field(default_factory=list)
+    remaining_uses: int | None = None
+    rotated_from: str | None = None
+    replaced_by: str | None = None
+    grace_until: datetime | None = None
+    revoked_at: datetime | None = None
+    revoked_reason: str | None = None
+    last_used_at: datetime | None = None
+    last_used_ip: str | None = None
+    created_by: str | None = None
+    hint: str = ""
+    key_id: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def state(self, now: datetime) -> TokenState:
+        """The token's state at ``now``: the order of checks is the order of precedence."""
+        if self.revoked_at is not None:
+            return TokenState.REVOKED
+        if self.replaced_by is not None:
+            if self.grace_until is None or now >= self.grace_until:
+                return TokenState.ROTATED
+            return TokenState.ROTATED_IN_GRACE
+        if self.expires_at is not None and now >= self.expires_at:
+            return TokenState.EXPIRED
+        if self.not_before is not None and now < self.not_before:
+            return TokenState.NOT_YET_VALID
+        return TokenState.ACTIVE
+
+    def public(self) -> dict[str, Any]:
+        """What the API shows about a token (no secret, no hash)."""
+        return {
+            "id": self.id,
+            "project": self.project,
+            "environment": self.environment,
+            "name": self.name,
+            "kind": self.kind,
+            "principal": self.principal,
+            "scopes": list(self.scopes),
+            "hint": self.hint,
+            "created_at": _iso(self.created_at),
+            "created_by": self.created_by,
+            "not_before": _iso(self.not_before),
+            "expires_at": _iso(self.expires_at),
+            "ip_allowlist": list(self.ip_allowlist),
+            "rate_limit": ";".join(self.rate_limit) or None,
+            "remaining_uses": self.remaining_uses,
+            "rotated_from": self.rotated_from,
+            "replaced_by": self.replaced_by,
+            "grace_until": _iso(self.grace_until),
+            "revoked_at": _iso(self.revoked_at),
+            "revoked_reason": self.revoked_reason,
+            "last_used_at": _iso(self.last_used_at),
+            "last_used_ip": self.last_used_ip,
+            "metadata": dict(self.metadata),
+        }
+
+
+STATE_REASONS = {
+    TokenState.REVOKED: Reason.REVOKED,
+    TokenState.ROTATED: Reason.ROTATED,
+    TokenState.EXPIRED: Reason.EXPIRED,
+    TokenState.NOT_YET_VALID: Reason.NOT_YET_VALID,
+}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None

@@ -1,0 +1,107 @@
+"""Scopes: ``resource:action[:qualifier]`` strings with ``*`` wildcards.
+
+A ``*`` stands for exactly one segment, except as the *last* segment, where it stands for
+one or more segments: ``records:*`` covers ``records:read`` and ``records:read:own``, and
+``*`` alone covers everything. Coverage is defined between patterns, so it answers both
+"may this token do X" (X concrete) and "may this token mint a token with scope P" (P a pattern):
+a pattern is covered only when every concrete scope it matches is covered.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+MAX_SCOPE_LENGTH = 128
+MAX_SEGMENTS = 4
+_SEGMENT = re.compile(r"^(?:\*|[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63})$")
+
+WILDCARD = "*"
+
+
+class ScopeError(ValueError):
+    """A scope string is not well formed."""
+
+
+def parse_scope(scope: str) -> tuple[str, ...]:
+    if not isinstance(scope, str) or not scope or len(scope) > MAX_SCOPE_LENGTH:
+        raise ScopeError("scope must be a non-empty string of at most 128 characters")
+    segments = tuple(scope.split(":"))
+    if len(segments) > MAX_SEGMENTS:
+        raise ScopeError(f"scope has more than {MAX_SEGMENTS} segments")
+    for segment in segments:
+        if not _SEGMENT.match(segment):
+            raise ScopeError(
+                "scope segments are letters, digits, '_', '.', '-' or a lone '*', "
+                "separated by ':'"
+            )
+    return segments
+
+
+def validate_scopes(scopes: Iterable[str]) -> list[str]:
+    """Parse each scope (raising :class:`ScopeError`) and return them deduplicated, in order."""
+    seen: dict[str, None] = {}
+    for scope in scopes:
+        parse_scope(scope)
+        seen.setdefault(scope, None)
+    return list(seen)
+
+
+def _covers(granted: Sequence[str], required: Sequence[str]) -> bool:
+    last_g = len(granted) - 1
+    last_r = len(required) - 1
+    for i, g in enumerate(granted):
+        if g == WILDCARD and i == last_g:
+            return last_r >= i
+        if i > last_r:
+            return False
+        r = required[i]
+        if r == WILDCARD and i == last_r:
+            return False  # required has an open tail here that granted does not
+        if g != WILDCARD and g != r:
+            return False
+    return last_r == last_g
+
+
+@lru_cache(maxsize=65536)
+def scope_covers(granted: str, required: str) -> bool:
+    """Whether the single scope ``granted`` covers ``required`` (a scope or pattern)."""
+    return _covers(granted.split(":"), required.split(":"))
+
+
+@lru_cache(maxsize=65536)
+def _any_covers(granted: tuple[str, ...], required: str) -> bool:
+    return any(scope_covers(g, required) for g in granted)
+
+
+def scopes_allow(granted: Iterable[str], required: str) -> bool:
+    """Whether any of ``granted`` covers ``required``."""
+    return _any_covers(tuple(granted), required)
+
+
+def is_narrower(requested: Iterable[str], granted: Iterable[str]) -> bool:
+    """Whether every requested scope is covered by the granted ones (scopes only narrow)."""
+    held = tuple(granted)
+    return all(_any_covers(held, r) for r in requested)
+
+
+class ScopeSet:
+    """A container whose ``in`` honours wildcards, so Starlette's ``@requires`` works."""
+
+    __slots__ = ("_scopes",)
+
+    def __init__(self, scopes: Iterable[str]) -> None:
+        self._scopes = tuple(scopes)
+
+    def __contains__(self, required: object) -> bool:
+        return isinstance(required, str) and _any_covers(self._scopes, required)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._scopes)
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+    def __repr__(self) -> str:
+        return f"ScopeSet({list(self._scopes)!r})"

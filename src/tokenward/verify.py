@@ -1,0 +1,257 @@
+"""The hot path: a presented credential becomes a :class:`Decision` (DESIGN.md §1).
+
+:meth:`Verifier.verify` reads top to bottom in the order of the design: syntax and checksum,
+keyed hash → cache → store, state, tenant/project/environment, IP allowlist, scope, rate
+limit, remaining uses. Every outcome is a value with a stable reason; only a lost dependency
+raises inside, and that becomes ``unavailable`` (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from tokenward.errors import Unavailable
+from tokenward.limits import RateLimiter, RateResult
+from tokenward.store.repository import TokenStore
+from tokenward.tokens.format import TokenFormatError, parse_token
+from tokenward.tokens.hashing import TokenHasher
+from tokenward.tokens.model import STATE_REASONS, Reason, TokenKind, TokenRecord
+from tokenward.tokens.scopes import scopes_allow
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: HTTP status that goes with each deny reason (RFC 6750: 401 for a bad token, 403 for scope).
+STATUS_BY_REASON: dict[Reason, int] = {
+    Reason.OK: 200,
+    Reason.INSUFFICIENT_SCOPE: 403,
+    Reason.IP_NOT_ALLOWED: 403,
+    Reason.WRONG_ENVIRONMENT: 403,
+    Reason.WRONG_PROJECT: 403,
+    Reason.RATE_LIMITED: 429,
+    Reason.UNAVAILABLE: 503,
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Decision:
+    allowed: bool
+    reason: Reason
+    token: TokenRecord | None = None
+    ratelimit: RateResult | None = None
+    remaining_uses: int | None = None
+
+    @property
+    def status(self) -> int:
+        return STATUS_BY_REASON.get(self.reason, 401)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The body of ``POST /v1/verify``."""
+        token = self.token
+        return {
+            "valid": self.allowed,
+            "reason": self.reason.value,
+            "token_id": token.id if token else None,
+            "project": token.project if token else None,
+            "environment": token.environment if token else None,
+            "principal": token.principal if token else None,
+            "scopes": list(token.scopes) if token else [],
+            "expires_at": (
+                token.expires_at.isoformat().replace("+00:00", "Z")
+                if token and token.expires_at else None
+            ),
+            "remaining_uses": self.remaining_uses if token else None,
+            "ratelimit": self.ratelimit.as_dict() if self.ratelimit else None,
+        }
+
+
+@dataclass(slots=True)
+class _Entry:
+    record: TokenRecord
+    networks: tuple[IPNetwork, ...]
+    fresh_until: float
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def ip_allowed(ip: str | None, networks: tuple[IPNetwork, ...]) -> bool:
+    if ip is None:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks if net.version == address.version)
+
+
+class Verifier:
+    """Verifies credentials against the store, through a short-lived per-process cache.
+
+    The cache is a safety net, not the source of truth: every change to a token (revoke,
+    rotate) calls :meth:`invalidate` before the change is acknowledged, so a revoked token is
+    never served from this process's cache after the revoke call returns.
+    """
+
+    def __init__(
+        self,
+        store: TokenStore,
+        hasher: TokenHasher,
+        limiter: RateLimiter,
+        *,
+        cache_ttl: float = 5.0,
+        cache_size: int = 100_000,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.hasher = hasher
+        self.limiter = limiter
+        self.cache_ttl = cache_ttl
+        self.cache_size = cache_size
+        self.clock = clock
+        self._cache: dict[str, _Entry] = {}
+        self._hash_by_id: dict[str, str] = {}
+        self._seen: dict[str, tuple[datetime, str | None]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    async def verify(
+        self,
+        credential: str,
+        *,
+        scope: str | None = None,
+        ip: str | None = None,
+        tenant: str | None = None,
+        project: str | None = None,
+        environment: str | None = None,
+        consume: bool = True,
+    ) -> Decision:
+        """Decide whether ``credential`` may do ``scope`` from ``ip``.
+
+        ``tenant`` is the project of the *caller* (a project-bound verify credential): a token
+        of another project is reported ``unknown`` and nothing about it is revealed.
+        ``project`` and ``environment`` are what a route requires. ``consume=False`` (for
+        introspection) checks without counting a rate-limit hit or spending a use.
+        """
+        # 1. Syntax and checksum: no store is touched for garbage.
+        try:
+            parse_token(credential)
+        except TokenFormatError as exc:
+            return Decision(False, Reason(exc.reason))
+        # 2. Keyed hash → cache → store.
+        try:
+            entry = await self._lookup(credential)
+        except Unavailable:
+            return Decision(False, Reason.UNAVAILABLE)
+        if entry is None:
+            return Decision(False, Reason.UNKNOWN)
+        record = entry.record
+        if tenant is not None and record.project_id != tenant:
+            return Decision(False, Reason.UNKNOWN)
+        if record.kind == TokenKind.CANARY:
+            # A canary is never legitimately used: to its presenter it looks unknown.
+            return Decision(False, Reason.UNKNOWN, record)
+        # 3. State: revoked, rotated out, expired, not yet valid.
+        now = self.clock()
+        reason = STATE_REASONS.get(record.state(now))
+        if reason is not None:
+            return Decision(False, reason, record)
+        # 4. The route's project and environment.
+        if project is not None and record.project_id != project and record.project != project:
+            return Decision(False, Reason.WRONG_PROJECT, record)
+        if environment is not None and record.environment != environment:
+            return Decision(False, Reason.WRONG_ENVIRONMENT, record)
+        # 5. IP allowlist.
+        if entry.networks and not ip_allowed(ip, entry.networks):
+            return Decision(False, Reason.IP_NOT_ALLOWED, record)
+        # 6. Scope.
+        if scope is not None and not scopes_allow(record.scopes, scope):
+            return Decision(False, Reason.INSUFFICIENT_SCOPE, record)
+        # 7. Rate limit, then remaining uses (a denied request spends no use).
+        ratelimit = None
+        if not consume:
+            if record.remaining_uses == 0:
+                return Decision(False, Reason.USES_EXHAUSTED, record, None, 0)
+            return Decision(True, Reason.OK, record, None, record.remaining_uses)
+        if record.rate_limit:
+            try:
+                ratelimit = await self.limiter.hit(record.id, tuple(record.rate_limit))
+            except Unavailable:
+                return Decision(False, Reason.UNAVAILABLE, record)
+            if not ratelimit.allowed:
+                return Decision(False, Reason.RATE_LIMITED, record, ratelimit)
+        remaining = record.remaining_uses
+        if remaining is not None:
+            try:
+                left = await self._guard(self.store.consume_use(record.id))
+            except Unavailable:
+                return Decision(False, Reason.UNAVAILABLE, record)
+            if left is None:
+                record.remaining_uses = 0
+                return Decision(False, Reason.USES_EXHAUSTED, record, ratelimit, 0)
+            record.remaining_uses = remaining = left
+        self._seen[record.id] = (now, ip)
+        return Decision(True, Reason.OK, record, ratelimit, remaining)
+
+    async def _lookup(self, credential: str) -> _Entry | None:
+        token_hash = self.hasher.hash(credential)
+        entry = self._cache.get(token_hash)
+        if entry is not None and entry.fresh_until > time.monotonic():
+            self.hits += 1
+            return entry
+        self.misses += 1
+        hashes = [token_hash] if len(self.hasher.keys) == 1 else self.hasher.candidates(credential)
+        found = await self._guard(self.store.find_by_hash(hashes))
+        if found is None:
+            self._cache.pop(token_hash, None)
+            return None
+        record, _matched = found
+        entry = _Entry(record, parse_networks(record.ip_allowlist),
+                       time.monotonic() + self.cache_ttl)
+        if len(self._cache) >= self.cache_size:
+            oldest = next(iter(self._cache))
+            self._hash_by_id.pop(self._cache.pop(oldest).record.id, None)
+        self._cache[token_hash] = entry
+        self._hash_by_id[record.id] = token_hash
+        return entry
+
+    @staticmethod
+    async def _guard(awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
+            raise Unavailable("store_unavailable", "the token store is unavailable") from exc
+
+    def invalidate(self, token_id: str) -> None:
+        """Forget a token's cached state (called on every change to it)."""
+        token_hash = self._hash_by_id.pop(token_id, None)
+        if token_hash is not None:
+            self._cache.pop(token_hash, None)
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._hash_by_id.clear()
+
+    async def flush_usage(self) -> None:
+        """Write the buffered last-used times and IPs (called periodically and at shutdown)."""
+        seen, self._seen = self._seen, {}
+        try:
+            await self.store.touch_many(seen)
+        except (SQLAlchemyError, OSError):
+            # Usage stamps are best-effort bookkeeping; keep them for the next try.
+            for key, value in seen.items():
+                self._seen.setdefault(key, value)

@@ -5,7 +5,7 @@ The public surface: what applications import. Everything else is internal.
 
 __version__ = "0.1.0"
 
-from tokenward.tokens import (  # noqa: E402
+from tokenward.tokens import (
     TOKEN_PATTERN,
     Reason,
     ScopeSet,
@@ -17,7 +17,7 @@ from tokenward.tokens import (  # noqa: E402
     generate_token,
     parse_token,
 )
-from tokenward.verify import Decision, Verifier  # noqa: E402
+from tokenward.verify import Decision, Verifier
 
 __all__ = [
     "TOKEN_PATTERN",

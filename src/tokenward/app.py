@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
@@ -15,7 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tokenward import __version__
 from tokenward.api import admin, health, verification
 from tokenward.api.errors import install_error_handlers
-from tokenward.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
+from tokenward.api.middleware import (
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+    SecurityHeadersMiddleware,
+)
+from tokenward.events import EventBus
 from tokenward.limits import RateLimiter
 from tokenward.service import TokenService
 from tokenward.settings import Settings, load_hasher
@@ -36,6 +40,7 @@ class Services:
     limiter: RateLimiter
     verifier: Verifier
     tokens: TokenService
+    events: EventBus
     redis: Redis | None = None
 
     async def close(self) -> None:
@@ -54,8 +59,9 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     limiter = RateLimiter(settings.redis_url)
     redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
     verifier = Verifier(store, hasher, limiter, cache_ttl=settings.cache_ttl)
-    tokens = TokenService(store, hasher, verifier)
-    return Services(settings, engine, store, hasher, limiter, verifier, tokens, redis)
+    events = EventBus()
+    tokens = TokenService(store, hasher, verifier, events)
+    return Services(settings, engine, store, hasher, limiter, verifier, tokens, events, redis)
 
 
 async def _flush_usage_forever(services: Services) -> None:
@@ -100,6 +106,5 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(admin.router)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware)
     return app
-
-

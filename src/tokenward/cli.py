@@ -21,8 +21,11 @@ from rich.table import Table
 
 from tokenward.client.admin import AdminAPIError, AdminClient
 
-app = typer.Typer(help="tokenward: API tokens for Backend-as-a-Service apps.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="tokenward: API tokens for Backend-as-a-Service apps.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 project_app = typer.Typer(help="Projects (one per app).", no_args_is_help=True)
 token_app = typer.Typer(help="Tokens: create, list, show, revoke, rotate.", no_args_is_help=True)
 app.add_typer(project_app, name="project")
@@ -32,8 +35,12 @@ out = Console()
 err = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
-DataDir = Annotated[Path, typer.Option("--data-dir", envvar="TOKENWARD_DATA_DIR",
-                                       help="Data folder (SQLite database, server key).")]
+DataDir = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir", envvar="TOKENWARD_DATA_DIR", help="Data folder (SQLite database, server key)."
+    ),
+]
 
 
 def fail(message: str, code: int = 1, *, as_json: bool = False, error: str = "error") -> NoReturn:
@@ -52,8 +59,9 @@ def emit_json(value: Any) -> None:
 @app.command()
 def init(
     data_dir: DataDir = Path(".tokenward"),
-    reset: Annotated[bool, typer.Option(help="Revoke the bootstrap admin token, issue a new one.")]
-    = False,
+    reset: Annotated[
+        bool, typer.Option(help="Revoke the bootstrap admin token, issue a new one.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Create the data dir, server key and database; print the first admin token once."""
@@ -62,20 +70,37 @@ def init(
 
     settings = Settings.load(data_dir=data_dir)
     result = asyncio.run(initialize(settings, reset=reset))
-    info = {"data_dir": str(settings.data_dir), "database": _safe_db(settings),
-            "key_file": None if settings.secret_key else str(settings.key_file)}
+    info = {
+        "data_dir": str(settings.data_dir),
+        "database": _safe_db(settings),
+        "key_file": None if settings.secret_key else str(settings.key_file),
+    }
     if not result.created:
-        message = ("already initialized; the admin token was shown when it was created. "
-                   "Use --reset to revoke it and issue a new one.")
+        message = (
+            "already initialized; the admin token was shown when it was created. "
+            "Use --reset to revoke it and issue a new one."
+        )
         if as_json:
-            emit_json({"initialized": False, "admin_token_id": result.token_id, **info,
-                       "message": message})
+            emit_json(
+                {
+                    "initialized": False,
+                    "admin_token_id": result.token_id,
+                    **info,
+                    "message": message,
+                }
+            )
         else:
             out.print(message)
         return
     if as_json:
-        emit_json({"initialized": True, "admin_token": result.admin_token,
-                   "admin_token_id": result.token_id, **info})
+        emit_json(
+            {
+                "initialized": True,
+                "admin_token": result.admin_token,
+                "admin_token_id": result.token_id,
+                **info,
+            }
+        )
     else:
         _show_admin_token(result.admin_token or "", result.token_id or "")
 
@@ -87,11 +112,16 @@ def _safe_db(settings: Any) -> str:
 
 
 def _show_admin_token(secret: str, token_id: str) -> None:
-    out.print(Panel.fit(
-        f"[bold]{secret}[/bold]\n\nid: {token_id}\n"
-        "This is the first admin credential. It is shown once: store it now.\n"
-        "Use it with:  export TOKENWARD_ADMIN_TOKEN=<the token above>",
-        title="admin token", border_style="yellow"), highlight=False)
+    out.print(
+        Panel.fit(
+            f"[bold]{secret}[/bold]\n\nid: {token_id}\n"
+            "This is the first admin credential. It is shown once: store it now.\n"
+            "Use it with:  export TOKENWARD_ADMIN_TOKEN=<the token above>",
+            title="admin token",
+            border_style="yellow",
+        ),
+        highlight=False,
+    )
 
 
 @app.command()
@@ -101,13 +131,15 @@ def serve(
     port: Annotated[int, typer.Option(envvar="TOKENWARD_PORT")] = 8080,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate for HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for HTTPS.")] = None,
-    tls_self_signed: Annotated[bool, typer.Option(help="Make a development certificate.")]
-    = False,
-    allow_insecure_http: Annotated[bool, typer.Option(
-        envvar="TOKENWARD_ALLOW_INSECURE_HTTP",
-        help="Plain HTTP on a non-loopback address (only behind a TLS proxy).")] = False,
-    init_first: Annotated[bool, typer.Option("--init", help="Initialize first if needed.")]
-    = False,
+    tls_self_signed: Annotated[bool, typer.Option(help="Make a development certificate.")] = False,
+    allow_insecure_http: Annotated[
+        bool,
+        typer.Option(
+            envvar="TOKENWARD_ALLOW_INSECURE_HTTP",
+            help="Plain HTTP on a non-loopback address (only behind a TLS proxy).",
+        ),
+    ] = False,
+    init_first: Annotated[bool, typer.Option("--init", help="Initialize first if needed.")] = False,
 ) -> None:
     """Run the server (admin API, verification API, /healthz)."""
     import uvicorn
@@ -117,15 +149,18 @@ def serve(
     from tokenward.server import InsecureBind, check_bind, self_signed
     from tokenward.settings import Settings
 
-    settings = Settings.load(data_dir=data_dir, host=host, port=port,
-                             allow_insecure_http=allow_insecure_http or None)
+    settings = Settings.load(
+        data_dir=data_dir, host=host, port=port, allow_insecure_http=allow_insecure_http or None
+    )
     configure_logging(settings.log_level)
     if (tls_cert is None) != (tls_key is None):
         fail("give both --tls-cert and --tls-key", 2)
     if tls_self_signed:
         tls_cert, tls_key, fingerprint = self_signed(settings.data_dir / "tls", host)
-        out.print(f"self-signed certificate {tls_cert}\nSHA-256 fingerprint: {fingerprint}",
-                  highlight=False)
+        out.print(
+            f"self-signed certificate {tls_cert}\nSHA-256 fingerprint: {fingerprint}",
+            highlight=False,
+        )
     tls = tls_cert is not None
     try:
         check_bind(host, tls, settings.allow_insecure_http)
@@ -138,18 +173,29 @@ def serve(
         if result.created:
             _show_admin_token(result.admin_token or "", result.token_id or "")
     elif settings.secret_key is None and not settings.key_file.exists():
-        fail(f"{settings.data_dir} is not initialized: run 'tokenward init --data-dir "
-             f"{settings.data_dir}' first (or pass --init)", 2)
+        fail(
+            f"{settings.data_dir} is not initialized: run 'tokenward init --data-dir "
+            f"{settings.data_dir}' first (or pass --init)",
+            2,
+        )
     scheme = "https" if tls else "http"
     shown = f"[{host}]" if ":" in host else host
     base = f"{scheme}://{shown}:{port}"
-    out.print(f"tokenward listening on {base}\n  API docs:  {base}/docs\n"
-              f"  health:    {base}/healthz\n"
-              f"  CLI:       export TOKENWARD_URL={base} TOKENWARD_ADMIN_TOKEN=<admin token>",
-              highlight=False)
+    out.print(
+        f"tokenward listening on {base}\n  API docs:  {base}/docs\n"
+        f"  health:    {base}/healthz\n"
+        f"  CLI:       export TOKENWARD_URL={base} TOKENWARD_ADMIN_TOKEN=<admin token>",
+        highlight=False,
+    )
     uvicorn.run(
-        create_app(settings), host=host, port=port, log_level="warning", access_log=False,
-        server_header=False, proxy_headers=False, lifespan="on",
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        lifespan="on",
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
     )
@@ -159,8 +205,12 @@ def serve(
 def client(as_json: bool = False) -> AdminClient:
     token = os.environ.get("TOKENWARD_ADMIN_TOKEN")
     if not token:
-        fail("set TOKENWARD_ADMIN_TOKEN to an admin token (it is never taken from a flag)", 2,
-             as_json=as_json, error="missing_credential")
+        fail(
+            "set TOKENWARD_ADMIN_TOKEN to an admin token (it is never taken from a flag)",
+            2,
+            as_json=as_json,
+            error="missing_credential",
+        )
     url = os.environ.get("TOKENWARD_URL", "http://127.0.0.1:8080")
     ca = os.environ.get("TOKENWARD_CA_CERT")
     return AdminClient(url, token, verify=ca or True)
@@ -175,8 +225,12 @@ def call(as_json: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
         import httpx
 
         if isinstance(exc, httpx.HTTPError):
-            fail(f"cannot reach the server: {type(exc).__name__}", 3, as_json=as_json,
-                 error="connection_failed")
+            fail(
+                f"cannot reach the server: {type(exc).__name__}",
+                3,
+                as_json=as_json,
+                error="connection_failed",
+            )
         raise
 
 
@@ -216,9 +270,14 @@ def _meta(pairs: list[str]) -> dict[str, str]:
 
 
 def _show_secret(body: dict[str, Any], title: str) -> None:
-    out.print(Panel.fit(
-        f"[bold]{body['token']}[/bold]\n\nid: {body['id']}\n{body['warning']}",
-        title=title, border_style="yellow"), highlight=False)
+    out.print(
+        Panel.fit(
+            f"[bold]{body['token']}[/bold]\n\nid: {body['id']}\n{body['warning']}",
+            title=title,
+            border_style="yellow",
+        ),
+        highlight=False,
+    )
 
 
 @token_app.command("create")
@@ -227,26 +286,38 @@ def token_create(
     scope: Annotated[list[str], typer.Option("--scope", help="resource:action (repeatable).")],
     env: Annotated[str, typer.Option("--env", help="live or test.")] = "live",
     ttl: Annotated[str | None, typer.Option(help="Lifetime: 90d, 12h, 15m.")] = None,
-    not_before: Annotated[str | None, typer.Option(help="ISO 8601 time it starts to work.")]
-    = None,
-    ip: Annotated[list[str] | None, typer.Option("--ip", help="Allowed CIDR (repeatable).")]
-    = None,
-    rate: Annotated[list[str] | None, typer.Option("--rate", help="100/minute (repeatable).")]
-    = None,
-    uses: Annotated[int | None, typer.Option(help="Number of uses before it stops working.")]
-    = None,
+    not_before: Annotated[str | None, typer.Option(help="ISO 8601 time it starts to work.")] = None,
+    ip: Annotated[list[str] | None, typer.Option("--ip", help="Allowed CIDR (repeatable).")] = None,
+    rate: Annotated[
+        list[str] | None, typer.Option("--rate", help="100/minute (repeatable).")
+    ] = None,
+    uses: Annotated[
+        int | None, typer.Option(help="Number of uses before it stops working.")
+    ] = None,
     principal: Annotated[str | None, typer.Option(help="Who the token acts as.")] = None,
     name: Annotated[str, typer.Option(help="A label.")] = "",
-    meta: Annotated[list[str] | None, typer.Option("--meta", help="key=value (repeatable).")]
-    = None,
+    meta: Annotated[
+        list[str] | None, typer.Option("--meta", help="key=value (repeatable).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a token; its secret is printed once."""
     with client(as_json) as c:
-        body = call(as_json, c.create_token, project=project, scopes=scope, environment=env,
-                    ttl=ttl, not_before=not_before, ip_allowlist=ip or None,
-                    rate_limit=";".join(rate) if rate else None, uses=uses,
-                    principal=principal, name=name, metadata=_meta(meta or []) or None)
+        body = call(
+            as_json,
+            c.create_token,
+            project=project,
+            scopes=scope,
+            environment=env,
+            ttl=ttl,
+            not_before=not_before,
+            ip_allowlist=ip or None,
+            rate_limit=";".join(rate) if rate else None,
+            uses=uses,
+            principal=principal,
+            name=name,
+            metadata=_meta(meta or []) or None,
+        )
     if as_json:
         emit_json(body)
     else:
@@ -256,17 +327,23 @@ def token_create(
 def _token_table(items: list[dict[str, Any]]) -> Table:
     table = Table("id", "project", "env", "name", "state", "scopes", "expires", "hint")
     for t in items:
-        table.add_row(t["id"], t["project"] or "-", t["environment"], t["name"],
-                      t.get("state", ""), " ".join(t["scopes"]), t["expires_at"] or "never",
-                      t["hint"])
+        table.add_row(
+            t["id"],
+            t["project"] or "-",
+            t["environment"],
+            t["name"],
+            t.get("state", ""),
+            " ".join(t["scopes"]),
+            t["expires_at"] or "never",
+            t["hint"],
+        )
     return table
 
 
 @token_app.command("list")
 def token_list(
     project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
-    state: Annotated[str | None, typer.Option(help="active, expired, revoked or rotated.")]
-    = None,
+    state: Annotated[str | None, typer.Option(help="active, expired, revoked or rotated.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List tokens (never their secrets)."""
@@ -320,8 +397,9 @@ def token_rotate(
         emit_json(body)
     else:
         _show_secret(body, "rotated: new token")
-        out.print(f"the old token {body['previous']['id']} works until "
-                  f"{body['previous']['grace_until']}")
+        out.print(
+            f"the old token {body['previous']['id']} works until {body['previous']['grace_until']}"
+        )
 
 
 def main() -> None:

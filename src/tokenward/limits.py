@@ -68,8 +68,9 @@ class RateLimiter:
                 if tightest is None or result.remaining < tightest.remaining:
                     tightest = result
         except Exception as exc:  # the storage backend is down or unreachable
-            raise Unavailable("rate_limit_unavailable", "the rate limit store is unavailable") \
-                from exc
+            raise Unavailable(
+                "rate_limit_unavailable", "the rate limit store is unavailable"
+            ) from exc
         assert tightest is not None
         return tightest
 

@@ -9,8 +9,9 @@ import structlog
 
 
 def configure_logging(level: str = "info") -> None:
-    logging.basicConfig(format="%(message)s", stream=sys.stderr,
-                        level=getattr(logging, level.upper(), logging.INFO))
+    logging.basicConfig(
+        format="%(message)s", stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO)
+    )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     structlog.configure(
         processors=[

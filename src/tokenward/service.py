@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from tokenward.errors import Forbidden, Invalid, NotFound
+from tokenward.events import AdminEvent, EventBus, current_request
 from tokenward.store.repository import Project, TokenStore
 from tokenward.tokens.format import Environment, generate_token, new_public_id, token_hint
 from tokenward.tokens.hashing import TokenHasher
@@ -61,8 +62,9 @@ def normalize_cidrs(cidrs: list[str]) -> list[str]:
         try:
             out.append(str(ipaddress.ip_network(cidr, strict=False)))
         except ValueError:
-            raise Invalid("invalid_cidr", f"{cidr!r} is not an IPv4 or IPv6 address or CIDR") \
-                from None
+            raise Invalid(
+                "invalid_cidr", f"{cidr!r} is not an IPv4 or IPv6 address or CIDR"
+            ) from None
     return out
 
 
@@ -72,11 +74,14 @@ class TokenService:
         store: TokenStore,
         hasher: TokenHasher,
         verifier: Verifier,
+        events: EventBus,
         on_change: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.hasher = hasher
         self.verifier = verifier
+        self.events = events
+        #: called with a token id after every change (revocation fan-out to other replicas)
         self.on_change = on_change
 
     @property
@@ -87,7 +92,9 @@ class TokenService:
     async def create_project(self, actor: TokenRecord, name: str) -> Project:
         if actor.project_id is not None:
             raise Forbidden("forbidden", "only a global admin credential can create projects")
-        return await self.store.create_project(name, self.now)
+        project = await self.store.create_project(name, self.now)
+        await self._audit("project.create", actor, project.id, None, {"name": name})
+        return project
 
     async def list_projects(self, actor: TokenRecord) -> list[Project]:
         only = None if actor.project_id is None else [actor.project_id]
@@ -126,7 +133,9 @@ class TokenService:
         if spec.not_before and expires_at and spec.not_before >= expires_at:
             raise Invalid("invalid_not_before", "not_before must be before the expiry")
         if actor.expires_at is not None and (expires_at is None or expires_at > actor.expires_at):
-            raise Forbidden("lifetime_not_held", "a token cannot outlive the credential creating it")
+            raise Forbidden(
+                "lifetime_not_held", "a token cannot outlive the credential creating it"
+            )
         if spec.uses is not None and spec.uses < 1:
             raise Invalid("invalid_uses", "uses must be at least 1")
         secret = generate_token(spec.environment)
@@ -152,6 +161,13 @@ class TokenService:
             metadata=dict(spec.metadata),
         )
         await self.store.insert_token(record, self.hasher.hash(secret))
+        await self._audit(
+            "token.create",
+            actor,
+            project_id,
+            record.id,
+            {"scopes": scopes, "environment": spec.environment, "kind": spec.kind},
+        )
         return Issued(secret, record)
 
     async def get_token(self, actor: TokenRecord, token_id: str) -> TokenRecord:
@@ -183,12 +199,16 @@ class TokenService:
         await self.get_token(actor, token_id)
         record = await self.store.revoke(token_id, reason or "revoked by admin", self.now)
         await self._changed(token_id)
+        await self._audit(
+            "token.revoke", actor, record.project_id, token_id, {"reason": record.revoked_reason}
+        )
         return record
 
     async def revoke_own(self, record: TokenRecord, reason: str) -> None:
         """A holder gives up its own token (RFC 7009 with the token as its own credential)."""
         await self.store.revoke(record.id, reason, self.now)
         await self._changed(record.id)
+        await self._audit("token.revoke", record, record.project_id, record.id, {"reason": reason})
 
     async def rotate_token(
         self, actor: TokenRecord, token_id: str, grace: timedelta
@@ -198,8 +218,9 @@ class TokenService:
             raise Invalid("invalid_grace", "grace must be between 0 and 30 days")
         old = await self.get_token(actor, token_id)
         if old.state(self.now) not in (TokenState.ACTIVE, TokenState.NOT_YET_VALID):
-            raise Invalid("token_not_rotatable", f"a token that is {old.state(self.now)} "
-                          "cannot be rotated")
+            raise Invalid(
+                "token_not_rotatable", f"a token that is {old.state(self.now)} cannot be rotated"
+            )
         if not is_narrower(old.scopes, actor.scopes):
             raise Forbidden("scope_not_held", "a token cannot have a scope its creator lacks")
         now = self.now
@@ -230,10 +251,40 @@ class TokenService:
             key_id=self.hasher.current.id,
             metadata=dict(old.metadata),
         )
-        updated_old = await self.store.rotate(old.id, successor, self.hasher.hash(secret),
-                                              now + grace)
+        updated_old = await self.store.rotate(
+            old.id, successor, self.hasher.hash(secret), now + grace
+        )
         await self._changed(old.id)
+        await self._audit(
+            "token.rotate",
+            actor,
+            old.project_id,
+            old.id,
+            {"successor": successor.id, "grace_seconds": grace.total_seconds()},
+        )
         return Issued(secret, successor), updated_old
+
+    async def _audit(
+        self,
+        action: str,
+        actor: TokenRecord,
+        project_id: str | None,
+        token_id: str | None,
+        detail: dict[str, object],
+    ) -> None:
+        ctx = current_request.get()
+        await self.events.admin(
+            AdminEvent(
+                at=self.now,
+                action=action,
+                actor_id=actor.id,
+                project_id=project_id,
+                token_id=token_id,
+                request_id=ctx.request_id if ctx else None,
+                client_ip=ctx.client_ip if ctx else None,
+                detail=dict(detail),
+            )
+        )
 
     async def _changed(self, token_id: str) -> None:
         self.verifier.invalidate(token_id)
@@ -244,9 +295,17 @@ class TokenService:
 def issue_bootstrap_record(hasher: TokenHasher, now: datetime) -> Issued:
     secret = generate_token(Environment.LIVE)
     record = TokenRecord(
-        id=new_public_id("tok"), project_id=None, project=None, environment="live",
-        name="bootstrap admin", kind=TokenKind.API_KEY.value, principal="admin",
-        scopes=["*"], created_at=now, hint=token_hint(secret), key_id=hasher.current.id,
+        id=new_public_id("tok"),
+        project_id=None,
+        project=None,
+        environment="live",
+        name="bootstrap admin",
+        kind=TokenKind.API_KEY.value,
+        principal="admin",
+        scopes=["*"],
+        created_at=now,
+        hint=token_hint(secret),
+        key_id=hasher.current.id,
         metadata={"bootstrap": "true"},
     )
     return Issued(secret, record)

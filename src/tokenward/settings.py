@@ -25,18 +25,45 @@ DB_FILE_NAME = "tokenward.db"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENWARD_", extra="forbid")
 
-    data_dir: Path = Field(Path(".tokenward"), description="Folder for the SQLite database and the server key file.")
-    database_url: str | None = Field(None, description="SQLAlchemy async URL; default: SQLite in the data dir. PostgreSQL: postgresql+asyncpg://user@host/db.")
-    secret_key: SecretStr | None = Field(None, description="Server key for hashing tokens (hex, at least 32 bytes); default: the key file.")
-    secret_key_file: Path | None = Field(None, description="File with the server key(s), one hex key per line, current first; default: DATA_DIR/secret.key.")
+    data_dir: Path = Field(
+        Path(".tokenward"), description="Folder for the SQLite database and the server key file."
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy async URL; default: SQLite in the data dir. PostgreSQL: postgresql+asyncpg://user@host/db.",
+    )
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Server key(s) for hashing tokens: hex, 32+ bytes, comma-separated, "
+        "current first; default: the key file.",
+    )
+    secret_key_file: Path | None = Field(
+        None,
+        description="File with the server key(s), one hex key per line, current first; "
+        "default: DATA_DIR/secret.key.",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
-    cache_ttl: float = Field(5.0, ge=0, le=300, description="Seconds a verified token's state may be served from the per-replica cache.")
-    redis_url: str | None = Field(None, description="Redis URL (redis://host:6379/0) for shared rate limits; default: in-process.")
-    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body the API accepts, in bytes.")
-    usage_flush_seconds: float = Field(5.0, gt=0, description="How often last-used times and IPs are written.")
+    cache_ttl: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="Seconds a verified token's state may be served from the per-replica cache.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL (redis://host:6379/0) for shared rate limits; default: in-process.",
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body the API accepts, in bytes."
+    )
+    usage_flush_seconds: float = Field(
+        5.0, gt=0, description="How often last-used times and IPs are written."
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
-    allow_insecure_http: bool = Field(False, description="Serve plain HTTP on a non-loopback address (only behind a TLS proxy).")
+    allow_insecure_http: bool = Field(
+        False, description="Serve plain HTTP on a non-loopback address (only behind a TLS proxy)."
+    )
 
     @field_validator("log_level")
     @classmethod
@@ -98,7 +125,9 @@ def load_hasher(settings: Settings) -> TokenHasher:
             raise FileNotFoundError(
                 f"no server key at {path}: run 'tokenward init' or set TOKENWARD_SECRET_KEY"
             )
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        lines = [
+            ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")
+        ]
         if not lines:
             raise ValueError(f"the key file {path} holds no key")
         keys = [_decode_key(k) for k in lines]

@@ -8,7 +8,6 @@ raises inside, and that becomes ``unavailable`` (fail closed).
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import time
 from collections.abc import Callable, Iterable
@@ -69,7 +68,8 @@ class Decision:
             "scopes": list(token.scopes) if token else [],
             "expires_at": (
                 token.expires_at.isoformat().replace("+00:00", "Z")
-                if token and token.expires_at else None
+                if token and token.expires_at
+                else None
             ),
             "remaining_uses": self.remaining_uses if token else None,
             "ratelimit": self.ratelimit.as_dict() if self.ratelimit else None,
@@ -220,8 +220,9 @@ class Verifier:
             self._cache.pop(token_hash, None)
             return None
         record, _matched = found
-        entry = _Entry(record, parse_networks(record.ip_allowlist),
-                       time.monotonic() + self.cache_ttl)
+        entry = _Entry(
+            record, parse_networks(record.ip_allowlist), time.monotonic() + self.cache_ttl
+        )
         if len(self._cache) >= self.cache_size:
             oldest = next(iter(self._cache))
             self._hash_by_id.pop(self._cache.pop(oldest).record.id, None)
@@ -233,7 +234,7 @@ class Verifier:
     async def _guard(awaitable: Any) -> Any:
         try:
             return await awaitable
-        except (SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, SQLAlchemyError, OSError) as exc:
             raise Unavailable("store_unavailable", "the token store is unavailable") from exc
 
     def invalidate(self, token_id: str) -> None:

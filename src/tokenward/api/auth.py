@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from tokenward.api.access import record_access
 from tokenward.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.tokens.scopes import scopes_allow
+from tokenward.verify import Verifier
 
 
 def bearer_token(request: Request) -> str | None:
@@ -32,9 +35,13 @@ async def authenticate(request: Request, *any_of: str) -> TokenRecord:
     services = request.app.state.services
     credential = bearer_token(request)
     if credential is None:
-        raise Unauthorized("missing_credential",
-                           "send a credential as 'Authorization: Bearer <token>'")
-    decision = await services.verifier.verify(credential, ip=client_ip(request))
+        raise Unauthorized(
+            "missing_credential", "send a credential as 'Authorization: Bearer <token>'"
+        )
+    verifier: Verifier = services.verifier
+    started = time.perf_counter()
+    decision = await verifier.verify(credential, ip=client_ip(request))
+    await record_access(request, "admin_auth", decision, started, credential=credential)
     if not decision.allowed:
         if decision.reason == Reason.UNAVAILABLE:
             raise Unavailable("unavailable", "a dependency is unavailable; access denied")

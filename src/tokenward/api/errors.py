@@ -5,6 +5,8 @@ Validation messages name the field and the rule, never the value given (it may b
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +37,7 @@ def error_response(status: int, code: str, message: str, **extra: object) -> JSO
     return JSONResponse({"error": code, "message": message, **extra}, status, headers=headers)
 
 
-def _describe(errors: list[dict[str, object]]) -> tuple[str, list[dict[str, object]]]:
+def _describe(errors: list[Any]) -> tuple[str, list[dict[str, str]]]:
     details = []
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
@@ -56,8 +58,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(400, "invalid_json", "the request body is not valid JSON")
         summary, details = _describe(errors)
-        return error_response(422, "invalid_request", summary or "invalid request",
-                              details=details)
+        return error_response(422, "invalid_request", summary or "invalid request", details=details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenward.events import RequestContext, current_request, new_request_id
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class BodyLimitMiddleware:
@@ -64,8 +69,10 @@ async def _reject(send: Send, max_bytes: int) -> None:
         {
             "type": "http.response.start",
             "status": 413,
-            "headers": [(b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -93,3 +100,39 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class RequestContextMiddleware:
+    """Give every request an id (``X-Request-ID``, kept if sane) and record who asks."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = user_agent = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                given = value.decode("latin-1")
+            elif name == b"user-agent":
+                user_agent = value.decode("latin-1")[:256]
+        request_id = given if given and _REQUEST_ID.match(given) else new_request_id()
+        client = scope.get("client")
+        context = RequestContext(request_id, client[0] if client else None, user_agent)
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = current_request.set(context)
+
+        async def with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, with_id)
+        finally:
+            current_request.reset(token)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from tokenward.api.access import record_access
 from tokenward.api.auth import Verifying, authenticate, bearer_token, client_ip
 from tokenward.api.errors import error_response
 from tokenward.errors import Forbidden, Invalid
@@ -68,6 +70,7 @@ def _verify_body(raw: bytes) -> dict[str, str | None]:
 @router.post("/v1/verify", tags=["verify"], openapi_extra=VERIFY_SCHEMA)
 async def verify(request: Request, caller: Verifying) -> JSONResponse:
     """Is this token good for this action? Always 200 with ``valid``; 503 if fail-closed."""
+    started = time.perf_counter()
     body = _verify_body(await request.body())
     services = request.app.state.services
     decision = await services.verifier.verify(
@@ -77,6 +80,15 @@ async def verify(request: Request, caller: Verifying) -> JSONResponse:
         tenant=caller.project_id,
         environment=body.get("environment"),
         project=body.get("project"),
+    )
+    await record_access(
+        request,
+        "verify_api",
+        decision,
+        started,
+        credential=body["token"],
+        scope=body.get("scope"),
+        client_ip=body.get("ip"),
     )
     result = decision.as_dict()
     if decision.reason == Reason.UNKNOWN or decision.token is None:
@@ -94,13 +106,17 @@ def _epoch(value: Any) -> int | None:
 async def _form(request: Request) -> dict[str, str]:
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("application/x-www-form-urlencoded"):
-        raise Invalid("invalid_request", "use application/x-www-form-urlencoded",
-                      error_description="use application/x-www-form-urlencoded")
+        raise Invalid(
+            "invalid_request",
+            "use application/x-www-form-urlencoded",
+            error_description="use application/x-www-form-urlencoded",
+        )
     form = await request.form(max_files=0, max_fields=10)
     values = {k: v for k, v in form.items() if isinstance(v, str)}
     if not values.get("token"):
-        raise Invalid("invalid_request", "token: field required",
-                      error_description="token: field required")
+        raise Invalid(
+            "invalid_request", "token: field required", error_description="token: field required"
+        )
     if len(values["token"]) > 4096:
         raise Invalid("invalid_request", "token: too long", error_description="token: too long")
     return values
@@ -111,8 +127,9 @@ async def introspect(request: Request, caller: Verifying) -> JSONResponse:
     """RFC 7662: ``{"active": false}`` for anything that is not a currently valid token."""
     form = await _form(request)
     services = request.app.state.services
-    decision = await services.verifier.verify(form["token"], tenant=caller.project_id,
-                                              consume=False)
+    decision = await services.verifier.verify(
+        form["token"], tenant=caller.project_id, consume=False
+    )
     headers = {"Cache-Control": "no-store"}
     if not decision.allowed or decision.token is None:
         return JSONResponse({"active": False}, headers=headers)
@@ -150,23 +167,26 @@ async def revoke(request: Request) -> JSONResponse:
             parse_token(form["token"])
         except TokenFormatError:
             return JSONResponse({}, headers={"Cache-Control": "no-store"})
-        found = await services.verifier.verify(form["token"], consume=False,
-                                               ip=client_ip(request))
+        found = await services.verifier.verify(form["token"], consume=False, ip=client_ip(request))
         if found.token is not None:
             await services.tokens.revoke_own(found.token, "revoked by its holder (RFC 7009)")
         return JSONResponse({}, headers={"Cache-Control": "no-store"})
     try:
         caller = await authenticate(request, "admin:write")
     except Forbidden:
-        return error_response(403, "insufficient_scope", "revoking needs admin:write",
-                              error_description="revoking needs admin:write")
+        return error_response(
+            403,
+            "insufficient_scope",
+            "revoking needs admin:write",
+            error_description="revoking needs admin:write",
+        )
     try:
         parse_token(form["token"])
     except TokenFormatError:
         return JSONResponse({}, headers={"Cache-Control": "no-store"})
-    decision = await services.verifier.verify(form["token"], tenant=caller.project_id,
-                                              consume=False)
+    decision = await services.verifier.verify(
+        form["token"], tenant=caller.project_id, consume=False
+    )
     if decision.token is not None and decision.reason != Reason.UNKNOWN:
         await services.tokens.revoke_token(caller, decision.token.id, "revoked via RFC 7009")
     return JSONResponse({}, headers={"Cache-Control": "no-store"})
-

@@ -18,8 +18,9 @@ class AdminAPIError(Exception):
 
 
 class AdminClient:
-    def __init__(self, url: str, token: str, *, verify: bool | str = True,
-                 timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, token: str, *, verify: bool | str = True, timeout: float = 10.0
+    ) -> None:
         self._http = httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}", "User-Agent": "tokenward-cli"},
@@ -56,8 +57,9 @@ class AdminClient:
         body = {k: v for k, v in fields.items() if v is not None}
         return dict(self.request("POST", "/v1/tokens", json=body))
 
-    def list_tokens(self, project: str | None = None, state: str | None = None,
-                    limit: int = 1000) -> list[dict[str, Any]]:
+    def list_tokens(
+        self, project: str | None = None, state: str | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit}
         if project:
             params["project"] = project
@@ -75,14 +77,11 @@ class AdminClient:
         return dict(self.request("GET", f"/v1/tokens/{token_id}"))
 
     def revoke_token(self, token_id: str, reason: str = "") -> dict[str, Any]:
-        return dict(self.request("POST", f"/v1/tokens/{token_id}/revoke",
-                                 json={"reason": reason}))
+        return dict(self.request("POST", f"/v1/tokens/{token_id}/revoke", json={"reason": reason}))
 
     def rotate_token(self, token_id: str, grace: str = "1h") -> dict[str, Any]:
-        return dict(self.request("POST", f"/v1/tokens/{token_id}/rotate",
-                                 json={"grace": grace}))
+        return dict(self.request("POST", f"/v1/tokens/{token_id}/rotate", json={"grace": grace}))
 
-    def verify(self, token: str, scope: str | None = None,
-               ip: str | None = None) -> dict[str, Any]:
+    def verify(self, token: str, scope: str | None = None, ip: str | None = None) -> dict[str, Any]:
         body = {"token": token, "scope": scope, "ip": ip}
         return dict(self.request("POST", "/v1/verify", json=body))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -43,7 +43,7 @@ _SELECT_TOKEN = select(*_TOKEN_COLUMNS, projects.c.name.label("project_name")).s
 )
 
 
-def _record(row: Row[Any]) -> TokenRecord:
+def _record(row: Any) -> TokenRecord:
     m = row._mapping
     return TokenRecord(
         id=m["id"],
@@ -74,7 +74,7 @@ def _record(row: Row[Any]) -> TokenRecord:
     )
 
 
-def _project(row: Row[Any]) -> Project:
+def _project(row: Any) -> Project:
     m = row._mapping
     return Project(m["id"], m["name"], m["created_at"], list(m["ip_allowlist"]))
 
@@ -151,7 +151,8 @@ class TokenStore:
     async def find_by_hash(self, hashes: Sequence[str]) -> tuple[TokenRecord, str] | None:
         """The token whose stored hash is one of ``hashes``, with the hash that matched."""
         query = _SELECT_TOKEN.add_columns(tokens.c.token_hash).where(
-            tokens.c.token_hash.in_(list(hashes)) if len(hashes) > 1
+            tokens.c.token_hash.in_(list(hashes))
+            if len(hashes) > 1
             else tokens.c.token_hash == hashes[0]
         )
         async with self.engine.connect() as conn:
@@ -190,17 +191,23 @@ class TokenStore:
         elif state == TokenState.EXPIRED:
             query = query.where(live, c.expires_at <= now)
         elif state == TokenState.ROTATED:
-            query = query.where(c.revoked_at.is_(None), c.replaced_by.is_not(None),
-                                or_(c.grace_until.is_(None), c.grace_until <= now))
+            query = query.where(
+                c.revoked_at.is_(None),
+                c.replaced_by.is_not(None),
+                or_(c.grace_until.is_(None), c.grace_until <= now),
+            )
         elif state == TokenState.ACTIVE:
             query = query.where(live, or_(c.expires_at.is_(None), c.expires_at > now))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         records = [_record(r) for r in rows]
         if state == TokenState.ACTIVE:
-            records = [r for r in records if r.state(now) in (TokenState.ACTIVE,
-                                                              TokenState.ROTATED_IN_GRACE,
-                                                              TokenState.NOT_YET_VALID)]
+            records = [
+                r
+                for r in records
+                if r.state(now)
+                in (TokenState.ACTIVE, TokenState.ROTATED_IN_GRACE, TokenState.NOT_YET_VALID)
+            ]
         return records
 
     async def revoke(self, token_id: str, reason: str, now: datetime) -> TokenRecord:
@@ -257,15 +264,18 @@ class TokenStore:
         async with self.engine.begin() as conn:
             for token_id, (at, ip) in seen.items():
                 await conn.execute(
-                    update(tokens).where(tokens.c.id == token_id)
+                    update(tokens)
+                    .where(tokens.c.id == token_id)
                     .values(last_used_at=at, last_used_ip=ip)
                 )
 
     async def active_bootstrap_ids(self, name: str) -> list[str]:
         """Unrevoked global tokens made by ``tokenward init`` (no creator, no project)."""
         query = select(tokens.c.id).where(
-            tokens.c.project_id.is_(None), tokens.c.created_by.is_(None),
-            tokens.c.name == name, tokens.c.revoked_at.is_(None),
+            tokens.c.project_id.is_(None),
+            tokens.c.created_by.is_(None),
+            tokens.c.name == name,
+            tokens.c.revoked_at.is_(None),
         )
         async with self.engine.connect() as conn:
             return [r[0] for r in (await conn.execute(query)).all()]

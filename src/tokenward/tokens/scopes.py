@@ -33,8 +33,7 @@ def parse_scope(scope: str) -> tuple[str, ...]:
     for segment in segments:
         if not _SEGMENT.match(segment):
             raise ScopeError(
-                "scope segments are letters, digits, '_', '.', '-' or a lone '*', "
-                "separated by ':'"
+                "scope segments are letters, digits, '_', '.', '-' or a lone '*', separated by ':'"
             )
     return segments
 

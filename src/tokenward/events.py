@@ -1,0 +1,89 @@
+"""What happened: access decisions and admin actions, fanned out to subscribers.
+
+Call sites (the verify API, introspection, admin authentication, later ``/authz`` and the
+gateway) build one :class:`AccessEvent` per decision and ``await`` :meth:`EventBus.access`.
+Subscribers (the audit writer, anomaly detectors, metrics) are awaited in turn, so a
+subscriber that must make an event durable before the request is acknowledged can do so.
+"""
+
+from __future__ import annotations
+
+import secrets
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from tokenward.verify import Decision
+
+
+@dataclass(slots=True)
+class AccessEvent:
+    """One access decision, allow or deny. Never holds the presented secret."""
+
+    at: datetime
+    source: str  # verify_api | introspect | admin_auth | authz | gateway
+    decision: Decision
+    request_id: str
+    client_ip: str | None = None
+    user_agent: str | None = None
+    method: str | None = None
+    path: str | None = None
+    scope: str | None = None
+    latency_ms: float = 0.0
+    #: keyed fingerprint of the presented credential when it matched no token
+    fingerprint: str | None = None
+
+
+@dataclass(slots=True)
+class AdminEvent:
+    """One admin action (create, rotate, revoke, …)."""
+
+    at: datetime
+    action: str
+    actor_id: str | None
+    project_id: str | None = None
+    token_id: str | None = None
+    request_id: str | None = None
+    client_ip: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class EventSink(Protocol):
+    async def access(self, event: AccessEvent) -> None: ...
+
+    async def admin(self, event: AdminEvent) -> None: ...
+
+
+class EventBus:
+    """Fans events out to every subscriber, in subscription order."""
+
+    def __init__(self) -> None:
+        self.subscribers: list[EventSink] = []
+
+    def subscribe(self, sink: EventSink) -> None:
+        self.subscribers.append(sink)
+
+    async def access(self, event: AccessEvent) -> None:
+        for sink in self.subscribers:
+            await sink.access(event)
+
+    async def admin(self, event: AdminEvent) -> None:
+        for sink in self.subscribers:
+            await sink.admin(event)
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Who is asking, set once per HTTP request by the request-id middleware."""
+
+    request_id: str
+    client_ip: str | None = None
+    user_agent: str | None = None
+
+
+current_request: ContextVar[RequestContext | None] = ContextVar("current_request", default=None)

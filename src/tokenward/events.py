@@ -49,10 +49,28 @@ class AdminEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class SecurityEvent:
+    """Something suspicious seen outside the access path (e.g. a refresh token reused).
+
+    Anomaly handling turns these, like suspicious access events, into alerts and responses.
+    """
+
+    at: datetime
+    kind: str  # e.g. refresh_token_reuse
+    severity: str  # info | warning | critical
+    project_id: str | None = None
+    token_id: str | None = None
+    client_ip: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
 class EventSink(Protocol):
     async def access(self, event: AccessEvent) -> None: ...
 
     async def admin(self, event: AdminEvent) -> None: ...
+
+    async def security(self, event: SecurityEvent) -> None: ...
 
 
 class EventBus:
@@ -71,6 +89,10 @@ class EventBus:
     async def admin(self, event: AdminEvent) -> None:
         for sink in self.subscribers:
             await sink.admin(event)
+
+    async def security(self, event: SecurityEvent) -> None:
+        for sink in self.subscribers:
+            await sink.security(event)
 
 
 def new_request_id() -> str:

@@ -20,6 +20,8 @@ from tokenward.api.middleware import (
     SecurityHeadersMiddleware,
 )
 from tokenward.events import EventBus
+from tokenward.gateway import Enforcement, build_enforcement
+from tokenward.gateway.authz import AuthzMiddleware
 from tokenward.limits import RateLimiter
 from tokenward.service import TokenService
 from tokenward.settings import Settings, load_hasher
@@ -42,6 +44,8 @@ class Services:
     tokens: TokenService
     events: EventBus
     redis: Redis | None = None
+    #: route policies and the decision pipeline of the gateway and /authz
+    enforcement: Enforcement | None = None
 
     async def close(self) -> None:
         await self.verifier.flush_usage()
@@ -61,7 +65,10 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     verifier = Verifier(store, hasher, limiter, cache_ttl=settings.cache_ttl)
     events = EventBus()
     tokens = TokenService(store, hasher, verifier, events)
-    return Services(settings, engine, store, hasher, limiter, verifier, tokens, events, redis)
+    enforcement = build_enforcement(settings, verifier, limiter, events, hasher)
+    return Services(
+        settings, engine, store, hasher, limiter, verifier, tokens, events, redis, enforcement
+    )
 
 
 async def _flush_usage_forever(services: Services) -> None:
@@ -104,6 +111,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(health.router)
     app.include_router(verification.router)
     app.include_router(admin.router)
+    app.add_middleware(AuthzMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)

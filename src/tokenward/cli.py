@@ -259,6 +259,28 @@ def project_list(as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@project_app.command("allow-ip")
+def project_allow_ip(
+    name: str,
+    cidrs: Annotated[
+        list[str] | None, typer.Argument(help="IPv4/IPv6 addresses or CIDRs; none to clear.")
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Allow any address again.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set the networks every token of a project may be used from (replaces the list)."""
+    if not cidrs and not clear:
+        fail("give one or more CIDRs, or --clear to allow any address", 2, as_json=as_json)
+    with client(as_json) as c:
+        project = call(as_json, c.update_project, name, [] if clear else list(cidrs or []))
+    if as_json:
+        emit_json(project)
+    elif project["ip_allowlist"]:
+        out.print(f"{project['name']}: tokens work only from {', '.join(project['ip_allowlist'])}")
+    else:
+        out.print(f"{project['name']}: tokens work from any address")
+
+
 def _meta(pairs: list[str]) -> dict[str, str]:
     meta = {}
     for pair in pairs:

@@ -36,6 +36,8 @@ STATUS_BY_REASON: dict[Reason, int] = {
     Reason.WRONG_PROJECT: 403,
     Reason.RATE_LIMITED: 429,
     Reason.UNAVAILABLE: 503,
+    Reason.NO_ROUTE: 404,
+    Reason.TOO_MANY_FAILURES: 429,
 }
 
 
@@ -81,6 +83,7 @@ class _Entry:
     record: TokenRecord
     networks: tuple[IPNetwork, ...]
     fresh_until: float
+    project_networks: tuple[IPNetwork, ...] = ()
 
 
 def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -139,6 +142,7 @@ class Verifier:
         project: str | None = None,
         environment: str | None = None,
         consume: bool = True,
+        route_limit: tuple[str, tuple[str, ...]] | None = None,
     ) -> Decision:
         """Decide whether ``credential`` may do ``scope`` from ``ip``.
 
@@ -146,6 +150,8 @@ class Verifier:
         of another project is reported ``unknown`` and nothing about it is revealed.
         ``project`` and ``environment`` are what a route requires. ``consume=False`` (for
         introspection) checks without counting a rate-limit hit or spending a use.
+        ``route_limit`` is a route's own limit (key, windows), counted per token after the
+        token's own limit and before a use is spent.
         """
         # 1. Syntax and checksum: no store is touched for garbage.
         try:
@@ -175,8 +181,10 @@ class Verifier:
             return Decision(False, Reason.WRONG_PROJECT, record)
         if environment is not None and record.environment != environment:
             return Decision(False, Reason.WRONG_ENVIRONMENT, record)
-        # 5. IP allowlist.
+        # 5. IP allowlists: the token's own and its project's.
         if entry.networks and not ip_allowed(ip, entry.networks):
+            return Decision(False, Reason.IP_NOT_ALLOWED, record)
+        if entry.project_networks and not ip_allowed(ip, entry.project_networks):
             return Decision(False, Reason.IP_NOT_ALLOWED, record)
         # 6. Scope.
         if scope is not None and not scopes_allow(record.scopes, scope):
@@ -194,6 +202,15 @@ class Verifier:
                 return Decision(False, Reason.UNAVAILABLE, record)
             if not ratelimit.allowed:
                 return Decision(False, Reason.RATE_LIMITED, record, ratelimit)
+        if route_limit is not None:
+            try:
+                route_rate = await self.limiter.hit(f"{route_limit[0]}:{record.id}", route_limit[1])
+            except Unavailable:
+                return Decision(False, Reason.UNAVAILABLE, record)
+            if not route_rate.allowed:
+                return Decision(False, Reason.RATE_LIMITED, record, route_rate)
+            if ratelimit is None or route_rate.remaining < ratelimit.remaining:
+                ratelimit = route_rate
         remaining = record.remaining_uses
         if remaining is not None:
             try:
@@ -221,7 +238,10 @@ class Verifier:
             return None
         record, _matched = found
         entry = _Entry(
-            record, parse_networks(record.ip_allowlist), time.monotonic() + self.cache_ttl
+            record,
+            parse_networks(record.ip_allowlist),
+            time.monotonic() + self.cache_ttl,
+            parse_networks(record.project_ip_allowlist),
         )
         if len(self._cache) >= self.cache_size:
             oldest = next(iter(self._cache))
@@ -242,6 +262,13 @@ class Verifier:
         token_hash = self._hash_by_id.pop(token_id, None)
         if token_hash is not None:
             self._cache.pop(token_hash, None)
+
+    def invalidate_project(self, project_id: str) -> None:
+        """Forget the cached state of every token of a project (its settings changed)."""
+        for token_hash, entry in list(self._cache.items()):
+            if entry.record.project_id == project_id:
+                self._cache.pop(token_hash, None)
+                self._hash_by_id.pop(entry.record.id, None)
 
     def clear(self) -> None:
         self._cache.clear()

@@ -8,7 +8,13 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from tokenward.api.auth import AdminRead, AdminWrite
-from tokenward.api.schemas import ProjectCreate, TokenCreate, TokenRevoke, TokenRotate
+from tokenward.api.schemas import (
+    ProjectCreate,
+    ProjectUpdate,
+    TokenCreate,
+    TokenRevoke,
+    TokenRotate,
+)
 from tokenward.service import Issued, TokenService, TokenSpec
 from tokenward.tokens.durations import parse_rates
 from tokenward.tokens.model import TokenState
@@ -43,6 +49,15 @@ async def list_projects(actor: AdminRead, request: Request) -> Any:
 @router.get("/projects/{name}", tags=["projects"])
 async def get_project(name: str, actor: AdminRead, request: Request) -> Any:
     return (await _service(request).project_for(actor, name)).public()
+
+
+@router.patch("/projects/{name}", tags=["projects"])
+async def update_project(
+    name: str, body: ProjectUpdate, actor: AdminWrite, request: Request
+) -> Any:
+    """Set the project's IP allowlist (every token of it is then bound to those networks)."""
+    project = await _service(request).set_project_ip_allowlist(actor, name, body.ip_allowlist)
+    return project.public()
 
 
 @router.post("/tokens", status_code=201, tags=["tokens"])

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from tokenward.api.access import record_access
+from tokenward.clientip import resolver_for
 from tokenward.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.tokens.scopes import scopes_allow
@@ -27,7 +28,12 @@ def bearer_token(request: Request) -> str | None:
 
 
 def client_ip(request: Request) -> str | None:
-    return request.client.host if request.client else None
+    """The socket peer, or from X-Forwarded-For when the peer is a trusted proxy."""
+    peer = request.client.host if request.client else None
+    trusted = request.app.state.services.settings.trusted_proxies
+    if not trusted:
+        return peer
+    return resolver_for(trusted).resolve(peer, request.headers.getlist("x-forwarded-for"))
 
 
 async def authenticate(request: Request, *any_of: str) -> TokenRecord:
@@ -40,8 +46,11 @@ async def authenticate(request: Request, *any_of: str) -> TokenRecord:
         )
     verifier: Verifier = services.verifier
     started = time.perf_counter()
-    decision = await verifier.verify(credential, ip=client_ip(request))
-    await record_access(request, "admin_auth", decision, started, credential=credential)
+    ip = client_ip(request)
+    decision = await verifier.verify(credential, ip=ip)
+    await record_access(
+        request, "admin_auth", decision, started, credential=credential, client_ip=ip
+    )
     if not decision.allowed:
         if decision.reason == Reason.UNAVAILABLE:
             raise Unavailable("unavailable", "a dependency is unavailable; access denied")

@@ -42,6 +42,9 @@ class Reason(StrEnum):
     WRONG_ENVIRONMENT = "wrong_environment"
     WRONG_PROJECT = "wrong_project"
     UNAVAILABLE = "unavailable"
+    NO_ROUTE = "no_route"
+    MISSING_CREDENTIAL = "missing_credential"
+    TOO_MANY_FAILURES = "too_many_failures"
 
 
 @dataclass(slots=True)
@@ -73,6 +76,8 @@ class TokenRecord:
     hint: str = ""
     key_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the allowlist of the token's project (both it and the token's own must pass)
+    project_ip_allowlist: list[str] = field(default_factory=list)
 
     def state(self, now: datetime) -> TokenState:
         """The token's state at ``now``: the order of checks is the order of precedence."""

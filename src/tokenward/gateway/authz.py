@@ -1,0 +1,129 @@
+"""``/authz``: the decision endpoint for nginx, Traefik, Caddy and Envoy.
+
+The proxy asks before it forwards a request. The original method and URI come from
+``X-Original-Method``/``X-Original-URI`` (nginx ``auth_request``), else
+``X-Forwarded-Method``/``X-Forwarded-Uri`` (Traefik ForwardAuth, Caddy ``forward_auth``),
+else the request line itself below ``/authz`` (Envoy ext_authz with ``path_prefix: /authz``).
+The same route policies as the gateway decide. Answers:
+
+* 200 with ``X-Tokenward-*`` identity headers (and ``RateLimit-*``): forward it;
+* 401 ``invalid_token`` / ``missing_credential`` with ``WWW-Authenticate`` (RFC 6750);
+* 403 ``insufficient_scope``, ``ip_not_allowed``, ``wrong_project``, ``wrong_environment``,
+  and ``no_route`` (403, not 404: nginx turns any answer but 2xx/401/403 into a 500);
+* 429 ``rate_limited`` / ``too_many_failures`` with ``Retry-After``; 503 ``unavailable``.
+
+It is plain ASGI in front of the API's router: a decision costs no routing, validation or
+serialisation beyond what it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tokenward.events import current_request, new_request_id
+from tokenward.gateway.enforce import Enforcement
+from tokenward.tokens.model import Reason
+
+PREFIX = "/authz"
+_NO_STORE = (b"cache-control", b"no-store")
+
+
+def _latin(value: str) -> bytes:
+    return value.encode("latin-1", "replace")
+
+
+class AuthzMiddleware:
+    """Answers ``/authz`` and ``/authz/…`` itself; everything else goes to the app."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not (
+            path == PREFIX or (path.startswith(PREFIX) and path[len(PREFIX)] == "/")
+        ):
+            await self.app(scope, receive, send)
+            return
+        await authz(scope, send)
+
+
+async def authz(scope: Scope, send: Send) -> None:
+    started = time.perf_counter()
+    enforcement: Enforcement = scope["app"].state.services.enforcement
+    method = uri = authorization = None
+    fwd_method = fwd_uri = None
+    forwarded_for: list[str] = []
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"x-original-uri":
+            uri = value.decode("latin-1")
+        elif name == b"x-original-method":
+            method = value.decode("latin-1")
+        elif name == b"x-forwarded-uri":
+            fwd_uri = value.decode("latin-1")
+        elif name == b"x-forwarded-method":
+            fwd_method = value.decode("latin-1")
+        elif name == b"x-forwarded-for":
+            forwarded_for.append(value.decode("latin-1"))
+    if uri is None and fwd_uri is not None:
+        uri, method = fwd_uri, fwd_method
+    if uri is None:
+        rest = scope["path"][len(PREFIX) :]
+        if not rest:
+            await _respond(
+                send,
+                400,
+                [],
+                {
+                    "error": "missing_original_uri",
+                    "message": "send X-Original-URI (nginx) or X-Forwarded-Uri (Traefik, "
+                    "Caddy), or call /authz/<path> (Envoy)",
+                },
+            )
+            return
+        query = scope.get("query_string", b"")
+        raw = scope.get("raw_path") or scope["path"].encode()
+        uri = raw.decode("latin-1")[len(PREFIX) :]
+        if query:
+            uri += "?" + query.decode("latin-1")
+        method = scope["method"]
+    method = (method or "GET").upper()[:16]
+    raw_path = uri.split("?", 1)[0]
+    client = scope.get("client")
+    client_ip = enforcement.resolver.resolve(client[0] if client else None, forwarded_for)
+
+    outcome = await enforcement.decide(method, raw_path, authorization, client_ip)
+
+    ctx = current_request.get()
+    await enforcement.record(
+        outcome,
+        source="authz",
+        method=method,
+        path=raw_path,
+        client_ip=client_ip,
+        request_id=ctx.request_id if ctx else new_request_id(),
+        user_agent=ctx.user_agent if ctx else None,
+        started=started,
+    )
+    headers = [(_latin(k.lower()), _latin(v)) for k, v in outcome.headers()]
+    if outcome.allowed:
+        await _respond(send, 200, headers, None)
+        return
+    status = 403 if outcome.decision.reason is Reason.NO_ROUTE else outcome.status
+    await _respond(send, status, headers, outcome.body())
+
+
+async def _respond(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: dict[str, object] | None
+) -> None:
+    payload = json.dumps(body).encode() if body is not None else b""
+    headers = [*headers, _NO_STORE, (b"content-length", str(len(payload)).encode())]
+    if body is not None:
+        headers.append((b"content-type", b"application/json"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

@@ -49,6 +49,7 @@ class Services:
 
     async def close(self) -> None:
         await self.verifier.flush_usage()
+        await self.limiter.aclose()
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()

@@ -140,8 +140,19 @@ def serve(
         ),
     ] = False,
     init_first: Annotated[bool, typer.Option("--init", help="Initialize first if needed.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="TOKENWARD_GATEWAY_CONFIG",
+            help="Route policy file (TOML): serves the gateway and /authz decisions.",
+        ),
+    ] = None,
+    gateway_port: Annotated[
+        int, typer.Option(envvar="TOKENWARD_GATEWAY_PORT", help="Port of the gateway.")
+    ] = 8081,
 ) -> None:
-    """Run the server (admin API, verification API, /healthz)."""
+    """Run the server (admin API, verification API, /authz, /healthz; gateway with --config)."""
     import uvicorn
 
     from tokenward.app import create_app
@@ -150,9 +161,21 @@ def serve(
     from tokenward.settings import Settings
 
     settings = Settings.load(
-        data_dir=data_dir, host=host, port=port, allow_insecure_http=allow_insecure_http or None
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        allow_insecure_http=allow_insecure_http or None,
+        gateway_config=config,
+        gateway_port=gateway_port,
     )
     configure_logging(settings.log_level)
+    if settings.gateway_config is not None:
+        from tokenward.gateway import ConfigError, load_policy
+
+        try:
+            policy = load_policy(settings.gateway_config)
+        except ConfigError as exc:
+            fail(str(exc), 2)
     if (tls_cert is None) != (tls_key is None):
         fail("give both --tls-cert and --tls-key", 2)
     if tls_self_signed:
@@ -187,10 +210,7 @@ def serve(
         f"  CLI:       export TOKENWARD_URL={base} TOKENWARD_ADMIN_TOKEN=<admin token>",
         highlight=False,
     )
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
+    uvicorn_options: dict[str, Any] = dict(
         log_level="warning",
         access_log=False,
         server_header=False,
@@ -199,6 +219,18 @@ def serve(
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
     )
+    if settings.gateway_config is not None:
+        from tokenward.gateway.serve import serve_with_gateway
+
+        out.print(
+            f"  gateway:   {scheme}://{shown}:{settings.gateway_port} "
+            f"({len(policy.routes)} routes from {settings.gateway_config})\n"
+            f"  authz:     {base}/authz",
+            highlight=False,
+        )
+        asyncio.run(serve_with_gateway(settings, **uvicorn_options))
+        return
+    uvicorn.run(create_app(settings), host=host, port=port, **uvicorn_options)
 
 
 # -- admin client side --------------------------------------------------------------------

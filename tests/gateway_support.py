@@ -128,7 +128,8 @@ async def _echo(request: web.Request) -> web.StreamResponse:
     body = {
         "method": request.method,
         "path": request.raw_path.split("?", 1)[0],
-        "query": request.query_string,
+        "query": request.raw_path.partition("?")[2],
+        "peer_port": request.transport.get_extra_info("peername")[1],
         "headers": {k.lower(): v for k, v in request.headers.items()},
         "body_bytes": received,
     }

@@ -12,6 +12,8 @@ The same route policies as the gateway decide. Answers:
   and ``no_route`` (403, not 404: nginx turns any answer but 2xx/401/403 into a 500);
 * 429 ``rate_limited`` / ``too_many_failures`` with ``Retry-After``; 503 ``unavailable``.
 
+Every denial also carries its code in ``X-Tokenward-Error`` (a proxy may show it).
+
 It is plain ASGI in front of the API's router: a decision costs no routing, validation or
 serialisation beyond what it needs.
 """
@@ -115,6 +117,8 @@ async def authz(scope: Scope, send: Send) -> None:
         await _respond(send, 200, headers, None)
         return
     status = 403 if outcome.decision.reason is Reason.NO_ROUTE else outcome.status
+    # The code as a header too: nginx cannot read the body of an auth subrequest.
+    headers.append((b"x-tokenward-error", outcome.error.encode()))
     await _respond(send, status, headers, outcome.body())
 
 

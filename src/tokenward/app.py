@@ -20,6 +20,7 @@ from tokenward.api.middleware import (
     SecurityHeadersMiddleware,
 )
 from tokenward.events import EventBus
+from tokenward.fanout import Fanout, make_fanout
 from tokenward.limits import RateLimiter
 from tokenward.service import TokenService
 from tokenward.settings import Settings, load_hasher
@@ -41,9 +42,11 @@ class Services:
     verifier: Verifier
     tokens: TokenService
     events: EventBus
+    fanout: Fanout
     redis: Redis | None = None
 
     async def close(self) -> None:
+        await self.fanout.stop()
         await self.verifier.flush_usage()
         if self.redis is not None:
             await self.redis.aclose()
@@ -60,8 +63,12 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
     verifier = Verifier(store, hasher, limiter, cache_ttl=settings.cache_ttl)
     events = EventBus()
-    tokens = TokenService(store, hasher, verifier, events)
-    return Services(settings, engine, store, hasher, limiter, verifier, tokens, events, redis)
+    fanout = make_fanout(verifier, engine, redis)
+    await fanout.start()
+    tokens = TokenService(store, hasher, verifier, events, on_change=fanout.publish)
+    return Services(
+        settings, engine, store, hasher, limiter, verifier, tokens, events, fanout, redis
+    )
 
 
 async def _flush_usage_forever(services: Services) -> None:

@@ -114,7 +114,7 @@ class RedisFanout(Fanout):
                     self._received(data.decode() if isinstance(data, bytes) else str(data))
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 class PostgresFanout(Fanout):

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import ASGIApp
 
 from tokenward import __version__
 from tokenward.api import admin, health, verification
 from tokenward.api.errors import install_error_handlers
+from tokenward.api.fastpath import FastPath
 from tokenward.api.middleware import (
     BodyLimitMiddleware,
     RequestContextMiddleware,
@@ -78,7 +80,7 @@ async def _flush_usage_forever(services: Services) -> None:
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
-    """The tokenward ASGI app. Pass ``services`` to share already-open ones (tests, embedding)."""
+    """The FastAPI app (admin API, docs, every route). See :func:`create_asgi` for serving."""
     if settings is None:
         settings = services.settings if services is not None else Settings.load()
 
@@ -115,3 +117,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def create_asgi(settings: Settings | None = None, services: Services | None = None) -> ASGIApp:
+    """What the server runs: the hot routes' fast path in front of the FastAPI app."""
+    api = create_app(settings, services)
+    limit = (settings or (services.settings if services else Settings.load())).max_body_bytes
+    return FastPath(api, api, limit)

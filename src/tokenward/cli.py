@@ -144,7 +144,7 @@ def serve(
     """Run the server (admin API, verification API, /healthz)."""
     import uvicorn
 
-    from tokenward.app import create_app
+    from tokenward.app import create_asgi
     from tokenward.logs import configure_logging
     from tokenward.server import InsecureBind, check_bind, self_signed
     from tokenward.settings import Settings
@@ -188,7 +188,7 @@ def serve(
         highlight=False,
     )
     uvicorn.run(
-        create_app(settings),
+        create_asgi(settings),
         host=host,
         port=port,
         log_level="warning",

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tokenward.api.errors import redact
 from tokenward.api.middleware import SECURITY_HEADERS, request_context_for
 from tokenward.api.verification import handle_verify
 from tokenward.errors import TokenwardError
@@ -66,7 +67,7 @@ class FastPath:
             except TokenwardError as exc:
                 if exc.status == 401:
                     extra.append((b"www-authenticate", b'Bearer realm="tokenward"'))
-                await _respond(send, exc.status, orjson.dumps(exc.body()), extra)
+                await _respond(send, exc.status, orjson.dumps(redact(exc.body())), extra)
                 return
             await _respond(send, status, orjson.dumps(result), extra)
         finally:

@@ -54,8 +54,12 @@ def summarize(name: str, samples_ns: list[int], total_s: float) -> dict[str, flo
 def floor(n: int) -> dict[str, float]:
     key = secrets.token_bytes(32)
     token = generate_token("live")
-    table = {hmac.new(key, token.encode(), hashlib.sha256).hexdigest(): (
-        datetime.now(UTC) + timedelta(days=1), ("records:read",))}
+    table = {
+        hmac.new(key, token.encode(), hashlib.sha256).hexdigest(): (
+            datetime.now(UTC) + timedelta(days=1),
+            ("records:read",),
+        )
+    }
     samples = []
     start = time.perf_counter()
     for _ in range(n):
@@ -96,8 +100,9 @@ async def pg_exec(statement: str) -> None:
     import asyncpg
 
     u = make_url(PG_URL)
-    conn = await asyncpg.connect(host=u.host, port=u.port or 5432, user=u.username,
-                                 password=u.password, database=u.database)
+    conn = await asyncpg.connect(
+        host=u.host, port=u.port or 5432, user=u.username, password=u.password, database=u.database
+    )
     try:
         await conn.execute(statement)
     finally:
@@ -111,12 +116,18 @@ async def main(n: int) -> None:
         base = Settings(data_dir=Path(tmp), secret_key=key)
         services, secret = await prepare(base)
         verify = services.verifier.verify
-        rows.append(await timed("verify, cache hit", n * 5,
-                                lambda: _ok(verify(secret, scope="records:read"))))
+        rows.append(
+            await timed(
+                "verify, cache hit", n * 5, lambda: _ok(verify(secret, scope="records:read"))
+            )
+        )
         services.verifier.cache_ttl = 0
         services.verifier.clear()
-        rows.append(await timed("verify, cache miss, SQLite", n,
-                                lambda: _ok(verify(secret, scope="records:read"))))
+        rows.append(
+            await timed(
+                "verify, cache miss, SQLite", n, lambda: _ok(verify(secret, scope="records:read"))
+            )
+        )
         await services.close()
 
         db = f"tw_bench_{secrets.token_hex(3)}"
@@ -126,8 +137,13 @@ async def main(n: int) -> None:
             services, secret = await prepare(base.model_copy(update={"database_url": url}))
             services.verifier.cache_ttl = 0
             verify = services.verifier.verify
-            rows.append(await timed("verify, cache miss, PostgreSQL", n,
-                                    lambda: _ok(verify(secret, scope="records:read"))))
+            rows.append(
+                await timed(
+                    "verify, cache miss, PostgreSQL",
+                    n,
+                    lambda: _ok(verify(secret, scope="records:read")),
+                )
+            )
             await services.close()
         except OSError as exc:
             print(f"(PostgreSQL skipped: {exc})", file=sys.stderr)
@@ -137,11 +153,15 @@ async def main(n: int) -> None:
     base_ops = rows[0]["ops"]
     print(f"{'case':34} {'verifications/s':>16} {'p50 us':>8} {'p99 us':>8} {'vs floor':>9}")
     for row in rows:
-        print(f"{row['name']:34} {row['ops']:16,.0f} {row['p50']:8.1f} {row['p99']:8.1f} "
-              f"{row['p50'] / rows[0]['p50']:8.1f}x")
+        print(
+            f"{row['name']:34} {row['ops']:16,.0f} {row['p50']:8.1f} {row['p99']:8.1f} "
+            f"{row['p50'] / rows[0]['p50']:8.1f}x"
+        )
     hit = rows[1]
-    print(f"\ncache hit p50 is {hit['p50'] / rows[0]['p50']:.1f}x the floor's p50 "
-          f"(target <= 3x); throughput {hit['ops'] / base_ops:.2f}x the floor's")
+    print(
+        f"\ncache hit p50 is {hit['p50'] / rows[0]['p50']:.1f}x the floor's p50 "
+        f"(target <= 3x); throughput {hit['ops'] / base_ops:.2f}x the floor's"
+    )
 
 
 async def _ok(awaitable: Awaitable[object]) -> bool:

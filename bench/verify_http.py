@@ -50,8 +50,12 @@ def wrk(url: str, duration: int, connections: int, script: Path | None = None) -
         return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return {"rps": rps, "p50": pct("50"), "p99": pct("99"),
-            "errors": float(non2xx.group(1)) if non2xx else 0.0}
+    return {
+        "rps": rps,
+        "p50": pct("50"),
+        "p99": pct("99"),
+        "errors": float(non2xx.group(1)) if non2xx else 0.0,
+    }
 
 
 def main(duration: int, connections: int) -> None:
@@ -60,14 +64,32 @@ def main(duration: int, connections: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWARD_")}
-        init = subprocess.run([sys.executable, "-m", "tokenward", "init", "--data-dir", str(data),
-                               "--json"], capture_output=True, text=True, check=True, env=env)
+        init = subprocess.run(
+            [sys.executable, "-m", "tokenward", "init", "--data-dir", str(data), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         admin = json.loads(init.stdout)["admin_token"]
         port = free_port()
         server = subprocess.Popen(
-            pinned(0, [sys.executable, "-m", "tokenward", "serve", "--data-dir", str(data),
-                       "--port", str(port)]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            pinned(
+                0,
+                [
+                    sys.executable,
+                    "-m",
+                    "tokenward",
+                    "serve",
+                    "--data-dir",
+                    str(data),
+                    "--port",
+                    str(port),
+                ],
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
         )
         base = f"http://127.0.0.1:{port}"
         try:
@@ -78,9 +100,14 @@ def main(duration: int, connections: int) -> None:
                 except httpx.HTTPError:
                     time.sleep(0.05)
             auth = {"Authorization": f"Bearer {admin}"}
-            httpx.post(f"{base}/v1/projects", json={"name": "bench"}, headers=auth).raise_for_status()
-            created = httpx.post(f"{base}/v1/tokens", headers=auth,
-                                 json={"project": "bench", "scopes": ["records:*"]})
+            httpx.post(
+                f"{base}/v1/projects", json={"name": "bench"}, headers=auth
+            ).raise_for_status()
+            created = httpx.post(
+                f"{base}/v1/tokens",
+                headers=auth,
+                json={"project": "bench", "scopes": ["records:*"]},
+            )
             token = created.json()["token"]
             script = Path(tmp) / "verify.lua"
             body = json.dumps({"token": token, "scope": "records:read"})
@@ -102,8 +129,10 @@ def main(duration: int, connections: int) -> None:
     print(f"{'route':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for name, r in (("GET /healthz (bare)", bare), ("POST /v1/verify", verify)):
         print(f"{name:28} {r['rps']:9,.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['errors']:8.0f}")
-    print(f"\nverify / bare route: {verify['rps'] / bare['rps']:.2f}x (target >= 0.6x); "
-          f"vs the peer library's ~1,600 req/s: {verify['rps'] / 1600:.1f}x (target >= 10x)")
+    print(
+        f"\nverify / bare route: {verify['rps'] / bare['rps']:.2f}x (target >= 0.6x); "
+        f"vs the peer library's ~1,600 req/s: {verify['rps'] / 1600:.1f}x (target >= 10x)"
+    )
 
 
 if __name__ == "__main__":

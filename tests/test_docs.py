@@ -24,11 +24,23 @@ def test_readme_lists_no_setting_that_does_not_exist():
 
 
 def test_public_surface_is_pinned():
-    assert sorted(tokenward.__all__) == sorted([
-        "TOKEN_PATTERN", "Decision", "Reason", "ScopeSet", "TokenFormatError", "TokenKind",
-        "TokenRecord", "TokenState", "Verifier", "__version__", "find_tokens",
-        "generate_token", "parse_token",
-    ])
+    assert sorted(tokenward.__all__) == sorted(
+        [
+            "TOKEN_PATTERN",
+            "Decision",
+            "Reason",
+            "ScopeSet",
+            "TokenFormatError",
+            "TokenKind",
+            "TokenRecord",
+            "TokenState",
+            "Verifier",
+            "__version__",
+            "find_tokens",
+            "generate_token",
+            "parse_token",
+        ]
+    )
     for name in tokenward.__all__:
         assert hasattr(tokenward, name)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ from tokenward.tokens.model import Reason
 
 router = APIRouter()
 
+_FIELD_NAME = re.compile(r"^[a-z_]{1,32}$")
 _VERIFY_FIELDS = {"token": 4096, "scope": 128, "ip": 64, "project": 64, "environment": 8}
 
 VERIFY_SCHEMA: dict[str, Any] = {
@@ -59,7 +61,9 @@ def _verify_body(raw: bytes) -> dict[str, str | None]:
         raise Invalid("invalid_request", "the body must be a JSON object")
     unknown = set(body) - _VERIFY_FIELDS.keys()
     if unknown:
-        raise Invalid("invalid_request", f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
+        # Field names are echoed only when they look like field names (never a pasted secret).
+        names = sorted(n if _FIELD_NAME.match(n) else "…" for n in unknown)
+        raise Invalid("invalid_request", f"unknown field(s): {', '.join(names)[:200]}")
     if "token" not in body:
         raise Invalid("invalid_request", "token: field required")
     for name, value in body.items():

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from tokenward.app import Services, create_app, open_services
+from tokenward.app import Services, create_asgi, open_services
 from tokenward.service import Issued, issue_bootstrap_record
 from tokenward.settings import Settings
 from tokenward.store.tables import metadata
@@ -106,7 +106,7 @@ async def admin(services: Services) -> Issued:
 @pytest.fixture
 async def api(services: Services, admin: Issued) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client on the app, authenticated as the global admin."""
-    app = create_app(services=services)
+    app = create_asgi(services=services)  # what `tokenward serve` runs
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
     async with httpx.AsyncClient(
         transport=transport,

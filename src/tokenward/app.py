@@ -10,16 +10,19 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import ASGIApp
 
 from tokenward import __version__
 from tokenward.api import admin, health, verification
 from tokenward.api.errors import install_error_handlers
+from tokenward.api.fastpath import FastPath
 from tokenward.api.middleware import (
     BodyLimitMiddleware,
     RequestContextMiddleware,
     SecurityHeadersMiddleware,
 )
 from tokenward.events import EventBus
+from tokenward.fanout import Fanout, make_fanout
 from tokenward.gateway import Enforcement, build_enforcement
 from tokenward.gateway.authz import AuthzMiddleware
 from tokenward.limits import RateLimiter
@@ -43,11 +46,13 @@ class Services:
     verifier: Verifier
     tokens: TokenService
     events: EventBus
+    fanout: Fanout
     redis: Redis | None = None
     #: route policies and the decision pipeline of the gateway and /authz
     enforcement: Enforcement | None = None
 
     async def close(self) -> None:
+        await self.fanout.stop()
         await self.verifier.flush_usage()
         await self.limiter.aclose()
         if self.redis is not None:
@@ -65,10 +70,22 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
     verifier = Verifier(store, hasher, limiter, cache_ttl=settings.cache_ttl)
     events = EventBus()
-    tokens = TokenService(store, hasher, verifier, events)
     enforcement = build_enforcement(settings, verifier, limiter, events, hasher)
+    fanout = make_fanout(verifier, engine, redis)
+    await fanout.start()
+    tokens = TokenService(store, hasher, verifier, events, on_change=fanout.publish)
     return Services(
-        settings, engine, store, hasher, limiter, verifier, tokens, events, redis, enforcement
+        settings,
+        engine,
+        store,
+        hasher,
+        limiter,
+        verifier,
+        tokens,
+        events,
+        fanout,
+        redis,
+        enforcement,
     )
 
 
@@ -79,7 +96,7 @@ async def _flush_usage_forever(services: Services) -> None:
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
-    """The tokenward ASGI app. Pass ``services`` to share already-open ones (tests, embedding)."""
+    """The FastAPI app (admin API, docs, every route). See :func:`create_asgi` for serving."""
     if settings is None:
         settings = services.settings if services is not None else Settings.load()
 
@@ -117,3 +134,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def create_asgi(settings: Settings | None = None, services: Services | None = None) -> ASGIApp:
+    """What the server runs: the hot routes' fast path in front of the FastAPI app."""
+    api = create_app(settings, services)
+    limit = (settings or (services.settings if services else Settings.load())).max_body_bytes
+    return FastPath(AuthzMiddleware(api, api), api, limit)

@@ -155,7 +155,7 @@ def serve(
     """Run the server (admin API, verification API, /authz, /healthz; gateway with --config)."""
     import uvicorn
 
-    from tokenward.app import create_app
+    from tokenward.app import create_asgi
     from tokenward.logs import configure_logging
     from tokenward.server import InsecureBind, check_bind, self_signed
     from tokenward.settings import Settings
@@ -230,7 +230,7 @@ def serve(
         )
         asyncio.run(serve_with_gateway(settings, **uvicorn_options))
         return
-    uvicorn.run(create_app(settings), host=host, port=port, **uvicorn_options)
+    uvicorn.run(create_asgi(settings), host=host, port=port, **uvicorn_options)
 
 
 # -- admin client side --------------------------------------------------------------------

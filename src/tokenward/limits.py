@@ -47,7 +47,9 @@ class RateLimiter:
             self._async: AsyncLimiter | None = None
         else:
             uri = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
-            storage = AsyncRedisStorage(uri, key_prefix=namespace, implementation="redispy")
+            storage = AsyncRedisStorage(
+                uri, implementation="redispy", key_prefix=namespace, wrap_exceptions=True
+            )
             self._async = AsyncLimiter(storage)
 
     async def hit(self, key: str, rates: tuple[str, ...]) -> RateResult:

@@ -129,6 +129,8 @@ class Verifier:
         self._cache: dict[str, _Entry] = {}
         self._hash_by_id: dict[str, str] = {}
         self._seen: dict[str, tuple[datetime, str | None]] = {}
+        #: switched off by the revocation fan-out while it is not subscribed (fail safe)
+        self.cache_enabled = True
         self.hits = 0
         self.misses = 0
 
@@ -226,7 +228,7 @@ class Verifier:
 
     async def _lookup(self, credential: str) -> _Entry | None:
         token_hash = self.hasher.hash(credential)
-        entry = self._cache.get(token_hash)
+        entry = self._cache.get(token_hash) if self.cache_enabled else None
         if entry is not None and entry.fresh_until > time.monotonic():
             self.hits += 1
             return entry

@@ -47,7 +47,9 @@ async def list_projects(actor: AdminRead, request: Request) -> Any:
 
 
 @router.get("/projects/{name}", tags=["projects"])
-async def get_project(name: str, actor: AdminRead, request: Request) -> Any:
+async def get_project(
+    name: Annotated[str, Path(max_length=64)], actor: AdminRead, request: Request
+) -> Any:
     return (await _service(request).project_for(actor, name)).public()
 
 
@@ -107,7 +109,10 @@ async def get_token(
 
 @router.post("/tokens/{token_id}/revoke", tags=["tokens"])
 async def revoke_token(
-    token_id: str, actor: AdminWrite, request: Request, body: TokenRevoke | None = None
+    token_id: Annotated[str, Path(max_length=32)],
+    actor: AdminWrite,
+    request: Request,
+    body: TokenRevoke | None = None,
 ) -> Any:
     reason = body.reason if body else ""
     record = await _service(request).revoke_token(actor, token_id, reason)
@@ -116,7 +121,10 @@ async def revoke_token(
 
 @router.post("/tokens/{token_id}/rotate", tags=["tokens"])
 async def rotate_token(
-    token_id: str, actor: AdminWrite, request: Request, body: TokenRotate | None = None
+    token_id: Annotated[str, Path(max_length=32)],
+    actor: AdminWrite,
+    request: Request,
+    body: TokenRotate | None = None,
 ) -> Response:
     grace = (body or TokenRotate()).grace_delta()
     issued, old = await _service(request).rotate_token(actor, token_id, grace)

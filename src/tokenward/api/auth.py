@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from tokenward.api.access import record_access
+from tokenward.api.access import emit_access
 from tokenward.clientip import resolver_for
 from tokenward.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.tokens.scopes import scopes_allow
-from tokenward.verify import Verifier
+from tokenward.verify import Decision, Verifier
 
 
 def bearer_token(request: Request) -> str | None:
     """The credential in ``Authorization: Bearer …`` (never read from a URL)."""
-    header = request.headers.get("authorization")
-    if not header:
-        return None
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    return value.strip()
+    return parse_bearer(request.headers.get("authorization"))
 
 
 def client_ip(request: Request) -> str | None:
@@ -36,33 +30,75 @@ def client_ip(request: Request) -> str | None:
     return resolver_for(trusted).resolve(peer, request.headers.getlist("x-forwarded-for"))
 
 
-async def authenticate(request: Request, *any_of: str) -> TokenRecord:
-    """Verify the caller's credential and that it holds one of the scopes ``any_of``."""
-    services = request.app.state.services
-    credential = bearer_token(request)
+def parse_bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+async def authenticate_credential(
+    services: Any,
+    credential: str | None,
+    ip: str | None,
+    any_of: tuple[str, ...],
+    *,
+    method: str,
+    path: str,
+    audit_allowed: bool = True,
+) -> TokenRecord:
+    """Verify a caller's credential and that it holds one of the scopes ``any_of``.
+
+    Emits one ``admin_auth`` access event (for an allowed caller only when ``audit_allowed``:
+    the verify API folds the caller into the event of the verification it asked for).
+    """
     if credential is None:
         raise Unauthorized(
             "missing_credential", "send a credential as 'Authorization: Bearer <token>'"
         )
     verifier: Verifier = services.verifier
     started = time.perf_counter()
-    ip = client_ip(request)
     decision = await verifier.verify(credential, ip=ip)
-    await record_access(
-        request, "admin_auth", decision, started, credential=credential, client_ip=ip
-    )
-    if not decision.allowed:
-        if decision.reason == Reason.UNAVAILABLE:
-            raise Unavailable("unavailable", "a dependency is unavailable; access denied")
-        if decision.reason == Reason.RATE_LIMITED:
-            raise TooManyRequests("rate_limited", "the credential's rate limit is exhausted")
-        if decision.reason == Reason.IP_NOT_ALLOWED:
-            raise Forbidden("ip_not_allowed", "the credential may not be used from this address")
-        raise Unauthorized("invalid_credential", f"the credential is not valid: {decision.reason}")
     record = decision.token
-    assert record is not None
-    if not any(scopes_allow(record.scopes, scope) for scope in any_of):
+    held = record is not None and any(scopes_allow(record.scopes, s) for s in any_of)
+    if decision.allowed and not held:
+        decision = Decision(False, Reason.INSUFFICIENT_SCOPE, record)
+    if audit_allowed or not decision.allowed:
+        await emit_access(
+            services,
+            "admin_auth",
+            decision,
+            started,
+            credential=credential,
+            method=method,
+            path=path,
+            client_ip=ip,
+        )
+    if decision.allowed and record is not None:
+        return record
+    if decision.reason == Reason.UNAVAILABLE:
+        raise Unavailable("unavailable", "a dependency is unavailable; access denied")
+    if decision.reason == Reason.RATE_LIMITED:
+        raise TooManyRequests("rate_limited", "the credential's rate limit is exhausted")
+    if decision.reason == Reason.IP_NOT_ALLOWED:
+        raise Forbidden("ip_not_allowed", "the credential may not be used from this address")
+    if decision.reason == Reason.INSUFFICIENT_SCOPE:
         raise Forbidden("insufficient_scope", f"this call needs the scope {' or '.join(any_of)}")
+    raise Unauthorized("invalid_credential", f"the credential is not valid: {decision.reason}")
+
+
+async def authenticate(request: Request, *any_of: str) -> TokenRecord:
+    """Verify the request's bearer credential and that it holds one of ``any_of``."""
+    record = await authenticate_credential(
+        request.app.state.services,
+        bearer_token(request),
+        client_ip(request),
+        any_of,
+        method=request.method,
+        path=request.url.path,
+    )
     request.state.actor = record
     return record
 

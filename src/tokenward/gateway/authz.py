@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokenward.events import current_request, new_request_id
+from tokenward.api.middleware import request_context_for
+from tokenward.events import current_request
 from tokenward.gateway.enforce import Enforcement
 from tokenward.tokens.model import Reason
 
@@ -38,10 +40,15 @@ def _latin(value: str) -> bytes:
 
 
 class AuthzMiddleware:
-    """Answers ``/authz`` and ``/authz/…`` itself; everything else goes to the app."""
+    """Answers ``/authz`` and ``/authz/…`` itself; everything else goes to the app.
 
-    def __init__(self, app: ASGIApp) -> None:
+    In front of the framework (``api``: the FastAPI app whose state holds the services), or
+    as a middleware inside it (then the services come from ``scope["app"]``).
+    """
+
+    def __init__(self, app: ASGIApp, api: Any = None) -> None:
         self.app = app
+        self.api = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -50,12 +57,12 @@ class AuthzMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        await authz(scope, send)
+        api = self.api if self.api is not None else scope["app"]
+        await authz(scope, send, api.state.services.enforcement)
 
 
-async def authz(scope: Scope, send: Send) -> None:
+async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     started = time.perf_counter()
-    enforcement: Enforcement = scope["app"].state.services.enforcement
     method = uri = authorization = None
     fwd_method = fwd_uri = None
     forwarded_for: list[str] = []
@@ -101,18 +108,19 @@ async def authz(scope: Scope, send: Send) -> None:
 
     outcome = await enforcement.decide(method, raw_path, authorization, client_ip)
 
-    ctx = current_request.get()
+    ctx = current_request.get() or request_context_for(scope)
     await enforcement.record(
         outcome,
         source="authz",
         method=method,
         path=raw_path,
         client_ip=client_ip,
-        request_id=ctx.request_id if ctx else new_request_id(),
-        user_agent=ctx.user_agent if ctx else None,
+        request_id=ctx.request_id,
+        user_agent=ctx.user_agent,
         started=started,
     )
     headers = [(_latin(k.lower()), _latin(v)) for k, v in outcome.headers()]
+    headers.append((b"x-request-id", ctx.request_id.encode()))
     if outcome.allowed:
         await _respond(send, 200, headers, None)
         return

@@ -27,7 +27,7 @@ class _Server(uvicorn.Server):
 
 async def serve_with_gateway(settings: Settings, **uvicorn_options: Any) -> None:
     """Serve the API on ``settings.port`` and the gateway on ``settings.gateway_port``."""
-    from tokenward.app import create_app, open_services
+    from tokenward.app import create_asgi, open_services
     from tokenward.gateway.proxy import Gateway
 
     services = await open_services(settings)
@@ -36,7 +36,7 @@ async def serve_with_gateway(settings: Settings, **uvicorn_options: Any) -> None
     servers = [
         _Server(
             uvicorn.Config(
-                create_app(settings, services=services),
+                create_asgi(settings, services=services),
                 host=settings.host,
                 port=settings.port,
                 **uvicorn_options,

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, free_port, wait_for_port
-from gateway_support import POLICY, make_token, upstream_server, use_policy, uvicorn_server
+from tests.conftest import ROOT, free_port, wait_for_port
+from tests.gateway.support import POLICY, make_token, upstream_server, use_policy, uvicorn_server
 from tokenward.app import create_app
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

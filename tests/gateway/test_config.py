@@ -100,7 +100,7 @@ def test_load_policy_reports_missing_file(tmp_path):
 def test_the_documented_example_is_valid():
     from pathlib import Path
 
-    text = (Path(__file__).parent.parent / "docs" / "tokenward.example.toml").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "tokenward.example.toml").read_text()
     policy = parse_policy(text, "tokenward.example.toml")
     assert policy.routes and policy.upstreams
 

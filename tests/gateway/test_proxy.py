@@ -7,8 +7,8 @@ import contextlib
 import httpx
 import pytest
 
-from conftest import free_port
-from gateway_support import POLICY, make_token, upstream_server, use_policy, uvicorn_server
+from tests.conftest import free_port
+from tests.gateway.support import POLICY, make_token, upstream_server, use_policy, uvicorn_server
 from tokenward.gateway.proxy import Gateway
 
 

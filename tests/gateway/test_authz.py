@@ -7,7 +7,7 @@ import secrets
 import httpx
 import pytest
 
-from gateway_support import POLICY, make_token, use_policy
+from tests.gateway.support import POLICY, make_token, use_policy
 from tokenward.app import create_app
 from tokenward.limits import RateLimiter
 

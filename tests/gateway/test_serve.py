@@ -9,7 +9,7 @@ import subprocess
 
 import httpx
 
-from conftest import free_port, tokenward_cmd, wait_for_port
+from tests.conftest import free_port, tokenward_cmd, wait_for_port
 
 
 def run(env: dict, *args: str) -> subprocess.CompletedProcess:

@@ -32,6 +32,7 @@ def parse_cidrs(text: str | Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+@lru_cache(maxsize=65536)
 def _address(text: str) -> IPAddress | None:
     text = text.strip()
     if text.startswith("[") and "]" in text:  # [2001:db8::1]:443
@@ -59,6 +60,8 @@ class ClientIPResolver:
     def resolve(self, peer: str | None, forwarded_for: Iterable[str] = ()) -> str | None:
         if peer is None:
             return None
+        if not self.trusted and "." in peer and ":" not in peer:
+            return peer  # the server's own IPv4 peer string: nothing to believe or normalise
         peer_address = _address(peer)
         if peer_address is None or not self.trusted or not self.is_trusted(peer_address):
             return str(peer_address) if peer_address is not None else peer

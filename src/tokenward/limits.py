@@ -76,27 +76,6 @@ class RateLimiter:
         assert tightest is not None
         return tightest
 
-    async def peek(self, key: str, rates: tuple[str, ...]) -> RateResult:
-        """Whether one more hit for ``key`` would pass, without counting one."""
-        try:
-            for item in _items(rates):
-                if self._async is not None:
-                    allowed = await self._async.test(item, key)
-                else:
-                    allowed = self._sync.test(item, key)
-                if not allowed:
-                    if self._async is not None:
-                        stats = await self._async.get_window_stats(item, key)
-                    else:
-                        stats = self._sync.get_window_stats(item, key)
-                    reset = max(1, math.ceil(stats.reset_time - time.time()))
-                    return RateResult(False, item.amount, 0, reset)
-        except Exception as exc:  # the storage backend is down or unreachable
-            raise Unavailable(
-                "rate_limit_unavailable", "the rate limit store is unavailable"
-            ) from exc
-        return RateResult(True, 0, 0, 0)
-
     async def aclose(self) -> None:
         """Close the Redis connections (nothing to do in memory)."""
         if self._async is not None:

@@ -35,10 +35,6 @@ PREFIX = "/authz"
 _NO_STORE = (b"cache-control", b"no-store")
 
 
-def _latin(value: str) -> bytes:
-    return value.encode("latin-1", "replace")
-
-
 class AuthzMiddleware:
     """Answers ``/authz`` and ``/authz/…`` itself; everything else goes to the app.
 
@@ -119,7 +115,7 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
         user_agent=ctx.user_agent,
         started=started,
     )
-    headers = [(_latin(k.lower()), _latin(v)) for k, v in outcome.headers()]
+    headers = enforcement.raw_headers(outcome)
     headers.append((b"x-request-id", ctx.request_id.encode()))
     if outcome.allowed:
         await _respond(send, 200, headers, None)

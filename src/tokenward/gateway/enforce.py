@@ -9,7 +9,7 @@ rate limits, remaining uses) → count a failure for the IP when the credential 
 
 from __future__ import annotations
 
-import contextlib
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ from tokenward.events import AccessEvent, EventBus
 from tokenward.gateway.config import Policy, Route
 from tokenward.limits import RateLimiter, RateResult
 from tokenward.tokens.hashing import TokenHasher
-from tokenward.tokens.model import Reason
+from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.verify import Decision, Verifier
 
 #: Presented credentials that are not tokens at all: what a guesser produces.
@@ -46,6 +46,7 @@ _MESSAGES: dict[Reason, str] = {
     Reason.UNAVAILABLE: "a dependency is unavailable; access denied",
     Reason.NO_ROUTE: "no route allows this method and path",
 }
+_MAX_BLOCKED = 100_000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
@@ -197,6 +198,27 @@ class Enforcement:
         self.hasher = hasher
         self.resolver = resolver
         self.failure_limit = failure_limit
+        #: client IP → (monotonic time its block ends, the limit it exceeded)
+        self._blocked: dict[str, tuple[float, int]] = {}
+        #: token id → (the cached record they were made from, identity headers as bytes)
+        self._identity: dict[str, tuple[TokenRecord, list[tuple[bytes, bytes]]]] = {}
+
+    def raw_headers(self, outcome: Outcome) -> list[tuple[bytes, bytes]]:
+        """:meth:`Outcome.headers` as ASGI bytes; identity headers are built once per token."""
+        out: list[tuple[bytes, bytes]] = []
+        token = outcome.decision.token
+        if outcome.allowed and token is not None:
+            cached = self._identity.get(token.id)
+            if cached is None or cached[0] is not token:
+                if len(self._identity) >= _MAX_BLOCKED:
+                    self._identity.clear()
+                raw = [(k.lower().encode(), v.encode()) for k, v in outcome.identity_headers()]
+                cached = self._identity[token.id] = (token, raw)
+            out += cached[1]
+        limits = outcome.limit_headers()
+        if limits:
+            out += [(k.lower().encode(), v.encode("latin-1", "replace")) for k, v in limits]
+        return out
 
     async def decide(
         self,
@@ -208,13 +230,10 @@ class Enforcement:
         proxied: bool = False,
     ) -> Outcome:
         # 1. Brute-force guard: a blocked address gets 429 before any token lookup.
-        if self.failure_limit and client_ip:
-            try:
-                guard = await self.limiter.peek("authfail:" + client_ip, self.failure_limit)
-            except Unavailable:
-                return Outcome(Decision(False, Reason.UNAVAILABLE))
-            if not guard.allowed:
-                return Outcome(Decision(False, Reason.TOO_MANY_FAILURES), failures=guard)
+        if self._blocked and client_ip:
+            blocked = self._blocked_for(client_ip)
+            if blocked is not None:
+                return Outcome(Decision(False, Reason.TOO_MANY_FAILURES), failures=blocked)
         # 2. Route: canonical path, method, the scope it needs. Unmatched is denied.
         path = canonical_path(raw_path)
         match = self.policy.match(method, path, proxied=proxied) if path is not None else None
@@ -235,10 +254,38 @@ class Enforcement:
         )
         # 4. A credential that is no token at all counts against the address.
         if decision.reason in FAILURE_REASONS and self.failure_limit and client_ip:
-            # Already a deny; if the store is down the guard fails closed on the next request.
-            with contextlib.suppress(Unavailable):
-                await self.limiter.hit("authfail:" + client_ip, self.failure_limit)
+            await self._count_failure(client_ip)
         return Outcome(decision, route, match.scope, credential)
+
+    async def _count_failure(self, client_ip: str) -> None:
+        """Count a failure (shared through Redis when configured); block the IP when full.
+
+        The block itself is kept in this process, so the guard costs a dict lookup, not a
+        round trip. Replicas share the count: each one blocks the address at its own next
+        failure once the shared window is full.
+        """
+        try:
+            result = await self.limiter.hit("authfail:" + client_ip, self.failure_limit)
+        except Unavailable:
+            return  # already a deny; the token lookups fail closed while the store is down
+        if result.allowed and result.remaining > 0:
+            return
+        if len(self._blocked) >= _MAX_BLOCKED:
+            now = time.monotonic()
+            self._blocked = {ip: e for ip, e in self._blocked.items() if e[0] > now}
+            while len(self._blocked) >= _MAX_BLOCKED:
+                self._blocked.pop(next(iter(self._blocked)))
+        self._blocked[client_ip] = (time.monotonic() + max(1, result.reset), result.limit)
+
+    def _blocked_for(self, client_ip: str) -> RateResult | None:
+        entry = self._blocked.get(client_ip)
+        if entry is None:
+            return None
+        left = entry[0] - time.monotonic()
+        if left <= 0:
+            del self._blocked[client_ip]
+            return None
+        return RateResult(False, entry[1], 0, math.ceil(left))
 
     async def record(
         self,

@@ -34,12 +34,15 @@ class Result:
     p50_ms: float
     p99_ms: float
     non_2xx: int
+    requests: int = 0
+    cpu_us: float | None = None  # CPU time of the measured server per request
 
     def line(self) -> str:
         bad = f"  non-2xx {self.non_2xx}" if self.non_2xx else ""
+        cpu = f"   CPU {self.cpu_us:6.0f} us/req" if self.cpu_us is not None else ""
         return (
             f"{self.name:<44} {self.rps:>10,.0f} req/s   p50 {self.p50_ms:6.2f} ms"
-            f"   p99 {self.p99_ms:6.2f} ms{bad}"
+            f"   p99 {self.p99_ms:6.2f} ms{cpu}{bad}"
         )
 
 
@@ -63,11 +66,27 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(name: str, url: str, headers: dict[str, str] | None = None) -> Result:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes so far (Linux /proc), in seconds."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(
+    name: str, url: str, headers: dict[str, str] | None = None, pids: list[int] | None = None
+) -> Result:
+    """Run wrk; with ``pids``, also the CPU those processes spent per request (robust to a
+    busy machine, unlike req/s)."""
+    before = cpu_seconds(pids) if pids else 0.0
     args = [WRK, "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency"]
     for key, value in (headers or {}).items():
         args += ["-H", f"{key}: {value}"]
     out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pids) - before if pids else None
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+(?:us|ms|s))", out, re.M))
     p50 = re.match(r"([\d.]+)(us|ms|s)", lat["50"])
@@ -79,15 +98,20 @@ def wrk(name: str, url: str, headers: dict[str, str] | None = None) -> Result:
         _ms(*p50.groups()),  # type: ignore[union-attr]
         _ms(*p99.groups()),  # type: ignore[union-attr]
         int(bad.group(1)) if bad else 0,
+        requests,
+        cpu * 1e6 / requests if cpu is not None and requests else None,
     )
 
 
 def ratio(a: Result, b: Result) -> str:
-    return f"{a.rps / b.rps:.2f}x"
+    text = f"{a.rps / b.rps:.2f}x throughput"
+    if a.cpu_us and b.cpu_us:
+        text += f", {b.cpu_us / a.cpu_us:.2f}x by CPU per request"
+    return text
 
 
 @contextlib.contextmanager
-def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
+def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[int]:
     proc = subprocess.Popen(
         args,
         env={**os.environ, **(env or {})},
@@ -96,7 +120,7 @@ def process(args: list[str], port: int, env: dict[str, str] | None = None) -> It
     )
     try:
         wait_port(port)
-        yield
+        yield proc.pid
     finally:
         proc.terminate()
         try:
@@ -126,13 +150,13 @@ http {{
 
 
 @contextlib.contextmanager
-def nginx(body: str, port: int) -> Iterator[None]:
+def nginx(body: str, port: int) -> Iterator[int]:
     """An nginx (one process) with ``body`` in its http block, listening on ``port``."""
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "nginx.conf"
         conf.write_text(NGINX_MAIN.format(tmp=tmp, body=body))
-        with process([NGINX, "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"], port):
-            yield
+        with process([NGINX, "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"], port) as pid:
+            yield pid
 
 
 def upstream_nginx_conf(port: int) -> str:
@@ -146,7 +170,7 @@ def upstream_nginx_conf(port: int) -> str:
 @contextlib.contextmanager
 def tokenward(
     mode: str, port: int, config: str | None = None, rate: str | None = None, redis: bool = False
-) -> Iterator[str]:
+) -> Iterator[tuple[str, int]]:
     """A tokenward bench server (see serve.py) in a child process; yields a valid token."""
     with tempfile.TemporaryDirectory() as tmp:
         token_file = Path(tmp) / "token"
@@ -160,8 +184,8 @@ def tokenward(
             env["TOKENWARD_REDIS_URL"] = os.environ.get(
                 "BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"
             )
-        with process(args, port, env):
-            yield token_file.read_text().strip()
+        with process(args, port, env) as pid:
+            yield token_file.read_text().strip(), pid
 
 
 def write_policy(directory: str, upstream_port: int) -> str:

@@ -6,7 +6,7 @@
 
 * ``api``: the API app with ``/authz``, and ``/bare``, a 200 answered by a plain ASGI
   function in front of it, on the same uvicorn (the "bare endpoint, same stack" baseline);
-* ``gateway``: the built-in gateway.
+* ``gateway``: the built-in gateway (as ``tokenward serve --config`` runs it, on uvloop).
 """
 
 from __future__ import annotations
@@ -57,13 +57,17 @@ async def main(mode: str, port: int, token_file: Path) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(issued.secret)
     assert services.enforcement is not None
-    app: Any = (
-        Gateway(services.enforcement)
-        if mode == "gateway"
-        else bare(create_asgi(settings, services=services))
-    )
+    if mode == "gateway":
+        gateway = Gateway(services.enforcement)
+        await gateway.start("127.0.0.1", port)
+        try:
+            await asyncio.Event().wait()  # until terminated
+        finally:
+            await gateway.aclose()
+            await services.close()
+        return
     config = uvicorn.Config(
-        app,
+        bare(create_asgi(settings, services=services)),
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -78,4 +82,9 @@ async def main(mode: str, port: int, token_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])))
+    import signal
+
+    import uvloop
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvloop.run(main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])))

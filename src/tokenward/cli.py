@@ -220,7 +220,7 @@ def serve(
         ssl_keyfile=str(tls_key) if tls_key else None,
     )
     if settings.gateway_config is not None:
-        from tokenward.gateway.serve import serve_with_gateway
+        from tokenward.gateway.serve import run, serve_with_gateway
 
         out.print(
             f"  gateway:   {scheme}://{shown}:{settings.gateway_port} "
@@ -228,7 +228,7 @@ def serve(
             f"  authz:     {base}/authz",
             highlight=False,
         )
-        asyncio.run(serve_with_gateway(settings, **uvicorn_options))
+        run(serve_with_gateway(settings, **uvicorn_options))
         return
     uvicorn.run(create_asgi(settings), host=host, port=port, **uvicorn_options)
 

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.gateway.support import POLICY, make_token, upstream_server, use_policy, uvicorn_server
+from tests.gateway.support import POLICY, make_token, upstream_server, use_policy
 from tokenward.gateway.proxy import Gateway
 
 
@@ -19,13 +19,11 @@ async def running_gateway(services, **settings):
         services, POLICY.format(port=upstream_port, dead_port=free_port()), **settings
     )
     gateway = Gateway(services.enforcement)
-    async with (
-        upstream_server(upstream_port),
-        uvicorn_server(gateway, gateway_port),
-        httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway_port}") as client,
-    ):
+    async with upstream_server(upstream_port):
+        await gateway.start("127.0.0.1", gateway_port)
         try:
-            yield client, sink
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway_port}") as client:
+                yield client, sink
         finally:
             await gateway.aclose()
 

@@ -6,46 +6,68 @@ hop-by-hop headers and every client-sent ``X-Tokenward-*`` header are removed, t
 identity headers are added, so an upstream can trust them. Bodies are never buffered: the
 request and response are bounded by ``max_request_bytes``/``max_response_bytes`` while they
 stream. An upstream that refuses or drops the connection gives 502, one that is slow 504.
+
+The gateway is served by aiohttp's HTTP server and forwards with aiohttp's client: a
+proxied request costs one parse, one decision and one pooled upstream call, with no ASGI
+layer in between (docs/decisions/0010-gateway-upstream-client.md).
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import time
-from typing import Any
+from collections.abc import AsyncIterator
 
 import aiohttp
+from aiohttp import web
 from multidict import CIMultiDict
-from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
 from tokenward.events import new_request_id
 from tokenward.gateway.config import Upstream
-from tokenward.gateway.enforce import Enforcement
+from tokenward.gateway.enforce import Enforcement, Outcome
 
-_HOP_BY_HOP = frozenset(
+#: Request headers never forwarded as sent: hop-by-hop ones, the credential, the headers the
+#: gateway sets itself. Client-sent ``X-Tokenward-*`` are dropped by prefix.
+_DROP_REQUEST = frozenset(
     {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "authorization",
+        "host",
+        "content-length",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
     }
 )
-_HOP_BY_HOP_STR = frozenset(h.decode() for h in _HOP_BY_HOP)
+_DROP_RESPONSE = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
 _SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding"})
-_REQUEST_ID_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
+_REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
 
 
 class _BodyTooLarge(Exception):
-    pass
-
-
-class _ClientGone(Exception):
     pass
 
 
@@ -55,57 +77,53 @@ class _RequestBody:
     The HTTP client wraps errors raised while it sends, so what went wrong is also kept here.
     """
 
-    __slots__ = ("failure", "limit", "receive")
+    __slots__ = ("content", "failure", "limit")
 
-    def __init__(self, receive: Receive, limit: int) -> None:
-        self.receive = receive
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self.content = content
         self.limit = limit
         self.failure: Exception | None = None
 
-    async def chunks(self) -> Any:
+    async def chunks(self) -> AsyncIterator[bytes]:
         received = 0
-        while True:
-            message: Message = await self.receive()
-            if message["type"] == "http.disconnect":
-                self.failure = _ClientGone()
-                raise self.failure
-            chunk = message.get("body", b"")
+        async for chunk in self.content.iter_any():
             received += len(chunk)
             if received > self.limit:
                 self.failure = _BodyTooLarge()
                 raise self.failure
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
+            yield chunk
 
 
 class Gateway:
-    """The gateway ASGI app. One pooled client session per upstream, opened on first use."""
+    """The gateway: an aiohttp application, one pooled client session per upstream."""
 
     def __init__(self, enforcement: Enforcement) -> None:
         self.enforcement = enforcement
         self.limits = enforcement.policy.limits
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._runner: web.AppRunner | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-        # websockets are not proxied: uvicorn closes them when the app returns
+    def application(self) -> web.Application:
+        app = web.Application(handler_args={"max_field_size": 16384})
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_cleanup.append(self._cleanup)
+        return app
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen on ``host:port`` (in the running event loop) until :meth:`aclose`."""
+        self._runner = web.AppRunner(
+            self.application(), access_log=None, handle_signals=False, shutdown_timeout=10
+        )
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
 
     async def aclose(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        await self._cleanup()
+
+    async def _cleanup(self, _app: web.Application | None = None) -> None:
         sessions, self._sessions = self._sessions, {}
         for session in sessions.values():
             await session.close()
@@ -128,48 +146,25 @@ class Gateway:
             self._sessions[upstream.name] = session
         return session
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        method: str = scope["method"]
-        raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        authorization = user_agent = request_id = None
-        content_length: int | None = None
-        has_body = False
-        host = b""
-        forwarded_for: list[str] = []
-        upstream_headers: list[tuple[str, str]] = []
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-            elif name.startswith(b"x-tokenward-") or name in _HOP_BY_HOP:
-                if name == b"transfer-encoding":
-                    has_body = True
-            elif name == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    await _error(send, 400, "invalid_request", "Content-Length is not a number")
-                    return
-                has_body = content_length > 0
-            elif name == b"host":
-                host = value
-            elif name == b"x-forwarded-for":
-                forwarded_for.append(value.decode("latin-1"))
-            else:
-                if name == b"user-agent":
-                    user_agent = value.decode("latin-1")[:256]
-                elif name == b"x-request-id":
-                    if 0 < len(value) <= 64 and all(c in _REQUEST_ID_OK for c in value):
-                        request_id = value.decode()
-                    continue
-                upstream_headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        client = scope.get("client")
-        peer = client[0] if client else None
+        method = request.method
+        raw_path, _, query = request.raw_path.partition("?")
+        headers = request.headers
+        forwarded_for = headers.getall("X-Forwarded-For", [])
+        given_id = headers.get("X-Request-ID", "")
+        request_id = (
+            given_id
+            if 0 < len(given_id) <= 64 and all(c in _REQUEST_ID_CHARS for c in given_id)
+            else new_request_id()
+        )
+        peer = request.remote
         enforcement = self.enforcement
         client_ip = enforcement.resolver.resolve(peer, forwarded_for)
-        request_id = request_id or new_request_id()
 
-        outcome = await enforcement.decide(method, raw_path, authorization, client_ip, proxied=True)
+        outcome = await enforcement.decide(
+            method, raw_path, headers.get("Authorization"), client_ip, proxied=True
+        )
         await enforcement.record(
             outcome,
             source="gateway",
@@ -177,123 +172,150 @@ class Gateway:
             path=raw_path,
             client_ip=client_ip,
             request_id=request_id,
-            user_agent=user_agent,
+            user_agent=headers.get("User-Agent", "")[:256] or None,
             started=started,
         )
         if not outcome.allowed:
-            await _error(
-                send,
-                outcome.status,
-                outcome.error,
-                outcome.message,
-                outcome.limit_headers(),
-                outcome.body(),
+            return _error(
+                outcome.status, outcome.body(), outcome.limit_headers(), request_id=request_id
             )
-            return
-        if content_length is not None and content_length > self.limits.max_request_bytes:
-            await _error(send, 413, "payload_too_large", self._too_large_message())
-            return
+        length = request.content_length
+        if length is not None and length > self.limits.max_request_bytes:
+            return self._too_large(request_id)
         assert outcome.route is not None and outcome.route.upstream is not None
         upstream = outcome.route.upstream
-
-        headers = CIMultiDict(upstream_headers)
-        headers.extend(outcome.identity_headers())
-        if client_ip:
-            headers["X-Tokenward-Client-IP"] = client_ip
-        if peer:
-            headers["X-Forwarded-For"] = ", ".join([*forwarded_for, peer])
-        headers["X-Forwarded-Proto"] = scope.get("scheme", "http")
-        if host:
-            headers["X-Forwarded-Host"] = host.decode("latin-1")
-        headers["X-Request-ID"] = request_id
-        if content_length is not None:
-            headers["Content-Length"] = str(content_length)
-        query = scope.get("query_string", b"")
         target = upstream.origin + upstream.base_path + raw_path
         if query:
-            target += "?" + query.decode("latin-1")
+            target += "?" + query
+        return await self._forward(request, outcome, upstream, target, client_ip, request_id)
 
-        body = _RequestBody(receive, self.limits.max_request_bytes) if has_body else None
-        response_started = False
+    async def _forward(
+        self,
+        request: web.Request,
+        outcome: Outcome,
+        upstream: Upstream,
+        target: str,
+        client_ip: str | None,
+        request_id: str,
+    ) -> web.StreamResponse:
+        out: list[tuple[str, str]] = []
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower not in _DROP_REQUEST and not lower.startswith("x-tokenward-"):
+                out.append((name, value))
+        out += outcome.identity_headers()
+        if client_ip:
+            out.append(("X-Tokenward-Client-IP", client_ip))
+        peer = request.remote
+        forwarded_for = request.headers.getall("X-Forwarded-For", [])
+        if peer:
+            out.append(("X-Forwarded-For", ", ".join([*forwarded_for, peer])))
+        out.append(("X-Forwarded-Proto", request.scheme))
+        if request.host:
+            out.append(("X-Forwarded-Host", request.host))
+        out.append(("X-Request-ID", request_id))
+        if request.content_length is not None:
+            out.append(("Content-Length", str(request.content_length)))
+        body = (
+            _RequestBody(request.content, self.limits.max_request_bytes)
+            if request.body_exists
+            else None
+        )
+        response: web.StreamResponse | None = None
         try:
             async with self._session(upstream).request(
-                method,
+                request.method,
                 URL(target, encoded=True),
-                headers=headers,
+                headers=out,
                 data=body.chunks() if body is not None else None,
                 allow_redirects=False,
-                compress=None,
-            ) as response:
-                length = response.content_length
+            ) as upstream_response:
+                length = upstream_response.content_length
                 if length is not None and length > self.limits.max_response_bytes:
-                    await _error(
-                        send, 502, "response_too_large", "the upstream response is too large"
+                    return _error(
+                        502,
+                        {
+                            "error": "response_too_large",
+                            "message": "the upstream response is too large",
+                        },
+                        request_id=request_id,
                     )
-                    return
-                out_headers = [
-                    (k, v)
-                    for k, v in response.raw_headers
-                    if k.lower().decode("latin-1") not in _HOP_BY_HOP_STR
-                ]
-                out_headers += [(b"x-request-id", request_id.encode())]
-                out_headers += [
-                    (k.lower().encode(), v.encode("latin-1")) for k, v in outcome.limit_headers()
-                ]
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": response.status,
-                        "headers": out_headers,
-                    }
+                response = web.StreamResponse(
+                    status=upstream_response.status,
+                    headers=CIMultiDict(
+                        (name, value)
+                        for name, value in upstream_response.headers.items()
+                        if name.lower() not in _DROP_RESPONSE
+                    ),
                 )
-                response_started = True
+                if length is not None:
+                    response.content_length = length
+                for name, value in outcome.limit_headers():
+                    response.headers[name] = value
+                response.headers["X-Request-ID"] = request_id
+                await response.prepare(request)
                 sent = 0
-                async for chunk in response.content.iter_any():
+                limit = self.limits.max_response_bytes
+                async for chunk in upstream_response.content.iter_any():
                     sent += len(chunk)
-                    if sent > self.limits.max_response_bytes:
-                        # Headers are out: the only honest signal left is a cut connection.
+                    if sent > limit:
+                        # The status is out: the only honest signal left is a cut connection.
                         raise _BodyTooLarge
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b""})
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
         except _BodyTooLarge:
-            if response_started:
-                raise
-            await _error(send, 413, "payload_too_large", self._too_large_message())
-        except _ClientGone:
-            return
+            if response is None:
+                return self._too_large(request_id)
+            _cut(request)
+            return response
         except TimeoutError:
-            if response_started:
-                raise
-            await _error(send, 504, "upstream_timeout", "the upstream did not answer in time")
-        except aiohttp.ClientError:
-            if response_started:
-                raise
-            failure = body.failure if body is not None else None
-            if isinstance(failure, _ClientGone):
-                return
-            if isinstance(failure, _BodyTooLarge):
-                await _error(send, 413, "payload_too_large", self._too_large_message())
-                return
-            await _error(send, 502, "upstream_unavailable", "the upstream is unavailable")
+            if response is not None:
+                _cut(request)
+                return response
+            return _error(
+                504,
+                {"error": "upstream_timeout", "message": "the upstream did not answer in time"},
+                request_id=request_id,
+            )
+        except (aiohttp.ClientError, ConnectionError):
+            if response is not None:
+                _cut(request)
+                return response
+            if body is not None and isinstance(body.failure, _BodyTooLarge):
+                return self._too_large(request_id)
+            return _error(
+                502,
+                {"error": "upstream_unavailable", "message": "the upstream is unavailable"},
+                request_id=request_id,
+            )
 
-    def _too_large_message(self) -> str:
-        return f"the body exceeds {self.limits.max_request_bytes} bytes"
+    def _too_large(self, request_id: str) -> web.Response:
+        message = f"the body exceeds {self.limits.max_request_bytes} bytes"
+        response = _error(
+            413, {"error": "payload_too_large", "message": message}, request_id=request_id
+        )
+        response.force_close()  # the rest of the body is not read
+        return response
 
 
-async def _error(
-    send: Send,
+def _cut(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _error(
     status: int,
-    code: str,
-    message: str,
+    body: dict[str, object],
     headers: list[tuple[str, str]] | None = None,
-    body: dict[str, object] | None = None,
-) -> None:
-    payload = json.dumps(body or {"error": code, "message": message}).encode()
-    raw = [(k.lower().encode(), v.encode("latin-1", "replace")) for k, v in headers or []]
-    raw += [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
+    *,
+    request_id: str,
+) -> web.Response:
+    response = web.Response(
+        status=status, body=json.dumps(body).encode(), content_type="application/json"
+    )
+    for name, value in headers or []:
+        response.headers[name] = value
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Request-ID"] = request_id
+    return response

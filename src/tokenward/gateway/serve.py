@@ -1,7 +1,8 @@
-"""Running the API and the gateway side by side: two uvicorn servers, one process.
+"""Running the API and the gateway side by side, in one process and one event loop.
 
-Both share one set of services (store, verifier cache, limiter, event bus), so a revocation
-seen by the API is seen by the gateway at once. One SIGINT/SIGTERM stops both gracefully.
+The API is served by uvicorn, the gateway by aiohttp's server. Both share one set of services
+(store, verifier cache, limiter, event bus), so a revocation seen by the API is seen by the
+gateway at once. SIGINT/SIGTERM stops both gracefully (a second one forces the API down).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Generator
+import ssl
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 import uvicorn
@@ -25,6 +27,15 @@ class _Server(uvicorn.Server):
         yield
 
 
+def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext | None:
+    cert, key = options.get("ssl_certfile"), options.get("ssl_keyfile")
+    if not cert or not key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 async def serve_with_gateway(settings: Settings, **uvicorn_options: Any) -> None:
     """Serve the API on ``settings.port`` and the gateway on ``settings.gateway_port``."""
     from tokenward.app import create_asgi, open_services
@@ -33,35 +44,42 @@ async def serve_with_gateway(settings: Settings, **uvicorn_options: Any) -> None
     services = await open_services(settings)
     assert services.enforcement is not None
     gateway = Gateway(services.enforcement)
-    servers = [
-        _Server(
-            uvicorn.Config(
-                create_asgi(settings, services=services),
-                host=settings.host,
-                port=settings.port,
-                **uvicorn_options,
-            )
-        ),
-        _Server(
-            uvicorn.Config(
-                gateway, host=settings.host, port=settings.gateway_port, **uvicorn_options
-            )
-        ),
-    ]
+    api = _Server(
+        uvicorn.Config(
+            create_asgi(settings, services=services),
+            host=settings.host,
+            port=settings.port,
+            **uvicorn_options,
+        )
+    )
+    stopping = asyncio.Event()
 
     def stop() -> None:
-        for server in servers:
-            if server.should_exit:
-                server.force_exit = True
-            server.should_exit = True
+        if api.should_exit:
+            api.force_exit = True
+        api.should_exit = True
+        stopping.set()
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
     try:
-        await asyncio.gather(*(server.serve() for server in servers))
+        await gateway.start(settings.host, settings.gateway_port, _ssl_context(uvicorn_options))
+        await api.serve()
+        stop()  # the API stopped on its own (e.g. its port was taken): stop the gateway too
+        await stopping.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await gateway.aclose()
         await services.close()
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it is installed (as uvicorn would), else on asyncio."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -8,6 +8,7 @@ raises inside, and that becomes ``unavailable`` (fail closed).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections.abc import Callable, Iterable
@@ -131,6 +132,7 @@ class Verifier:
         self._seen: dict[str, tuple[datetime, str | None]] = {}
         #: switched off by the revocation fan-out while it is not subscribed (fail safe)
         self.cache_enabled = True
+        self._loading: dict[str, asyncio.Future[_Entry | None]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -233,6 +235,26 @@ class Verifier:
             self.hits += 1
             return entry
         self.misses += 1
+        # One store lookup per token at a time: concurrent misses (a cache entry expiring
+        # under load) wait for the lookup in flight instead of each querying the store.
+        pending = self._loading.get(token_hash)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        loading: asyncio.Future[_Entry | None] = asyncio.get_running_loop().create_future()
+        self._loading[token_hash] = loading
+        try:
+            entry = await self._load(credential, token_hash)
+        except BaseException as exc:
+            loading.set_exception(exc)
+            loading.exception()  # retrieved: waiters (if any) re-raise it themselves
+            raise
+        else:
+            loading.set_result(entry)
+        finally:
+            del self._loading[token_hash]
+        return entry
+
+    async def _load(self, credential: str, token_hash: str) -> _Entry | None:
         hashes = [token_hash] if len(self.hasher.keys) == 1 else self.hasher.candidates(credential)
         found = await self._guard(self.store.find_by_hash(hashes))
         if found is None:

@@ -43,3 +43,23 @@ def test_settings_refuse_bad_trusted_proxies_and_failure_limit():
         Settings(trusted_proxies="10.0.0.0/33")
     with pytest.raises(ValidationError):
         Settings(auth_failure_limit="lots")
+
+
+async def test_admin_api_resolves_the_caller_ip_through_trusted_proxies(services, admin, api):
+    from tokenward.service import TokenSpec
+
+    await services.tokens.create_project(admin.record, "ops")
+    walled = await services.tokens.create_token(
+        admin.record,
+        TokenSpec(project="ops", scopes=["admin:read", "verify"], ip_allowlist=["198.51.100.0/24"]),
+    )
+    headers = {"Authorization": f"Bearer {walled.secret}", "X-Forwarded-For": "198.51.100.4"}
+    verify = {"token": walled.secret}
+    # The peer (127.0.0.1) is not trusted: the header is ignored and the allowlist denies.
+    assert (await api.get("/v1/projects", headers=headers)).status_code == 403
+    services.settings = services.settings.model_copy(update={"trusted_proxies": "127.0.0.0/8"})
+    assert (await api.get("/v1/projects", headers=headers)).status_code == 200
+    r = await api.post("/v1/verify", headers=headers, json=verify)
+    assert r.status_code == 200
+    spoofed = {**headers, "X-Forwarded-For": "198.51.100.4, 203.0.113.1"}
+    assert (await api.get("/v1/projects", headers=spoofed)).status_code == 403

@@ -10,8 +10,9 @@ never believed. Without trusted proxies the header is ignored entirely.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
+from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -76,6 +77,16 @@ class ClientIPResolver:
             if not self.is_trusted(address):
                 break
         return str(client)
+
+
+def scope_client_ip(trusted_proxies: str, scope: Mapping[str, Any]) -> str | None:
+    """The client IP of an ASGI request under the ``trusted_proxies`` setting."""
+    client = scope.get("client")
+    peer = client[0] if client else None
+    if not trusted_proxies:
+        return peer
+    forwarded = [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"]
+    return resolver_for(trusted_proxies).resolve(peer, forwarded)
 
 
 @lru_cache(maxsize=16)

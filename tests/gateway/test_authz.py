@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.gateway.support import POLICY, make_token, use_policy
-from tokenward.app import create_app
+from tokenward.app import create_asgi
 from tokenward.limits import RateLimiter
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -27,7 +27,7 @@ def nginx_headers(token: str | None, method: str = "GET", uri: str = "/records/1
 
 
 async def client_for(services, client=("127.0.0.1", 50000)) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=create_app(services=services), client=client)
+    transport = httpx.ASGITransport(app=create_asgi(services=services), client=client)
     return httpx.AsyncClient(transport=transport, base_url="http://tokenward.test")
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import ROOT, free_port, wait_for_port
 from tests.gateway.support import POLICY, make_token, upstream_server, use_policy, uvicorn_server
-from tokenward.app import create_app
+from tokenward.app import create_asgi
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
@@ -87,7 +87,7 @@ async def test_nginx_auth_request_in_front_of_a_backend(services, admin, tmp_pat
     )
     good = await make_token(services, admin, principal="storefront", rate_limit=["3/minute"])
     walled = await make_token(services, admin, ip_allowlist=["10.0.0.0/8"])
-    app = create_app(services=services)
+    app = create_asgi(services=services)
     site = site_conf(tokenward_port, backend_port, nginx_port)
     async with (
         upstream_server(backend_port),

@@ -38,8 +38,8 @@ _NO_STORE = (b"cache-control", b"no-store")
 class AuthzMiddleware:
     """Answers ``/authz`` and ``/authz/…`` itself; everything else goes to the app.
 
-    In front of the framework (``api``: the FastAPI app whose state holds the services), or
-    as a middleware inside it (then the services come from ``scope["app"]``).
+    It sits in front of the framework (see ``create_asgi``); ``api`` is the FastAPI app whose
+    state holds the services (else they come from ``scope["app"]``).
     """
 
     def __init__(self, app: ASGIApp, api: Any = None) -> None:

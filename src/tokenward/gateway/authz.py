@@ -21,17 +21,18 @@ serialisation beyond what it needs.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokenward.api.middleware import request_context_for
-from tokenward.events import current_request
+from tokenward.events import new_request_id
 from tokenward.gateway.enforce import Enforcement
 from tokenward.tokens.model import Reason
 
 PREFIX = "/authz"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _NO_STORE = (b"cache-control", b"no-store")
 
 
@@ -60,7 +61,7 @@ class AuthzMiddleware:
 async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     started = time.perf_counter()
     method = uri = authorization = None
-    fwd_method = fwd_uri = None
+    fwd_method = fwd_uri = request_id = user_agent = None
     forwarded_for: list[str] = []
     for name, value in scope["headers"]:
         if name == b"authorization":
@@ -75,6 +76,10 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
             fwd_method = value.decode("latin-1")
         elif name == b"x-forwarded-for":
             forwarded_for.append(value.decode("latin-1"))
+        elif name == b"user-agent":
+            user_agent = value[:256].decode("latin-1")
+        elif name == b"x-request-id":
+            request_id = value.decode("latin-1")
     if uri is None and fwd_uri is not None:
         uri, method = fwd_uri, fwd_method
     if uri is None:
@@ -104,19 +109,20 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
 
     outcome = await enforcement.decide(method, raw_path, authorization, client_ip)
 
-    ctx = current_request.get() or request_context_for(scope)
+    if request_id is None or not _REQUEST_ID.match(request_id):
+        request_id = new_request_id()
     await enforcement.record(
         outcome,
         source="authz",
         method=method,
         path=raw_path,
         client_ip=client_ip,
-        request_id=ctx.request_id,
-        user_agent=ctx.user_agent,
+        request_id=request_id,
+        user_agent=user_agent,
         started=started,
     )
     headers = enforcement.raw_headers(outcome)
-    headers.append((b"x-request-id", ctx.request_id.encode()))
+    headers.append((b"x-request-id", request_id.encode()))
     if outcome.allowed:
         await _respond(send, 200, headers, None)
         return

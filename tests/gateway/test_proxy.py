@@ -148,3 +148,16 @@ async def test_keeps_connections_to_the_upstream_alive(services, admin):
     async with running_gateway(services) as (gw, _):
         ports = {(await gw.get("/records/x", headers=auth)).json()["peer_port"] for _ in range(5)}
     assert len(ports) == 1  # one pooled upstream connection served all five requests
+
+
+async def test_head_and_expect_continue(services, admin):
+    issued = await make_token(services, admin, scopes=["records:*"])
+    auth = {"Authorization": f"Bearer {issued.secret}"}
+    async with running_gateway(services) as (gw, _):
+        r = await gw.head("/records/x", headers=auth)
+        assert r.status_code == 200 and r.content == b""
+        r = await gw.post(
+            "/records/x", headers={**auth, "Expect": "100-continue"}, content=b"a" * 1000
+        )
+        assert r.status_code == 200 and r.json()["body_bytes"] == 1000
+        assert "expect" not in r.json()["headers"]

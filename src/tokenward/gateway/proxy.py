@@ -41,6 +41,7 @@ _DROP_REQUEST = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
+        "expect",
         "authorization",
         "host",
         "content-length",

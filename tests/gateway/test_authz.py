@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
 import httpx
@@ -240,3 +241,23 @@ async def test_unavailable_rate_limit_store_fails_closed(services, admin, policy
     finally:
         await dead.aclose()
     assert r.status_code == 503 and r.json()["error"] == "unavailable"
+
+
+async def test_remaining_uses_are_exact_across_replicas(services, admin, settings):
+    from tokenward.app import open_services
+
+    use_policy(services, POLICY.format(port=9, dead_port=9))
+    issued = await make_token(services, admin, uses=12)
+    replica = await open_services(settings)  # a second process's view of the same store
+    try:
+        use_policy(replica, POLICY.format(port=9, dead_port=9))
+        async with await client_for(services) as a, await client_for(replica) as b:
+            h = nginx_headers(issued.secret)
+            responses = await asyncio.gather(
+                *[(a if i % 2 else b).get("/authz", headers=h) for i in range(30)]
+            )
+    finally:
+        await replica.close()
+    codes = [r.status_code for r in responses]
+    assert codes.count(200) == 12 and codes.count(401) == 18
+    assert {r.json()["reason"] for r in responses if r.status_code == 401} == {"uses_exhausted"}

@@ -42,7 +42,7 @@ def test_good_policy_matches_in_order_with_scope_from_path():
     assert (m.route.project, m.route.environment) == ("shop", "live")
     assert policy.match("POST", "/functions/a:b") is None  # not a scope segment
     assert policy.match("POST", "/functions/a/b") is None
-    assert policy.routes[0].upstream.base_path == "/api"
+    assert policy.routes[0].upstream.prefix == "http://127.0.0.1:9001/api"
 
 
 @pytest.mark.parametrize(

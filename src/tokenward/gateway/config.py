@@ -62,15 +62,14 @@ class Upstream:
     connect_timeout: float
     timeout: float
     pool_size: int
+    #: scheme://host:port plus the URL's base path: a request path is appended to it
+    prefix: str = field(init=False)
 
-    @property
-    def base_path(self) -> str:
-        return urlsplit(self.url).path.rstrip("/")
-
-    @property
-    def origin(self) -> str:
+    def __post_init__(self) -> None:
         parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.netloc}"
+        object.__setattr__(
+            self, "prefix", f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        )
 
 
 @dataclass(frozen=True, slots=True)

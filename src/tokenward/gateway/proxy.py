@@ -185,7 +185,7 @@ class Gateway:
             return self._too_large(request_id)
         assert outcome.route is not None and outcome.route.upstream is not None
         upstream = outcome.route.upstream
-        target = upstream.origin + upstream.base_path + raw_path
+        target = upstream.prefix + raw_path
         if query:
             target += "?" + query
         return await self._forward(request, outcome, upstream, target, client_ip, request_id)

@@ -261,3 +261,13 @@ async def test_remaining_uses_are_exact_across_replicas(services, admin, setting
     codes = [r.status_code for r in responses]
     assert codes.count(200) == 12 and codes.count(401) == 18
     assert {r.json()["reason"] for r in responses if r.status_code == 401} == {"uses_exhausted"}
+
+
+async def test_identity_headers_cannot_be_split(services, admin):
+    use_policy(services, POLICY.format(port=9, dead_port=9))
+    issued = await make_token(services, admin, principal="evil\r\nX-Admin: yes")
+    async with await client_for(services) as c:
+        r = await c.get("/authz", headers=nginx_headers(issued.secret))
+    assert r.status_code == 200
+    assert r.headers["x-tokenward-principal"] == "evilX-Admin: yes"
+    assert "x-admin" not in r.headers

@@ -47,6 +47,7 @@ _MESSAGES: dict[Reason, str] = {
     Reason.NO_ROUTE: "no route allows this method and path",
 }
 _MAX_BLOCKED = 100_000
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never let a value break a header line
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
@@ -132,15 +133,11 @@ class Outcome:
             return []
         return [
             ("X-Tokenward-Token-Id", token.id),
-            ("X-Tokenward-Principal", token.principal),
+            ("X-Tokenward-Principal", _CONTROL_CHARS.sub("", token.principal)),
             ("X-Tokenward-Scopes", " ".join(token.scopes)),
             ("X-Tokenward-Project", token.project or ""),
             ("X-Tokenward-Environment", token.environment),
         ]
-
-    def headers(self) -> list[tuple[str, str]]:
-        """Identity headers when allowed, then rate limit and RFC 6750 headers."""
-        return self.identity_headers() + self.limit_headers()
 
     def limit_headers(self) -> list[tuple[str, str]]:
         """``RateLimit-*``, ``Retry-After`` on 429, ``WWW-Authenticate`` on 401/scope."""
@@ -204,7 +201,7 @@ class Enforcement:
         self._identity: dict[str, tuple[TokenRecord, list[tuple[bytes, bytes]]]] = {}
 
     def raw_headers(self, outcome: Outcome) -> list[tuple[bytes, bytes]]:
-        """:meth:`Outcome.headers` as ASGI bytes; identity headers are built once per token."""
+        """Identity, then limit headers, as ASGI bytes; identity is built once per token."""
         out: list[tuple[bytes, bytes]] = []
         token = outcome.decision.token
         if outcome.allowed and token is not None:

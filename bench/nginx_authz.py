@@ -49,7 +49,7 @@ def main() -> None:
             )
     print(bare.line())
     print(authed.line())
-    print(f"with auth_request vs without: {ratio(authed, bare)} throughput")
+    print(f"with auth_request vs without: {ratio(authed, bare)}")
 
 
 if __name__ == "__main__":

@@ -76,12 +76,16 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def wrk(
-    name: str, url: str, headers: dict[str, str] | None = None, pids: list[int] | None = None
+    name: str,
+    url: str,
+    headers: dict[str, str] | None = None,
+    pids: list[int] | None = None,
+    connections: str = CONNECTIONS,
 ) -> Result:
     """Run wrk; with ``pids``, also the CPU those processes spent per request (robust to a
     busy machine, unlike req/s)."""
     before = cpu_seconds(pids) if pids else 0.0
-    args = [WRK, "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency"]
+    args = [WRK, "-t1", f"-c{connections}", f"-d{DURATION}", "--latency"]
     for key, value in (headers or {}).items():
         args += ["-H", f"{key}: {value}"]
     out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 from pathlib import Path
@@ -57,6 +58,8 @@ async def main(mode: str, port: int, token_file: Path) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(issued.secret)
     assert services.enforcement is not None
+    gc.collect()
+    gc.freeze()  # as `tokenward serve --config` does
     if mode == "gateway":
         gateway = Gateway(services.enforcement)
         await gateway.start("127.0.0.1", port)

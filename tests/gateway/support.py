@@ -110,7 +110,7 @@ async def make_token(services: Services, admin: Issued, project: str = "shop", *
 
 async def _echo(request: web.Request) -> web.StreamResponse:
     if request.path == "/records/slow":
-        await asyncio.sleep(2)
+        await asyncio.sleep(1)
     if request.path.startswith("/records/big/"):
         size = int(request.path.rsplit("/", 1)[1])
         response = web.StreamResponse()

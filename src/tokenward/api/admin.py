@@ -8,7 +8,13 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from tokenward.api.auth import AdminRead, AdminWrite
-from tokenward.api.schemas import ProjectCreate, TokenCreate, TokenRevoke, TokenRotate
+from tokenward.api.schemas import (
+    IDENTIFIER,
+    ProjectCreate,
+    TokenCreate,
+    TokenRevoke,
+    TokenRotate,
+)
 from tokenward.service import Issued, TokenService, TokenSpec
 from tokenward.tokens.durations import parse_rates
 from tokenward.tokens.model import TokenState
@@ -42,7 +48,9 @@ async def list_projects(actor: AdminRead, request: Request) -> Any:
 
 @router.get("/projects/{name}", tags=["projects"])
 async def get_project(
-    name: Annotated[str, Path(max_length=64)], actor: AdminRead, request: Request
+    name: Annotated[str, Path(max_length=64, pattern=IDENTIFIER)],
+    actor: AdminRead,
+    request: Request,
 ) -> Any:
     return (await _service(request).project_for(actor, name)).public()
 
@@ -71,10 +79,10 @@ async def create_token(body: TokenCreate, actor: AdminWrite, request: Request) -
 async def list_tokens(
     actor: AdminRead,
     request: Request,
-    project: Annotated[str | None, Query(max_length=64)] = None,
+    project: Annotated[str | None, Query(max_length=64, pattern=IDENTIFIER)] = None,
     state: TokenState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[str | None, Query(max_length=32)] = None,
+    after: Annotated[str | None, Query(max_length=32, pattern=IDENTIFIER)] = None,
 ) -> Any:
     records = await _service(request).list_tokens(
         actor, project=project, state=state, limit=limit, after=after
@@ -86,7 +94,9 @@ async def list_tokens(
 
 @router.get("/tokens/{token_id}", tags=["tokens"])
 async def get_token(
-    token_id: Annotated[str, Path(max_length=32)], actor: AdminRead, request: Request
+    token_id: Annotated[str, Path(max_length=32, pattern=IDENTIFIER)],
+    actor: AdminRead,
+    request: Request,
 ) -> Any:
     record = await _service(request).get_token(actor, token_id)
     return {**record.public(), "state": record.state(_service(request).now).value}
@@ -94,7 +104,7 @@ async def get_token(
 
 @router.post("/tokens/{token_id}/revoke", tags=["tokens"])
 async def revoke_token(
-    token_id: Annotated[str, Path(max_length=32)],
+    token_id: Annotated[str, Path(max_length=32, pattern=IDENTIFIER)],
     actor: AdminWrite,
     request: Request,
     body: TokenRevoke | None = None,
@@ -106,7 +116,7 @@ async def revoke_token(
 
 @router.post("/tokens/{token_id}/rotate", tags=["tokens"])
 async def rotate_token(
-    token_id: Annotated[str, Path(max_length=32)],
+    token_id: Annotated[str, Path(max_length=32, pattern=IDENTIFIER)],
     actor: AdminWrite,
     request: Request,
     body: TokenRotate | None = None,

@@ -20,7 +20,7 @@ from tokenward.api.auth import (
     parse_bearer,
 )
 from tokenward.api.errors import error_response
-from tokenward.errors import Forbidden, Invalid
+from tokenward.errors import BadRequest, Forbidden, Invalid
 from tokenward.tokens.format import TokenFormatError, parse_token
 from tokenward.tokens.model import Reason
 
@@ -56,7 +56,7 @@ def _verify_body(raw: bytes) -> dict[str, str | None]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise Invalid("invalid_json", "the request body is not valid JSON") from None
+        raise BadRequest("invalid_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Invalid("invalid_request", "the body must be a JSON object")
     unknown = set(body) - _VERIFY_FIELDS.keys()

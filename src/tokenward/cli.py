@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import httpx
 import typer
 from rich.console import Console
 from rich.panel import Panel
@@ -213,7 +215,17 @@ def client(as_json: bool = False) -> AdminClient:
         )
     url = os.environ.get("TOKENWARD_URL", "http://127.0.0.1:8080")
     ca = os.environ.get("TOKENWARD_CA_CERT")
-    return AdminClient(url, token, verify=ca or True)
+    try:
+        return AdminClient(url, token, verify=ca or True)
+    except (OSError, ssl.SSLError):
+        fail(
+            f"cannot read the CA certificate TOKENWARD_CA_CERT={ca}",
+            2,
+            as_json=as_json,
+            error="bad_ca_cert",
+        )
+    except httpx.InvalidURL:
+        fail(f"TOKENWARD_URL is not a valid URL: {url!r}", 2, as_json=as_json, error="bad_url")
 
 
 def call(as_json: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -221,17 +233,20 @@ def call(as_json: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except AdminAPIError as exc:
         fail(exc.message, 1, as_json=as_json, error=exc.code)
-    except Exception as exc:  # connection refused, TLS failure, timeout
-        import httpx
-
-        if isinstance(exc, httpx.HTTPError):
-            fail(
-                f"cannot reach the server: {type(exc).__name__}",
-                3,
-                as_json=as_json,
-                error="connection_failed",
-            )
-        raise
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # connection refused, TLS, timeout
+        fail(
+            f"cannot reach the server: {type(exc).__name__}",
+            3,
+            as_json=as_json,
+            error="connection_failed",
+        )
+    except ValueError:  # an answer that is not JSON: not a tokenward server
+        fail(
+            "the server's answer is not JSON: is TOKENWARD_URL a tokenward server?",
+            3,
+            as_json=as_json,
+            error="bad_response",
+        )
 
 
 @project_app.command("create")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
@@ -21,10 +22,14 @@ class AdminClient:
     def __init__(
         self, url: str, token: str, *, verify: bool | str = True, timeout: float = 10.0
     ) -> None:
+        # A CA file becomes an SSL context: httpx deprecates a path given as ``verify``.
+        trust: bool | ssl.SSLContext = (
+            ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        )
         self._http = httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}", "User-Agent": "tokenward-cli"},
-            verify=verify,
+            verify=trust,
             timeout=timeout,
         )
 

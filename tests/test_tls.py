@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import ssl
 import subprocess
 import time
@@ -87,10 +88,11 @@ def test_self_signed_tls_and_refusal_of_plain_http_off_loopback(tmp_path):
         assert (data_dir / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
         der = ssl.PEM_cert_to_DER_cert(cert.read_text())
         expected = hashlib.sha256(der).hexdigest().upper()
-        fingerprint_lines = [line for line in printed.splitlines() if "SHA-256" in line]
-        assert fingerprint_lines, printed
-        shown = fingerprint_lines[0].split("fingerprint:")[1].strip()
-        assert shown.replace(":", "") == expected and len(shown.split(":")) == 32
+        match = re.search(r"^SHA-256 fingerprint: ([0-9A-F:]+)$", printed, re.MULTILINE)
+        assert match, printed
+        shown = match.group(1)
+        assert shown.replace(":", "") == expected, printed
+        assert len(shown.split(":")) == 32
 
         trusting = ssl.create_default_context(cafile=str(cert))
         for host in ("127.0.0.1", "localhost"):

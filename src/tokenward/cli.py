@@ -162,6 +162,7 @@ def serve(
         out.print(
             f"self-signed certificate {tls_cert}\nSHA-256 fingerprint: {fingerprint}",
             highlight=False,
+            soft_wrap=True,  # a fingerprint or path split over lines cannot be copied
         )
     tls = tls_cert is not None
     try:

@@ -187,6 +187,23 @@ async def test_rotate_with_grace(api, services):
     ).status_code == 422
 
 
+async def test_grace_never_outlives_the_old_tokens_expiry(api, services):
+    await new_project(api, "app")
+    old = await new_token(api, project="app", ttl="1h")
+    move_clock(services, timedelta(minutes=50))
+    response = await api.post(f"/v1/tokens/{old['id']}/rotate", json={"grace": "2h"})
+    assert response.status_code == 201
+    new = response.json()  # a fresh hour: expires at +110 minutes
+    move_clock(services, timedelta(minutes=70))  # past the old expiry, inside the grace
+    assert (await verify(api, old["token"]))["reason"] == "expired"
+    assert (await api.get(f"/v1/tokens/{old['id']}")).json()["state"] == "expired"
+    assert (await verify(api, new["token"]))["valid"] is True
+    expired = await api.get("/v1/tokens", params={"project": "app", "state": "expired"})
+    assert [t["id"] for t in expired.json()["tokens"]] == [old["id"]]
+    active = await api.get("/v1/tokens", params={"project": "app", "state": "active"})
+    assert [t["id"] for t in active.json()["tokens"]] == [new["id"]]
+
+
 async def test_verify_body_and_reasons(api, services):
     await new_project(api, "app")
     token = await new_token(

@@ -78,15 +78,15 @@ class TokenRecord:
         """The token's state at ``now``: the order of checks is the order of precedence."""
         if self.revoked_at is not None:
             return TokenState.REVOKED
-        if self.replaced_by is not None:
-            if self.grace_until is None or now >= self.grace_until:
-                return TokenState.ROTATED
-            return TokenState.ROTATED_IN_GRACE
+        rotated = self.replaced_by is not None
+        if rotated and (self.grace_until is None or now >= self.grace_until):
+            return TokenState.ROTATED
+        # A grace period never extends a token's life past its own expiry.
         if self.expires_at is not None and now >= self.expires_at:
             return TokenState.EXPIRED
         if self.not_before is not None and now < self.not_before:
             return TokenState.NOT_YET_VALID
-        return TokenState.ACTIVE
+        return TokenState.ROTATED_IN_GRACE if rotated else TokenState.ACTIVE
 
     def public(self) -> dict[str, Any]:
         """What the API shows about a token (no secret, no hash)."""

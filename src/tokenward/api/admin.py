@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -20,6 +20,9 @@ from tokenward.tokens.durations import parse_rates
 from tokenward.tokens.model import TokenState
 
 router = APIRouter(prefix="/v1")
+
+#: The states the list can filter by (``active`` includes rotated-in-grace and not-yet-valid).
+ListedState = Literal["active", "expired", "revoked", "rotated"]
 
 ONCE_WARNING = "Store this token now: it is shown only once and cannot be recovered."
 
@@ -80,12 +83,16 @@ async def list_tokens(
     actor: AdminRead,
     request: Request,
     project: Annotated[str | None, Query(max_length=64, pattern=IDENTIFIER)] = None,
-    state: TokenState | None = None,
+    state: ListedState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(max_length=32, pattern=IDENTIFIER)] = None,
 ) -> Any:
     records = await _service(request).list_tokens(
-        actor, project=project, state=state, limit=limit, after=after
+        actor,
+        project=project,
+        state=TokenState(state) if state else None,
+        limit=limit,
+        after=after,
     )
     now = _service(request).now
     items = [{**r.public(), "state": r.state(now).value} for r in records]

@@ -186,7 +186,7 @@ class Verifier:
         # 7. Rate limit, then remaining uses (a denied request spends no use).
         ratelimit = None
         if not consume:
-            if record.remaining_uses == 0:
+            if record.remaining_uses == 0 and record.replaced_by is None:
                 return Decision(False, Reason.USES_EXHAUSTED, record, None, 0)
             return Decision(True, Reason.OK, record, None, record.remaining_uses)
         if record.rate_limit:
@@ -199,7 +199,9 @@ class Verifier:
         remaining = record.remaining_uses
         if remaining is not None:
             try:
-                left = await self._guard(self.store.consume_use(record.id))
+                left = await self._guard(
+                    self.store.consume_use(record.id, rotated=record.replaced_by is not None)
+                )
             except Unavailable:
                 return Decision(False, Reason.UNAVAILABLE, record)
             if left is None:

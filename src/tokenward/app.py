@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenward import __version__
-from tokenward.api import admin, health, verification
+from tokenward.api import admin, health, oauth, verification
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.middleware import (
     BodyLimitMiddleware,
@@ -21,6 +21,7 @@ from tokenward.api.middleware import (
 )
 from tokenward.events import EventBus
 from tokenward.limits import RateLimiter
+from tokenward.oauth.sessions import Sessions, build_sessions
 from tokenward.service import TokenService
 from tokenward.settings import Settings, load_hasher
 from tokenward.store.engine import create_engine, migrate
@@ -42,6 +43,7 @@ class Services:
     tokens: TokenService
     events: EventBus
     redis: Redis | None = None
+    sessions: Sessions | None = None
 
     async def close(self) -> None:
         await self.verifier.flush_usage()
@@ -61,7 +63,10 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     verifier = Verifier(store, hasher, limiter, cache_ttl=settings.cache_ttl)
     events = EventBus()
     tokens = TokenService(store, hasher, verifier, events)
-    return Services(settings, engine, store, hasher, limiter, verifier, tokens, events, redis)
+    sessions = build_sessions(settings, engine, tokens, events, redis)
+    return Services(
+        settings, engine, store, hasher, limiter, verifier, tokens, events, redis, sessions
+    )
 
 
 async def _flush_usage_forever(services: Services) -> None:
@@ -81,12 +86,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         svc = services if services is not None else await open_services(settings)
         app.state.services = svc
         flusher = asyncio.create_task(_flush_usage_forever(svc))
+        rotation = (
+            asyncio.create_task(svc.sessions.scheduler.run_forever()) if svc.sessions else None
+        )
         try:
             yield
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            for task in (flusher, rotation):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if owned:
                 await svc.close()
             else:
@@ -104,6 +114,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(health.router)
     app.include_router(verification.router)
     app.include_router(admin.router)
+    app.include_router(oauth.router)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)

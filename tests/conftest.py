@@ -138,3 +138,38 @@ def wait_for_port(
 
 def tokenward_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "tokenward", *args]
+
+
+@pytest.fixture
+def issuer() -> Iterator[object]:
+    """A real OIDC issuer serving discovery and JWKS on a free loopback port."""
+    from oidc_issuer import Issuer
+
+    server = Issuer()
+    yield server
+    server.close()
+
+
+class EventRecorder:
+    """Subscribes to the event bus and keeps what it sees."""
+
+    def __init__(self) -> None:
+        self.access_events: list[object] = []
+        self.admin_events: list[object] = []
+        self.security_events: list[object] = []
+
+    async def access(self, event: object) -> None:
+        self.access_events.append(event)
+
+    async def admin(self, event: object) -> None:
+        self.admin_events.append(event)
+
+    async def security(self, event: object) -> None:
+        self.security_events.append(event)
+
+
+@pytest.fixture
+def events(services: Services) -> EventRecorder:
+    recorder = EventRecorder()
+    services.events.subscribe(recorder)
+    return recorder

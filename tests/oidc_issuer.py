@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import threading
@@ -13,9 +14,15 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
 
+@functools.cache
+def rsa_key(kid: str = "k1") -> RSAKey:
+    """Generated once per test run (RSA key generation is slow), never stored anywhere."""
+    return RSAKey.generate_key(2048, parameters={"kid": kid})
+
+
 class Issuer:
     def __init__(self) -> None:
-        self.keys: list[Any] = [RSAKey.generate_key(2048, parameters={"kid": "k1"})]
+        self.keys: list[Any] = [rsa_key()]
         self.jwks_requests = 0
         issuer = self
 
@@ -41,7 +48,7 @@ class Issuer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -69,5 +76,5 @@ class Issuer:
         body.update(claims)
         body = {k: v for k, v in body.items() if v is not None}
         key = key or self.keys[0]
-        alg = "RS256" if key.key_type == "RSA" else "ES256"
+        alg = {"RSA": "RS256", "EC": "ES256", "oct": "HS256"}[key.key_type]
         return jwt.encode({"alg": alg, "kid": key.kid, **(header or {})}, body, key)

@@ -34,13 +34,21 @@ async def authenticate(request: Request, *any_of: str) -> TokenRecord:
     """Verify the caller's credential and that it holds one of the scopes ``any_of``."""
     services = request.app.state.services
     credential = bearer_token(request)
+    dpop = None
+    if credential is None or "dpop" in request.headers:
+        # ``Authorization: DPoP <token>`` with a ``DPoP`` proof (RFC 9449)
+        from tokenward.api.dpop import dpop_context
+
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        credential = value.strip() or None if scheme.lower() in ("dpop", "bearer") else None
+        dpop = dpop_context(request)
     if credential is None:
         raise Unauthorized(
             "missing_credential", "send a credential as 'Authorization: Bearer <token>'"
         )
     verifier: Verifier = services.verifier
     started = time.perf_counter()
-    decision = await verifier.verify(credential, ip=client_ip(request))
+    decision = await verifier.verify(credential, ip=client_ip(request), dpop=dpop)
     await record_access(request, "admin_auth", decision, started, credential=credential)
     if not decision.allowed:
         if decision.reason == Reason.UNAVAILABLE:
@@ -49,6 +57,8 @@ async def authenticate(request: Request, *any_of: str) -> TokenRecord:
             raise TooManyRequests("rate_limited", "the credential's rate limit is exhausted")
         if decision.reason == Reason.IP_NOT_ALLOWED:
             raise Forbidden("ip_not_allowed", "the credential may not be used from this address")
+        if decision.reason in (Reason.DPOP_REQUIRED, Reason.INVALID_DPOP_PROOF):
+            raise Unauthorized(decision.reason.value, "the credential needs a valid DPoP proof")
         raise Unauthorized("invalid_credential", f"the credential is not valid: {decision.reason}")
     record = decision.token
     assert record is not None

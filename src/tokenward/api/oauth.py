@@ -12,8 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from tokenward.api.auth import AdminRead, AdminWrite, client_ip
-from tokenward.errors import BadRequest
-from tokenward.oauth.dpop import DPoPRequest
+from tokenward.api.dpop import dpop_context
 from tokenward.oauth.exchange import TokenRequest, oauth_error
 from tokenward.oauth.policy import ProjectPolicy
 from tokenward.oauth.sessions import Sessions
@@ -104,23 +103,6 @@ async def _token_fields(request: Request) -> dict[str, str]:
         if value:
             fields[key] = value
     return fields
-
-
-def _htu(request: Request) -> str:
-    base: str | None = request.app.state.services.settings.public_url
-    if base:
-        return base.rstrip("/") + request.url.path
-    return str(request.url.replace(query="", fragment=""))
-
-
-def dpop_context(request: Request) -> DPoPRequest | None:
-    """The request's DPoP proof context (``None`` without a ``DPoP`` header)."""
-    proofs = request.headers.getlist("dpop")
-    if len(proofs) > 1:
-        raise oauth_error("invalid_dpop_proof", "send exactly one DPoP header")
-    if not proofs:
-        return None
-    return DPoPRequest(proofs[0], request.method, _htu(request))
 
 
 @router.post("/v1/token", tags=["oauth"], openapi_extra=TOKEN_SCHEMA)
@@ -339,6 +321,3 @@ async def bind_key(
 ) -> Any:
     record = await _sessions(request).admin.bind_key(actor, token_id, body.jkt)
     return record.public()
-
-
-__all__ = ["BadRequest", "dpop_context", "router"]

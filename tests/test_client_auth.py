@@ -1,0 +1,159 @@
+"""The SDK against a real server on loopback: exchange, refresh, DPoP, herd, retry on 401."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from conftest import free_port, wait_for_port
+from tokenward.app import create_app
+from tokenward.bootstrap import initialize
+from tokenward.client import AdminClient, TokenwardAuth, TokenwardAuthError
+from tokenward.settings import Settings
+
+
+class LiveServer:
+    def __init__(self, url: str, admin_token: str) -> None:
+        self.url = url
+        self.admin = AdminClient(url, admin_token)
+
+
+@pytest.fixture
+async def live(tmp_path: Path):
+    port = free_port()
+    settings = Settings(
+        data_dir=tmp_path,
+        secret_key=secrets.token_hex(32),
+        port=port,
+        usage_flush_seconds=60,
+    )
+    result = await initialize(settings)
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    await asyncio.to_thread(wait_for_port, port)
+    live = LiveServer(f"http://127.0.0.1:{port}", result.admin_token)
+    live.admin.create_project("shop")
+    yield live
+    live.admin.__exit__()
+    server.should_exit = True
+    await asyncio.to_thread(thread.join, 10)
+
+
+def api_key(live, scopes=("admin:read", "records:read")):
+    return live.admin.create_token(project="shop", scopes=list(scopes), ttl="1d")
+
+
+async def test_sync_client_exchanges_once_and_uses_the_token(live):
+    key = api_key(live)
+    auth = TokenwardAuth(live.url, api_key=key["token"], scope="admin:read")
+    with httpx.Client(auth=auth, base_url=live.url) as http:
+        for _ in range(3):
+            response = http.get("/v1/projects")
+            assert response.status_code == 200, response.text
+            # The request carried a short-lived access token, never the API key.
+            sent = response.request.headers["authorization"]
+            assert sent.startswith("Bearer tw_live_") and key["token"] not in sent
+    assert auth.token_requests == 1
+    kinds = sorted(t["kind"] for t in live.admin.list_tokens(project="shop"))
+    assert kinds == ["access", "api_key", "refresh"]
+
+
+async def test_threads_share_one_refresh(live):
+    key = api_key(live)
+    auth = TokenwardAuth(live.url, api_key=key["token"])
+    with httpx.Client(auth=auth, base_url=live.url) as http:
+
+        def call(_):
+            return http.get("/v1/projects").status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = await asyncio.to_thread(lambda: list(pool.map(call, range(16))))
+    assert statuses == [200] * 16
+    assert auth.token_requests == 1
+
+
+async def test_async_client_no_thundering_herd(live):
+    key = api_key(live)
+    auth = TokenwardAuth(live.url, api_key=key["token"])
+    async with httpx.AsyncClient(auth=auth, base_url=live.url) as http:
+        responses = await asyncio.gather(*[http.get("/v1/projects") for _ in range(20)])
+    assert [r.status_code for r in responses] == [200] * 20
+    assert auth.token_requests == 1
+
+
+async def test_refreshes_before_expiry_with_the_refresh_token(live):
+    key = api_key(live)
+    now = [time.time()]
+    auth = TokenwardAuth(live.url, api_key=key["token"], lifetime=600, clock=lambda: now[0])
+    async with httpx.AsyncClient(auth=auth, base_url=live.url) as http:
+        assert (await http.get("/v1/projects")).status_code == 200
+        first_refresh = auth._refresh
+        now[0] += 600 - 30  # inside the refresh margin, before the expiry
+        assert (await http.get("/v1/projects")).status_code == 200
+    assert auth.token_requests == 2
+    assert auth._refresh != first_refresh  # the refresh token rotated
+    refresh_tokens = [t for t in live.admin.list_tokens(project="shop") if t["kind"] == "refresh"]
+    assert len(refresh_tokens) == 2
+    assert sum(t["replaced_by"] is not None for t in refresh_tokens) == 1
+
+
+async def test_401_gets_a_new_token_and_retries_once(live):
+    key = api_key(live)
+    auth = TokenwardAuth(live.url, api_key=key["token"])
+    with httpx.Client(auth=auth, base_url=live.url) as http:
+        assert http.get("/v1/projects").status_code == 200
+        access_id = next(
+            t["id"] for t in live.admin.list_tokens(project="shop") if t["kind"] == "access"
+        )
+        live.admin.revoke_token(access_id, "test")
+        assert http.get("/v1/projects").status_code == 200
+    assert auth.token_requests == 2
+
+
+async def test_dpop_bound_tokens(live):
+    key = api_key(live)
+    auth = TokenwardAuth(live.url, api_key=key["token"], dpop=True)
+    async with httpx.AsyncClient(auth=auth, base_url=live.url) as http:
+        response = await http.get("/v1/projects")
+        assert response.status_code == 200, response.text
+        assert response.request.headers["authorization"].startswith("DPoP ")
+        stolen = response.request.headers["authorization"].split()[1]
+    # The same access token without the key is refused.
+    thief = httpx.get(live.url + "/v1/projects", headers={"Authorization": f"Bearer {stolen}"})
+    assert thief.status_code == 401 and thief.json()["error"] == "dpop_required"
+
+
+async def test_identity_token_source(live, issuer):
+    live.admin.request(
+        "POST",
+        "/v1/projects/shop/trust-policies",
+        json={
+            "name": "ci",
+            "issuer": issuer.url,
+            "audience": "tokenward",
+            "claims": {"repository": "acme/shop"},
+            "scopes": ["admin:read"],
+        },
+    )
+    auth = TokenwardAuth(live.url, identity_token=issuer.token)
+    with httpx.Client(auth=auth, base_url=live.url) as http:
+        assert http.get("/v1/projects").status_code == 200
+
+
+async def test_refused_credential_raises(live):
+    auth = TokenwardAuth(live.url, api_key="tw_live_" + "a" * 38)
+    with httpx.Client(auth=auth) as http, pytest.raises(TokenwardAuthError) as info:
+        http.get(live.url + "/v1/projects")
+    assert info.value.code == "invalid_grant"
+    with pytest.raises(ValueError):
+        TokenwardAuth(live.url)

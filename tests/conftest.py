@@ -173,3 +173,42 @@ def events(services: Services) -> EventRecorder:
     recorder = EventRecorder()
     services.events.subscribe(recorder)
     return recorder
+
+
+class LiveServer:
+    def __init__(self, url: str, admin_token: str) -> None:
+        from tokenward.client import AdminClient
+
+        self.url = url
+        self.admin_token = admin_token
+        self.admin = AdminClient(url, admin_token)
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[LiveServer]:
+    """A real tokenward server on a free loopback port (SQLite), with a project 'shop'."""
+    import threading
+
+    import uvicorn
+
+    from tokenward.bootstrap import initialize
+
+    port = free_port()
+    settings = Settings(
+        data_dir=tmp_path,
+        secret_key=secrets.token_hex(32),
+        port=port,
+        usage_flush_seconds=60,
+    )
+    result = await initialize(settings)
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    await asyncio.to_thread(wait_for_port, port)
+    live = LiveServer(f"http://127.0.0.1:{port}", result.admin_token or "")
+    live.admin.create_project("shop")
+    yield live
+    live.admin.__exit__()
+    server.should_exit = True
+    await asyncio.to_thread(thread.join, 10)

@@ -3,50 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from conftest import free_port, wait_for_port
-from tokenward.app import create_app
-from tokenward.bootstrap import initialize
-from tokenward.client import AdminClient, TokenwardAuth, TokenwardAuthError
-from tokenward.settings import Settings
-
-
-class LiveServer:
-    def __init__(self, url: str, admin_token: str) -> None:
-        self.url = url
-        self.admin = AdminClient(url, admin_token)
-
-
-@pytest.fixture
-async def live(tmp_path: Path):
-    port = free_port()
-    settings = Settings(
-        data_dir=tmp_path,
-        secret_key=secrets.token_hex(32),
-        port=port,
-        usage_flush_seconds=60,
-    )
-    result = await initialize(settings)
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    await asyncio.to_thread(wait_for_port, port)
-    live = LiveServer(f"http://127.0.0.1:{port}", result.admin_token)
-    live.admin.create_project("shop")
-    yield live
-    live.admin.__exit__()
-    server.should_exit = True
-    await asyncio.to_thread(thread.join, 10)
+from tokenward.client import TokenwardAuth, TokenwardAuthError
 
 
 def api_key(live, scopes=("admin:read", "records:read")):

@@ -222,3 +222,36 @@ async def test_exchange_emits_one_access_event(api, services, events):
     await exchange(api, key["token"])
     sources = [e.source for e in events.access_events[before:]]
     assert sources.count("token_endpoint") == 1
+
+
+async def test_refresh_token_keeps_the_ip_allowlist(api, services):
+    key = await api_key(api, ip_allowlist=["127.0.0.0/8"])
+    body = (await exchange(api, key["token"])).json()
+    record = await services.store.get_token(body["token_id"])
+    assert record.ip_allowlist == ["127.0.0.0/8"]
+    assert (await services.verifier.verify(body["access_token"], ip="10.0.0.1")).reason is (
+        Reason.IP_NOT_ALLOWED
+    )
+    ok = await refresh(api, body["refresh_token"])
+    assert ok.status_code == 200
+    from_elsewhere = await api.post(
+        "/v1/token",
+        data={"grant_type": "refresh_token", "refresh_token": ok.json()["refresh_token"]},
+        headers={"X-Forwarded-For": "10.0.0.1"},
+    )
+    assert from_elsewhere.status_code == 200  # forwarded headers are not trusted
+    services.sessions.exchange.tokens.verifier.clear()
+    import httpx
+
+    from tokenward.app import create_app
+
+    transport = httpx.ASGITransport(app=create_app(services=services), client=("10.0.0.1", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as other:
+        denied = await other.post(
+            "/v1/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": from_elsewhere.json()["refresh_token"],
+            },
+        )
+    assert denied.status_code == 400 and "address" in denied.json()["message"]

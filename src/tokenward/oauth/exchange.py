@@ -40,7 +40,7 @@ from tokenward.service import Issued, TokenService, TokenSpec
 from tokenward.tokens.format import TokenFormatError, new_public_id, parse_token
 from tokenward.tokens.model import Reason, TokenKind, TokenRecord, TokenState
 from tokenward.tokens.scopes import ScopeError, is_narrower, validate_scopes
-from tokenward.verify import Decision
+from tokenward.verify import Decision, ip_allowed, parse_networks
 
 GRANT_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 GRANT_REFRESH = "refresh_token"
@@ -255,6 +255,11 @@ class TokenExchange:
         if state in (TokenState.REVOKED, TokenState.EXPIRED):
             await self._access_event(Decision(False, Reason(state.value), record), started)
             raise invalid_grant(f"the refresh token is {state.value}")
+        if record.ip_allowlist and not ip_allowed(
+            req.client_ip, parse_networks(record.ip_allowlist)
+        ):
+            await self._access_event(Decision(False, Reason.IP_NOT_ALLOWED, record), started)
+            raise invalid_grant("the refresh token may not be used from this address")
         if record.dpop_jkt is not None:
             try:
                 await self.dpop.check(req.dpop, now=now, expected_jkt=record.dpop_jkt)

@@ -120,3 +120,24 @@ async def test_refused_credential_raises(live):
     assert info.value.code == "invalid_grant"
     with pytest.raises(ValueError):
         TokenwardAuth(live.url)
+
+
+async def test_documented_example_runs(live):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    key = api_key(live)
+    example = Path(__file__).resolve().parent.parent / "docs" / "examples" / "sdk_example.py"
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(example)],
+        env={"TOKENWARD_URL": live.url, "TOKENWARD_API_KEY": key["token"], "PATH": "/usr/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("DPoP call -> projects: shop") == 3
+    assert "1 token request for 3 API calls" in result.stdout
+    assert key["token"] not in result.stdout

@@ -14,6 +14,7 @@ returns what :meth:`tokenward.verify.Verifier.verify` takes as ``dpop=``.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -198,16 +199,23 @@ def _verify_signature(proof: str) -> tuple[dict[str, Any], dict[str, Any], str]:
         jwk = header.get("jwk")
         if not isinstance(jwk, dict) or "d" in jwk or jwk.get("kty") == "oct":
             raise DPoPError(INVALID_PROOF, "the DPoP proof needs a public jwk in its header")
-        key = JWKRegistry.import_key(jwk)
+        key, jkt = _public_key(json.dumps(jwk, sort_keys=True))
         jws.deserialize_compact(proof.encode(), key, algorithms=list(ALGORITHMS))
         claims = json.loads(obj.payload)
         if not isinstance(claims, dict):
             raise ValueError("claims are not an object")
-        return header, claims, key.thumbprint()
+        return header, claims, jkt
     except DPoPError:
         raise
     except (JoseError, ValueError, TypeError, KeyError):
         raise DPoPError(INVALID_PROOF, "the DPoP proof's signature does not verify") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key(jwk_json: str) -> tuple[Any, str]:
+    """A client's key and its thumbprint, parsed once (clients reuse one key for many proofs)."""
+    key = JWKRegistry.import_key(json.loads(jwk_json))
+    return key, key.thumbprint()
 
 
 def make_proof(

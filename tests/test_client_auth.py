@@ -141,3 +141,18 @@ async def test_documented_example_runs(live):
     assert result.stdout.count("DPoP call -> projects: shop") == 3
     assert "1 token request for 3 API calls" in result.stdout
     assert key["token"] not in result.stdout
+
+
+async def test_api_key_bound_to_the_clients_key(live):
+    from joserfc.jwk import ECKey
+
+    key = api_key(live)
+    client_key = ECKey.generate_key("P-256")
+    live.admin.request("PUT", f"/v1/tokens/{key['id']}/dpop", json={"jkt": client_key.thumbprint()})
+    stolen = TokenwardAuth(live.url, api_key=key["token"])
+    with httpx.Client(auth=stolen) as http, pytest.raises(TokenwardAuthError) as info:
+        http.get(live.url + "/v1/projects")
+    assert info.value.code == "invalid_grant" and "dpop_required" in info.value.message
+    owner = TokenwardAuth(live.url, api_key=key["token"], dpop=client_key)
+    with httpx.Client(auth=owner) as http:
+        assert http.get(live.url + "/v1/projects").status_code == 200

@@ -170,7 +170,11 @@ class TokenwardAuth(httpx.Auth):
             form["expires_in"] = str(self.lifetime)
         headers = {"User-Agent": "tokenward-sdk", "Accept": "application/json"}
         if self.dpop_key is not None:
-            headers["DPoP"] = make_proof(self.dpop_key, "POST", self.token_url)
+            # An API key bound to this key is itself presented: the proof covers it (ath).
+            presented = form.get("subject_token") if self._api_key is not None else None
+            headers["DPoP"] = make_proof(
+                self.dpop_key, "POST", self.token_url, access_token=presented
+            )
         return httpx.Request("POST", self.token_url, data=form, headers=headers)
 
     def _fall_back(self, response: httpx.Response) -> bool:

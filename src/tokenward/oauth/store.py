@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -355,14 +355,3 @@ class SessionStore:
 
     async def mark_warned(self, token_id: str, now: datetime) -> None:
         await self.set_token_fields(token_id, expiry_warned_at=now)
-
-    async def count_family(self, family_id: str) -> int:
-        query = select(func.count()).where(
-            and_(tokens.c.family_id == family_id, tokens.c.revoked_at.is_(None))
-        )
-        async with self.engine.connect() as conn:
-            return int((await conn.execute(query)).scalar() or 0)
-
-
-def seconds(delta: timedelta) -> int:
-    return int(delta.total_seconds())

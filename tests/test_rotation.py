@@ -213,3 +213,16 @@ async def test_one_runner_across_replicas(api, services, scheduler, receiver, se
         assert len(receiver.received) == 1
     finally:
         await replica.close()
+
+
+async def test_schedule_follows_a_manual_rotation(api, services, scheduler, receiver):
+    key, _ = await rotating_key(api, receiver)
+    manual = (await api.post(f"/v1/tokens/{key['id']}/rotate", json={"grace": "0"})).json()
+    due = services.verifier.clock() + timedelta(hours=23, seconds=1)
+    report = await tick(services, scheduler, due)
+    assert report.rotated == [] and receiver.received == []
+    moved = (await api.get(f"/v1/tokens/{manual['id']}/rotation")).json()
+    assert moved["token_id"] == manual["id"]
+    report = await tick(services, scheduler, due + timedelta(days=1))
+    assert report.rotated == [manual["id"]]
+    assert receiver.received[0]["body"]["previous_id"] == manual["id"]

@@ -136,6 +136,13 @@ class RotationScheduler:
     # -- 1. rotate ------------------------------------------------------------------------
     async def _rotate(self, rotation: Rotation, now: datetime, report: TickReport) -> None:
         old = await self.tokens.store.get_token(rotation.token_id)
+        if old is not None and old.replaced_by is not None and old.revoked_at is None:
+            # Rotated by hand meanwhile: the schedule follows the successor.
+            successor = await self.tokens.store.get_token(old.replaced_by)
+            if successor is not None and old.rotation_period is not None:
+                due = successor.created_at + timedelta(seconds=old.rotation_period - rotation.grace)
+                await self.sessions.move_rotation(old.id, successor.id, max(due, now))
+                return
         if old is None or old.state(now) not in (TokenState.ACTIVE, TokenState.NOT_YET_VALID):
             await self.sessions.remove_rotation(rotation.token_id)
             return

@@ -253,3 +253,60 @@ async def test_refresh_token_keeps_the_ip_allowlist(api, services):
             },
         )
     assert denied.status_code == 400 and "address" in denied.json()["message"]
+
+
+async def test_odd_input_never_gets_a_500(api):
+    key = await api_key(api)
+    odd = [
+        {"content": b"", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        {
+            "content": b"grant_type=refresh_token&grant_type=x",
+            "headers": {"content-type": "application/x-www-form-urlencoded"},
+        },
+        {"content": b"\xff\xfe", "headers": {"content-type": "application/json"}},
+        {"content": b"[1,2]", "headers": {"content-type": "application/json"}},
+        {"json": {"grant_type": GRANT_EXCHANGE, "subject_token": 5}},
+        {
+            "json": {
+                "grant_type": GRANT_EXCHANGE,
+                "subject_token_type": TYPE_ACCESS,
+                "subject_token": key["token"],
+                "expires_in": True,
+            }
+        },
+        {"data": {**EXCHANGE, "subject_token": key["token"], "expires_in": "9" * 15}},
+        {"data": {**EXCHANGE, "subject_token": key["token"], "expires_in": "0"}},
+        {"data": {**EXCHANGE, "subject_token": "x" * 20000}},
+        {"data": {**EXCHANGE, "subject_token": key["token"], "scope": "a:b " * 1000}},
+        {"data": {**EXCHANGE, "subject_token": key["token"]}, "headers": {"DPoP": "x.y.z"}},
+        {
+            "data": {
+                **EXCHANGE,
+                "subject_token_type": "urn:ietf:params:oauth:token-type:id_token",
+                "subject_token": key["token"],
+            }
+        },
+        {
+            "data": {
+                **EXCHANGE,
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "subject_token": "e30.e30.e30",
+            }
+        },
+        {"files": {"f": ("a.txt", b"x")}, "data": {"grant_type": "refresh_token"}},
+    ]
+    for kwargs in odd:
+        response = await api.post("/v1/token", **kwargs)
+        assert 400 <= response.status_code < 500, (kwargs, response.text)
+        body = response.json()
+        assert body["error"] and body["message"], body
+        assert key["token"] not in response.text
+    for path, body in [
+        ("/v1/projects/shop/policy", {"max_token_lifetime": "forever"}),
+        ("/v1/projects/shop/policy", {"expiry_warning_days": -1}),
+        ("/v1/projects/shop/policy", {"unknown": 1}),
+    ]:
+        response = await api.put(path, json=body)
+        assert response.status_code == 422, response.text
+    response = await api.put(f"/v1/tokens/{key['id']}/rotation", json={"period": "x"})
+    assert response.status_code == 422

@@ -31,7 +31,6 @@ _FIELDS = {
     "expires_in": 16,
     "audience": 256,
     "requested_token_type": 128,
-    "resource": 2048,
 }
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 

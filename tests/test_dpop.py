@@ -275,3 +275,23 @@ def _b64(data):
     import base64
 
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+async def test_public_url_names_the_htu_behind_a_proxy(api, services, client_key):
+    services.settings.public_url = "https://tokens.example.com/"
+    try:
+        await api.post("/v1/projects", json={"name": "shop"})
+        key = (await api.post("/v1/tokens", json={"project": "shop", "scopes": ["a:b"]})).json()
+        form = {
+            "grant_type": GRANT_EXCHANGE,
+            "subject_token_type": TYPE_ACCESS,
+            "subject_token": key["token"],
+        }
+        internal = make_proof(client_key, "POST", TOKEN_URL)
+        refused = await api.post("/v1/token", data=form, headers={"DPoP": internal})
+        assert refused.json()["error"] == "invalid_dpop_proof"
+        public = make_proof(client_key, "POST", "https://tokens.example.com/v1/token")
+        ok = await api.post("/v1/token", data=form, headers={"DPoP": public})
+        assert ok.status_code == 200 and ok.json()["token_type"] == "DPoP"
+    finally:
+        services.settings.public_url = None

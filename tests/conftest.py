@@ -185,7 +185,13 @@ class LiveServer:
 
 
 @pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[LiveServer]:
+def live_overrides() -> dict[str, object]:
+    """Settings for the ``live`` server; a test module overrides this fixture to change them."""
+    return {}
+
+
+@pytest.fixture
+async def live(tmp_path: Path, live_overrides: dict[str, object]) -> AsyncIterator[LiveServer]:
     """A real tokenward server on a free loopback port (SQLite), with a project 'shop'."""
     import threading
 
@@ -199,6 +205,7 @@ async def live(tmp_path: Path) -> AsyncIterator[LiveServer]:
         secret_key=secrets.token_hex(32),
         port=port,
         usage_flush_seconds=60,
+        **live_overrides,
     )
     result = await initialize(settings)
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error")

@@ -226,3 +226,25 @@ async def test_schedule_follows_a_manual_rotation(api, services, scheduler, rece
     report = await tick(services, scheduler, due + timedelta(days=1))
     assert report.rotated == [manual["id"]]
     assert receiver.received[0]["body"]["previous_id"] == manual["id"]
+
+
+async def test_no_expiry_warning_for_a_token_rotated_in_time(api, services, scheduler, receiver):
+    await api.post("/v1/projects", json={"name": "shop"})
+    key = (
+        await api.post("/v1/tokens", json={"project": "shop", "scopes": ["a:b"], "ttl": "3d"})
+    ).json()
+    await api.put(
+        f"/v1/tokens/{key['id']}/rotation",
+        json={"period": "2d", "grace": "1h", "webhook_url": receiver.url},
+    )
+    report = await tick(services, scheduler, services.verifier.clock())
+    assert report.warned == []
+    await api.put(
+        f"/v1/tokens/{key['id']}/rotation",
+        json={"period": "5d", "grace": "1h", "webhook_url": receiver.url},
+    )
+    report = await tick(services, scheduler, services.verifier.clock())
+    assert report.warned == [key["id"]]
+    [delivery] = receiver.received
+    assert delivery["body"]["event"] == "token.expiring"
+    assert delivery["headers"]["Tokenward-Event"] == "token.expiring"

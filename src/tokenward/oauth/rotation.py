@@ -246,11 +246,14 @@ class RotationScheduler:
             assert record.expires_at is not None
             if record.expires_at - now > timedelta(days=days_by_project[pid]):
                 continue
-            await self._warn(record, now)
+            rotation = await self.sessions.get_rotation(record.id)
+            if rotation is not None and rotation.due_at < record.expires_at:
+                continue  # it will be rotated before it expires: nothing to warn about
+            await self._warn(record, now, rotation)
             await self.sessions.mark_warned(record.id, now)
             report.warned.append(record.id)
 
-    async def _warn(self, record: TokenRecord, now: datetime) -> None:
+    async def _warn(self, record: TokenRecord, now: datetime, rotation: Rotation | None) -> None:
         assert record.expires_at is not None
         evidence: dict[str, Any] = {
             "expires_at": _iso(record.expires_at),
@@ -267,7 +270,6 @@ class RotationScheduler:
                 evidence=evidence,
             )
         )
-        rotation = await self.sessions.get_rotation(record.id)
         if rotation is not None and rotation.webhook_url and rotation.webhook_secret:
             await self.sender.deliver(
                 rotation.webhook_url,

@@ -255,3 +255,14 @@ async def test_trust_policy_cannot_grant_more_than_its_creator(api, services, is
         headers={"Authorization": f"Bearer {limited['token']}"},
     )
     assert response.status_code == 403
+
+
+async def test_identity_exchanges_are_audited(api, issuer, events):
+    await trust(api, issuer)
+    ok = (await ci_exchange(api, issuer.token())).json()
+    bad = issuer.token(repository="evil/shop")
+    await ci_exchange(api, bad)
+    [allowed, denied] = [e for e in events.access_events if e.source == "token_endpoint"]
+    assert allowed.decision.allowed and allowed.decision.token.id == ok["token_id"]
+    assert not denied.decision.allowed and denied.fingerprint
+    assert bad not in repr(denied)

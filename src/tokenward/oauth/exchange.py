@@ -201,7 +201,12 @@ class TokenExchange:
     async def exchange_identity(self, req: TokenRequest) -> TokenResponse:
         assert req.subject_token is not None
         now = self.tokens.now
-        trust, claims = await self.identity.verify(req.subject_token, now, req.audience)
+        started = time.perf_counter()
+        try:
+            trust, claims = await self.identity.verify(req.subject_token, now, req.audience)
+        except BadRequest:
+            await self._access_event(Decision(False, Reason.UNKNOWN), started, req.subject_token)
+            raise
         jkt = await self._proof_key(req, now)
         policy = await self._policy(trust.project_id)
         if policy.require_dpop and jkt is None:
@@ -231,6 +236,7 @@ class TokenExchange:
             refresh = await self._mint(
                 actor, TokenKind.REFRESH, scopes, refresh_expiry, family, jkt
             )
+        await self._access_event(Decision(True, Reason.OK, access.record), started)
         return TokenResponse(access, refresh, now, TYPE_ACCESS)
 
     # -- refresh --------------------------------------------------------------------------

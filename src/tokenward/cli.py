@@ -405,11 +405,20 @@ def token_rotate(
     token_id: str,
     grace: Annotated[str, typer.Option(help="How long the old token keeps working.")] = "1h",
     as_json: JsonOpt = False,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", help="json, env, dotenv or github (to GITHUB_ENV, masked)."),
+    ] = None,
+    env_name: Annotated[str, typer.Option("--env-name", help="Variable name.")] = "TOKENWARD_TOKEN",
 ) -> None:
     """Issue a successor; the old token works until the grace period ends."""
-    with client(as_json) as c:
-        body = call(as_json, c.rotate_token, token_id, grace)
-    if as_json:
+    with client(as_json or output == "json") as c:
+        body = call(as_json or output == "json", c.rotate_token, token_id, grace)
+    if output is not None:
+        from tokenward.cli_oauth import emit_token
+
+        emit_token(output, body, env_name, body.get("expires_at"))
+    elif as_json:
         emit_json(body)
     else:
         _show_secret(body, "rotated: new token")
@@ -420,3 +429,7 @@ def token_rotate(
 
 def main() -> None:
     app()
+
+
+# Registers ``token exchange``, ``token auto-rotate``, ``trust …`` and ``project policy``.
+import tokenward.cli_oauth  # noqa: E402, F401

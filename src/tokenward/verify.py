@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tokenward.errors import Unavailable
 from tokenward.limits import RateLimiter, RateResult
+from tokenward.oauth.dpop import DPoPChecker, DPoPError, DPoPRequest
 from tokenward.store.repository import TokenStore
 from tokenward.tokens.format import TokenFormatError, parse_token
 from tokenward.tokens.hashing import TokenHasher
@@ -130,6 +131,8 @@ class Verifier:
         self.cache_enabled = True
         self.hits = 0
         self.misses = 0
+        #: checks proofs for DPoP-bound tokens (replaced by a Redis-backed one when configured)
+        self.dpop = DPoPChecker()
 
     async def verify(
         self,
@@ -141,6 +144,7 @@ class Verifier:
         project: str | None = None,
         environment: str | None = None,
         consume: bool = True,
+        dpop: DPoPRequest | None = None,
     ) -> Decision:
         """Decide whether ``credential`` may do ``scope`` from ``ip``.
 
@@ -148,6 +152,8 @@ class Verifier:
         of another project is reported ``unknown`` and nothing about it is revealed.
         ``project`` and ``environment`` are what a route requires. ``consume=False`` (for
         introspection) checks without counting a rate-limit hit or spending a use.
+        ``dpop`` is the request's DPoP proof context (see :func:`tokenward.oauth.dpop_request`):
+        a DPoP-bound token is allowed only with a fresh proof by its key.
         """
         # 1. Syntax and checksum: no store is touched for garbage.
         try:
@@ -167,6 +173,9 @@ class Verifier:
         if record.kind == TokenKind.CANARY:
             # A canary is never legitimately used: to its presenter it looks unknown.
             return Decision(False, Reason.UNKNOWN, record)
+        if record.kind == TokenKind.REFRESH:
+            # A refresh token is good at the token endpoint only, never as a credential.
+            return Decision(False, Reason.WRONG_TOKEN_TYPE, record)
         # 3. State: revoked, rotated out, expired, not yet valid.
         now = self.clock()
         reason = STATE_REASONS.get(record.state(now))
@@ -177,6 +186,16 @@ class Verifier:
             return Decision(False, Reason.WRONG_PROJECT, record)
         if environment is not None and record.environment != environment:
             return Decision(False, Reason.WRONG_ENVIRONMENT, record)
+        # 4b. Sender constraint (RFC 9449): a bound token needs a fresh proof by its key.
+        if record.dpop_jkt is not None and consume:
+            try:
+                await self.dpop.check(
+                    dpop, now=now, access_token=credential, expected_jkt=record.dpop_jkt
+                )
+            except DPoPError as exc:
+                return Decision(False, Reason(exc.reason), record)
+            except Unavailable:
+                return Decision(False, Reason.UNAVAILABLE, record)
         # 5. IP allowlist.
         if entry.networks and not ip_allowed(ip, entry.networks):
             return Decision(False, Reason.IP_NOT_ALLOWED, record)

@@ -259,7 +259,7 @@ async def test_unsupported_methods_and_unknown_routes(api, setup):
     ]:
         response = await api.request(method, path)
         assert_clean_error(response, 405)
-    for path in ("/nope", "/v1", "/v1/token", "/v2/tokens", f"/v1/tokens/{token_id}/extra"):
+    for path in ("/nope", "/v1", "/v1/tokenz", "/v2/tokens", f"/v1/tokens/{token_id}/extra"):
         body = assert_clean_error(await api.get(path), 404)
         assert body["error"] == "not_found"
     body = assert_clean_error(await api.get(f"/v1/{PRESENTED}"), 404)

@@ -71,6 +71,9 @@ def _record(row: Any) -> TokenRecord:
         hint=m["hint"],
         key_id=m["key_id"],
         metadata=dict(m["metadata"]),
+        family_id=m["family_id"],
+        dpop_jkt=m["dpop_jkt"],
+        rotation_period=m["rotation_period"],
     )
 
 
@@ -104,6 +107,9 @@ def _token_values(record: TokenRecord, token_hash: str) -> dict[str, Any]:
         "revoked_at": record.revoked_at,
         "revoked_reason": record.revoked_reason,
         "metadata": dict(record.metadata),
+        "family_id": record.family_id,
+        "dpop_jkt": record.dpop_jkt,
+        "rotation_period": record.rotation_period,
     }
 
 

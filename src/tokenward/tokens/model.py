@@ -42,6 +42,9 @@ class Reason(StrEnum):
     WRONG_ENVIRONMENT = "wrong_environment"
     WRONG_PROJECT = "wrong_project"
     UNAVAILABLE = "unavailable"
+    WRONG_TOKEN_TYPE = "wrong_token_type"  # noqa: S105 - a reason code
+    DPOP_REQUIRED = "dpop_required"
+    INVALID_DPOP_PROOF = "invalid_dpop_proof"
 
 
 @dataclass(slots=True)
@@ -73,6 +76,12 @@ class TokenRecord:
     hint: str = ""
     key_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    #: exchange/refresh lineage: every token minted from one grant shares it
+    family_id: str | None = None
+    #: RFC 7638 thumbprint of the key the token is bound to (DPoP, RFC 9449)
+    dpop_jkt: str | None = None
+    #: automatic rotation period, in seconds
+    rotation_period: int | None = None
 
     def state(self, now: datetime) -> TokenState:
         """The token's state at ``now``: the order of checks is the order of precedence."""
@@ -114,6 +123,9 @@ class TokenRecord:
             "last_used_at": _iso(self.last_used_at),
             "last_used_ip": self.last_used_ip,
             "metadata": dict(self.metadata),
+            "family_id": self.family_id,
+            "dpop_jkt": self.dpop_jkt,
+            "rotation_period": self.rotation_period,
         }
 
 

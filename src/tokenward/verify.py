@@ -196,8 +196,8 @@ class Verifier:
                 return Decision(False, Reason(exc.reason), record)
             except Unavailable:
                 return Decision(False, Reason.UNAVAILABLE, record)
-        # 5. IP allowlist.
-        if entry.networks and not ip_allowed(ip, entry.networks):
+        # 5. IP allowlist (an introspection without a client IP asks about the token only).
+        if entry.networks and (consume or ip is not None) and not ip_allowed(ip, entry.networks):
             return Decision(False, Reason.IP_NOT_ALLOWED, record)
         # 6. Scope.
         if scope is not None and not scopes_allow(record.scopes, scope):

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp
 
 from tokenward import __version__
-from tokenward.api import admin, health, verification
+from tokenward.api import admin, health, oauth, verification
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.fastpath import FastPath
 from tokenward.api.middleware import (
@@ -26,6 +26,7 @@ from tokenward.fanout import Fanout, make_fanout
 from tokenward.gateway import Enforcement, build_enforcement
 from tokenward.gateway.authz import AuthzMiddleware
 from tokenward.limits import RateLimiter
+from tokenward.oauth.sessions import Sessions, build_sessions
 from tokenward.service import TokenService
 from tokenward.settings import Settings, load_hasher
 from tokenward.store.engine import create_engine, migrate
@@ -48,6 +49,7 @@ class Services:
     events: EventBus
     fanout: Fanout
     redis: Redis | None = None
+    sessions: Sessions | None = None
     #: route policies and the decision pipeline of the gateway and /authz
     enforcement: Enforcement | None = None
 
@@ -74,6 +76,7 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     fanout = make_fanout(verifier, engine, redis)
     await fanout.start()
     tokens = TokenService(store, hasher, verifier, events, on_change=fanout.publish)
+    sessions = build_sessions(settings, engine, tokens, events, redis)
     return Services(
         settings,
         engine,
@@ -85,6 +88,7 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         events,
         fanout,
         redis,
+        sessions,
         enforcement,
     )
 
@@ -106,12 +110,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         svc = services if services is not None else await open_services(settings)
         app.state.services = svc
         flusher = asyncio.create_task(_flush_usage_forever(svc))
+        rotation = (
+            asyncio.create_task(svc.sessions.scheduler.run_forever()) if svc.sessions else None
+        )
         try:
             yield
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            for task in (flusher, rotation):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if owned:
                 await svc.close()
             else:
@@ -129,6 +138,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(health.router)
     app.include_router(verification.router)
     app.include_router(admin.router)
+    app.include_router(oauth.router)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import httpx
 import typer
 from rich.console import Console
 from rich.panel import Panel
@@ -183,6 +185,7 @@ def serve(
         out.print(
             f"self-signed certificate {tls_cert}\nSHA-256 fingerprint: {fingerprint}",
             highlight=False,
+            soft_wrap=True,  # a fingerprint or path split over lines cannot be copied
         )
     tls = tls_cert is not None
     try:
@@ -245,7 +248,17 @@ def client(as_json: bool = False) -> AdminClient:
         )
     url = os.environ.get("TOKENWARD_URL", "http://127.0.0.1:8080")
     ca = os.environ.get("TOKENWARD_CA_CERT")
-    return AdminClient(url, token, verify=ca or True)
+    try:
+        return AdminClient(url, token, verify=ca or True)
+    except (OSError, ssl.SSLError):
+        fail(
+            f"cannot read the CA certificate TOKENWARD_CA_CERT={ca}",
+            2,
+            as_json=as_json,
+            error="bad_ca_cert",
+        )
+    except httpx.InvalidURL:
+        fail(f"TOKENWARD_URL is not a valid URL: {url!r}", 2, as_json=as_json, error="bad_url")
 
 
 def call(as_json: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -253,17 +266,20 @@ def call(as_json: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except AdminAPIError as exc:
         fail(exc.message, 1, as_json=as_json, error=exc.code)
-    except Exception as exc:  # connection refused, TLS failure, timeout
-        import httpx
-
-        if isinstance(exc, httpx.HTTPError):
-            fail(
-                f"cannot reach the server: {type(exc).__name__}",
-                3,
-                as_json=as_json,
-                error="connection_failed",
-            )
-        raise
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # connection refused, TLS, timeout
+        fail(
+            f"cannot reach the server: {type(exc).__name__}",
+            3,
+            as_json=as_json,
+            error="connection_failed",
+        )
+    except ValueError:  # an answer that is not JSON: not a tokenward server
+        fail(
+            "the server's answer is not JSON: is TOKENWARD_URL a tokenward server?",
+            3,
+            as_json=as_json,
+            error="bad_response",
+        )
 
 
 @project_app.command("create")
@@ -443,11 +459,20 @@ def token_rotate(
     token_id: str,
     grace: Annotated[str, typer.Option(help="How long the old token keeps working.")] = "1h",
     as_json: JsonOpt = False,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", help="json, env, dotenv or github (to GITHUB_ENV, masked)."),
+    ] = None,
+    env_name: Annotated[str, typer.Option("--env-name", help="Variable name.")] = "TOKENWARD_TOKEN",
 ) -> None:
     """Issue a successor; the old token works until the grace period ends."""
-    with client(as_json) as c:
-        body = call(as_json, c.rotate_token, token_id, grace)
-    if as_json:
+    with client(as_json or output == "json") as c:
+        body = call(as_json or output == "json", c.rotate_token, token_id, grace)
+    if output is not None:
+        from tokenward.cli_oauth import emit_token
+
+        emit_token(output, body, env_name, body.get("expires_at"))
+    elif as_json:
         emit_json(body)
     else:
         _show_secret(body, "rotated: new token")
@@ -458,3 +483,7 @@ def token_rotate(
 
 def main() -> None:
     app()
+
+
+# Registers ``token exchange``, ``token auto-rotate``, ``trust …`` and ``project policy``.
+import tokenward.cli_oauth  # noqa: E402, F401

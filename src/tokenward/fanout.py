@@ -171,3 +171,22 @@ def make_fanout(verifier: Verifier, engine: AsyncEngine, redis: Redis | None) ->
     if engine.dialect.name == "postgresql":
         return PostgresFanout(verifier, engine)
     return Fanout(verifier)
+
+
+async def announce(engine: AsyncEngine, redis_url: str | None, token_ids: list[str]) -> None:
+    """Tell running replicas that tokens changed, from outside a server (``init --reset``)."""
+    if not token_ids:
+        return
+    if redis_url is not None:
+        client = Redis.from_url(redis_url)
+        try:
+            for token_id in token_ids:
+                await client.publish(CHANNEL, token_id)
+        finally:
+            await client.aclose()
+    elif engine.dialect.name == "postgresql":
+        async with engine.begin() as conn:
+            for token_id in token_ids:
+                await conn.execute(
+                    text("SELECT pg_notify(:c, :id)"), {"c": CHANNEL, "id": token_id}
+                )

@@ -35,6 +35,8 @@ from tokenward.verify import Verifier
 
 MAX_GRACE = timedelta(days=30)
 
+LifetimeCap = Callable[[str, datetime | None, datetime, bool], Awaitable[datetime | None]]
+
 
 @dataclass(slots=True)
 class TokenSpec:
@@ -53,6 +55,8 @@ class TokenSpec:
     rate_limit: list[str] = field(default_factory=list)
     uses: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    family_id: str | None = None
+    dpop_jkt: str | None = None
 
 
 @dataclass(slots=True)
@@ -110,6 +114,8 @@ class TokenService:
         self.events = events
         #: called with a token id after every change (revocation fan-out to other replicas)
         self.on_change = on_change
+        #: project policy: (project id, wanted expiry, now, clamp) → allowed expiry, or raises
+        self.lifetime_cap: LifetimeCap | None = None
 
     @property
     def now(self) -> datetime:
@@ -181,6 +187,8 @@ class TokenService:
             raise Invalid("invalid_expiry", "expires_at must be at most 3660 days away")
         if not_before is not None and not_before - now > MAX_DURATION:
             raise Invalid("invalid_not_before", "not_before must be at most 3660 days away")
+        if self.lifetime_cap is not None and project_id is not None:
+            expires_at = await self.lifetime_cap(project_id, expires_at, now, False)
         if not_before and expires_at and not_before >= expires_at:
             raise Invalid("invalid_not_before", "not_before must be before the expiry")
         if actor.expires_at is not None and (expires_at is None or expires_at > actor.expires_at):
@@ -210,6 +218,8 @@ class TokenService:
             hint=token_hint(secret),
             key_id=self.hasher.current.id,
             metadata=dict(spec.metadata),
+            family_id=spec.family_id,
+            dpop_jkt=spec.dpop_jkt,
         )
         await self.store.insert_token(record, self.hasher.hash(secret))
         await self._audit(
@@ -281,6 +291,8 @@ class TokenService:
         expires_at = None
         if old.expires_at is not None:
             expires_at = now + (old.expires_at - old.created_at)
+        if self.lifetime_cap is not None and old.project_id is not None:
+            expires_at = await self.lifetime_cap(old.project_id, expires_at, now, True)
         if actor.expires_at is not None and (expires_at is None or expires_at > actor.expires_at):
             expires_at = actor.expires_at
         secret = generate_token(old.environment)
@@ -305,6 +317,9 @@ class TokenService:
             hint=token_hint(secret),
             key_id=self.hasher.current.id,
             metadata=dict(old.metadata),
+            family_id=old.family_id,
+            dpop_jkt=old.dpop_jkt,
+            rotation_period=old.rotation_period,
         )
         updated_old = await self.store.rotate(
             old.id, successor, self.hasher.hash(secret), now + grace

@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tokenward.errors import Unavailable
 from tokenward.limits import RateLimiter, RateResult
+from tokenward.oauth.dpop import DPoPChecker, DPoPError, DPoPRequest
 from tokenward.store.repository import TokenStore
 from tokenward.tokens.format import TokenFormatError, parse_token
 from tokenward.tokens.hashing import TokenHasher
@@ -135,6 +136,8 @@ class Verifier:
         self._loading: dict[str, asyncio.Future[_Entry | None]] = {}
         self.hits = 0
         self.misses = 0
+        #: checks proofs for DPoP-bound tokens (replaced by a Redis-backed one when configured)
+        self.dpop = DPoPChecker()
 
     async def verify(
         self,
@@ -147,6 +150,7 @@ class Verifier:
         environment: str | None = None,
         consume: bool = True,
         route_limit: tuple[str, tuple[str, ...]] | None = None,
+        dpop: DPoPRequest | None = None,
     ) -> Decision:
         """Decide whether ``credential`` may do ``scope`` from ``ip``.
 
@@ -156,6 +160,8 @@ class Verifier:
         introspection) checks without counting a rate-limit hit or spending a use.
         ``route_limit`` is a route's own limit (key, windows), counted per token after the
         token's own limit and before a use is spent.
+        ``dpop`` is the request's DPoP proof context (see :func:`tokenward.oauth.dpop_request`):
+        a DPoP-bound token is allowed only with a fresh proof by its key.
         """
         # 1. Syntax and checksum: no store is touched for garbage.
         try:
@@ -175,6 +181,9 @@ class Verifier:
         if record.kind == TokenKind.CANARY:
             # A canary is never legitimately used: to its presenter it looks unknown.
             return Decision(False, Reason.UNKNOWN, record)
+        if record.kind == TokenKind.REFRESH:
+            # A refresh token is good at the token endpoint only, never as a credential.
+            return Decision(False, Reason.WRONG_TOKEN_TYPE, record)
         # 3. State: revoked, rotated out, expired, not yet valid.
         now = self.clock()
         reason = STATE_REASONS.get(record.state(now))
@@ -185,10 +194,25 @@ class Verifier:
             return Decision(False, Reason.WRONG_PROJECT, record)
         if environment is not None and record.environment != environment:
             return Decision(False, Reason.WRONG_ENVIRONMENT, record)
-        # 5. IP allowlists: the token's own and its project's.
-        if entry.networks and not ip_allowed(ip, entry.networks):
+        # 4b. Sender constraint (RFC 9449): a bound token needs a fresh proof by its key.
+        if record.dpop_jkt is not None and consume:
+            try:
+                await self.dpop.check(
+                    dpop, now=now, access_token=credential, expected_jkt=record.dpop_jkt
+                )
+            except DPoPError as exc:
+                return Decision(False, Reason(exc.reason), record)
+            except Unavailable:
+                return Decision(False, Reason.UNAVAILABLE, record)
+        # 5. IP allowlists, the token's own and its project's (an introspection without a
+        # client IP asks about the token only).
+        if entry.networks and (consume or ip is not None) and not ip_allowed(ip, entry.networks):
             return Decision(False, Reason.IP_NOT_ALLOWED, record)
-        if entry.project_networks and not ip_allowed(ip, entry.project_networks):
+        if (
+            entry.project_networks
+            and (consume or ip is not None)
+            and not ip_allowed(ip, entry.project_networks)
+        ):
             return Decision(False, Reason.IP_NOT_ALLOWED, record)
         # 6. Scope.
         if scope is not None and not scopes_allow(record.scopes, scope):
@@ -196,7 +220,7 @@ class Verifier:
         # 7. Rate limit, then remaining uses (a denied request spends no use).
         ratelimit = None
         if not consume:
-            if record.remaining_uses == 0:
+            if record.remaining_uses == 0 and record.replaced_by is None:
                 return Decision(False, Reason.USES_EXHAUSTED, record, None, 0)
             return Decision(True, Reason.OK, record, None, record.remaining_uses)
         if record.rate_limit:
@@ -218,7 +242,9 @@ class Verifier:
         remaining = record.remaining_uses
         if remaining is not None:
             try:
-                left = await self._guard(self.store.consume_use(record.id))
+                left = await self._guard(
+                    self.store.consume_use(record.id, rotated=record.replaced_by is not None)
+                )
             except Unavailable:
                 return Decision(False, Reason.UNAVAILABLE, record)
             if left is None:

@@ -119,8 +119,10 @@ async def test_list_filters_by_state(api, services):
     assert await ids("rotated") == {rotated["id"]}
     everything = await api.get("/v1/tokens", params={"project": "app"})
     assert len(everything.json()["tokens"]) == 5
-    bad = await api.get("/v1/tokens", params={"state": "sleeping"})
-    assert bad.status_code == 422 and bad.json()["error"] == "invalid_request"
+    for state in ("sleeping", "rotated_in_grace", "not_yet_valid"):
+        # Not filters the list knows: refused rather than silently ignored.
+        bad = await api.get("/v1/tokens", params={"state": state})
+        assert bad.status_code == 422 and bad.json()["error"] == "invalid_request"
 
 
 async def test_list_paginates_with_limit_after_and_next(api):
@@ -185,6 +187,23 @@ async def test_rotate_with_grace(api, services):
     assert (
         await api.post(f"/v1/tokens/{new['id']}/rotate", json={"grace": "31d"})
     ).status_code == 422
+
+
+async def test_grace_never_outlives_the_old_tokens_expiry(api, services):
+    await new_project(api, "app")
+    old = await new_token(api, project="app", ttl="1h")
+    move_clock(services, timedelta(minutes=50))
+    response = await api.post(f"/v1/tokens/{old['id']}/rotate", json={"grace": "2h"})
+    assert response.status_code == 201
+    new = response.json()  # a fresh hour: expires at +110 minutes
+    move_clock(services, timedelta(minutes=70))  # past the old expiry, inside the grace
+    assert (await verify(api, old["token"]))["reason"] == "expired"
+    assert (await api.get(f"/v1/tokens/{old['id']}")).json()["state"] == "expired"
+    assert (await verify(api, new["token"]))["valid"] is True
+    expired = await api.get("/v1/tokens", params={"project": "app", "state": "expired"})
+    assert [t["id"] for t in expired.json()["tokens"]] == [old["id"]]
+    active = await api.get("/v1/tokens", params={"project": "app", "state": "active"})
+    assert [t["id"] for t in active.json()["tokens"]] == [new["id"]]
 
 
 async def test_verify_body_and_reasons(api, services):

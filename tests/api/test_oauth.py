@@ -172,3 +172,19 @@ async def test_rfc7009_json_body_is_an_error(api, app_project):
     assert body["error"] == "invalid_request" and body["message"]
     assert token["token"] not in response.text
     assert await is_valid(api, token["token"])
+
+
+async def test_introspection_of_an_ip_restricted_token_is_active(api, services):
+    await api.post("/v1/projects", json={"name": "iprestricted"})
+    created = (
+        await api.post(
+            "/v1/tokens",
+            json={
+                "project": "iprestricted",
+                "scopes": ["records:read"],
+                "ip_allowlist": ["10.0.0.0/8"],
+            },
+        )
+    ).json()
+    response = await api.post("/oauth/introspect", data={"token": created["token"]})
+    assert response.json()["active"] is True

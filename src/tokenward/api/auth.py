@@ -48,6 +48,7 @@ async def authenticate_credential(
     method: str,
     path: str,
     audit_allowed: bool = True,
+    dpop: Any = None,
 ) -> TokenRecord:
     """Verify a caller's credential and that it holds one of the scopes ``any_of``.
 
@@ -60,7 +61,7 @@ async def authenticate_credential(
         )
     verifier: Verifier = services.verifier
     started = time.perf_counter()
-    decision = await verifier.verify(credential, ip=ip)
+    decision = await verifier.verify(credential, ip=ip, dpop=dpop)
     record = decision.token
     held = record is not None and any(scopes_allow(record.scopes, s) for s in any_of)
     if decision.allowed and not held:
@@ -86,18 +87,33 @@ async def authenticate_credential(
         raise Forbidden("ip_not_allowed", "the credential may not be used from this address")
     if decision.reason == Reason.INSUFFICIENT_SCOPE:
         raise Forbidden("insufficient_scope", f"this call needs the scope {' or '.join(any_of)}")
+    if decision.reason in (Reason.DPOP_REQUIRED, Reason.INVALID_DPOP_PROOF):
+        raise Unauthorized(decision.reason.value, "the credential needs a valid DPoP proof")
     raise Unauthorized("invalid_credential", f"the credential is not valid: {decision.reason}")
 
 
 async def authenticate(request: Request, *any_of: str) -> TokenRecord:
-    """Verify the request's bearer credential and that it holds one of ``any_of``."""
+    """Verify the request's credential and that it holds one of ``any_of``.
+
+    ``Authorization: Bearer <token>``, or ``Authorization: DPoP <token>`` with a ``DPoP``
+    proof header (RFC 9449).
+    """
+    credential = bearer_token(request)
+    dpop = None
+    if credential is None or "dpop" in request.headers:
+        from tokenward.api.dpop import dpop_context
+
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        credential = value.strip() or None if scheme.lower() in ("dpop", "bearer") else None
+        dpop = dpop_context(request)
     record = await authenticate_credential(
         request.app.state.services,
-        bearer_token(request),
+        credential,
         client_ip(request),
         any_of,
         method=request.method,
         path=request.url.path,
+        dpop=dpop,
     )
     request.state.actor = record
     return record

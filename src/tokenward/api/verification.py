@@ -20,7 +20,8 @@ from tokenward.api.auth import (
     parse_bearer,
 )
 from tokenward.api.errors import error_response
-from tokenward.errors import Forbidden, Invalid
+from tokenward.errors import BadRequest, Forbidden, Invalid
+from tokenward.oauth.dpop import DPoPRequest
 from tokenward.tokens.format import TokenFormatError, parse_token
 from tokenward.tokens.model import Reason
 
@@ -28,6 +29,8 @@ router = APIRouter()
 
 _FIELD_NAME = re.compile(r"^[a-z_]{1,32}$")
 _VERIFY_FIELDS = {"token": 4096, "scope": 128, "ip": 64, "project": 64, "environment": 8}
+#: DPoP (RFC 9449): the proof the resource server received, with its request's method and URL
+_VERIFY_FIELDS.update({"dpop": 8192, "method": 16, "url": 2048})
 
 VERIFY_SCHEMA: dict[str, Any] = {
     "requestBody": {
@@ -44,6 +47,9 @@ VERIFY_SCHEMA: dict[str, Any] = {
                         "ip": {"type": "string", "example": "203.0.113.7"},
                         "project": {"type": "string"},
                         "environment": {"type": "string", "enum": ["live", "test"]},
+                        "dpop": {"type": "string", "description": "The request's DPoP proof."},
+                        "method": {"type": "string", "example": "GET"},
+                        "url": {"type": "string", "example": "https://api.example.com/records"},
                     },
                 }
             }
@@ -56,7 +62,7 @@ def _verify_body(raw: bytes) -> dict[str, str | None]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise Invalid("invalid_json", "the request body is not valid JSON") from None
+        raise BadRequest("invalid_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Invalid("invalid_request", "the body must be a JSON object")
     unknown = set(body) - _VERIFY_FIELDS.keys()
@@ -75,6 +81,8 @@ def _verify_body(raw: bytes) -> dict[str, str | None]:
             raise Invalid("invalid_request", f"{name}: longer than {_VERIFY_FIELDS[name]}")
     if body.get("environment") not in (None, "live", "test"):
         raise Invalid("invalid_request", "environment: must be 'live' or 'test'")
+    if body.get("dpop") and not (body.get("method") and body.get("url")):
+        raise Invalid("invalid_request", "dpop: needs the request's method and url")
     return body
 
 
@@ -103,6 +111,9 @@ async def handle_verify(
         tenant=caller.project_id,
         environment=body.get("environment"),
         project=body.get("project"),
+        dpop=DPoPRequest(body["dpop"], body["method"] or "", body["url"] or "")
+        if body.get("dpop")
+        else None,
     )
     await emit_access(
         services,
@@ -189,6 +200,7 @@ async def introspect(request: Request, caller: Verifying) -> JSONResponse:
         "iss": "tokenward",
         "environment": token.environment,
         "project": token.project,
+        "cnf": {"jkt": token.dpop_jkt} if token.dpop_jkt else None,
     }
     return JSONResponse({k: v for k, v in body.items() if v is not None}, headers=headers)
 

@@ -171,6 +171,23 @@ async def test_store_down_fails_closed(services, admin):
         services.store.engine = healthy
 
 
+async def test_concurrent_misses_share_one_store_lookup(services, admin):
+    issued = await make(services, admin)
+    services.verifier.clear()
+    calls = 0
+    find = services.store.find_by_hash
+
+    async def counting(hashes):
+        nonlocal calls
+        calls += 1
+        return await find(hashes)
+
+    services.store.find_by_hash = counting
+    decisions = await asyncio.gather(*[services.verifier.verify(issued.secret) for _ in range(20)])
+    assert all(d.allowed for d in decisions)
+    assert calls == 1
+
+
 async def test_rotation_hands_remaining_uses_to_the_successor(services, admin):
     old = await make(services, admin, uses=5)
     assert (await services.verifier.verify(old.secret)).allowed  # 4 left

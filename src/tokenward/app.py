@@ -23,6 +23,8 @@ from tokenward.api.middleware import (
 )
 from tokenward.events import EventBus
 from tokenward.fanout import Fanout, make_fanout
+from tokenward.gateway import Enforcement, build_enforcement
+from tokenward.gateway.authz import AuthzMiddleware
 from tokenward.limits import RateLimiter
 from tokenward.oauth.sessions import Sessions, build_sessions
 from tokenward.service import TokenService
@@ -48,10 +50,13 @@ class Services:
     fanout: Fanout
     redis: Redis | None = None
     sessions: Sessions | None = None
+    #: route policies and the decision pipeline of the gateway and /authz
+    enforcement: Enforcement | None = None
 
     async def close(self) -> None:
         await self.fanout.stop()
         await self.verifier.flush_usage()
+        await self.limiter.aclose()
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
@@ -67,12 +72,24 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
     verifier = Verifier(store, hasher, limiter, cache_ttl=settings.cache_ttl)
     events = EventBus()
+    enforcement = build_enforcement(settings, verifier, limiter, events, hasher)
     fanout = make_fanout(verifier, engine, redis)
     await fanout.start()
     tokens = TokenService(store, hasher, verifier, events, on_change=fanout.publish)
     sessions = build_sessions(settings, engine, tokens, events, redis)
     return Services(
-        settings, engine, store, hasher, limiter, verifier, tokens, events, fanout, redis, sessions
+        settings,
+        engine,
+        store,
+        hasher,
+        limiter,
+        verifier,
+        tokens,
+        events,
+        fanout,
+        redis,
+        sessions,
+        enforcement,
     )
 
 
@@ -132,4 +149,4 @@ def create_asgi(settings: Settings | None = None, services: Services | None = No
     """What the server runs: the hot routes' fast path in front of the FastAPI app."""
     api = create_app(settings, services)
     limit = (settings or (services.settings if services else Settings.load())).max_body_bytes
-    return FastPath(api, api, limit)
+    return FastPath(AuthzMiddleware(api, api), api, limit)

@@ -142,8 +142,19 @@ def serve(
         ),
     ] = False,
     init_first: Annotated[bool, typer.Option("--init", help="Initialize first if needed.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="TOKENWARD_GATEWAY_CONFIG",
+            help="Route policy file (TOML): serves the gateway and /authz decisions.",
+        ),
+    ] = None,
+    gateway_port: Annotated[
+        int, typer.Option(envvar="TOKENWARD_GATEWAY_PORT", help="Port of the gateway.")
+    ] = 8081,
 ) -> None:
-    """Run the server (admin API, verification API, /healthz)."""
+    """Run the server (admin API, verification API, /authz, /healthz; gateway with --config)."""
     import uvicorn
 
     from tokenward.app import create_asgi
@@ -152,9 +163,21 @@ def serve(
     from tokenward.settings import Settings
 
     settings = Settings.load(
-        data_dir=data_dir, host=host, port=port, allow_insecure_http=allow_insecure_http or None
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        allow_insecure_http=allow_insecure_http or None,
+        gateway_config=config,
+        gateway_port=gateway_port,
     )
     configure_logging(settings.log_level)
+    if settings.gateway_config is not None:
+        from tokenward.gateway import ConfigError, load_policy
+
+        try:
+            policy = load_policy(settings.gateway_config)
+        except ConfigError as exc:
+            fail(str(exc), 2)
     if (tls_cert is None) != (tls_key is None):
         fail("give both --tls-cert and --tls-key", 2)
     if tls_self_signed:
@@ -190,10 +213,7 @@ def serve(
         f"  CLI:       export TOKENWARD_URL={base} TOKENWARD_ADMIN_TOKEN=<admin token>",
         highlight=False,
     )
-    uvicorn.run(
-        create_asgi(settings),
-        host=host,
-        port=port,
+    uvicorn_options: dict[str, Any] = dict(
         log_level="warning",
         access_log=False,
         server_header=False,
@@ -202,6 +222,18 @@ def serve(
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
     )
+    if settings.gateway_config is not None:
+        from tokenward.gateway.serve import run, serve_with_gateway
+
+        out.print(
+            f"  gateway:   {scheme}://{shown}:{settings.gateway_port} "
+            f"({len(policy.routes)} routes from {settings.gateway_config})\n"
+            f"  authz:     {base}/authz",
+            highlight=False,
+        )
+        run(serve_with_gateway(settings, **uvicorn_options))
+        return
+    uvicorn.run(create_asgi(settings), host=host, port=port, **uvicorn_options)
 
 
 # -- admin client side --------------------------------------------------------------------
@@ -273,6 +305,28 @@ def project_list(as_json: JsonOpt = False) -> None:
     for p in projects:
         table.add_row(p["name"], p["id"], p["created_at"])
     out.print(table)
+
+
+@project_app.command("allow-ip")
+def project_allow_ip(
+    name: str,
+    cidrs: Annotated[
+        list[str] | None, typer.Argument(help="IPv4/IPv6 addresses or CIDRs; none to clear.")
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Allow any address again.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set the networks every token of a project may be used from (replaces the list)."""
+    if not cidrs and not clear:
+        fail("give one or more CIDRs, or --clear to allow any address", 2, as_json=as_json)
+    with client(as_json) as c:
+        project = call(as_json, c.update_project, name, [] if clear else list(cidrs or []))
+    if as_json:
+        emit_json(project)
+    elif project["ip_allowlist"]:
+        out.print(f"{project['name']}: tokens work only from {', '.join(project['ip_allowlist'])}")
+    else:
+        out.print(f"{project['name']}: tokens work from any address")
 
 
 def _meta(pairs: list[str]) -> dict[str, str]:

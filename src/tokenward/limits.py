@@ -76,6 +76,14 @@ class RateLimiter:
         assert tightest is not None
         return tightest
 
+    async def aclose(self) -> None:
+        """Close the Redis connections (nothing to do in memory)."""
+        if self._async is not None:
+            bridge = getattr(self._async.storage, "bridge", None)
+            client = getattr(bridge, "storage", None)
+            if client is not None:
+                await client.aclose()
+
     async def reset(self) -> None:
         if self._async is not None:
             await self._async.storage.reset()

@@ -139,6 +139,18 @@ class TokenService:
             raise NotFound("project_not_found", f"no project named {name_or_id!r}")
         return project
 
+    async def set_project_ip_allowlist(
+        self, actor: TokenRecord, name_or_id: str, cidrs: list[str]
+    ) -> Project:
+        """Replace a project's IP allowlist (empty: any address); effective immediately."""
+        project = await self.project_for(actor, name_or_id)
+        updated = await self.store.set_project_ip_allowlist(project.id, normalize_cidrs(cidrs))
+        self.verifier.invalidate_project(project.id)
+        await self._audit(
+            "project.update", actor, project.id, None, {"ip_allowlist": updated.ip_allowlist}
+        )
+        return updated
+
     # -- tokens ---------------------------------------------------------------------------
     async def create_token(self, actor: TokenRecord, spec: TokenSpec) -> Issued:
         now = self.now

@@ -129,6 +129,41 @@ class Settings(BaseSettings):
         3, ge=1, le=10, description="Delivery attempts of a webhook before it counts as failed."
     )
 
+    gateway_config: Path | None = Field(
+        None,
+        description="Route policy file (TOML) for the gateway and /authz; see docs/gateway.md.",
+    )
+    gateway_port: int = Field(
+        8081, ge=0, le=65535, description="Port of the built-in gateway (with a route policy file)."
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated CIDRs of proxies whose X-Forwarded-For is believed; "
+        "default: none (the socket peer is the client).",
+    )
+    auth_failure_limit: str = Field(
+        "20/minute",
+        description="Failed authentications per client IP before it gets 429 (several windows: "
+        "10/second;100/hour); empty to disable.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        from tokenward.clientip import parse_cidrs
+
+        parse_cidrs(value)
+        return value
+
+    @field_validator("auth_failure_limit")
+    @classmethod
+    def _failure_limit(cls, value: str) -> str:
+        from tokenward.tokens.durations import parse_rates
+
+        if value.strip():
+            parse_rates(value)
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:

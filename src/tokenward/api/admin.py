@@ -11,6 +11,7 @@ from tokenward.api.auth import AdminRead, AdminWrite
 from tokenward.api.schemas import (
     IDENTIFIER,
     ProjectCreate,
+    ProjectUpdate,
     TokenCreate,
     TokenRevoke,
     TokenRotate,
@@ -56,6 +57,15 @@ async def get_project(
     request: Request,
 ) -> Any:
     return (await _service(request).project_for(actor, name)).public()
+
+
+@router.patch("/projects/{name}", tags=["projects"])
+async def update_project(
+    name: str, body: ProjectUpdate, actor: AdminWrite, request: Request
+) -> Any:
+    """Set the project's IP allowlist (every token of it is then bound to those networks)."""
+    project = await _service(request).set_project_ip_allowlist(actor, name, body.ip_allowlist)
+    return project.public()
 
 
 @router.post("/tokens", status_code=201, tags=["tokens"])

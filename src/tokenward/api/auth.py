@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from tokenward.api.access import emit_access
+from tokenward.clientip import resolver_for
 from tokenward.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.tokens.scopes import scopes_allow
@@ -21,7 +22,12 @@ def bearer_token(request: Request) -> str | None:
 
 
 def client_ip(request: Request) -> str | None:
-    return request.client.host if request.client else None
+    """The socket peer, or from X-Forwarded-For when the peer is a trusted proxy."""
+    peer = request.client.host if request.client else None
+    trusted = request.app.state.services.settings.trusted_proxies
+    if not trusted:
+        return peer
+    return resolver_for(trusted).resolve(peer, request.headers.getlist("x-forwarded-for"))
 
 
 def parse_bearer(header: str | None) -> str | None:

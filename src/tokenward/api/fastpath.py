@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tokenward.api.errors import redact
 from tokenward.api.middleware import SECURITY_HEADERS, request_context_for
 from tokenward.api.verification import handle_verify
+from tokenward.clientip import scope_client_ip
 from tokenward.errors import TokenwardError
 from tokenward.events import current_request
 
@@ -61,9 +62,9 @@ class FastPath:
                 )
                 return
             try:
-                status, result = await handle_verify(
-                    self.api.state.services, authorization, body, context.client_ip
-                )
+                services = self.api.state.services
+                caller_ip = scope_client_ip(services.settings.trusted_proxies, scope)
+                status, result = await handle_verify(services, authorization, body, caller_ip)
             except TokenwardError as exc:
                 if exc.status == 401:
                     extra.append((b"www-authenticate", b'Bearer realm="tokenward"'))

@@ -31,6 +31,12 @@ class ProjectCreate(Closed):
     name: ProjectName = Field(description="Lower-case letters, digits, '-' and '_'.")
 
 
+class ProjectUpdate(Closed):
+    ip_allowlist: list[Cidr] = Field(
+        max_length=100, description="IPv4/IPv6 CIDRs its tokens may be used from; [] for any."
+    )
+
+
 class TokenCreate(Closed):
     project: Annotated[str, StringConstraints(max_length=64, pattern=IDENTIFIER)] | None = None
     environment: Literal["live", "test"] = "live"

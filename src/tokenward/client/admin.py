@@ -59,6 +59,10 @@ class AdminClient:
     def list_projects(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/v1/projects")["projects"])
 
+    def update_project(self, name: str, ip_allowlist: list[str]) -> dict[str, Any]:
+        body = {"ip_allowlist": ip_allowlist}
+        return dict(self.request("PATCH", f"/v1/projects/{name}", json=body))
+
     # -- tokens
     def create_token(self, **fields: Any) -> dict[str, Any]:
         body = {k: v for k, v in fields.items() if v is not None}

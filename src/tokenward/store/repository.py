@@ -38,9 +38,11 @@ class Project:
 
 
 _TOKEN_COLUMNS = [c for c in tokens.c if c.name not in ("token_hash",)]
-_SELECT_TOKEN = select(*_TOKEN_COLUMNS, projects.c.name.label("project_name")).select_from(
-    tokens.outerjoin(projects, tokens.c.project_id == projects.c.id)
-)
+_SELECT_TOKEN = select(
+    *_TOKEN_COLUMNS,
+    projects.c.name.label("project_name"),
+    projects.c.ip_allowlist.label("project_ip_allowlist"),
+).select_from(tokens.outerjoin(projects, tokens.c.project_id == projects.c.id))
 
 
 def _record(row: Any) -> TokenRecord:
@@ -71,6 +73,7 @@ def _record(row: Any) -> TokenRecord:
         hint=m["hint"],
         key_id=m["key_id"],
         metadata=dict(m["metadata"]),
+        project_ip_allowlist=list(m["project_ip_allowlist"] or []),
         family_id=m["family_id"],
         dpop_jkt=m["dpop_jkt"],
         rotation_period=m["rotation_period"],
@@ -148,6 +151,16 @@ class TokenStore:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [_project(r) for r in rows]
+
+    async def set_project_ip_allowlist(self, project_id: str, cidrs: list[str]) -> Project:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(projects).where(projects.c.id == project_id).values(ip_allowlist=cidrs)
+            )
+            row = (await conn.execute(select(projects).where(projects.c.id == project_id))).first()
+        if row is None:
+            raise NotFound("project_not_found", "no such project")
+        return _project(row)
 
     # -- tokens ---------------------------------------------------------------------------
     async def insert_token(self, record: TokenRecord, token_hash: str) -> None:

@@ -42,6 +42,9 @@ class Reason(StrEnum):
     WRONG_ENVIRONMENT = "wrong_environment"
     WRONG_PROJECT = "wrong_project"
     UNAVAILABLE = "unavailable"
+    NO_ROUTE = "no_route"
+    MISSING_CREDENTIAL = "missing_credential"
+    TOO_MANY_FAILURES = "too_many_failures"
     WRONG_TOKEN_TYPE = "wrong_token_type"  # noqa: S105 - a reason code
     DPOP_REQUIRED = "dpop_required"
     INVALID_DPOP_PROOF = "invalid_dpop_proof"
@@ -76,6 +79,8 @@ class TokenRecord:
     hint: str = ""
     key_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the allowlist of the token's project (both it and the token's own must pass)
+    project_ip_allowlist: list[str] = field(default_factory=list)
     #: exchange/refresh lineage: every token minted from one grant shares it
     family_id: str | None = None
     #: RFC 7638 thumbprint of the key the token is bound to (DPoP, RFC 9449)

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tokenward import __version__
+from tokenward import __version__, dashboard
 from tokenward.api import admin, health, verification
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.middleware import (
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         owned = services is None
         svc = services if services is not None else await open_services(settings)
         app.state.services = svc
+        dashboard.attach(app, svc)
         flusher = asyncio.create_task(_flush_usage_forever(svc))
         try:
             yield
@@ -100,10 +101,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
     if services is not None:
         app.state.services = services
+        dashboard.attach(app, services)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(verification.router)
     app.include_router(admin.router)
+    dashboard.install(app)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)

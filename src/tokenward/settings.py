@@ -64,6 +64,25 @@ class Settings(BaseSettings):
     allow_insecure_http: bool = Field(
         False, description="Serve plain HTTP on a non-loopback address (only behind a TLS proxy)."
     )
+    dashboard_idle_minutes: float = Field(
+        30.0, gt=0, le=1440, description="Dashboard sessions end after this many idle minutes."
+    )
+    dashboard_session_hours: float = Field(
+        12.0, gt=0, le=720, description="Dashboard sessions end this many hours after sign-in."
+    )
+    dashboard_step_up_seconds: int = Field(
+        300,
+        ge=0,
+        le=86400,
+        description="Sensitive dashboard actions want a TOTP code entered this recently "
+        "(0: every time).",
+    )
+    dashboard_login_rate: str = Field(
+        "5/minute;30/hour", description="Dashboard sign-in attempts allowed per account."
+    )
+    dashboard_login_rate_ip: str = Field(
+        "20/minute;200/hour", description="Dashboard sign-in attempts allowed per client IP."
+    )
 
     @field_validator("log_level")
     @classmethod

@@ -13,12 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenward import __version__
 from tokenward.api import admin, health, verification
+from tokenward.api import audit as audit_api
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.middleware import (
     BodyLimitMiddleware,
     RequestContextMiddleware,
     SecurityHeadersMiddleware,
 )
+from tokenward.audit import AuditWriter, ChainKeys
 from tokenward.events import EventBus
 from tokenward.limits import RateLimiter
 from tokenward.service import TokenService
@@ -42,9 +44,12 @@ class Services:
     tokens: TokenService
     events: EventBus
     redis: Redis | None = None
+    audit: AuditWriter | None = None
 
     async def close(self) -> None:
         await self.verifier.flush_usage()
+        if self.audit is not None:
+            await self.audit.close()
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
@@ -61,7 +66,17 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     verifier = Verifier(store, hasher, limiter, cache_ttl=settings.cache_ttl)
     events = EventBus()
     tokens = TokenService(store, hasher, verifier, events)
-    return Services(settings, engine, store, hasher, limiter, verifier, tokens, events, redis)
+    audit = AuditWriter(
+        engine,
+        ChainKeys.from_hasher(hasher),
+        mode=settings.audit_mode,
+        queue_size=settings.audit_queue_size,
+        batch_size=settings.audit_batch_size,
+    )
+    events.subscribe(audit)
+    return Services(
+        settings, engine, store, hasher, limiter, verifier, tokens, events, redis, audit=audit
+    )
 
 
 async def _flush_usage_forever(services: Services) -> None:
@@ -104,6 +119,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(health.router)
     app.include_router(verification.router)
     app.include_router(admin.router)
+    app.include_router(audit_api.router)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)

@@ -11,7 +11,7 @@ import os
 import secrets
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +63,21 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
     allow_insecure_http: bool = Field(
         False, description="Serve plain HTTP on a non-loopback address (only behind a TLS proxy)."
+    )
+
+    audit_mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: a request is answered only once its audit event is durable; "
+        "async: answered once queued (faster; a crash can lose queued events).",
+    )
+    audit_queue_size: int = Field(
+        10_000, ge=1, description="Audit events that may wait to be written before requests wait."
+    )
+    audit_batch_size: int = Field(
+        500, ge=1, le=10_000, description="Most audit events written in one transaction."
+    )
+    audit_retention_days: float = Field(
+        0, ge=0, description="Prune audit events older than this many days (0: keep all)."
     )
 
     @field_validator("log_level")

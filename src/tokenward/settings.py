@@ -80,6 +80,27 @@ class Settings(BaseSettings):
         0, ge=0, description="Prune audit events older than this many days (0: keep all)."
     )
 
+    anomaly_enabled: bool = Field(
+        True, description="Run the anomaly detectors on every decision (alerts, responses)."
+    )
+    anomaly_never_block: str = Field(
+        "127.0.0.0/8,::1/128",
+        description="Comma-separated CIDRs that anomaly handling never blocks (e.g. your gateway).",
+    )
+    ip_block_refresh_seconds: float = Field(
+        5.0, gt=0, description="How often each replica reloads the temporary IP blocks."
+    )
+    webhook_max_attempts: int = Field(
+        6, ge=1, le=20, description="Attempts per alert webhook before giving up."
+    )
+    webhook_backoff_seconds: float = Field(
+        1.0, gt=0, description="Wait before the first webhook retry; doubles each time."
+    )
+    webhook_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="Timeout of one webhook attempt, in seconds."
+    )
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:

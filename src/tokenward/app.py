@@ -6,19 +6,28 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 
+import structlog
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenward import __version__, dashboard
+from tokenward.anomaly.blocklist import IPBlocklist
+from tokenward.anomaly.engine import AnomalyEngine
+from tokenward.anomaly.store import AnomalyStore, SecretBox
+from tokenward.anomaly.webhooks import WebhookSender
 from tokenward.api import admin, health, verification
+from tokenward.api import audit as audit_api
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.middleware import (
     BodyLimitMiddleware,
     RequestContextMiddleware,
     SecurityHeadersMiddleware,
 )
+from tokenward.audit import AuditWriter, ChainKeys
+from tokenward.audit.chain import prune
 from tokenward.events import EventBus
 from tokenward.limits import RateLimiter
 from tokenward.service import TokenService
@@ -27,6 +36,8 @@ from tokenward.store.engine import create_engine, migrate
 from tokenward.store.repository import TokenStore
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.verify import Verifier
+
+log = structlog.get_logger("tokenward")
 
 
 @dataclass
@@ -42,9 +53,15 @@ class Services:
     tokens: TokenService
     events: EventBus
     redis: Redis | None = None
+    audit: AuditWriter | None = None
+    anomaly: AnomalyEngine | None = None
 
     async def close(self) -> None:
         await self.verifier.flush_usage()
+        if self.audit is not None:
+            await self.audit.close()
+        if self.anomaly is not None:
+            await self.anomaly.webhooks.close()
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
@@ -61,7 +78,80 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     verifier = Verifier(store, hasher, limiter, cache_ttl=settings.cache_ttl)
     events = EventBus()
     tokens = TokenService(store, hasher, verifier, events)
-    return Services(settings, engine, store, hasher, limiter, verifier, tokens, events, redis)
+    audit = AuditWriter(
+        engine,
+        ChainKeys.from_hasher(hasher),
+        mode=settings.audit_mode,
+        queue_size=settings.audit_queue_size,
+        batch_size=settings.audit_batch_size,
+    )
+    events.subscribe(audit)
+    anomaly = None
+    if settings.anomaly_enabled:
+        anomaly = build_anomaly(settings, engine, hasher, verifier, tokens)
+        await anomaly.refresh_blocks()
+        events.subscribe(anomaly)
+    return Services(
+        settings,
+        engine,
+        store,
+        hasher,
+        limiter,
+        verifier,
+        tokens,
+        events,
+        redis,
+        audit=audit,
+        anomaly=anomaly,
+    )
+
+
+def build_anomaly(
+    settings: Settings,
+    engine: AsyncEngine,
+    hasher: TokenHasher,
+    verifier: Verifier,
+    tokens: TokenService,
+) -> AnomalyEngine:
+    anomaly_store = AnomalyStore(engine)
+    never = [n.strip() for n in settings.anomaly_never_block.split(",") if n.strip()]
+    blocklist = IPBlocklist(lambda: verifier.clock(), never)
+    verifier.is_blocked = blocklist
+    webhooks = WebhookSender(
+        anomaly_store,
+        verifier.clock,
+        max_attempts=settings.webhook_max_attempts,
+        backoff=settings.webhook_backoff_seconds,
+        timeout=settings.webhook_timeout_seconds,
+    )
+    return AnomalyEngine(
+        anomaly_store, tokens, blocklist, webhooks, SecretBox(hasher), lambda: verifier.clock()
+    )
+
+
+async def _prune_audit_forever(services: Services) -> None:
+    """Apply the retention setting once an hour (and at start)."""
+    days = services.settings.audit_retention_days
+    if days <= 0:
+        return
+    while True:
+        now = services.verifier.clock()
+        try:
+            result = await prune(services.engine, now - timedelta(days=days), now)
+            if result.pruned:
+                log.info("audit_pruned", events=result.pruned, checkpoint=result.checkpoint_seq)
+        except Exception as exc:
+            log.warning("audit_prune_failed", error=type(exc).__name__)
+        await asyncio.sleep(3600)
+
+
+async def _refresh_blocks_forever(services: Services) -> None:
+    while services.anomaly is not None:
+        await asyncio.sleep(services.settings.ip_block_refresh_seconds)
+        try:
+            await services.anomaly.refresh_blocks()
+        except Exception as exc:  # keep the blocks we have; try again next round
+            log.warning("ip_block_refresh_failed", error=type(exc).__name__)
 
 
 async def _flush_usage_forever(services: Services) -> None:
@@ -82,12 +172,20 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         app.state.services = svc
         dashboard.attach(app, svc)
         flusher = asyncio.create_task(_flush_usage_forever(svc))
+        background = [
+            asyncio.create_task(_refresh_blocks_forever(svc)),
+            asyncio.create_task(_prune_audit_forever(svc)),
+        ]
         try:
             yield
         finally:
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if owned:
                 await svc.close()
             else:
@@ -106,6 +204,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(health.router)
     app.include_router(verification.router)
     app.include_router(admin.router)
+    app.include_router(audit_api.router)
     dashboard.install(app)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

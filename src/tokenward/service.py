@@ -264,10 +264,35 @@ class TokenService:
         )
         return Issued(secret, successor), updated_old
 
+    async def quarantine_token(
+        self, actor: TokenRecord | None, token_id: str, reason: str
+    ) -> TokenRecord:
+        """Suspend a token (reversibly); ``actor`` is ``None`` for anomaly handling."""
+        if actor is not None:
+            await self.get_token(actor, token_id)
+        record = await self.store.set_quarantine(token_id, self.now, reason[:300])
+        if record is None:
+            raise NotFound("token_not_found", "no such token")
+        await self._changed(token_id)
+        await self._audit(
+            "token.quarantine", actor, record.project_id, token_id, {"reason": reason}
+        )
+        return record
+
+    async def release_token(self, actor: TokenRecord, token_id: str, note: str = "") -> TokenRecord:
+        """Lift a quarantine: the token works again."""
+        old = await self.get_token(actor, token_id)
+        record = await self.store.set_quarantine(token_id, None, None)
+        assert record is not None
+        await self._changed(token_id)
+        detail: dict[str, object] = {"was": old.quarantine_reason, "note": note}
+        await self._audit("token.release", actor, record.project_id, token_id, detail)
+        return record
+
     async def _audit(
         self,
         action: str,
-        actor: TokenRecord,
+        actor: TokenRecord | None,
         project_id: str | None,
         token_id: str | None,
         detail: dict[str, object],
@@ -277,7 +302,7 @@ class TokenService:
             AdminEvent(
                 at=self.now,
                 action=action,
-                actor_id=actor.id,
+                actor_id=actor.id if actor is not None else "system:anomaly",
                 project_id=project_id,
                 token_id=token_id,
                 request_id=ctx.request_id if ctx else None,

@@ -11,7 +11,7 @@ import os
 import secrets
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -83,6 +83,42 @@ class Settings(BaseSettings):
     dashboard_login_rate_ip: str = Field(
         "20/minute;200/hour", description="Dashboard sign-in attempts allowed per client IP."
     )
+
+    audit_mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: a request is answered only once its audit event is durable; "
+        "async: answered once queued (faster; a crash can lose queued events).",
+    )
+    audit_queue_size: int = Field(
+        10_000, ge=1, description="Audit events that may wait to be written before requests wait."
+    )
+    audit_batch_size: int = Field(
+        500, ge=1, le=10_000, description="Most audit events written in one transaction."
+    )
+    audit_retention_days: float = Field(
+        0, ge=0, description="Prune audit events older than this many days (0: keep all)."
+    )
+
+    anomaly_enabled: bool = Field(
+        True, description="Run the anomaly detectors on every decision (alerts, responses)."
+    )
+    anomaly_never_block: str = Field(
+        "127.0.0.0/8,::1/128",
+        description="Comma-separated CIDRs that anomaly handling never blocks (e.g. your gateway).",
+    )
+    ip_block_refresh_seconds: float = Field(
+        5.0, gt=0, description="How often each replica reloads the temporary IP blocks."
+    )
+    webhook_max_attempts: int = Field(
+        6, ge=1, le=20, description="Attempts per alert webhook before giving up."
+    )
+    webhook_backoff_seconds: float = Field(
+        1.0, gt=0, description="Wait before the first webhook retry; doubles each time."
+    )
+    webhook_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="Timeout of one webhook attempt, in seconds."
+    )
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
 
     @field_validator("log_level")
     @classmethod

@@ -34,6 +34,7 @@ STATUS_BY_REASON: dict[Reason, int] = {
     Reason.IP_NOT_ALLOWED: 403,
     Reason.WRONG_ENVIRONMENT: 403,
     Reason.WRONG_PROJECT: 403,
+    Reason.IP_BLOCKED: 403,
     Reason.RATE_LIMITED: 429,
     Reason.UNAVAILABLE: 503,
 }
@@ -128,6 +129,8 @@ class Verifier:
         self._seen: dict[str, tuple[datetime, str | None]] = {}
         self.hits = 0
         self.misses = 0
+        #: answers whether a client address is temporarily blocked (anomaly response)
+        self.is_blocked: Callable[[str], bool] | None = None
 
     async def verify(
         self,
@@ -147,6 +150,8 @@ class Verifier:
         ``project`` and ``environment`` are what a route requires. ``consume=False`` (for
         introspection) checks without counting a rate-limit hit or spending a use.
         """
+        if ip is not None and self.is_blocked is not None and self.is_blocked(ip):
+            return Decision(False, Reason.IP_BLOCKED)
         # 1. Syntax and checksum: no store is touched for garbage.
         try:
             parse_token(credential)
@@ -170,6 +175,8 @@ class Verifier:
         reason = STATE_REASONS.get(record.state(now))
         if reason is not None:
             return Decision(False, reason, record)
+        if record.quarantined_at is not None:
+            return Decision(False, Reason.QUARANTINED, record)
         # 4. The route's project and environment.
         if project is not None and record.project_id != project and record.project != project:
             return Decision(False, Reason.WRONG_PROJECT, record)

@@ -71,6 +71,8 @@ def _record(row: Any) -> TokenRecord:
         hint=m["hint"],
         key_id=m["key_id"],
         metadata=dict(m["metadata"]),
+        quarantined_at=m["quarantined_at"],
+        quarantine_reason=m["quarantine_reason"],
     )
 
 
@@ -243,6 +245,19 @@ class TokenStore:
             row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == old_id))).first()
         assert row is not None
         return _record(row)
+
+    async def set_quarantine(
+        self, token_id: str, at: datetime | None, reason: str | None
+    ) -> TokenRecord | None:
+        """Suspend a token (``at`` set) or lift its suspension (``at=None``)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(tokens)
+                .where(tokens.c.id == token_id)
+                .values(quarantined_at=at, quarantine_reason=reason)
+            )
+            row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == token_id))).first()
+        return _record(row) if row else None
 
     async def consume_use(self, token_id: str) -> int | None:
         """Spend one use atomically; the uses left after it, or ``None`` when none were left."""

@@ -83,5 +83,7 @@ tokens = Table(
     Column("last_used_at", UTCDateTime(), nullable=True),
     Column("last_used_ip", String(64), nullable=True),
     Column("metadata", JSON, nullable=False),
+    Column("quarantined_at", UTCDateTime(), nullable=True),
+    Column("quarantine_reason", String(300), nullable=True),
     Index("ix_tokens_project_id", "project_id"),
 )

@@ -42,6 +42,8 @@ class Reason(StrEnum):
     WRONG_ENVIRONMENT = "wrong_environment"
     WRONG_PROJECT = "wrong_project"
     UNAVAILABLE = "unavailable"
+    QUARANTINED = "quarantined"
+    IP_BLOCKED = "ip_blocked"
 
 
 @dataclass(slots=True)
@@ -73,6 +75,9 @@ class TokenRecord:
     hint: str = ""
     key_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    #: set while the token is suspended (by anomaly handling or an admin); reversible
+    quarantined_at: datetime | None = None
+    quarantine_reason: str | None = None
 
     def state(self, now: datetime) -> TokenState:
         """The token's state at ``now``: the order of checks is the order of precedence."""
@@ -114,6 +119,8 @@ class TokenRecord:
             "last_used_at": _iso(self.last_used_at),
             "last_used_ip": self.last_used_ip,
             "metadata": dict(self.metadata),
+            "quarantined_at": _iso(self.quarantined_at),
+            "quarantine_reason": self.quarantine_reason,
         }
 
 

@@ -1,0 +1,171 @@
+"""One audit record per event, and the keyed hash that chains records together.
+
+Each record's hash is ``HMAC-SHA256(chain_key, prev_hash ‖ canonical JSON of the record)``.
+The chain key is derived from the server key, so someone who can write to the database but
+does not hold the server key cannot recompute the chain after editing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from tokenward.events import AccessEvent, AdminEvent, SecurityEvent
+from tokenward.tokens.format import new_public_id
+from tokenward.tokens.hashing import ServerKey, TokenHasher
+
+GENESIS = "0" * 64
+
+#: The fields a record's hash covers, in a fixed order (``seq`` is not among them: the chain
+#: itself, through ``prev_hash``, fixes the order).
+HASHED_FIELDS = (
+    "id",
+    "at",
+    "kind",
+    "source",
+    "request_id",
+    "project_id",
+    "environment",
+    "actor_id",
+    "token_id",
+    "principal",
+    "action",
+    "method",
+    "resource",
+    "scope",
+    "decision",
+    "reason",
+    "client_ip",
+    "user_agent",
+    "latency_us",
+    "fingerprint",
+    "detail",
+)
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    """What the audit log stores about one event (never a presented secret)."""
+
+    at: datetime
+    kind: str
+    action: str
+    id: str = field(default_factory=lambda: new_public_id("evt"))
+    source: str | None = None
+    request_id: str | None = None
+    project_id: str | None = None
+    environment: str | None = None
+    actor_id: str | None = None
+    token_id: str | None = None
+    principal: str | None = None
+    method: str | None = None
+    resource: str | None = None
+    scope: str | None = None
+    decision: str | None = None
+    reason: str | None = None
+    client_ip: str | None = None
+    user_agent: str | None = None
+    latency_us: int | None = None
+    fingerprint: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def values(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _clip(value: str | None, size: int) -> str | None:
+    return value[:size] if value is not None else None
+
+
+def from_access(event: AccessEvent) -> AuditRecord:
+    decision = event.decision
+    token = decision.token
+    return AuditRecord(
+        at=event.at,
+        kind="access",
+        action="access." + event.source,
+        source=event.source,
+        request_id=_clip(event.request_id, 64),
+        project_id=token.project_id if token else None,
+        environment=token.environment if token else None,
+        token_id=token.id if token else None,
+        principal=token.principal if token else None,
+        method=_clip(event.method, 16),
+        resource=_clip(event.path, 512),
+        scope=_clip(event.scope, 128),
+        decision="allow" if decision.allowed else "deny",
+        reason=decision.reason.value,
+        client_ip=_clip(event.client_ip, 64),
+        user_agent=_clip(event.user_agent, 256),
+        latency_us=round(event.latency_ms * 1000),
+        fingerprint=event.fingerprint,
+        detail={"kind": token.kind} if token else {},
+    )
+
+
+def from_admin(event: AdminEvent) -> AuditRecord:
+    return AuditRecord(
+        at=event.at,
+        kind="admin",
+        action=event.action[:64],
+        source="admin_api",
+        request_id=_clip(event.request_id, 64),
+        project_id=event.project_id,
+        actor_id=_clip(event.actor_id, 64),
+        token_id=event.token_id,
+        client_ip=_clip(event.client_ip, 64),
+        detail=normalize(event.detail),
+    )
+
+
+def from_security(event: SecurityEvent) -> AuditRecord:
+    return AuditRecord(
+        at=event.at,
+        kind="security",
+        action="security." + event.kind[:55],
+        project_id=event.project_id,
+        token_id=event.token_id,
+        client_ip=_clip(event.client_ip, 64),
+        detail={"severity": event.severity, **normalize(event.evidence)},
+    )
+
+
+def normalize(detail: dict[str, Any]) -> dict[str, Any]:
+    """Make ``detail`` plain JSON, so what is hashed is exactly what is stored and read."""
+    value: dict[str, Any] = json.loads(json.dumps(detail, default=str))
+    return value
+
+
+def iso(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical(values: dict[str, Any]) -> bytes:
+    body = {name: values.get(name) for name in HASHED_FIELDS}
+    at: datetime = values["at"]
+    body["at"] = iso(at)
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class ChainKeys:
+    """The chain keys, one per server key (current first), by server key id."""
+
+    current_id: str
+    by_id: dict[str, bytes]
+
+    @classmethod
+    def from_hasher(cls, hasher: TokenHasher) -> ChainKeys:
+        return cls(hasher.current.id, {k.id: _derive(k) for k in hasher.keys})
+
+    def hash(self, key_id: str, prev_hash: str, values: dict[str, Any]) -> str:
+        key = self.by_id[key_id]
+        return hmac.new(key, prev_hash.encode() + b"\x00" + canonical(values), "sha256").hexdigest()
+
+
+def _derive(key: ServerKey) -> bytes:
+    return hmac.new(key.secret, b"tokenward-audit-chain-v1", hashlib.sha256).digest()

@@ -1,39 +1,70 @@
-"""What the dashboard shows of events: recent access decisions, admin actions and alerts.
+"""What the dashboard reads of the audit log: feeds, the live tail and hourly counts.
 
-:class:`ActivitySource` is the small interface the pages read. :class:`RecentActivity`
-implements it with a bounded in-process buffer fed by the event bus: enough for the pages on
-one replica (the last ``capacity`` events since start). The durable, hash-chained audit log
-implements the same interface for every replica and all history.
+The audit log (:mod:`tokenward.audit`) is the source: durable, shared by every replica,
+hash-chained. This module adapts its read API to what pages need, and adds one aggregate the
+charts want (access decisions per hour, allowed and denied by reason), computed in SQL.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter, deque
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from tokenward.events import AccessEvent, AdminEvent, SecurityEvent
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokenward.audit.query import AuditEvent, AuditFilter, export_jsonl, list_events
+from tokenward.audit.tables import audit_events
+
+HOUR = timedelta(hours=1)
 
 
 @dataclass(slots=True)
 class Entry:
-    """One row of the activity feed (never holds a secret)."""
+    """One row of a feed (never holds a secret)."""
 
     seq: int
     at: datetime
     kind: str  # access | admin | security
-    action: str  # access: the source (verify_api, authz…); admin: token.revoke…
-    project_id: str | None = None
-    token_id: str | None = None
-    actor_id: str | None = None
-    decision: str | None = None  # allow | deny (access only)
-    reason: str | None = None
-    severity: str | None = None  # security only
-    client_ip: str | None = None
-    request_id: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
+    action: str
+    project_id: str | None
+    token_id: str | None
+    actor_id: str | None
+    decision: str | None
+    reason: str | None
+    client_ip: str | None
+    request_id: str | None
+    detail: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: AuditEvent) -> Entry:
+        v = event.values
+        detail = dict(v["detail"] or {})
+        for name in ("scope", "method", "resource", "principal"):
+            if v.get(name):
+                detail[name] = v[name]
+        return cls(
+            seq=event.seq,
+            at=v["at"],
+            kind=v["kind"],
+            action=v["action"],
+            project_id=v["project_id"],
+            token_id=v["token_id"],
+            actor_id=v["actor_id"],
+            decision=v["decision"],
+            reason=v["reason"],
+            client_ip=v["client_ip"],
+            request_id=v["request_id"],
+            detail=detail,
+        )
+
+    @property
+    def severity(self) -> str | None:
+        value = self.detail.get("severity")
+        return str(value) if value is not None else None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -46,7 +77,6 @@ class Entry:
             "actor_id": self.actor_id,
             "decision": self.decision,
             "reason": self.reason,
-            "severity": self.severity,
             "client_ip": self.client_ip,
             "request_id": self.request_id,
             "detail": self.detail,
@@ -55,14 +85,29 @@ class Entry:
 
 @dataclass(slots=True)
 class Query:
-    project_ids: set[str] | None = None  # None: every project and global events
+    """A feed query. ``project_ids`` is the tenant boundary (``None``: everything)."""
+
+    project_ids: Sequence[str] | None = None
     token_id: str | None = None
     kind: str | None = None
     decision: str | None = None
-    text: str | None = None
-    after_seq: int | None = None
+    reason: str | None = None
+    client_ip: str | None = None
+    actor_id: str | None = None
     before_seq: int | None = None
+    after_seq: int | None = None
     limit: int = 50
+
+    def audit_filter(self) -> AuditFilter:
+        return AuditFilter(
+            project_ids=self.project_ids,
+            token_id=self.token_id,
+            kind=self.kind,
+            decision=self.decision,
+            reason=self.reason,
+            client_ip=self.client_ip,
+            actor_id=self.actor_id,
+        )
 
 
 @dataclass(slots=True)
@@ -76,136 +121,52 @@ class Bucket:
         return sum(self.denied.values())
 
 
-class ActivitySource(Protocol):
+class Activity:
+    """Feeds and counts from the audit log in ``engine``."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
     async def query(self, q: Query) -> list[Entry]:
-        """Newest first."""
-        ...
-
-    async def buckets(
-        self, q: Query, *, since: datetime, until: datetime, step: timedelta
-    ) -> list[Bucket]:
-        """Access decisions counted per ``step`` (allowed, denied by reason)."""
-        ...
-
-
-def _matches(entry: Entry, q: Query) -> bool:
-    if q.project_ids is not None and entry.project_id not in q.project_ids:
-        return False
-    if q.token_id is not None and entry.token_id != q.token_id:
-        return False
-    if q.kind is not None and entry.kind != q.kind:
-        return False
-    if q.decision is not None and entry.decision != q.decision:
-        return False
-    if q.after_seq is not None and entry.seq <= q.after_seq:
-        return False
-    if q.before_seq is not None and entry.seq >= q.before_seq:
-        return False
-    if q.text:
-        needle = q.text.lower()
-        hay = " ".join(
-            str(v)
-            for v in (entry.action, entry.token_id, entry.reason, entry.client_ip, entry.actor_id)
-            if v
-        ).lower()
-        if needle not in hay:
-            return False
-    return True
-
-
-class RecentActivity:
-    """An event-bus subscriber keeping the last ``capacity`` events in memory."""
-
-    def __init__(self, capacity: int = 50_000) -> None:
-        self._entries: deque[Entry] = deque(maxlen=capacity)
-        self._seq = itertools.count(1)
-
-    # -- EventSink ------------------------------------------------------------------------
-    async def access(self, event: AccessEvent) -> None:
-        token = event.decision.token
-        self._entries.append(
-            Entry(
-                seq=next(self._seq),
-                at=event.at,
-                kind="access",
-                action=event.source,
-                project_id=token.project_id if token else None,
-                token_id=token.id if token else None,
-                decision="allow" if event.decision.allowed else "deny",
-                reason=event.decision.reason.value,
-                client_ip=event.client_ip,
-                request_id=event.request_id,
-                detail={
-                    k: v
-                    for k, v in (
-                        ("scope", event.scope),
-                        ("method", event.method),
-                        ("path", event.path),
-                        ("latency_ms", round(event.latency_ms, 2)),
-                        ("fingerprint", event.fingerprint),
-                    )
-                    if v is not None
-                },
+        """Newest first; ``after_seq`` (the live tail) returns what came after it."""
+        if q.after_seq is not None:
+            page = await list_events(
+                self.engine, q.audit_filter(), limit=q.limit, cursor=str(q.after_seq), order="asc"
             )
+            return [Entry.of(e) for e in reversed(page.events)]
+        cursor = str(q.before_seq) if q.before_seq is not None else None
+        page = await list_events(self.engine, q.audit_filter(), limit=q.limit, cursor=cursor)
+        return [Entry.of(e) for e in page.events]
+
+    def export(self, q: Query) -> AsyncIterator[str]:
+        return export_jsonl(self.engine, q.audit_filter())
+
+    async def hourly(self, q: Query, *, since: datetime, until: datetime) -> list[Bucket]:
+        """Access decisions per hour from ``since`` (an hour boundary) to ``until``."""
+        count = max(1, int((until - since) / HOUR) + 1)
+        buckets = [Bucket(since + i * HOUR) for i in range(count)]
+        c = audit_events.c
+        if self.engine.dialect.name == "postgresql":
+            hour: Any = func.date_trunc("hour", func.timezone("UTC", c.at))
+        else:
+            hour = func.strftime("%Y-%m-%d %H:00:00", c.at)
+        query = (
+            select(hour.label("hour"), c.decision, c.reason, func.count().label("n"))
+            .where(c.kind == "access", c.at >= since, c.at < until + HOUR)
+            .group_by(hour, c.decision, c.reason)
         )
-
-    async def admin(self, event: AdminEvent) -> None:
-        self._entries.append(
-            Entry(
-                seq=next(self._seq),
-                at=event.at,
-                kind="admin",
-                action=event.action,
-                project_id=event.project_id,
-                token_id=event.token_id,
-                actor_id=event.actor_id,
-                client_ip=event.client_ip,
-                request_id=event.request_id,
-                detail=dict(event.detail),
-            )
-        )
-
-    async def security(self, event: SecurityEvent) -> None:
-        self._entries.append(
-            Entry(
-                seq=next(self._seq),
-                at=event.at,
-                kind="security",
-                action=event.kind,
-                project_id=event.project_id,
-                token_id=event.token_id,
-                severity=event.severity,
-                client_ip=event.client_ip,
-                detail=dict(event.evidence),
-            )
-        )
-
-    # -- ActivitySource -------------------------------------------------------------------
-    async def query(self, q: Query) -> list[Entry]:
-        out: list[Entry] = []
-        for entry in reversed(self._entries):
-            if _matches(entry, q):
-                out.append(entry)
-                if len(out) >= q.limit:
-                    break
-        return out
-
-    async def buckets(
-        self, q: Query, *, since: datetime, until: datetime, step: timedelta
-    ) -> list[Bucket]:
-        count = max(1, int((until - since) / step))
-        result = [Bucket(since + i * step) for i in range(count)]
-        scoped = Query(project_ids=q.project_ids, token_id=q.token_id, kind="access")
-        for entry in reversed(self._entries):
-            if entry.at < since:
-                break
-            if not _matches(entry, scoped):
-                continue
-            index = int((entry.at - since) / step)
+        if q.project_ids is not None:
+            query = query.where(c.project_id.in_(list(q.project_ids)))
+        if q.token_id is not None:
+            query = query.where(c.token_id == q.token_id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        for row in rows:
+            start = row.hour if isinstance(row.hour, datetime) else datetime.fromisoformat(row.hour)
+            index = int((start.replace(tzinfo=UTC) - since) / HOUR)
             if 0 <= index < count:
-                bucket = result[index]
-                if entry.decision == "allow":
-                    bucket.allowed += 1
+                if row.decision == "allow":
+                    buckets[index].allowed += int(row.n)
                 else:
-                    bucket.denied[entry.reason or "denied"] += 1
-        return result
+                    buckets[index].denied[row.reason or "denied"] += int(row.n)
+        return buckets

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tokenward.dashboard.accounts import Role, User
-from tokenward.dashboard.activity import Entry, Query
+from tokenward.anomaly.store import Alert, AlertFilter
+from tokenward.dashboard.accounts import Role, User, actor_for
+from tokenward.dashboard.activity import Query
 from tokenward.dashboard.web import (
     PageError,
     checked_form,
@@ -28,6 +28,8 @@ from tokenward.dashboard.web import (
     visible_projects,
 )
 from tokenward.errors import TokenwardError
+from tokenward.events import AdminEvent
+from tokenward.store.repository import Project
 
 router = APIRouter()
 
@@ -36,31 +38,31 @@ async def _audit_query(
     request: Request, user: User, limit: int = 50
 ) -> tuple[Query, dict[str, str]]:
     """The feed query from the page's filters, confined to what ``user`` may see."""
-    p = {
-        k: request.query_params.get(k, "").strip()[:64]
-        for k in ("project", "kind", "decision", "token", "q", "before", "after")
-    }
+    names = ("project", "kind", "decision", "token", "reason", "ip", "before", "after")
+    p = {k: request.query_params.get(k, "").strip()[:64] for k in names}
     projects = await visible_projects(request, user)
     by_name = {pr.name: pr.id for pr in projects}
     if p["project"]:
         if p["project"] not in by_name:
             raise PageError(404, "Not found", "There is no such project that you can see.")
-        allowed: set[str] | None = {by_name[p["project"]]}
+        allowed: list[str] | None = [by_name[p["project"]]]
     else:
-        allowed = None if user.is_owner else set(by_name.values())
+        # Events of no project (sign-ins, global credentials) are for owners only.
+        allowed = None if user.is_owner else list(by_name.values())
     if p["kind"] not in ("", "access", "admin", "security"):
         raise PageError(400, "Bad filter", "kind is access, admin or security")
     if p["decision"] not in ("", "allow", "deny"):
         raise PageError(400, "Bad filter", "decision is allow or deny")
     for key in ("before", "after"):
-        if p[key] and not p[key].isdigit():
+        if p[key] and (not p[key].isdigit() or len(p[key]) > 18):
             raise PageError(400, "Bad filter", f"{key} must be a whole number")
     q = Query(
         project_ids=allowed,
         token_id=p["token"] or None,
         kind=p["kind"] or None,
         decision=p["decision"] or None,
-        text=p["q"] or None,
+        reason=p["reason"] or None,
+        client_ip=p["ip"] or None,
         before_seq=int(p["before"]) if p["before"] else None,
         after_seq=int(p["after"]) if p["after"] else None,
         limit=limit,
@@ -68,8 +70,8 @@ async def _audit_query(
     return q, {k: v for k, v in p.items() if v and k not in ("before", "after")}
 
 
-def _names(projects: list[object]) -> dict[str, str]:
-    return {getattr(p, "id"): getattr(p, "name") for p in projects}  # noqa: B009
+def _names(projects: list[Project]) -> dict[str, str]:
+    return {p.id: p.name for p in projects}
 
 
 @router.get("/audit")
@@ -84,7 +86,7 @@ async def audit_page(request: Request) -> Response:
         entries=entries,
         filters=filters,
         projects=projects,
-        names=_names(list(projects)),
+        names=_names(projects),
         older=entries[-1].seq if len(entries) == q.limit else None,
         newest=entries[0].seq if entries else 0,
     )
@@ -92,25 +94,24 @@ async def audit_page(request: Request) -> Response:
 
 @router.get("/audit/feed")
 async def audit_feed(request: Request) -> Response:
-    """New entries after ``after`` (for the live tail), oldest first, as JSON."""
+    """Entries after ``after`` (the live tail), oldest first, as JSON."""
     session = await session_of(request)
     q, _ = await _audit_query(request, session.user, limit=200)
+    if q.after_seq is None:
+        raise PageError(400, "Bad request", "after is required")
     entries = list(reversed(await dash(request).activity.query(q)))
-    projects = _names(list(await visible_projects(request, session.user)))
-    items = [{**e.public(), "project": projects.get(e.project_id or "", "")} for e in entries]
-    return page_headers(JSONResponse({"entries": items}))
+    return page_headers(JSONResponse({"entries": [e.public() for e in entries]}))
 
 
 @router.get("/audit/export")
 async def audit_export(request: Request) -> Response:
-    """The filtered feed as JSON lines (newest first), as a download."""
+    """Every event matching the filters, oldest first, as JSON lines."""
     session = await session_of(request)
-    q, _ = await _audit_query(request, session.user, limit=100_000)
-    entries = await dash(request).activity.query(q)
+    q, _ = await _audit_query(request, session.user)
 
     async def lines() -> AsyncIterator[bytes]:
-        for entry in entries:
-            yield (json.dumps(entry.public(), separators=(",", ":")) + "\n").encode()
+        async for line in dash(request).activity.export(q):
+            yield line.encode()
 
     response = StreamingResponse(lines(), media_type="application/x-ndjson")
     response.headers["Content-Disposition"] = 'attachment; filename="tokenward-audit.jsonl"'
@@ -118,39 +119,83 @@ async def audit_export(request: Request) -> Response:
 
 
 # -- alerts --------------------------------------------------------------------------------
+async def _alert_scope(request: Request, user: User) -> tuple[list[Project], list[str] | None]:
+    projects = await visible_projects(request, user)
+    return projects, None if user.is_owner else [p.id for p in projects]
+
+
 @router.get("/alerts")
 async def alerts_page(request: Request) -> Response:
     session = await session_of(request)
-    projects = await visible_projects(request, session.user)
-    allowed = None if session.user.is_owner else {p.id for p in projects}
-    alerts: list[Entry] = await dash(request).activity.query(
-        Query(project_ids=allowed, kind="security", limit=200)
+    projects, allowed = await _alert_scope(request, session.user)
+    show = request.query_params.get("show", "open")
+    acknowledged = None if show == "all" else False
+    alerts, _ = await dash(request).alerts.list_alerts(
+        AlertFilter(project_ids=allowed, acknowledged=acknowledged), limit=200
     )
+    quarantined = {}
+    for alert in alerts:
+        if alert.token_id and "quarantine" in alert.actions and alert.token_id not in quarantined:
+            record = await services_of(request).store.get_token(alert.token_id)
+            quarantined[alert.token_id] = bool(record and record.quarantined_at)
     users = {u.id: u.login for u in await dash(request).accounts.list_users()}
     return render(
         request,
         "alerts.html",
         alerts=alerts,
-        acked=dash(request).alerts.acknowledged,
+        show=show,
+        quarantined=quarantined,
         users=users,
-        names=_names(list(projects)),
+        names=_names(projects),
     )
 
 
-@router.post("/alerts/{seq}/ack")
-async def acknowledge(request: Request, seq: int) -> Response:
-    session = await session_of(request)
-    await checked_form(request)
-    require_writer(session.user)
-    projects = await visible_projects(request, session.user)
-    allowed = None if session.user.is_owner else {p.id for p in projects}
-    found = await dash(request).activity.query(
-        Query(project_ids=allowed, kind="security", after_seq=seq - 1, before_seq=seq + 1, limit=1)
-    )
-    if not found:
+async def _alert(request: Request, user: User, alert_id: str) -> Alert:
+    _, allowed = await _alert_scope(request, user)
+    alert = await dash(request).alerts.get_alert(alert_id[:32])
+    if alert is None or (allowed is not None and alert.project_id not in allowed):
         raise PageError(404, "Not found", "No such alert.")
+    return alert
+
+
+@router.post("/alerts/{alert_id}/ack")
+async def acknowledge(request: Request, alert_id: str) -> Response:
+    session = await session_of(request)
+    form = await checked_form(request)
+    require_writer(session.user)
+    alert = await _alert(request, session.user, alert_id)
     now = services_of(request).verifier.clock()
-    dash(request).alerts.acknowledged[seq] = (session.user.id, now)
+    note = form_text(form, "note", 300)
+    await dash(request).alerts.acknowledge(alert.id, session.user.login, note, now)
+    await services_of(request).events.admin(
+        AdminEvent(
+            at=now,
+            action="alert.acknowledge",
+            actor_id=session.user.id,
+            project_id=alert.project_id,
+            token_id=alert.token_id,
+            detail={"alert": alert.id, "note": note},
+        )
+    )
+    return redirect(url("/alerts"))
+
+
+@router.post("/alerts/{alert_id}/release")
+async def release(request: Request, alert_id: str) -> Response:
+    """Lift the quarantine an alert put on its token (the token works again)."""
+    session = await session_of(request)
+    form = await checked_form(request)
+    require_writer(session.user)
+    alert = await _alert(request, session.user, alert_id)
+    if alert.token_id is None:
+        raise PageError(422, "Nothing to release", "This alert quarantined no token.")
+    record = await services_of(request).store.get_token(alert.token_id)
+    if record is None or not session.user.sees(record.project_id):
+        raise PageError(404, "Not found", "No such token.")
+    note = form_text(form, "note", 300) or f"released after alert {alert.id}"
+    await services_of(request).tokens.release_token(
+        actor_for(session.user, record.project_id), record.id, note
+    )
     return redirect(url("/alerts"))
 
 
@@ -172,7 +217,7 @@ async def _settings(request: Request, status: int = 200, **extra: object) -> Res
         status,
         users=users,
         projects=projects,
-        names=_names(list(projects)),
+        names=_names(projects),
         roles=[r.value for r in Role],
         policy=dash(request).accounts.policy,
         settings=settings,
@@ -180,8 +225,8 @@ async def _settings(request: Request, status: int = 200, **extra: object) -> Res
     )
 
 
-def _project_ids(request_projects: list[object], chosen: list[str]) -> list[str]:
-    known = {getattr(p, "id") for p in request_projects}  # noqa: B009
+def _project_ids(projects: list[Project], chosen: list[str]) -> list[str]:
+    known = {p.id for p in projects}
     return [c for c in chosen if c in known]
 
 
@@ -198,7 +243,7 @@ async def add_user(request: Request) -> Response:
         user, password = await dash(request).accounts.create_user(
             form_text(form, "login", 64),
             form_text(form, "role", 16) or "viewer",
-            project_ids=_project_ids(list(projects), form_list(form, "projects", 32)),
+            project_ids=_project_ids(projects, form_list(form, "projects", 32)),
             actor=session.user,
         )
     except (TokenwardError, ValueError) as exc:
@@ -222,7 +267,7 @@ async def change_role(request: Request, user_id: str) -> Response:
         await dash(request).accounts.set_role(
             user_id[:32],
             form_text(form, "role", 16),
-            _project_ids(list(projects), form_list(form, "projects", 32)),
+            _project_ids(projects, form_list(form, "projects", 32)),
             actor=session.user,
         )
     except (TokenwardError, ValueError) as exc:

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.datastructures import FormData
 
+from tokenward.anomaly.store import AlertFilter
 from tokenward.dashboard import charts
 from tokenward.dashboard.accounts import User, actor_for
 from tokenward.dashboard.activity import Query
@@ -110,11 +111,10 @@ async def overview(request: Request) -> Response:
         if records is None:
             records = [] if user.is_owner else await tokens_of(request, user, project)
         states = Counter(r.state(now).value for r in records)
-        buckets = await activity.buckets(
-            Query(project_ids={project.id}), since=since, until=now, step=timedelta(hours=1)
+        buckets = await activity.hourly(Query(project_ids=[project.id]), since=since, until=now)
+        open_alerts, _ = await dash(request).alerts.list_alerts(
+            AlertFilter(project_ids=[project.id], acknowledged=False), limit=100
         )
-        alerts = await activity.query(Query(project_ids={project.id}, kind="security", limit=500))
-        acked = dash(request).alerts.acknowledged
         cards.append(
             {
                 "project": project,
@@ -126,7 +126,7 @@ async def overview(request: Request) -> Response:
                 "chart": charts.activity_bars(
                     buckets, f"requests and denials of {project.name}, last 24 hours"
                 ),
-                "open_alerts": sum(1 for a in alerts if a.seq not in acked),
+                "open_alerts": len(open_alerts),
             }
         )
     return render(request, "overview.html", cards=cards, state_order=charts.STATE_ORDER)
@@ -382,13 +382,13 @@ async def token_page(request: Request, name: str, token_id: str) -> Response:
     record = await _token(request, session.user, project, token_id)
     now = now_of(request)
     activity = dash(request).activity
-    q = Query(project_ids={project.id}, token_id=record.id)
+    q = Query(project_ids=[project.id], token_id=record.id)
     since = (now - timedelta(hours=23)).replace(minute=0, second=0, microsecond=0)
-    buckets = await activity.buckets(q, since=since, until=now, step=timedelta(hours=1))
+    buckets = await activity.hourly(q, since=since, until=now)
     reasons: Counter[str] = Counter()
     for b in buckets:
         reasons.update(b.denied)
-    trail = await activity.query(Query(project_ids={project.id}, token_id=record.id, limit=100))
+    trail = await activity.query(Query(project_ids=[project.id], token_id=record.id, limit=100))
     return render(
         request,
         "token_detail.html",

@@ -12,8 +12,8 @@ Security of every page rests here:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -23,8 +23,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.datastructures import FormData
 
+from tokenward.anomaly.store import AnomalyStore
 from tokenward.dashboard.accounts import Accounts, Session, SessionPolicy, User
-from tokenward.dashboard.activity import ActivitySource, RecentActivity
+from tokenward.dashboard.activity import Activity
 from tokenward.dashboard.security import DashboardKeys, new_session_id
 from tokenward.errors import TooManyRequests
 from tokenward.limits import RateLimiter
@@ -52,21 +53,14 @@ CSP = (
 
 
 @dataclass
-class Alerts:
-    """Acknowledgements of alerts (by feed sequence number) made on this replica."""
-
-    acknowledged: dict[int, tuple[str, datetime]] = field(default_factory=dict)
-
-
-@dataclass
 class DashboardState:
     accounts: Accounts
-    activity: ActivitySource
-    alerts: Alerts
+    activity: Activity
+    alerts: AnomalyStore
 
 
 def attach(app: FastAPI, services: Any) -> DashboardState:
-    """Build the dashboard's state on ``services`` and subscribe it to their events (once)."""
+    """Build the dashboard's state on ``services`` (once per services)."""
     existing: DashboardState | None = getattr(services, "_dashboard", None)
     if existing is None:
         settings = services.settings
@@ -86,9 +80,9 @@ def attach(app: FastAPI, services: Any) -> DashboardState:
             limiter=limiter,
             clock=services.verifier.clock,
         )
-        activity = RecentActivity()
-        services.events.subscribe(activity)
-        existing = DashboardState(accounts, activity, Alerts())
+        existing = DashboardState(
+            accounts, Activity(services.engine), AnomalyStore(services.engine)
+        )
         services._dashboard = existing
     app.state.dashboard = existing
     return existing

@@ -63,7 +63,7 @@ document.addEventListener("submit", (event) => {
       tr.dataset.seq = e.seq;
       tr.append(
         cell(e.at.replace("T", " ").slice(0, 19)),
-        cell(e.kind + ": " + e.action),
+        cell(e.action),
         cell(e.decision ? e.decision + " " + (e.reason || "") : e.severity || ""),
         cell(e.token_id || ""),
         cell(e.client_ip || ""),

@@ -30,8 +30,16 @@ RECOVERY_CODE_COUNT = 10
 _RECOVERY_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i
 _passwords = PasswordHasher()
 # A hash of a random password: checked against when the login is unknown, so an unknown login
-# costs the same time as a wrong password and logins cannot be enumerated by timing.
-_DUMMY_HASH = _passwords.hash(secrets.token_urlsafe(16))
+# costs the same time as a wrong password and logins cannot be enumerated by timing. Made on
+# first use (hashing takes a moment; the CLI should not pay it at import).
+_DUMMY_HASH: str | None = None
+
+
+def _dummy_hash() -> str:
+    global _DUMMY_HASH
+    if _DUMMY_HASH is None:
+        _DUMMY_HASH = _passwords.hash(secrets.token_urlsafe(16))
+    return _DUMMY_HASH
 
 
 def hash_password(password: str) -> str:
@@ -40,7 +48,7 @@ def hash_password(password: str) -> str:
 
 def check_password(stored: str | None, password: str) -> bool:
     try:
-        return _passwords.verify(stored or _DUMMY_HASH, password) and stored is not None
+        return _passwords.verify(stored or _dummy_hash(), password) and stored is not None
     except (VerificationError, InvalidHashError):
         return False
 

@@ -78,7 +78,7 @@ def attach(app: FastAPI, services: Any) -> DashboardState:
             services.events,
             policy=policy,
             limiter=limiter,
-            clock=services.verifier.clock,
+            clock=lambda: services.verifier.clock(),
         )
         existing = DashboardState(
             accounts, Activity(services.engine), AnomalyStore(services.engine)

@@ -458,3 +458,71 @@ async def test_user_rules(dash, clock, accounts, services):
     user, password = await accounts.create_user("pat", "admin")
     assert user.role is Role.ADMIN and len(password) >= 16
     assert await accounts.check_password("pat", password, None) is not None
+
+
+async def test_detector_thresholds_are_validated_and_stored(dash, clock, accounts, services):
+    from tokenward.anomaly.store import GLOBAL
+
+    p = await owner(dash, clock, accounts)
+    page = await p.get("/dashboard/settings")
+    assert 'name="brute_force.threshold" value="20"' in page.text
+    form = {
+        "brute_force.enabled": "on",
+        "brute_force.severity": "critical",
+        "brute_force.actions": ["alert", "block_ip"],
+        "brute_force.threshold": "7",
+    }
+    bad = await p.post("/dashboard/settings/detectors", {**form, "brute_force.threshold": "-1"})
+    assert bad.status_code == 422 and "brute_force.threshold" in bad.text
+    ok = await p.post("/dashboard/settings/detectors", form)
+    assert ok.status_code == 303
+    stored, _ = await dash[1].alerts.get_settings(GLOBAL)
+    assert stored["brute_force"]["threshold"] == "7"
+    assert stored["brute_force"]["actions"] == ["alert", "block_ip"]
+    assert stored["canary"]["enabled"] is False  # unchecked boxes mean off
+    page = await p.get("/dashboard/settings")
+    assert 'name="brute_force.threshold" value="7"' in page.text
+
+
+async def test_webhook_secret_shown_once_and_test_delivery_is_signed(dash, clock, accounts):
+    import http.server
+    import threading
+
+    from tests.conftest import free_port
+
+    from tokenward.anomaly.webhooks import SIGNATURE_HEADER, verify_signature
+
+    received: list[tuple[dict, bytes]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    server = http.server.HTTPServer(("127.0.0.1", port), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        p = await owner(dash, clock, accounts)
+        await p.get("/dashboard/settings")
+        saved = await p.post(
+            "/dashboard/settings/webhook", {"webhook_url": f"http://127.0.0.1:{port}/hook"}
+        )
+        secret = re.search(r'id="webhook-secret"[^>]*>([^<]+)<', saved.text).group(1)
+        again = await p.get("/dashboard/settings")
+        assert secret not in again.text
+        result = await p.post("/dashboard/settings/webhook/test")
+        assert result.status_code == 200 and "Test alert delivered: HTTP 204" in result.text
+    finally:
+        server.shutdown()
+        server.server_close()
+    headers, body = received[0]
+    signature = {k.lower(): v for k, v in headers.items()}[SIGNATURE_HEADER.lower()]
+    assert verify_signature(secret, signature, body)
+    assert b'"detector":"test"' in body

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tokenward.anomaly.store import Alert, AlertFilter
 from tokenward.dashboard.accounts import Role, User, actor_for
 from tokenward.dashboard.activity import Query
+from tokenward.dashboard.routes_alerting import alerting_context
 from tokenward.dashboard.web import (
     PageError,
     checked_form,
@@ -204,10 +205,10 @@ async def release(request: Request, alert_id: str) -> Response:
 async def settings_page(request: Request) -> Response:
     session = await session_of(request)
     require_owner(session.user)
-    return await _settings(request)
+    return await settings_response(request)
 
 
-async def _settings(request: Request, status: int = 200, **extra: object) -> Response:
+async def settings_response(request: Request, status: int = 200, **extra: object) -> Response:
     users = await dash(request).accounts.list_users()
     projects = await visible_projects(request, request.state.session.user)
     settings = services_of(request).settings
@@ -221,6 +222,8 @@ async def _settings(request: Request, status: int = 200, **extra: object) -> Res
         roles=[r.value for r in Role],
         policy=dash(request).accounts.policy,
         settings=settings,
+        done=request.query_params.get("done"),
+        **(await alerting_context(request)),
         **extra,
     )
 
@@ -248,8 +251,8 @@ async def add_user(request: Request) -> Response:
         )
     except (TokenwardError, ValueError) as exc:
         message = exc.message if isinstance(exc, TokenwardError) else "unknown role"
-        return await _settings(request, 422, error=message)
-    return await _settings(request, 201, created=(user.login, password))
+        return await settings_response(request, 422, error=message)
+    return await settings_response(request, 201, created=(user.login, password))
 
 
 @router.post("/settings/users/{user_id}/role")
@@ -272,7 +275,7 @@ async def change_role(request: Request, user_id: str) -> Response:
         )
     except (TokenwardError, ValueError) as exc:
         message = exc.message if isinstance(exc, TokenwardError) else "unknown role"
-        return await _settings(request, 422, error=message)
+        return await settings_response(request, 422, error=message)
     return redirect(url("/settings?done=role"))
 
 
@@ -289,7 +292,7 @@ async def reset_mfa(request: Request, user_id: str) -> Response:
     try:
         await dash(request).accounts.reset_mfa(user_id[:32], actor=session.user)
     except TokenwardError as exc:
-        return await _settings(request, exc.status, error=exc.message)
+        return await settings_response(request, exc.status, error=exc.message)
     return redirect(url("/settings?done=mfa"))
 
 
@@ -304,5 +307,5 @@ async def remove_user(request: Request, user_id: str) -> Response:
     try:
         await dash(request).accounts.remove_user(user_id[:32], actor=session.user)
     except TokenwardError as exc:
-        return await _settings(request, exc.status, error=exc.message)
+        return await settings_response(request, exc.status, error=exc.message)
     return redirect(url("/settings?done=removed"))

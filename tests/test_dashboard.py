@@ -526,3 +526,42 @@ async def test_webhook_secret_shown_once_and_test_delivery_is_signed(dash, clock
     signature = {k.lower(): v for k, v in headers.items()}[SIGNATURE_HEADER.lower()]
     assert verify_signature(secret, signature, body)
     assert b'"detector":"test"' in body
+
+
+async def test_token_settings_only_narrow(dash, clock, accounts, services):
+    p = await owner(dash, clock, accounts)
+    token_id = await make_token(
+        services, "shop", scopes=["records:*"], ttl=timedelta(days=30), uses=10
+    )
+    path = f"/dashboard/p/shop/tokens/{token_id}"
+    page = await p.get(path)
+    assert 'name="scopes"' in page.text
+    keep = {"name": "app", "scopes": "records:*", "rate_limit": "", "ip_allowlist": ""}
+    for data, message in [
+        ({"scopes": "records:* admin:*"}, "can only be narrowed"),
+        ({"expires_on": (clock.now + timedelta(days=90)).date().isoformat()}, "only be shortened"),
+        ({"uses": "11"}, "can only go down"),
+        ({"ip_allowlist": "nonsense"}, "is not an IPv4"),
+    ]:
+        response = await p.post(path + "/settings", {**keep, **data})
+        assert 400 <= response.status_code < 500, data
+        assert message in response.text.replace("&#39;", "'"), data
+    narrowed = await p.post(
+        path + "/settings",
+        {
+            "name": "storefront",
+            "scopes": "records:read",
+            "expires_on": (clock.now + timedelta(days=7)).date().isoformat(),
+            "ip_allowlist": "10.0.0.0/8",
+            "rate_limit": "5/second",
+            "uses": "3",
+        },
+    )
+    assert narrowed.status_code == 303
+    record = await services.store.get_token(token_id)
+    assert record.name == "storefront" and record.scopes == ["records:read"]
+    assert record.expires_at.date() == (clock.now + timedelta(days=7)).date()
+    assert record.ip_allowlist == ["10.0.0.0/8"] and record.rate_limit == ["5/second"]
+    assert record.remaining_uses == 3
+    trail = (await p.get(path)).text
+    assert "token.update" in trail

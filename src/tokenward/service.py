@@ -49,6 +49,18 @@ class TokenSpec:
 
 
 @dataclass(slots=True)
+class TokenChanges:
+    """Settings to change on an existing token (``None``: leave as is)."""
+
+    name: str | None = None
+    scopes: list[str] | None = None
+    expires_at: datetime | None = None
+    ip_allowlist: list[str] | None = None
+    rate_limit: list[str] | None = None
+    uses: int | None = None
+
+
+@dataclass(slots=True)
 class Issued:
     """A token just created: the only moment its secret exists outside the client."""
 
@@ -288,6 +300,61 @@ class TokenService:
         detail: dict[str, object] = {"was": old.quarantine_reason, "note": note}
         await self._audit("token.release", actor, record.project_id, token_id, detail)
         return record
+
+    async def update_token(
+        self, actor: TokenRecord, token_id: str, changes: TokenChanges
+    ) -> TokenRecord:
+        """Change a live token's settings. Scopes, lifetime and uses only ever shrink:
+        widening any of them needs a new token (which the creation rules then govern)."""
+        record = await self.get_token(actor, token_id)
+        now = self.now
+        if record.state(now) not in (TokenState.ACTIVE, TokenState.NOT_YET_VALID):
+            raise Invalid(
+                "token_not_editable", f"a token that is {record.state(now)} cannot be changed"
+            )
+        values: dict[str, object] = {}
+        if changes.name is not None and changes.name != record.name:
+            values["name"] = changes.name[:128]
+        if changes.scopes is not None:
+            scopes = validate_scopes(changes.scopes)
+            if not scopes:
+                raise Invalid("invalid_scope", "a token needs at least one scope")
+            if not is_narrower(scopes, record.scopes) or not is_narrower(scopes, actor.scopes):
+                raise Forbidden("scope_not_narrower", "a token's scopes can only be narrowed")
+            if scopes != record.scopes:
+                values["scopes"] = scopes
+        if changes.expires_at is not None and changes.expires_at != record.expires_at:
+            if changes.expires_at <= now:
+                raise Invalid("invalid_expiry", "expires_at must be in the future")
+            if record.expires_at is not None and changes.expires_at > record.expires_at:
+                raise Forbidden("lifetime_not_narrower", "a token's lifetime can only be shortened")
+            if actor.expires_at is not None and changes.expires_at > actor.expires_at:
+                raise Forbidden(
+                    "lifetime_not_held", "a token cannot outlive the credential changing it"
+                )
+            values["expires_at"] = changes.expires_at
+        if changes.ip_allowlist is not None:
+            cidrs = normalize_cidrs(changes.ip_allowlist)
+            if cidrs != record.ip_allowlist:
+                values["ip_allowlist"] = cidrs
+        if changes.rate_limit is not None and changes.rate_limit != record.rate_limit:
+            values["rate_limit"] = list(changes.rate_limit)
+        if changes.uses is not None and changes.uses != record.remaining_uses:
+            if changes.uses < 0:
+                raise Invalid("invalid_uses", "uses cannot be negative")
+            if record.remaining_uses is not None and changes.uses > record.remaining_uses:
+                raise Forbidden("uses_not_narrower", "a token's remaining uses can only go down")
+            values["remaining_uses"] = changes.uses
+        if not values:
+            return record
+        updated = await self.store.update_settings(token_id, values)
+        if updated is None:
+            raise NotFound("token_not_found", "no such token")
+        await self._changed(token_id)
+        await self._audit(
+            "token.update", actor, record.project_id, token_id, {"changed": sorted(values)}
+        )
+        return updated
 
     async def _audit(
         self,

@@ -37,7 +37,7 @@ from tokenward.dashboard.web import (
     visible_projects,
 )
 from tokenward.errors import TokenwardError
-from tokenward.service import TokenSpec
+from tokenward.service import TokenChanges, TokenSpec
 from tokenward.store.repository import Project
 from tokenward.tokens.durations import DurationError, parse_duration, parse_rates
 from tokenward.tokens.model import TokenRecord, TokenState
@@ -451,3 +451,42 @@ async def rotate_token(request: Request, name: str, token_id: str) -> Response:
         previous=old,
         title="Rotated: the new token",
     )
+
+
+def _split(form: FormData, name: str) -> list[str]:
+    return [v for line in form_list(form, name, 4096) for v in re.split(r"[\s,]+", line) if v]
+
+
+@router.post("/p/{name}/tokens/{token_id}/settings")
+async def edit_token(request: Request, name: str, token_id: str) -> Response:
+    """Change settings within the rules: scopes, lifetime and uses only shrink."""
+    session = await session_of(request)
+    project = await project_for(request, session.user, name)
+    form = await checked_form(request)
+    require_writer(session.user)
+    record = await _token(request, session.user, project, token_id)
+    try:
+        expires_at = None
+        day = form_text(form, "expires_on", 10)
+        if day and (record.expires_at is None or day != record.expires_at.date().isoformat()):
+            expires_at = datetime.combine(datetime.fromisoformat(day).date(), time(23, 59, 59), UTC)
+        uses_text = form_text(form, "uses", 12)
+        if uses_text and not uses_text.isdigit():
+            raise ValueError("Uses must be a whole number.")
+        rate = form_text(form, "rate_limit", 200)
+        changes = TokenChanges(
+            name=form_text(form, "name", 128),
+            scopes=validate_scopes(_split(form, "scopes")),
+            expires_at=expires_at,
+            ip_allowlist=_split(form, "ip_allowlist")[:100],
+            rate_limit=parse_rates(rate) if rate else [],
+            uses=int(uses_text) if uses_text else None,
+        )
+        await services_of(request).tokens.update_token(
+            actor_for(session.user, project.id), record.id, changes
+        )
+    except TokenwardError as exc:
+        raise PageError(exc.status, "Not changed", exc.message) from None
+    except (ValueError, ScopeError, DurationError) as exc:
+        raise PageError(422, "Not changed", str(exc) or "invalid value") from None
+    return redirect(url(f"/p/{project.name}/tokens/{record.id}?done=updated"))

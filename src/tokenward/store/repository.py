@@ -259,6 +259,19 @@ class TokenStore:
             row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == token_id))).first()
         return _record(row) if row else None
 
+    async def update_settings(self, token_id: str, values: dict[str, Any]) -> TokenRecord | None:
+        """Change editable settings (name, scopes, expiry, allowlist, rate limit, uses)."""
+        editable = {"name", "scopes", "expires_at", "ip_allowlist", "rate_limit", "remaining_uses"}
+        if not values.keys() <= editable:
+            raise ValueError(f"not editable: {sorted(values.keys() - editable)}")
+        row_values = dict(values)
+        if "rate_limit" in row_values:
+            row_values["rate_limit"] = ";".join(row_values["rate_limit"]) or None
+        async with self.engine.begin() as conn:
+            await conn.execute(update(tokens).where(tokens.c.id == token_id).values(**row_values))
+            row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == token_id))).first()
+        return _record(row) if row else None
+
     async def consume_use(self, token_id: str) -> int | None:
         """Spend one use atomically; the uses left after it, or ``None`` when none were left."""
         async with self.engine.begin() as conn:

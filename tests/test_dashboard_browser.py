@@ -180,6 +180,36 @@ def test_dashboard_flow_in_a_real_browser(server, browser):
     assert "deny revoked" in page.locator("#trail").inner_text()
     page.screenshot(path=SHOTS / "audit.png")
 
+    # Using the revoked token raised an alert (leaked token); acknowledge it.
+    page.goto(base + "/dashboard/alerts")
+    alert = page.locator("article.alert").first
+    assert "leaked token" in alert.inner_text()
+    page.screenshot(path=SHOTS / "alerts.png")
+    alert.get_by_role("button", name="Acknowledge").click()
+    page.goto(base + "/dashboard/alerts?show=all")
+    assert "Acknowledged" in page.locator("article.alert").first.inner_text()
+
+    # Every form field has a label, and Tab reaches the fields in order.
+    page.goto(base + "/dashboard/p/shop/tokens/new")
+    unlabelled = page.evaluate(
+        """Array.from(document.querySelectorAll(
+             'input:not([type=hidden]), select, textarea'))
+           .filter(el => el.labels.length === 0).map(el => el.name)"""
+    )
+    assert unlabelled == []
+    page.get_by_label("Name").focus()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "principal"
+
+    # Phone width: nothing forces sideways scrolling.
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in ("/dashboard/", "/dashboard/p/shop/tokens", "/dashboard/audit"):
+        page.goto(base + path)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, path
+    page.goto(base + "/dashboard/")
+    page.screenshot(path=SHOTS / "phone.png", full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 860})
+
     # A form without its CSRF token is refused (and nothing happens).
     page.get_by_role("link", name="Projects").first.click()
     page.goto(base + "/dashboard/p/shop/tokens/new")

@@ -22,6 +22,8 @@ import pytest
 from tests.conftest import ROOT, free_port, tokenward_cmd, wait_for_port
 
 CHROMIUM = "/usr/bin/chromium"
+#: The README's screenshots are refreshed with TOKENWARD_TEST_SCREENSHOTS=1; otherwise the
+#: pictures are still taken (every page renders) but kept out of the work tree.
 SHOTS = ROOT / "docs" / "screenshots"
 
 pytestmark = [
@@ -120,16 +122,16 @@ def verify(base: str, admin_token: str, token: str) -> dict:
     return response.json()
 
 
-def test_dashboard_flow_in_a_real_browser(server, browser):
+def test_dashboard_flow_in_a_real_browser(server, browser, tmp_path):
     base, init = server["url"], server["init"]
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    shots = SHOTS if os.environ.get("TOKENWARD_TEST_SCREENSHOTS") else tmp_path
     context = browser.new_context(viewport={"width": 1280, "height": 860})
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
     page = context.new_page()
     page.on("dialog", lambda dialog: dialog.accept())
 
     page.goto(base + "/dashboard/login")
-    page.screenshot(path=SHOTS / "login.png")
+    page.screenshot(path=shots / "login.png")
     secret, used = sign_in(page, base, init["owner_login"], init["owner_password"])
     cookie = next(c for c in context.cookies() if c["name"] == "tw_session")
     assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
@@ -150,7 +152,7 @@ def test_dashboard_flow_in_a_real_browser(server, browser):
     page.get_by_role("button", name="Copy").click()
     assert page.locator("#copy-status").inner_text() == "Copied to the clipboard."
     assert page.evaluate("navigator.clipboard.readText()") == token
-    page.screenshot(path=SHOTS / "token-created.png")
+    page.screenshot(path=shots / "token-created.png")
 
     # Use it against the decision endpoint: allowed, and in the token's audit trail.
     assert verify(base, init["admin_token"], token)["valid"] is True
@@ -159,7 +161,7 @@ def test_dashboard_flow_in_a_real_browser(server, browser):
     assert "access.verify_api" in trail.inner_text()
     assert "allow ok" in trail.inner_text()
     assert token not in page.content()  # never shown again
-    page.screenshot(path=SHOTS / "token-detail.png", full_page=True)
+    page.screenshot(path=shots / "token-detail.png", full_page=True)
 
     # Revoke it (the confirmation dialog is accepted); the next use is denied and shows up.
     page.get_by_role("textbox", name="Reason").fill("leaked in a log")
@@ -175,16 +177,16 @@ def test_dashboard_flow_in_a_real_browser(server, browser):
     # Overview and audit log pages.
     page.goto(base + "/dashboard/")
     assert "shop" in page.locator("main").inner_text()
-    page.screenshot(path=SHOTS / "overview.png", full_page=True)
+    page.screenshot(path=shots / "overview.png", full_page=True)
     page.goto(base + "/dashboard/audit?project=shop")
     assert "deny revoked" in page.locator("#trail").inner_text()
-    page.screenshot(path=SHOTS / "audit.png")
+    page.screenshot(path=shots / "audit.png")
 
     # Using the revoked token raised an alert (leaked token); acknowledge it.
     page.goto(base + "/dashboard/alerts")
     alert = page.locator("article.alert").first
     assert "leaked token" in alert.inner_text()
-    page.screenshot(path=SHOTS / "alerts.png")
+    page.screenshot(path=shots / "alerts.png")
     alert.get_by_role("button", name="Acknowledge").click()
     page.goto(base + "/dashboard/alerts?show=all")
     assert "Acknowledged" in page.locator("article.alert").first.inner_text()
@@ -207,7 +209,7 @@ def test_dashboard_flow_in_a_real_browser(server, browser):
         page.goto(base + path)
         assert page.evaluate("document.documentElement.scrollWidth") <= 390, path
     page.goto(base + "/dashboard/")
-    page.screenshot(path=SHOTS / "phone.png", full_page=True)
+    page.screenshot(path=shots / "phone.png", full_page=True)
     page.set_viewport_size({"width": 1280, "height": 860})
 
     # A form without its CSRF token is refused (and nothing happens).
@@ -227,7 +229,7 @@ def test_dashboard_flow_in_a_real_browser(server, browser):
     page.get_by_label("Scopes").fill("admin:read")
     page.get_by_role("button", name="Create token").click()
     assert page.locator("#step-up").is_visible()
-    page.screenshot(path=SHOTS / "step-up.png")
+    page.screenshot(path=shots / "step-up.png")
     page.get_by_label("Authenticator code").fill(next_code(secret, used))
     page.get_by_role("button", name="Confirm").click()
     assert page.locator("#token-secret").inner_text().startswith("tw_live_")
@@ -236,7 +238,7 @@ def test_dashboard_flow_in_a_real_browser(server, browser):
     viewer = run("user", "add", "vera", "--role", "viewer", "--project", "shop", env=server["env"])
     page.goto(base + "/dashboard/settings")
     assert "vera" in page.locator("main").inner_text()
-    page.screenshot(path=SHOTS / "settings.png", full_page=True)
+    page.screenshot(path=shots / "settings.png", full_page=True)
     vctx = browser.new_context()
     vpage = vctx.new_page()
     sign_in(vpage, base, "vera", viewer["password"])

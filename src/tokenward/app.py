@@ -19,6 +19,7 @@ from tokenward.anomaly.engine import AnomalyEngine
 from tokenward.anomaly.store import AnomalyStore, SecretBox
 from tokenward.anomaly.webhooks import WebhookSender
 from tokenward.api import admin, health, verification
+from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.middleware import (
@@ -203,6 +204,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(verification.router)
     app.include_router(admin.router)
     app.include_router(audit_api.router)
+    app.include_router(alerts_api.router)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)

@@ -289,6 +289,17 @@ class TokenService:
         await self._audit("token.release", actor, record.project_id, token_id, detail)
         return record
 
+    async def record_action(
+        self,
+        action: str,
+        actor: TokenRecord | None,
+        project_id: str | None,
+        token_id: str | None,
+        detail: dict[str, object],
+    ) -> None:
+        """Emit the admin event of an action done outside this service (alerts, settings)."""
+        await self._audit(action, actor, project_id, token_id, detail)
+
     async def _audit(
         self,
         action: str,

@@ -11,8 +11,8 @@ import subprocess
 import time
 
 import httpx
-
 from tests.conftest import free_port, tokenward_cmd, wait_for_port
+
 from tokenward.tokens.format import generate_token
 
 
@@ -69,7 +69,7 @@ def test_sigterm_mid_load_loses_no_audit_event_and_logs_are_json(tmp_path):
     )
     admin = json.loads(init.stdout)["admin_token"]
     port = free_port()
-    log_file = open(tmp_path / "server.log", "wb")
+    log_file = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(
         tokenward_cmd("serve", "--port", str(port)),
         env=env,

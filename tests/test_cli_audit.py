@@ -9,9 +9,9 @@ import subprocess
 
 import httpx
 import pytest
+from tests.conftest import free_port, tokenward_cmd, wait_for_port
 from typer.testing import CliRunner
 
-from tests.conftest import free_port, tokenward_cmd, wait_for_port
 from tokenward.cli import app
 from tokenward.tokens.format import generate_token
 

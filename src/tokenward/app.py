@@ -18,7 +18,8 @@ from tokenward.anomaly.blocklist import IPBlocklist
 from tokenward.anomaly.engine import AnomalyEngine
 from tokenward.anomaly.store import AnomalyStore, SecretBox
 from tokenward.anomaly.webhooks import WebhookSender
-from tokenward.api import admin, health, verification
+from tokenward.api import admin, health, observability, verification
+from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.middleware import (
@@ -30,6 +31,7 @@ from tokenward.audit import AuditWriter, ChainKeys
 from tokenward.audit.chain import prune
 from tokenward.events import EventBus
 from tokenward.limits import RateLimiter
+from tokenward.metrics import Metrics
 from tokenward.service import TokenService
 from tokenward.settings import Settings, load_hasher
 from tokenward.store.engine import create_engine, migrate
@@ -55,6 +57,7 @@ class Services:
     redis: Redis | None = None
     audit: AuditWriter | None = None
     anomaly: AnomalyEngine | None = None
+    metrics: Metrics | None = None
 
     async def close(self) -> None:
         await self.verifier.flush_usage()
@@ -86,9 +89,18 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         batch_size=settings.audit_batch_size,
     )
     events.subscribe(audit)
+    metrics = None
+    if settings.metrics_enabled:
+        metrics = Metrics()
+        metrics.watch(verifier, lambda: audit.depth)
+        audit.observe = metrics.audit_batch_written
+        events.subscribe(metrics)
     anomaly = None
     if settings.anomaly_enabled:
         anomaly = build_anomaly(settings, engine, hasher, verifier, tokens)
+        if metrics is not None:
+            anomaly.on_alert = metrics.alert_raised
+            anomaly.webhooks.on_result = metrics.webhook_result
         await anomaly.refresh_blocks()
         events.subscribe(anomaly)
     return Services(
@@ -103,6 +115,7 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         redis,
         audit=audit,
         anomaly=anomaly,
+        metrics=metrics,
     )
 
 
@@ -205,7 +218,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(verification.router)
     app.include_router(admin.router)
     app.include_router(audit_api.router)
+    app.include_router(alerts_api.router)
+    app.include_router(observability.router)
     dashboard.install(app)
+    app.add_middleware(observability.AccessLogMiddleware, enabled=settings.access_log)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)

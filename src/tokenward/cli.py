@@ -433,5 +433,14 @@ def token_rotate(
         )
 
 
+# Commands that live in their own modules (they import the helpers above).
+from tokenward.cli_audit import alerts_app, audit_app, quarantine, release  # noqa: E402
+
+app.add_typer(audit_app, name="audit")
+app.add_typer(alerts_app, name="alerts")
+token_app.command("quarantine")(quarantine)
+token_app.command("release")(release)
+
+
 def main() -> None:
     app()

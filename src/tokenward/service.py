@@ -356,6 +356,17 @@ class TokenService:
         )
         return updated
 
+    async def record_action(
+        self,
+        action: str,
+        actor: TokenRecord | None,
+        project_id: str | None,
+        token_id: str | None,
+        detail: dict[str, object],
+    ) -> None:
+        """Emit the admin event of an action done outside this service (alerts, settings)."""
+        await self._audit(action, actor, project_id, token_id, detail)
+
     async def _audit(
         self,
         action: str,

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
         5.0, gt=0, le=60, description="Timeout of one webhook attempt, in seconds."
     )
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    access_log: bool = Field(
+        True, description="Log one JSON line per HTTP request (method, path, status, duration)."
+    )
 
     @field_validator("log_level")
     @classmethod

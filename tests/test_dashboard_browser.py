@@ -180,6 +180,14 @@ def test_dashboard_flow_in_a_real_browser(server, browser, tmp_path):
     page.screenshot(path=shots / "overview.png", full_page=True)
     page.goto(base + "/dashboard/audit?project=shop")
     assert "deny revoked" in page.locator("#trail").inner_text()
+    # Live tail: a decision made now appears without reloading the page.
+    page.get_by_label("Live tail").check()
+    rows = page.locator("#trail tbody tr")
+    before = rows.count()
+    verify(base, init["admin_token"], token)
+    page.locator("#trail tbody tr.fresh").first.wait_for(timeout=10_000)
+    assert rows.count() > before
+    assert "deny revoked" in page.locator("#trail tbody tr.fresh").first.inner_text()
     page.screenshot(path=shots / "audit.png")
 
     # Using the revoked token raised an alert (leaked token); acknowledge it.

@@ -123,6 +123,14 @@ class Settings(BaseSettings):
         True, description="Log one JSON line per HTTP request (method, path, status, duration)."
     )
 
+    @field_validator("dashboard_login_rate", "dashboard_login_rate_ip")
+    @classmethod
+    def _login_rate(cls, value: str) -> str:
+        from tokenward.tokens.durations import parse_rates
+
+        parse_rates(value)  # raises with a message naming the expected form
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:

@@ -565,3 +565,34 @@ async def test_token_settings_only_narrow(dash, clock, accounts, services):
     assert record.remaining_uses == 3
     trail = (await p.get(path)).text
     assert "token.update" in trail
+
+
+async def test_lifetime_policy_applies_to_the_api_and_the_dashboard(
+    dash, clock, accounts, services, admin
+):
+    p = await owner(dash, clock, accounts)
+    await p.post("/dashboard/projects", {"name": "shop"})
+    await p.get("/dashboard/settings")
+    bad = await p.post("/dashboard/settings/projects/shop/lifetime", {"max_days": "0"})
+    assert bad.status_code == 422
+    saved = await p.post("/dashboard/settings/projects/shop/lifetime", {"max_days": "30"})
+    assert saved.status_code == 303
+    # Through the service (as the API calls it): no expiry means the maximum; more is refused.
+    issued = await services.tokens.create_token(
+        admin.record, TokenSpec(project="shop", scopes=["records:read"])
+    )
+    assert issued.record.expires_at == clock.now + timedelta(days=30)
+    with pytest.raises(Exception, match="at most 30 days"):
+        await services.tokens.create_token(
+            admin.record, TokenSpec(project="shop", scopes=["x:y"], ttl=timedelta(days=90))
+        )
+    form = await p.get("/dashboard/p/shop/tokens/new")
+    assert "tokens live at most 30 days" in form.text
+    refused = await p.post("/dashboard/p/shop/tokens", {"scopes": "x:y", "expiry": "90d"})
+    assert refused.status_code == 422 and "at most 30 days" in refused.text
+    cleared = await p.post("/dashboard/settings/projects/shop/lifetime", {"max_days": ""})
+    assert cleared.status_code == 303
+    free = await services.tokens.create_token(
+        admin.record, TokenSpec(project="shop", scopes=["records:read"])
+    )
+    assert free.record.expires_at is None

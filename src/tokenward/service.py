@@ -27,6 +27,8 @@ from tokenward.tokens.scopes import is_narrower, validate_scopes
 from tokenward.verify import Verifier
 
 MAX_GRACE = timedelta(days=30)
+#: key in a project's settings: the longest lifetime of its new tokens, in days
+MAX_LIFETIME_KEY = "max_token_lifetime_days"
 
 
 @dataclass(slots=True)
@@ -142,6 +144,8 @@ class TokenService:
             expires_at = now + spec.ttl
         if expires_at is not None and expires_at <= now:
             raise Invalid("invalid_expiry", "expires_at must be in the future")
+        if project_id is not None:
+            expires_at = await self._lifetime_policy(project_id, now, expires_at)
         if spec.not_before and expires_at and spec.not_before >= expires_at:
             raise Invalid("invalid_not_before", "not_before must be before the expiry")
         if actor.expires_at is not None and (expires_at is None or expires_at > actor.expires_at):
@@ -181,6 +185,37 @@ class TokenService:
             {"scopes": scopes, "environment": spec.environment, "kind": spec.kind},
         )
         return Issued(secret, record)
+
+    async def _lifetime_policy(
+        self, project_id: str, now: datetime, expires_at: datetime | None
+    ) -> datetime | None:
+        """A project's longest token lifetime: no expiry means that long, longer is refused."""
+        days = (await self.store.project_settings(project_id)).get(MAX_LIFETIME_KEY)
+        if not days:
+            return expires_at
+        limit = now + timedelta(days=int(days))
+        if expires_at is None:
+            return limit
+        if expires_at > limit:
+            raise Invalid(
+                "lifetime_exceeds_policy", f"tokens of this project live at most {days} days"
+            )
+        return expires_at
+
+    async def set_lifetime_policy(
+        self, actor: TokenRecord, project: str, max_days: int | None
+    ) -> None:
+        """Set (or, with ``None``, clear) a project's longest token lifetime, in days."""
+        if max_days is not None and not 1 <= max_days <= 3660:
+            raise Invalid("invalid_lifetime", "the longest lifetime is 1 to 3660 days")
+        found = await self.project_for(actor, project)
+        settings = await self.store.project_settings(found.id)
+        if max_days is None:
+            settings.pop(MAX_LIFETIME_KEY, None)
+        else:
+            settings[MAX_LIFETIME_KEY] = max_days
+        await self.store.set_project_settings(found.id, settings)
+        await self._audit("project.policy", actor, found.id, None, {MAX_LIFETIME_KEY: max_days})
 
     async def get_token(self, actor: TokenRecord, token_id: str) -> TokenRecord:
         record = await self.store.get_token(token_id)

@@ -30,6 +30,7 @@ from tokenward.dashboard.web import (
 )
 from tokenward.errors import TokenwardError
 from tokenward.events import AdminEvent
+from tokenward.service import MAX_LIFETIME_KEY
 from tokenward.store.repository import Project
 
 router = APIRouter()
@@ -212,6 +213,8 @@ async def settings_response(request: Request, status: int = 200, **extra: object
     users = await dash(request).accounts.list_users()
     projects = await visible_projects(request, request.state.session.user)
     settings = services_of(request).settings
+    store = services_of(request).store
+    lifetimes = {p.id: (await store.project_settings(p.id)).get(MAX_LIFETIME_KEY) for p in projects}
     return render(
         request,
         "settings.html",
@@ -222,6 +225,7 @@ async def settings_response(request: Request, status: int = 200, **extra: object
         roles=[r.value for r in Role],
         policy=dash(request).accounts.policy,
         settings=settings,
+        lifetimes=lifetimes,
         done=request.query_params.get("done"),
         **(await alerting_context(request)),
         **extra,
@@ -309,3 +313,21 @@ async def remove_user(request: Request, user_id: str) -> Response:
     except TokenwardError as exc:
         return await settings_response(request, exc.status, error=exc.message)
     return redirect(url("/settings?done=removed"))
+
+
+@router.post("/settings/projects/{name}/lifetime")
+async def set_lifetime(request: Request, name: str) -> Response:
+    """A project's lifetime policy: the longest a new token of it may live."""
+    session = await session_of(request)
+    form = await checked_form(request)
+    require_owner(session.user)
+    text = form_text(form, "max_days", 6)
+    if text and not text.isdigit():
+        return await settings_response(request, 422, error="Days must be a whole number.")
+    try:
+        await services_of(request).tokens.set_lifetime_policy(
+            actor_for(session.user, None), name[:64], int(text) if text else None
+        )
+    except TokenwardError as exc:
+        return await settings_response(request, exc.status, error=exc.message)
+    return redirect(url("/settings?done=lifetime#lifetime"))

@@ -37,7 +37,7 @@ from tokenward.dashboard.web import (
     visible_projects,
 )
 from tokenward.errors import TokenwardError
-from tokenward.service import TokenChanges, TokenSpec
+from tokenward.service import MAX_LIFETIME_KEY, TokenChanges, TokenSpec
 from tokenward.store.repository import Project
 from tokenward.tokens.durations import DurationError, parse_duration, parse_rates
 from tokenward.tokens.model import TokenRecord, TokenState
@@ -273,7 +273,19 @@ async def new_token_page(request: Request, name: str) -> Response:
     session = await session_of(request)
     project = await project_for(request, session.user, name)
     require_writer(session.user)
-    return render(request, "token_new.html", project=project, values=_form_defaults(), **_choices())
+    return render(
+        request,
+        "token_new.html",
+        project=project,
+        values=_form_defaults(),
+        max_days=await _max_days(request, project),
+        **_choices(),
+    )
+
+
+async def _max_days(request: Request, project: Project) -> int | None:
+    days = (await services_of(request).store.project_settings(project.id)).get(MAX_LIFETIME_KEY)
+    return int(days) if days else None
 
 
 def _choices() -> dict[str, Any]:
@@ -360,7 +372,14 @@ async def create_token(request: Request, name: str) -> Response:
                 request, "token_secret.html", 201, project=project, issued=issued, title="New token"
             )
     return render(
-        request, "token_new.html", 422, project=project, values=values, error=error, **_choices()
+        request,
+        "token_new.html",
+        422,
+        project=project,
+        values=values,
+        error=error,
+        max_days=await _max_days(request, project),
+        **_choices(),
     )
 
 

@@ -145,6 +145,18 @@ class TokenStore:
             rows = (await conn.execute(query)).all()
         return [_project(r) for r in rows]
 
+    async def project_settings(self, project_id: str) -> dict[str, Any]:
+        query = select(projects.c.settings).where(projects.c.id == project_id)
+        async with self.engine.connect() as conn:
+            value = (await conn.execute(query)).scalar()
+        return dict(value or {})
+
+    async def set_project_settings(self, project_id: str, values: dict[str, Any]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(projects).where(projects.c.id == project_id).values(settings=dict(values))
+            )
+
     # -- tokens ---------------------------------------------------------------------------
     async def insert_token(self, record: TokenRecord, token_hash: str) -> None:
         async with self.engine.begin() as conn:

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pyotp
 import pytest
+from playwright.sync_api import expect
 from tests.conftest import ROOT, free_port, tokenward_cmd, wait_for_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -100,13 +101,12 @@ def sign_in(page, base: str, login: str, password: str) -> tuple[str, set[str]]:
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Continue").click()
     page.wait_for_url("**/mfa/setup**")
-    assert page.locator("svg.qr").is_visible()  # the QR code, drawn by the server
+    expect(page.locator("svg.qr")).to_be_visible()  # the QR code, drawn by the server
     secret = page.locator("#totp-secret").inner_text().strip()
     used: set[str] = set()
     page.get_by_label("Code from the app").fill(next_code(secret, used))
     page.get_by_role("button", name="Confirm").click()
-    codes = page.locator("#recovery-codes li")
-    assert codes.count() == 10
+    expect(page.locator("#recovery-codes li")).to_have_count(10)
     page.get_by_role("link", name="continue").click()
     page.wait_for_url(base + "/dashboard/")
     return secret, used
@@ -150,7 +150,7 @@ def test_dashboard_flow_in_a_real_browser(server, browser, tmp_path):
     assert token.startswith("tw_live_")
     assert "shown only this once" in page.locator(".warning").inner_text()
     page.get_by_role("button", name="Copy").click()
-    assert page.locator("#copy-status").inner_text() == "Copied to the clipboard."
+    expect(page.locator("#copy-status")).to_have_text("Copied to the clipboard.")
     assert page.evaluate("navigator.clipboard.readText()") == token
     page.screenshot(path=shots / "token-created.png")
 
@@ -195,7 +195,8 @@ def test_dashboard_flow_in_a_real_browser(server, browser, tmp_path):
     alert = page.locator("article.alert").first
     assert "leaked token" in alert.inner_text()
     page.screenshot(path=shots / "alerts.png")
-    alert.get_by_role("button", name="Acknowledge").click()
+    with page.expect_navigation():
+        alert.get_by_role("button", name="Acknowledge").click()
     page.goto(base + "/dashboard/alerts?show=all")
     assert "Acknowledged" in page.locator("article.alert").first.inner_text()
 
@@ -226,8 +227,9 @@ def test_dashboard_flow_in_a_real_browser(server, browser, tmp_path):
     page.get_by_label("Scopes").fill("records:read")
     page.get_by_label("Name").fill("forged")
     page.locator("form.form-grid input[name=csrf]").evaluate("input => input.remove()")
-    page.locator("form.form-grid").evaluate("form => form.submit()")
-    assert "Form expired or forged" in page.locator("main").inner_text()
+    with page.expect_navigation():
+        page.locator("form.form-grid").evaluate("form => form.submit()")
+    expect(page.locator("main")).to_contain_text("Form expired or forged")
     page.goto(base + "/dashboard/p/shop/tokens?q=forged")
     assert "No tokens" in page.locator("table.tokens").inner_text()
 
@@ -236,7 +238,7 @@ def test_dashboard_flow_in_a_real_browser(server, browser, tmp_path):
     page.get_by_label("Name").fill("deploy bot")
     page.get_by_label("Scopes").fill("admin:read")
     page.get_by_role("button", name="Create token").click()
-    assert page.locator("#step-up").is_visible()
+    expect(page.locator("#step-up")).to_be_visible()
     page.screenshot(path=shots / "step-up.png")
     page.get_by_label("Authenticator code").fill(next_code(secret, used))
     page.get_by_role("button", name="Confirm").click()

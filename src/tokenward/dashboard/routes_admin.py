@@ -26,6 +26,7 @@ from tokenward.dashboard.web import (
     services_of,
     session_of,
     url,
+    user_names,
     visible_projects,
 )
 from tokenward.errors import TokenwardError
@@ -89,6 +90,7 @@ async def audit_page(request: Request) -> Response:
         filters=filters,
         projects=projects,
         names=_names(projects),
+        users=await user_names(request),
         older=entries[-1].seq if len(entries) == q.limit else None,
         newest=entries[0].seq if entries else 0,
     )

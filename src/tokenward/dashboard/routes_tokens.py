@@ -34,6 +34,7 @@ from tokenward.dashboard.web import (
     services_of,
     session_of,
     url,
+    user_names,
     visible_projects,
 )
 from tokenward.errors import TokenwardError
@@ -420,6 +421,7 @@ async def token_page(request: Request, name: str, token_id: str) -> Response:
         requests=sum(b.allowed + b.denied_total for b in buckets),
         denied=sum(reasons.values()),
         trail=trail,
+        users=await user_names(request),
         grace_presets=GRACE_PRESETS,
         done=request.query_params.get("done"),
     )

@@ -259,6 +259,11 @@ def require_owner(user: User) -> None:
         raise PageError(403, "Owners only", "Only an owner can manage users and roles.")
 
 
+async def user_names(request: Request) -> dict[str, str]:
+    """User id → login, to show people by name in trails and feeds."""
+    return {u.id: u.login for u in await dash(request).accounts.list_users()}
+
+
 async def visible_projects(request: Request, user: User) -> list[Project]:
     projects: list[Project] = await services_of(request).store.list_projects(
         None if user.is_owner else user.project_ids

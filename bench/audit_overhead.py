@@ -128,25 +128,36 @@ def main() -> None:
         admin, token = setup(data_dir, env)
         results: dict[str, list[float]] = {"off": [], "on": []}
         per_cpu: dict[str, list[float]] = {"off": [], "on": []}
-        for _ in range(args.rounds):
-            for mode in ("off", "on"):
-                port = free_port()
-                proc = subprocess.Popen([PY, str(HERE / "serve.py"), tmp, str(port), mode], env=env)
-                try:
-                    wait(port)
-                    run_wrk(port, admin, token, 1, args.connections)  # warm up
+        # Both servers run side by side and are loaded in turn, a few seconds each, so
+        # that the machine's background noise falls on both alike.
+        servers = {}
+        for mode in ("off", "on"):
+            port = free_port()
+            proc = subprocess.Popen(
+                [PY, str(HERE / "serve.py"), tmp, str(port), mode],
+                env=env,
+                stderr=subprocess.DEVNULL,  # wrk hanging up at the end is logged
+            )
+            servers[mode] = (port, proc)
+        try:
+            for port, _ in servers.values():
+                wait(port)
+                run_wrk(port, admin, token, 1, args.connections)  # warm up
+            for _ in range(args.rounds):
+                for mode, (port, proc) in servers.items():
                     cpu = cpu_seconds(proc.pid)
                     rps = run_wrk(port, admin, token, args.seconds, args.connections)
                     cpu = cpu_seconds(proc.pid) - cpu
-                finally:
-                    proc.terminate()
-                    proc.wait()
-                results[mode].append(rps)
-                per_cpu[mode].append(2 * rps * args.seconds / cpu)
-                print(
-                    f"audit {mode:3}: {rps:8.0f} requests/s = {2 * rps:8.0f} decisions/s, "
-                    f"{per_cpu[mode][-1]:8.0f} decisions per server CPU-second"
-                )
+                    results[mode].append(rps)
+                    per_cpu[mode].append(2 * rps * args.seconds / cpu)
+                    print(
+                        f"audit {mode:3}: {rps:8.0f} requests/s = {2 * rps:8.0f} decisions/s, "
+                        f"{per_cpu[mode][-1]:8.0f} decisions per server CPU-second"
+                    )
+        finally:
+            for _, proc in servers.values():
+                proc.terminate()
+                proc.wait()
         off = sum(results["off"]) / len(results["off"])
         on = sum(results["on"]) / len(results["on"])
         cpu_off = sum(per_cpu["off"]) / len(per_cpu["off"])

@@ -74,6 +74,7 @@ class AuditWriter:
         queue_size: int = 10_000,
         batch_size: int = 500,
         give_up_after: float = 10.0,
+        linger: float = 0.0,
         observe: Callable[[int, float], None] | None = None,
     ) -> None:
         if mode not in ("sync", "async"):
@@ -84,6 +85,7 @@ class AuditWriter:
         self.queue_size = queue_size
         self.batch_size = batch_size
         self.give_up_after = give_up_after
+        self.linger = linger
         #: called with (events written, seconds the transaction took) after each batch
         self.observe = observe
         self.written = 0
@@ -256,8 +258,9 @@ class AuditWriter:
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                # One more turn of the loop: requests ready to run add their events first.
-                await asyncio.sleep(0)
+                # Let the loop turn once (or linger longer): the events of requests that are
+                # ready to run join this commit.
+                await asyncio.sleep(self.linger)
                 while True:
                     batch, stop = self._take_ready()
                     if batch:

@@ -258,18 +258,20 @@ async def test_project_bound_admin_sees_only_its_project(services, admin, api):
 async def test_audit_write_failure_fails_the_request_closed(services, admin, api):
     from tokenward.store.engine import create_engine
 
-    healthy = services.audit.engine
     dead = (
         "postgresql+asyncpg://postgres@127.0.0.1:9/none"
-        if healthy.dialect.name == "postgresql"
+        if services.engine.dialect.name == "postgresql"
         else "sqlite+aiosqlite:////nonexistent/dir/x.db"
     )
-    services.audit.engine = create_engine(dead)
-    services.audit.give_up_after = 0.2
+    dead_engine = create_engine(dead)
+    failing = AuditWriter(dead_engine, keys(services), give_up_after=0.2)
+    healthy = services.audit
+    services.events.subscribers[services.events.subscribers.index(healthy)] = failing
     try:
         response = await api.get("/v1/projects")
         assert response.status_code == 503
         assert response.json()["error"] == "audit_unavailable"
     finally:
-        await services.audit.engine.dispose()
-        services.audit.engine = healthy
+        services.events.subscribers[services.events.subscribers.index(failing)] = healthy
+        await failing.close()
+        await dead_engine.dispose()

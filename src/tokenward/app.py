@@ -29,6 +29,7 @@ from tokenward.api.middleware import (
 )
 from tokenward.audit import AuditWriter, ChainKeys
 from tokenward.audit.chain import prune
+from tokenward.audit.writer import DurableResponseMiddleware
 from tokenward.events import EventBus
 from tokenward.limits import RateLimiter
 from tokenward.metrics import Metrics
@@ -221,6 +222,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(alerts_api.router)
     app.include_router(observability.router)
     dashboard.install(app)
+    app.add_middleware(DurableResponseMiddleware)
     app.add_middleware(observability.AccessLogMiddleware, enabled=settings.access_log)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
-from dataclasses import asdict, dataclass, field
+import secrets
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
 from tokenward.events import AccessEvent, AdminEvent, SecurityEvent
-from tokenward.tokens.format import new_public_id
 from tokenward.tokens.hashing import ServerKey, TokenHasher
 
 GENESIS = "0" * 64
+
+# Event ids need to be unique, not secret: a random per-process prefix and a counter, so
+# that the hot path makes no system call for randomness per event.
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count(1)
+
+
+def new_event_id() -> str:
+    return f"evt_{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+
 
 #: The fields a record's hash covers, in a fixed order (``seq`` is not among them: the chain
 #: itself, through ``prev_hash``, fixes the order).
@@ -54,7 +65,7 @@ class AuditRecord:
     at: datetime
     kind: str
     action: str
-    id: str = field(default_factory=lambda: new_public_id("evt"))
+    id: str = field(default_factory=lambda: new_event_id())
     source: str | None = None
     request_id: str | None = None
     project_id: str | None = None
@@ -74,7 +85,11 @@ class AuditRecord:
     detail: dict[str, Any] = field(default_factory=dict)
 
     def values(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: it deep-copies, and this runs for every event.
+        return {name: getattr(self, name) for name in _FIELDS}
+
+
+_FIELDS = tuple(f.name for f in fields(AuditRecord))
 
 
 def _clip(value: str | None, size: int) -> str | None:
@@ -141,14 +156,17 @@ def normalize(detail: dict[str, Any]) -> dict[str, Any]:
 
 
 def iso(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
 
 def canonical(values: dict[str, Any]) -> bytes:
-    body = {name: values.get(name) for name in HASHED_FIELDS}
-    at: datetime = values["at"]
-    body["at"] = iso(at)
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The hashed form: the fields of :data:`HASHED_FIELDS` as a JSON array, in that order."""
+    body = [values.get(name) for name in HASHED_FIELDS]
+    body[1] = iso(values["at"])  # "at" is the second field
+    return _ENCODE(body).encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -596,3 +596,32 @@ async def test_lifetime_policy_applies_to_the_api_and_the_dashboard(
         admin.record, TokenSpec(project="shop", scopes=["records:read"])
     )
     assert free.record.expires_at is None
+
+
+async def test_role_and_mfa_changes_need_step_up_and_take_effect(dash, clock, accounts, services):
+    p = await owner(dash, clock, accounts)
+    await p.post("/dashboard/projects", {"name": "shop"})
+    shop = await services.store.get_project("shop")
+    vera, password = await accounts.create_user("vera", Role.VIEWER, project_ids=[shop.id])
+    v = person(dash, clock)
+    await v.sign_in("vera", password)
+    assert (await v.client.get("/dashboard/")).status_code == 200
+    clock.tick(6 * 60)
+    await p.get("/dashboard/settings")
+    change = {"role": "admin", "projects": [shop.id]}
+    prompt = await p.post(f"/dashboard/settings/users/{vera.id}/role", change)
+    assert 'id="step-up"' in prompt.text
+    assert (await accounts.get_user("vera")).role is Role.VIEWER
+    done = await p.post(
+        f"/dashboard/settings/users/{vera.id}/role", {**change, "step_up_code": p.code()}
+    )
+    assert done.status_code == 303 and (await accounts.get_user("vera")).role is Role.ADMIN
+    # Within the step-up window the next sensitive change goes through at once; resetting
+    # vera's second factor ends her sessions, and she must enrol again.
+    await p.get("/dashboard/settings")
+    reset = await p.post(f"/dashboard/settings/users/{vera.id}/reset-mfa")
+    assert reset.status_code == 303
+    assert not (await accounts.get_user("vera")).mfa_enrolled
+    assert (await v.client.get("/dashboard/")).status_code == 303
+    audit = (await p.get("/dashboard/audit?kind=admin")).text
+    assert "dashboard.user.role" in audit and "dashboard.user.mfa_reset" in audit

@@ -625,3 +625,12 @@ async def test_role_and_mfa_changes_need_step_up_and_take_effect(dash, clock, ac
     assert (await v.client.get("/dashboard/")).status_code == 303
     audit = (await p.get("/dashboard/audit?kind=admin")).text
     assert "dashboard.user.role" in audit and "dashboard.user.mfa_reset" in audit
+
+
+async def test_names_are_escaped_in_pages(dash, clock, accounts, services):
+    p = await owner(dash, clock, accounts)
+    evil = "<script>alert(1)</script>"
+    token_id = await make_token(services, "shop", name=evil, principal=evil)
+    for path in ("/dashboard/p/shop/tokens", f"/dashboard/p/shop/tokens/{token_id}"):
+        page = await p.get(path)
+        assert evil not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text

@@ -45,7 +45,10 @@ def wait(port: int) -> None:
 
 def setup(data_dir: Path, env: dict[str, str]) -> tuple[str, str]:
     out = subprocess.run(
-        [PY, "-m", "tokenward", "init", "--json"], env=env, capture_output=True, check=True
+        [PY, "-m", "tokenward", "init", "--reset", "--json"],
+        env=env,
+        capture_output=True,
+        check=True,
     )
     admin = json.loads(out.stdout)["admin_token"]
     port = free_port()

@@ -634,3 +634,35 @@ async def test_names_are_escaped_in_pages(dash, clock, accounts, services):
     for path in ("/dashboard/p/shop/tokens", f"/dashboard/p/shop/tokens/{token_id}"):
         page = await p.get(path)
         assert evil not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+
+
+async def test_rotate_with_grace_shows_the_successor_once(dash, clock, accounts, services):
+    p = await owner(dash, clock, accounts)
+    token_id = await make_token(services, "shop", name="app")
+    path = f"/dashboard/p/shop/tokens/{token_id}"
+    await p.get(path)
+    bad = await p.post(path + "/rotate", {"grace": "forever"})
+    assert bad.status_code == 422
+    response = await p.post(path + "/rotate", {"grace": "1h"})
+    assert response.status_code == 201
+    secret = re.search(r'id="token-secret"[^>]*>([^<]+)<', response.text).group(1)
+    assert secret.startswith("tw_live_")
+    old = await services.store.get_token(token_id)
+    assert old.state(clock.now) is TokenState.ROTATED_IN_GRACE
+    assert (await services.verifier.verify(secret)).allowed
+    detail = await p.get(path)
+    assert secret not in detail.text and old.replaced_by in detail.text
+
+
+async def test_audit_pages_back_and_forth(dash, clock, accounts, services):
+    p = await owner(dash, clock, accounts)
+    for i in range(3):
+        await make_token(services, f"p{i}")
+    first = await p.get("/dashboard/audit?kind=admin")
+    seqs = [int(s) for s in re.findall(r'data-seq="(\d+)"', first.text)]
+    assert seqs == sorted(seqs, reverse=True) and len(seqs) >= 6
+    older = await p.get(f"/dashboard/audit?kind=admin&before={seqs[2]}")
+    rest = [int(s) for s in re.findall(r'data-seq="(\d+)"', older.text)]
+    assert rest == seqs[3:] and "← newest" in older.text
+    feed = await p.client.get(f"/dashboard/audit/feed?kind=admin&after={seqs[2]}")
+    assert [e["seq"] for e in feed.json()["entries"]] == sorted(seqs[:2])

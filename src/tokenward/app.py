@@ -6,14 +6,22 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 
+import structlog
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp
 
-from tokenward import __version__
-from tokenward.api import admin, health, oauth, verification
+from tokenward import __version__, dashboard
+from tokenward.anomaly.blocklist import IPBlocklist
+from tokenward.anomaly.engine import AnomalyEngine
+from tokenward.anomaly.store import AnomalyStore, SecretBox
+from tokenward.anomaly.webhooks import WebhookSender
+from tokenward.api import admin, health, oauth, observability, verification
+from tokenward.api import alerts as alerts_api
+from tokenward.api import audit as audit_api
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.fastpath import FastPath
 from tokenward.api.middleware import (
@@ -21,11 +29,16 @@ from tokenward.api.middleware import (
     RequestContextMiddleware,
     SecurityHeadersMiddleware,
 )
+from tokenward.audit import AuditWriter, ChainKeys
+from tokenward.audit.chain import prune
+from tokenward.audit.writer import DurableResponseMiddleware
 from tokenward.events import EventBus
 from tokenward.fanout import Fanout, make_fanout
 from tokenward.gateway import Enforcement, build_enforcement
 from tokenward.gateway.authz import AuthzMiddleware
 from tokenward.limits import RateLimiter
+from tokenward.logs import configure_logging
+from tokenward.metrics import Metrics
 from tokenward.oauth.sessions import Sessions, build_sessions
 from tokenward.service import TokenService
 from tokenward.settings import Settings, load_hasher
@@ -33,6 +46,8 @@ from tokenward.store.engine import create_engine, migrate
 from tokenward.store.repository import TokenStore
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.verify import Verifier
+
+log = structlog.get_logger("tokenward")
 
 
 @dataclass
@@ -52,10 +67,17 @@ class Services:
     sessions: Sessions | None = None
     #: route policies and the decision pipeline of the gateway and /authz
     enforcement: Enforcement | None = None
+    audit: AuditWriter | None = None
+    anomaly: AnomalyEngine | None = None
+    metrics: Metrics | None = None
 
     async def close(self) -> None:
         await self.fanout.stop()
         await self.verifier.flush_usage()
+        if self.audit is not None:
+            await self.audit.close()
+        if self.anomaly is not None:
+            await self.anomaly.webhooks.close()
         await self.limiter.aclose()
         if self.redis is not None:
             await self.redis.aclose()
@@ -77,6 +99,28 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     await fanout.start()
     tokens = TokenService(store, hasher, verifier, events, on_change=fanout.publish)
     sessions = build_sessions(settings, engine, tokens, events, redis)
+    audit = AuditWriter(
+        engine,
+        ChainKeys.from_hasher(hasher),
+        mode=settings.audit_mode,
+        queue_size=settings.audit_queue_size,
+        batch_size=settings.audit_batch_size,
+    )
+    events.subscribe(audit)
+    metrics = None
+    if settings.metrics_enabled:
+        metrics = Metrics()
+        metrics.watch(verifier, lambda: audit.depth)
+        audit.observe = metrics.audit_batch_written
+        events.subscribe(metrics)
+    anomaly = None
+    if settings.anomaly_enabled:
+        anomaly = build_anomaly(settings, engine, hasher, verifier, tokens)
+        if metrics is not None:
+            anomaly.on_alert = metrics.alert_raised
+            anomaly.webhooks.on_result = metrics.webhook_result
+        await anomaly.refresh_blocks()
+        events.subscribe(anomaly)
     return Services(
         settings,
         engine,
@@ -90,7 +134,58 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         redis,
         sessions,
         enforcement,
+        audit=audit,
+        anomaly=anomaly,
+        metrics=metrics,
     )
+
+
+def build_anomaly(
+    settings: Settings,
+    engine: AsyncEngine,
+    hasher: TokenHasher,
+    verifier: Verifier,
+    tokens: TokenService,
+) -> AnomalyEngine:
+    anomaly_store = AnomalyStore(engine)
+    never = [n.strip() for n in settings.anomaly_never_block.split(",") if n.strip()]
+    blocklist = IPBlocklist(lambda: verifier.clock(), never)
+    verifier.is_blocked = blocklist
+    webhooks = WebhookSender(
+        anomaly_store,
+        verifier.clock,
+        max_attempts=settings.webhook_max_attempts,
+        backoff=settings.webhook_backoff_seconds,
+        timeout=settings.webhook_timeout_seconds,
+    )
+    return AnomalyEngine(
+        anomaly_store, tokens, blocklist, webhooks, SecretBox(hasher), lambda: verifier.clock()
+    )
+
+
+async def _prune_audit_forever(services: Services) -> None:
+    """Apply the retention setting once an hour (and at start)."""
+    days = services.settings.audit_retention_days
+    if days <= 0:
+        return
+    while True:
+        now = services.verifier.clock()
+        try:
+            result = await prune(services.engine, now - timedelta(days=days), now)
+            if result.pruned:
+                log.info("audit_pruned", events=result.pruned, checkpoint=result.checkpoint_seq)
+        except Exception as exc:
+            log.warning("audit_prune_failed", error=type(exc).__name__)
+        await asyncio.sleep(3600)
+
+
+async def _refresh_blocks_forever(services: Services) -> None:
+    while services.anomaly is not None:
+        await asyncio.sleep(services.settings.ip_block_refresh_seconds)
+        try:
+            await services.anomaly.refresh_blocks()
+        except Exception as exc:  # keep the blocks we have; try again next round
+            log.warning("ip_block_refresh_failed", error=type(exc).__name__)
 
 
 async def _flush_usage_forever(services: Services) -> None:
@@ -99,28 +194,42 @@ async def _flush_usage_forever(services: Services) -> None:
         await services.verifier.flush_usage()
 
 
-def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, services: Services | None = None, *, middleware: bool = True
+) -> FastAPI:
     """The FastAPI app (admin API, docs, every route). See :func:`create_asgi` for serving."""
     if settings is None:
         settings = services.settings if services is not None else Settings.load()
+    assert settings is not None
+    if not structlog.is_configured():  # JSON lines on stderr, also when embedded
+        configure_logging(settings.log_level)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = services is None
         svc = services if services is not None else await open_services(settings)
         app.state.services = svc
+        dashboard.attach(app, svc)
         flusher = asyncio.create_task(_flush_usage_forever(svc))
         rotation = (
             asyncio.create_task(svc.sessions.scheduler.run_forever()) if svc.sessions else None
         )
+        background = [
+            asyncio.create_task(_refresh_blocks_forever(svc)),
+            asyncio.create_task(_prune_audit_forever(svc)),
+        ]
+        if rotation is not None:
+            background.append(rotation)
         try:
             yield
         finally:
-            for task in (flusher, rotation):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if owned:
                 await svc.close()
             else:
@@ -132,21 +241,42 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         summary="API tokens: issue, scope, time-limit, rotate, revoke and verify.",
         lifespan=lifespan,
     )
+    app.state.settings = settings
     if services is not None:
         app.state.services = services
+        dashboard.attach(app, services)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(verification.router)
     app.include_router(admin.router)
     app.include_router(oauth.router)
-    app.add_middleware(SecurityHeadersMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContextMiddleware)
+    app.include_router(audit_api.router)
+    app.include_router(alerts_api.router)
+    app.include_router(observability.router)
+    dashboard.install(app)
+    if middleware:  # create_asgi puts the same stack around the fast path instead
+        app.add_middleware(DurableResponseMiddleware)
+        app.add_middleware(observability.AccessLogMiddleware, enabled=settings.access_log)
+        app.add_middleware(SecurityHeadersMiddleware)
+        app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+        app.add_middleware(RequestContextMiddleware)
     return app
 
 
 def create_asgi(settings: Settings | None = None, services: Services | None = None) -> ASGIApp:
-    """What the server runs: the hot routes' fast path in front of the FastAPI app."""
-    api = create_app(settings, services)
-    limit = (settings or (services.settings if services else Settings.load())).max_body_bytes
-    return FastPath(AuthzMiddleware(api, api), api, limit)
+    """What the server runs, outermost first::
+
+        request id → access log → audit durability → security headers → body bound
+          → fast path (POST /v1/verify, GET /healthz) → /authz → FastAPI (everything else)
+
+    Every route, fast or not, gets the same request id, log line, security headers and the
+    promise that its response starts only once its audit events are durable.
+    """
+    api = create_app(settings, services, middleware=False)
+    settings = api.state.settings
+    app: ASGIApp = FastPath(AuthzMiddleware(api, api), api, settings.max_body_bytes)
+    app = DurableResponseMiddleware(app)
+    app = observability.AccessLogMiddleware(app, enabled=settings.access_log)
+    app = SecurityHeadersMiddleware(app)
+    app = BodyLimitMiddleware(app, max_bytes=settings.max_body_bytes)
+    return RequestContextMiddleware(app)

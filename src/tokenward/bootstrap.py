@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenward.dashboard.accounts import create_first_owner
+from tokenward.dashboard.security import DashboardKeys
 from tokenward.fanout import announce
 from tokenward.service import issue_bootstrap_record
 from tokenward.settings import Settings, load_hasher, write_new_key_file
@@ -19,6 +21,9 @@ class InitResult:
     created: bool
     admin_token: str | None
     token_id: str | None
+    #: the first dashboard owner, set only when it was just created (password shown once)
+    owner_login: str | None = None
+    owner_password: str | None = None
 
 
 async def initialize(settings: Settings, *, reset: bool = False) -> InitResult:
@@ -36,15 +41,16 @@ async def initialize(settings: Settings, *, reset: bool = False) -> InitResult:
     try:
         await migrate(engine)
         store = TokenStore(engine)
+        owner = await create_first_owner(engine, DashboardKeys(hasher)) or (None, None)
         existing = await store.active_bootstrap_ids(BOOTSTRAP_NAME)
         if existing and not reset:
-            return InitResult(False, None, existing[0])
+            return InitResult(False, None, existing[0], *owner)
         now = utcnow()
         for token_id in existing:
             await store.revoke(token_id, "replaced by tokenward init --reset", now)
         await announce(engine, settings.redis_url, existing)
         issued = issue_bootstrap_record(hasher, now)
         await store.insert_token(issued.record, hasher.hash(issued.secret))
-        return InitResult(True, issued.secret, issued.record.id)
+        return InitResult(True, issued.secret, issued.record.id, *owner)
     finally:
         await engine.dispose()

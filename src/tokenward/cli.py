@@ -22,6 +22,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from tokenward.client.admin import AdminAPIError, AdminClient
+from tokenward.dashboard.cli import user_app
 
 app = typer.Typer(
     help="tokenward: API tokens for Backend-as-a-Service apps.",
@@ -32,6 +33,7 @@ project_app = typer.Typer(help="Projects (one per app).", no_args_is_help=True)
 token_app = typer.Typer(help="Tokens: create, list, show, revoke, rotate.", no_args_is_help=True)
 app.add_typer(project_app, name="project")
 app.add_typer(token_app, name="token")
+app.add_typer(user_app, name="user")
 
 out = Console()
 err = Console(stderr=True)
@@ -87,12 +89,14 @@ def init(
                 {
                     "initialized": False,
                     "admin_token_id": result.token_id,
+                    **_owner(result),
                     **info,
                     "message": message,
                 }
             )
         else:
             out.print(message)
+            _show_owner(result)
         return
     if as_json:
         emit_json(
@@ -100,11 +104,36 @@ def init(
                 "initialized": True,
                 "admin_token": result.admin_token,
                 "admin_token_id": result.token_id,
+                **_owner(result),
                 **info,
             }
         )
     else:
         _show_admin_token(result.admin_token or "", result.token_id or "")
+        _show_owner(result)
+
+
+def _owner(result: Any) -> dict[str, str]:
+    if not result.owner_login:
+        return {}
+    return {"owner_login": result.owner_login, "owner_password": result.owner_password}
+
+
+def _show_owner(result: Any, dashboard_url: str | None = None) -> None:
+    if not result.owner_login:
+        return
+    where = f"\nSign in at {dashboard_url}" if dashboard_url else ""
+    out.print(
+        Panel.fit(
+            f"login:    [bold]{result.owner_login}[/bold]\n"
+            f"password: [bold]{result.owner_password}[/bold]\n\n"
+            "The first dashboard owner. The password is shown once: store it now.\n"
+            f"Two-factor sign-in (an authenticator app) is set up at the first login.{where}",
+            title="dashboard owner",
+            border_style="yellow",
+        ),
+        highlight=False,
+    )
 
 
 def _safe_db(settings: Any) -> str:
@@ -192,23 +221,25 @@ def serve(
         check_bind(host, tls, settings.allow_insecure_http)
     except InsecureBind as exc:
         fail(str(exc), 2)
+    scheme = "https" if tls else "http"
+    shown = f"[{host}]" if ":" in host else host
+    base = f"{scheme}://{shown}:{port}"
     if init_first:
         from tokenward.bootstrap import initialize
 
         result = asyncio.run(initialize(settings))
         if result.created:
             _show_admin_token(result.admin_token or "", result.token_id or "")
+        _show_owner(result, f"{base}/dashboard/")
     elif settings.secret_key is None and not settings.key_file.exists():
         fail(
             f"{settings.data_dir} is not initialized: run 'tokenward init --data-dir "
             f"{settings.data_dir}' first (or pass --init)",
             2,
         )
-    scheme = "https" if tls else "http"
-    shown = f"[{host}]" if ":" in host else host
-    base = f"{scheme}://{shown}:{port}"
     out.print(
-        f"tokenward listening on {base}\n  API docs:  {base}/docs\n"
+        f"tokenward listening on {base}\n  dashboard: {base}/dashboard/\n"
+        f"  API docs:  {base}/docs\n"
         f"  health:    {base}/healthz\n"
         f"  CLI:       export TOKENWARD_URL={base} TOKENWARD_ADMIN_TOKEN=<admin token>",
         highlight=False,
@@ -479,6 +510,15 @@ def token_rotate(
         out.print(
             f"the old token {body['previous']['id']} works until {body['previous']['grace_until']}"
         )
+
+
+# Commands that live in their own modules (they import the helpers above).
+from tokenward.cli_audit import alerts_app, audit_app, quarantine, release  # noqa: E402
+
+app.add_typer(audit_app, name="audit")
+app.add_typer(alerts_app, name="alerts")
+token_app.command("quarantine")(quarantine)
+token_app.command("release")(release)
 
 
 def main() -> None:

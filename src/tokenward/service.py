@@ -34,6 +34,8 @@ from tokenward.tokens.scopes import is_narrower, validate_scopes
 from tokenward.verify import Verifier
 
 MAX_GRACE = timedelta(days=30)
+#: key in a project's settings: the longest lifetime of its new tokens, in days
+MAX_LIFETIME_KEY = "max_token_lifetime_days"
 
 LifetimeCap = Callable[[str, datetime | None, datetime, bool], Awaitable[datetime | None]]
 
@@ -57,6 +59,18 @@ class TokenSpec:
     metadata: dict[str, str] = field(default_factory=dict)
     family_id: str | None = None
     dpop_jkt: str | None = None
+
+
+@dataclass(slots=True)
+class TokenChanges:
+    """Settings to change on an existing token (``None``: leave as is)."""
+
+    name: str | None = None
+    scopes: list[str] | None = None
+    expires_at: datetime | None = None
+    ip_allowlist: list[str] | None = None
+    rate_limit: list[str] | None = None
+    uses: int | None = None
 
 
 @dataclass(slots=True)
@@ -189,6 +203,8 @@ class TokenService:
             raise Invalid("invalid_not_before", "not_before must be at most 3660 days away")
         if self.lifetime_cap is not None and project_id is not None:
             expires_at = await self.lifetime_cap(project_id, expires_at, now, False)
+        if project_id is not None:
+            expires_at = await self._lifetime_policy(project_id, now, expires_at)
         if not_before and expires_at and not_before >= expires_at:
             raise Invalid("invalid_not_before", "not_before must be before the expiry")
         if actor.expires_at is not None and (expires_at is None or expires_at > actor.expires_at):
@@ -230,6 +246,37 @@ class TokenService:
             {"scopes": scopes, "environment": spec.environment, "kind": spec.kind},
         )
         return Issued(secret, record)
+
+    async def _lifetime_policy(
+        self, project_id: str, now: datetime, expires_at: datetime | None
+    ) -> datetime | None:
+        """A project's longest token lifetime: no expiry means that long, longer is refused."""
+        days = (await self.store.project_settings(project_id)).get(MAX_LIFETIME_KEY)
+        if not days:
+            return expires_at
+        limit = now + timedelta(days=int(days))
+        if expires_at is None:
+            return limit
+        if expires_at > limit:
+            raise Invalid(
+                "lifetime_exceeds_policy", f"tokens of this project live at most {days} days"
+            )
+        return expires_at
+
+    async def set_lifetime_policy(
+        self, actor: TokenRecord, project: str, max_days: int | None
+    ) -> None:
+        """Set (or, with ``None``, clear) a project's longest token lifetime, in days."""
+        if max_days is not None and not 1 <= max_days <= 3660:
+            raise Invalid("invalid_lifetime", "the longest lifetime is 1 to 3660 days")
+        found = await self.project_for(actor, project)
+        settings = await self.store.project_settings(found.id)
+        if max_days is None:
+            settings.pop(MAX_LIFETIME_KEY, None)
+        else:
+            settings[MAX_LIFETIME_KEY] = max_days
+        await self.store.set_project_settings(found.id, settings)
+        await self._audit("project.policy", actor, found.id, None, {MAX_LIFETIME_KEY: max_days})
 
     async def get_token(self, actor: TokenRecord, token_id: str) -> TokenRecord:
         record = await self.store.get_token(token_id)
@@ -334,10 +381,101 @@ class TokenService:
         )
         return Issued(secret, successor), updated_old
 
+    async def quarantine_token(
+        self, actor: TokenRecord | None, token_id: str, reason: str
+    ) -> TokenRecord:
+        """Suspend a token (reversibly); ``actor`` is ``None`` for anomaly handling."""
+        if actor is not None:
+            await self.get_token(actor, token_id)
+        record = await self.store.set_quarantine(token_id, self.now, reason[:300])
+        if record is None:
+            raise NotFound("token_not_found", "no such token")
+        await self._changed(token_id)
+        await self._audit(
+            "token.quarantine", actor, record.project_id, token_id, {"reason": reason}
+        )
+        return record
+
+    async def release_token(self, actor: TokenRecord, token_id: str, note: str = "") -> TokenRecord:
+        """Lift a quarantine: the token works again."""
+        old = await self.get_token(actor, token_id)
+        record = await self.store.set_quarantine(token_id, None, None)
+        assert record is not None
+        await self._changed(token_id)
+        detail: dict[str, object] = {"was": old.quarantine_reason, "note": note}
+        await self._audit("token.release", actor, record.project_id, token_id, detail)
+        return record
+
+    async def update_token(
+        self, actor: TokenRecord, token_id: str, changes: TokenChanges
+    ) -> TokenRecord:
+        """Change a live token's settings. Scopes, lifetime and uses only ever shrink:
+        widening any of them needs a new token (which the creation rules then govern)."""
+        record = await self.get_token(actor, token_id)
+        now = self.now
+        if record.state(now) not in (TokenState.ACTIVE, TokenState.NOT_YET_VALID):
+            raise Invalid(
+                "token_not_editable", f"a token that is {record.state(now)} cannot be changed"
+            )
+        values: dict[str, object] = {}
+        if changes.name is not None and changes.name != record.name:
+            values["name"] = changes.name[:128]
+        if changes.scopes is not None:
+            scopes = validate_scopes(changes.scopes)
+            if not scopes:
+                raise Invalid("invalid_scope", "a token needs at least one scope")
+            if not is_narrower(scopes, record.scopes) or not is_narrower(scopes, actor.scopes):
+                raise Forbidden("scope_not_narrower", "a token's scopes can only be narrowed")
+            if scopes != record.scopes:
+                values["scopes"] = scopes
+        if changes.expires_at is not None and changes.expires_at != record.expires_at:
+            if changes.expires_at <= now:
+                raise Invalid("invalid_expiry", "expires_at must be in the future")
+            if record.expires_at is not None and changes.expires_at > record.expires_at:
+                raise Forbidden("lifetime_not_narrower", "a token's lifetime can only be shortened")
+            if actor.expires_at is not None and changes.expires_at > actor.expires_at:
+                raise Forbidden(
+                    "lifetime_not_held", "a token cannot outlive the credential changing it"
+                )
+            values["expires_at"] = changes.expires_at
+        if changes.ip_allowlist is not None:
+            cidrs = normalize_cidrs(changes.ip_allowlist)
+            if cidrs != record.ip_allowlist:
+                values["ip_allowlist"] = cidrs
+        if changes.rate_limit is not None and changes.rate_limit != record.rate_limit:
+            values["rate_limit"] = list(changes.rate_limit)
+        if changes.uses is not None and changes.uses != record.remaining_uses:
+            if changes.uses < 0:
+                raise Invalid("invalid_uses", "uses cannot be negative")
+            if record.remaining_uses is not None and changes.uses > record.remaining_uses:
+                raise Forbidden("uses_not_narrower", "a token's remaining uses can only go down")
+            values["remaining_uses"] = changes.uses
+        if not values:
+            return record
+        updated = await self.store.update_settings(token_id, values)
+        if updated is None:
+            raise NotFound("token_not_found", "no such token")
+        await self._changed(token_id)
+        await self._audit(
+            "token.update", actor, record.project_id, token_id, {"changed": sorted(values)}
+        )
+        return updated
+
+    async def record_action(
+        self,
+        action: str,
+        actor: TokenRecord | None,
+        project_id: str | None,
+        token_id: str | None,
+        detail: dict[str, object],
+    ) -> None:
+        """Emit the admin event of an action done outside this service (alerts, settings)."""
+        await self._audit(action, actor, project_id, token_id, detail)
+
     async def _audit(
         self,
         action: str,
-        actor: TokenRecord,
+        actor: TokenRecord | None,
         project_id: str | None,
         token_id: str | None,
         detail: dict[str, object],
@@ -347,7 +485,7 @@ class TokenService:
             AdminEvent(
                 at=self.now,
                 action=action,
-                actor_id=actor.id,
+                actor_id=actor.id if actor is not None else "system:anomaly",
                 project_id=project_id,
                 token_id=token_id,
                 request_id=ctx.request_id if ctx else None,

@@ -11,7 +11,7 @@ import os
 import secrets
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -162,6 +162,73 @@ class Settings(BaseSettings):
 
         if value.strip():
             parse_rates(value)
+        return value
+
+    dashboard_idle_minutes: float = Field(
+        30.0, gt=0, le=1440, description="Dashboard sessions end after this many idle minutes."
+    )
+    dashboard_session_hours: float = Field(
+        12.0, gt=0, le=720, description="Dashboard sessions end this many hours after sign-in."
+    )
+    dashboard_step_up_seconds: int = Field(
+        300,
+        ge=0,
+        le=86400,
+        description="Sensitive dashboard actions want a TOTP code entered this recently "
+        "(0: every time).",
+    )
+    dashboard_login_rate: str = Field(
+        "5/minute;30/hour", description="Dashboard sign-in attempts allowed per account."
+    )
+    dashboard_login_rate_ip: str = Field(
+        "20/minute;200/hour", description="Dashboard sign-in attempts allowed per client IP."
+    )
+
+    audit_mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: a request is answered only once its audit event is durable; "
+        "async: answered once queued (faster; a crash can lose queued events).",
+    )
+    audit_queue_size: int = Field(
+        10_000, ge=1, description="Audit events that may wait to be written before requests wait."
+    )
+    audit_batch_size: int = Field(
+        500, ge=1, le=10_000, description="Most audit events written in one transaction."
+    )
+    audit_retention_days: float = Field(
+        0, ge=0, description="Prune audit events older than this many days (0: keep all)."
+    )
+
+    anomaly_enabled: bool = Field(
+        True, description="Run the anomaly detectors on every decision (alerts, responses)."
+    )
+    anomaly_never_block: str = Field(
+        "127.0.0.0/8,::1/128",
+        description="Comma-separated CIDRs that anomaly handling never blocks (e.g. your gateway).",
+    )
+    ip_block_refresh_seconds: float = Field(
+        5.0, gt=0, description="How often each replica reloads the temporary IP blocks."
+    )
+    webhook_max_attempts: int = Field(
+        6, ge=1, le=20, description="Attempts per alert webhook before giving up."
+    )
+    webhook_backoff_seconds: float = Field(
+        1.0, gt=0, description="Wait before the first webhook retry; doubles each time."
+    )
+    webhook_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="Timeout of one webhook attempt, in seconds."
+    )
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    access_log: bool = Field(
+        True, description="Log one JSON line per HTTP request (method, path, status, duration)."
+    )
+
+    @field_validator("dashboard_login_rate", "dashboard_login_rate_ip")
+    @classmethod
+    def _login_rate(cls, value: str) -> str:
+        from tokenward.tokens.durations import parse_rates
+
+        parse_rates(value)  # raises with a message naming the expected form
         return value
 
     @field_validator("log_level")

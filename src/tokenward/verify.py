@@ -36,6 +36,7 @@ STATUS_BY_REASON: dict[Reason, int] = {
     Reason.IP_NOT_ALLOWED: 403,
     Reason.WRONG_ENVIRONMENT: 403,
     Reason.WRONG_PROJECT: 403,
+    Reason.IP_BLOCKED: 403,
     Reason.RATE_LIMITED: 429,
     Reason.UNAVAILABLE: 503,
     Reason.NO_ROUTE: 404,
@@ -138,6 +139,8 @@ class Verifier:
         self.misses = 0
         #: checks proofs for DPoP-bound tokens (replaced by a Redis-backed one when configured)
         self.dpop = DPoPChecker()
+        #: answers whether a client address is temporarily blocked (anomaly response)
+        self.is_blocked: Callable[[str], bool] | None = None
 
     async def verify(
         self,
@@ -163,6 +166,8 @@ class Verifier:
         ``dpop`` is the request's DPoP proof context (see :func:`tokenward.oauth.dpop_request`):
         a DPoP-bound token is allowed only with a fresh proof by its key.
         """
+        if ip is not None and self.is_blocked is not None and self.is_blocked(ip):
+            return Decision(False, Reason.IP_BLOCKED)
         # 1. Syntax and checksum: no store is touched for garbage.
         try:
             parse_token(credential)
@@ -189,6 +194,8 @@ class Verifier:
         reason = STATE_REASONS.get(record.state(now))
         if reason is not None:
             return Decision(False, reason, record)
+        if record.quarantined_at is not None:
+            return Decision(False, Reason.QUARANTINED, record)
         # 4. The route's project and environment.
         if project is not None and record.project_id != project and record.project != project:
             return Decision(False, Reason.WRONG_PROJECT, record)

@@ -1,9 +1,10 @@
 """The hot HTTP routes, served straight from ASGI in front of the framework.
 
-``POST /v1/verify`` and ``GET /healthz`` are answered here without routing, dependency
-injection or the middleware stack; everything else falls through to the FastAPI app. The
-handlers are the same functions the documented FastAPI routes call, so behaviour is one.
-What the middleware would add (request id, body bound, security headers) is done inline.
+``POST /v1/verify`` and ``GET /healthz`` are answered here without routing or dependency
+injection; everything else falls through to the FastAPI app. The handlers are the same
+functions the documented FastAPI routes call, so behaviour is one. The pure-ASGI middleware
+around it (request id, access log, audit durability, security headers, body bound) is shared
+with every other route: see :func:`tokenward.app.create_asgi`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenward.api.errors import redact
-from tokenward.api.middleware import SECURITY_HEADERS, request_context_for
 from tokenward.api.verification import handle_verify
 from tokenward.clientip import scope_client_ip
 from tokenward.errors import TokenwardError
-from tokenward.events import current_request
 
 _JSON = (b"content-type", b"application/json")
 _NO_STORE = (b"cache-control", b"no-store")
@@ -43,36 +42,26 @@ class FastPath:
         await self.app(scope, receive, send)
 
     async def _verify(self, scope: Scope, receive: Receive, send: Send) -> None:
-        context = request_context_for(scope)
-        token = current_request.set(context)
-        extra = [(b"x-request-id", context.request_id.encode())]
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+        body = await _read_body(receive, self.max_body_bytes)
+        if body is None:
+            message = f"the body exceeds {self.max_body_bytes} bytes"
+            await _error(send, 413, "payload_too_large", message, [])
+            return
         try:
-            authorization = None
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    authorization = value.decode("latin-1")
-            body = await _read_body(receive, self.max_body_bytes)
-            if body is None:
-                await _error(
-                    send,
-                    413,
-                    "payload_too_large",
-                    f"the body exceeds {self.max_body_bytes} bytes",
-                    extra,
-                )
-                return
-            try:
-                services = self.api.state.services
-                caller_ip = scope_client_ip(services.settings.trusted_proxies, scope)
-                status, result = await handle_verify(services, authorization, body, caller_ip)
-            except TokenwardError as exc:
-                if exc.status == 401:
-                    extra.append((b"www-authenticate", b'Bearer realm="tokenward"'))
-                await _respond(send, exc.status, orjson.dumps(redact(exc.body())), extra)
-                return
-            await _respond(send, status, orjson.dumps(result), extra)
-        finally:
-            current_request.reset(token)
+            services = self.api.state.services
+            caller_ip = scope_client_ip(services.settings.trusted_proxies, scope)
+            status, result = await handle_verify(services, authorization, body, caller_ip)
+        except TokenwardError as exc:
+            extra = []
+            if exc.status == 401:
+                extra.append((b"www-authenticate", b'Bearer realm="tokenward"'))
+            await _respond(send, exc.status, orjson.dumps(redact(exc.body())), extra)
+            return
+        await _respond(send, status, orjson.dumps(result), [])
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -93,13 +82,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
 
 
 async def _respond(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
-    headers = [
-        _JSON,
-        _NO_STORE,
-        (b"content-length", str(len(body)).encode()),
-        *SECURITY_HEADERS,
-        *extra,
-    ]
+    headers = [_JSON, _NO_STORE, (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

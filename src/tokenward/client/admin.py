@@ -118,3 +118,36 @@ class AdminClient:
     def verify(self, token: str, scope: str | None = None, ip: str | None = None) -> dict[str, Any]:
         body = {"token": token, "scope": scope, "ip": ip}
         return dict(self.request("POST", "/v1/verify", json=body))
+
+    # -- audit and alerts
+    def audit_page(self, **params: Any) -> dict[str, Any]:
+        """One page of ``GET /v1/audit`` (``events``, ``next_cursor``)."""
+        query = {k: v for k, v in params.items() if v is not None}
+        return dict(self.request("GET", "/v1/audit", params=query))
+
+    def audit_export(self, **params: Any) -> Any:
+        """Stream ``GET /v1/audit/export`` line by line (JSON lines)."""
+        query = {k: v for k, v in params.items() if v is not None}
+        with self._http.stream("GET", "/v1/audit/export", params=query) as response:
+            if response.status_code >= 400:
+                response.read()
+                body = response.json()
+                raise AdminAPIError(response.status_code, body["error"], body["message"])
+            yield from response.iter_lines()
+
+    def alerts_page(self, **params: Any) -> dict[str, Any]:
+        query = {k: v for k, v in params.items() if v is not None}
+        return dict(self.request("GET", "/v1/alerts", params=query))
+
+    def get_alert(self, alert_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/alerts/{alert_id}"))
+
+    def ack_alert(self, alert_id: str, note: str = "") -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/alerts/{alert_id}/ack", json={"note": note}))
+
+    def quarantine_token(self, token_id: str, reason: str) -> dict[str, Any]:
+        path = f"/v1/tokens/{token_id}/quarantine"
+        return dict(self.request("POST", path, json={"reason": reason}))
+
+    def release_token(self, token_id: str, note: str = "") -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/tokens/{token_id}/release", json={"note": note}))

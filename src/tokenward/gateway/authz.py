@@ -27,7 +27,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokenward.events import new_request_id
+from tokenward.events import current_request, new_request_id
 from tokenward.gateway.enforce import Enforcement
 from tokenward.tokens.model import Reason
 
@@ -109,7 +109,10 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
 
     outcome = await enforcement.decide(method, raw_path, authorization, client_ip)
 
-    if request_id is None or not _REQUEST_ID.match(request_id):
+    outer = current_request.get()  # set when served by the full stack (create_asgi)
+    if outer is not None:
+        request_id = outer.request_id
+    elif request_id is None or not _REQUEST_ID.match(request_id):
         request_id = new_request_id()
     await enforcement.record(
         outcome,
@@ -122,7 +125,8 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
         started=started,
     )
     headers = enforcement.raw_headers(outcome)
-    headers.append((b"x-request-id", request_id.encode()))
+    if outer is None:
+        headers.append((b"x-request-id", request_id.encode()))
     if outcome.allowed:
         await _respond(send, 200, headers, None)
         return

@@ -77,6 +77,8 @@ def _record(row: Any) -> TokenRecord:
         family_id=m["family_id"],
         dpop_jkt=m["dpop_jkt"],
         rotation_period=m["rotation_period"],
+        quarantined_at=m["quarantined_at"],
+        quarantine_reason=m["quarantine_reason"],
     )
 
 
@@ -161,6 +163,18 @@ class TokenStore:
         if row is None:
             raise NotFound("project_not_found", "no such project")
         return _project(row)
+
+    async def project_settings(self, project_id: str) -> dict[str, Any]:
+        query = select(projects.c.settings).where(projects.c.id == project_id)
+        async with self.engine.connect() as conn:
+            value = (await conn.execute(query)).scalar()
+        return dict(value or {})
+
+    async def set_project_settings(self, project_id: str, values: dict[str, Any]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(projects).where(projects.c.id == project_id).values(settings=dict(values))
+            )
 
     # -- tokens ---------------------------------------------------------------------------
     async def insert_token(self, record: TokenRecord, token_hash: str) -> None:
@@ -280,6 +294,32 @@ class TokenStore:
             row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == old_id))).first()
         assert row is not None
         return _record(row)
+
+    async def set_quarantine(
+        self, token_id: str, at: datetime | None, reason: str | None
+    ) -> TokenRecord | None:
+        """Suspend a token (``at`` set) or lift its suspension (``at=None``)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(tokens)
+                .where(tokens.c.id == token_id)
+                .values(quarantined_at=at, quarantine_reason=reason)
+            )
+            row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == token_id))).first()
+        return _record(row) if row else None
+
+    async def update_settings(self, token_id: str, values: dict[str, Any]) -> TokenRecord | None:
+        """Change editable settings (name, scopes, expiry, allowlist, rate limit, uses)."""
+        editable = {"name", "scopes", "expires_at", "ip_allowlist", "rate_limit", "remaining_uses"}
+        if not values.keys() <= editable:
+            raise ValueError(f"not editable: {sorted(values.keys() - editable)}")
+        row_values = dict(values)
+        if "rate_limit" in row_values:
+            row_values["rate_limit"] = ";".join(row_values["rate_limit"]) or None
+        async with self.engine.begin() as conn:
+            await conn.execute(update(tokens).where(tokens.c.id == token_id).values(**row_values))
+            row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == token_id))).first()
+        return _record(row) if row else None
 
     async def consume_use(self, token_id: str, *, rotated: bool = False) -> int | None:
         """Spend one use atomically; the uses left after it, or ``None`` when none were left.

@@ -48,6 +48,8 @@ class Reason(StrEnum):
     WRONG_TOKEN_TYPE = "wrong_token_type"  # noqa: S105 - a reason code
     DPOP_REQUIRED = "dpop_required"
     INVALID_DPOP_PROOF = "invalid_dpop_proof"
+    QUARANTINED = "quarantined"
+    IP_BLOCKED = "ip_blocked"
 
 
 @dataclass(slots=True)
@@ -87,6 +89,9 @@ class TokenRecord:
     dpop_jkt: str | None = None
     #: automatic rotation period, in seconds
     rotation_period: int | None = None
+    #: set while the token is suspended (by anomaly handling or an admin); reversible
+    quarantined_at: datetime | None = None
+    quarantine_reason: str | None = None
 
     def state(self, now: datetime) -> TokenState:
         """The token's state at ``now``: the order of checks is the order of precedence."""
@@ -131,6 +136,8 @@ class TokenRecord:
             "family_id": self.family_id,
             "dpop_jkt": self.dpop_jkt,
             "rotation_period": self.rotation_period,
+            "quarantined_at": _iso(self.quarantined_at),
+            "quarantine_reason": self.quarantine_reason,
         }
 
 

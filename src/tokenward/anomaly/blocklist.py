@@ -1,0 +1,51 @@
+"""Temporarily blocked client networks, checked first on the decision path.
+
+Each replica keeps the active blocks in memory (checking one address is a short loop, and
+nothing at all when no block is active) and reloads them from the store every few seconds,
+so a block made on one replica reaches the others within that interval.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+from datetime import datetime
+
+from tokenward.anomaly.store import IPBlock
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class IPBlocklist:
+    def __init__(self, clock: Callable[[], datetime], never_block: Iterable[str] = ()) -> None:
+        self.clock = clock
+        self.never_block = [ipaddress.ip_network(n, strict=False) for n in never_block]
+        self._blocks: list[tuple[IPNetwork, datetime]] = []
+
+    def replace(self, blocks: Iterable[IPBlock]) -> None:
+        self._blocks = [
+            (ipaddress.ip_network(b.network, strict=False), b.expires_at) for b in blocks
+        ]
+
+    def add(self, block: IPBlock) -> None:
+        self._blocks.append((ipaddress.ip_network(block.network, strict=False), block.expires_at))
+
+    def protected(self, network: str) -> bool:
+        """Never block these (loopback by default: a gateway or the admin's own host)."""
+        net = ipaddress.ip_network(network, strict=False)
+        return any(net.version == p.version and net.overlaps(p) for p in self.never_block)
+
+    def __call__(self, ip: str) -> bool:
+        if not self._blocks:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        now = self.clock()
+        return any(
+            address.version == net.version and address in net and now < until
+            for net, until in self._blocks
+        )

@@ -1,0 +1,242 @@
+"""Anomaly handling on the live event stream: detect, then respond.
+
+The engine is an event-bus subscriber placed after the audit writer, so it sees each
+decision right after it is durable, in the request that made it. Detectors are in-memory
+and cheap; only a finding costs I/O. A finding's response (per detector and project):
+
+* the alert is recorded (``GET /v1/alerts``), with the actions that were taken;
+* ``quarantine`` suspends the token at once (reversible by an admin, reason recorded);
+* ``block_ip`` refuses the client's network for ``block_seconds`` (never loopback, by
+  default, so a gateway in front cannot be locked out by the traffic it forwards);
+* ``webhook`` POSTs the alert, signed, retried in the background.
+
+A cooldown per detector and key (network, token) keeps one incident one alert. A failure
+while responding is logged and counted, never turned into a failed request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from tokenward.anomaly.blocklist import IPBlocklist
+from tokenward.anomaly.config import Action, AnomalyConfig, effective
+from tokenward.anomaly.detectors import (
+    Bounded,
+    BruteForceDetector,
+    CanaryDetector,
+    Finding,
+    LeakedTokenDetector,
+    NewNetworkDetector,
+    ScopeProbingDetector,
+    VolumeSpikeDetector,
+)
+from tokenward.anomaly.store import GLOBAL, Alert, AnomalyStore, SecretBox
+from tokenward.anomaly.webhooks import WebhookSender
+from tokenward.events import AccessEvent, AdminEvent, SecurityEvent
+
+if TYPE_CHECKING:
+    from tokenward.service import TokenService
+
+log = structlog.get_logger("tokenward.anomaly")
+
+
+class _Resolved:
+    __slots__ = ("config", "fresh_until", "secret", "url")
+
+    def __init__(self, config: AnomalyConfig, url: str | None, secret: str | None) -> None:
+        self.config = config
+        self.url = url
+        self.secret = secret
+        self.fresh_until = 0.0
+
+
+class AnomalyEngine:
+    def __init__(
+        self,
+        store: AnomalyStore,
+        tokens: TokenService,
+        blocklist: IPBlocklist,
+        webhooks: WebhookSender,
+        box: SecretBox,
+        clock: Callable[[], datetime],
+        *,
+        config_ttl: float = 5.0,
+        on_alert: Callable[[Alert], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.tokens = tokens
+        self.blocklist = blocklist
+        self.webhooks = webhooks
+        self.box = box
+        self.clock = clock
+        self.config_ttl = config_ttl
+        self.on_alert = on_alert
+        self.brute_force = BruteForceDetector()
+        self.leaked_token = LeakedTokenDetector()
+        self.new_network = NewNetworkDetector(store.networks, self._remember)
+        self.volume_spike = VolumeSpikeDetector()
+        self.scope_probing = ScopeProbingDetector()
+        self.canary = CanaryDetector()
+        self._configs: dict[str | None, _Resolved] = {}
+        self._last_fired: Bounded[tuple[str, str], float] = Bounded()
+        self.failures = 0
+
+    # -- settings -------------------------------------------------------------------------
+    async def resolved(self, project_id: str | None) -> _Resolved:
+        cached = self._configs.get(project_id)
+        if cached is not None and cached.fresh_until > time.monotonic():
+            return cached
+        global_cfg, global_secret = await self.store.get_settings(GLOBAL)
+        project_cfg: dict[str, Any] = {}
+        project_secret = None
+        if project_id is not None:
+            project_cfg, project_secret = await self.store.get_settings(project_id)
+        try:
+            config = effective(global_cfg, project_cfg)
+        except ValueError:  # stored settings no longer valid: fall back to the defaults
+            log.error("anomaly_settings_invalid", project_id=project_id)
+            config = effective()
+        sealed = project_secret if project_cfg.get("webhook_url") else global_secret
+        resolved = _Resolved(
+            config,
+            str(config.webhook_url) if config.webhook_url else None,
+            self.box.open(sealed) if sealed else None,
+        )
+        resolved.fresh_until = time.monotonic() + self.config_ttl
+        self._configs[project_id] = resolved
+        return resolved
+
+    def forget_settings(self) -> None:
+        self._configs.clear()
+
+    # -- the event sink -------------------------------------------------------------------
+    async def access(self, event: AccessEvent) -> None:
+        token = event.decision.token
+        settings = await self._settings_or_none(token.project_id if token else None)
+        if settings is None:
+            return
+        cfg = settings.config
+        findings: list[Finding | None] = []
+        if cfg.brute_force.enabled:
+            findings.append(self.brute_force.observe(event, cfg.brute_force))
+        if token is not None:
+            if cfg.canary.enabled:
+                findings.append(self.canary.observe(event, cfg.canary))
+            if cfg.leaked_token.enabled:
+                findings.append(self.leaked_token.observe(event, cfg.leaked_token))
+            if cfg.scope_probing.enabled:
+                findings.append(self.scope_probing.observe(event, cfg.scope_probing))
+            if cfg.volume_spike.enabled:
+                findings.append(self.volume_spike.observe(event, cfg.volume_spike))
+            if cfg.new_network.enabled:
+                try:
+                    findings.append(await self.new_network.observe(event, cfg.new_network))
+                except Exception as exc:
+                    self._failed("new_network", exc)
+        for finding in findings:
+            if finding is not None:
+                await self.respond(finding, settings, event.at)
+
+    async def admin(self, event: AdminEvent) -> None:
+        return None
+
+    async def security(self, event: SecurityEvent) -> None:
+        settings = await self._settings_or_none(event.project_id)
+        if settings is None or not settings.config.security_events.enabled:
+            return
+        cfg = settings.config.security_events
+        finding = Finding(
+            event.kind[:32],
+            event.severity,
+            event.token_id or event.kind,
+            f"{event.kind.replace('_', ' ')}"
+            + (f" (token {event.token_id})" if event.token_id else ""),
+            list(cfg.actions),
+            cfg.cooldown_seconds,
+            project_id=event.project_id,
+            token_id=event.token_id,
+            client_ip=event.client_ip,
+            evidence=dict(event.evidence),
+        )
+        await self.respond(finding, settings, event.at)
+
+    # -- responses ------------------------------------------------------------------------
+    async def respond(self, finding: Finding, settings: _Resolved, at: datetime) -> Alert | None:
+        key = (finding.detector, finding.key)
+        now = at.timestamp()
+        last = self._last_fired.get(key)
+        if last is not None and now - last < finding.cooldown_seconds:
+            return None
+        self._last_fired.touch(key, lambda: now)
+        self._last_fired[key] = now
+        alert = Alert(
+            finding.detector,
+            finding.severity,
+            finding.summary,
+            self.clock(),
+            project_id=finding.project_id,
+            token_id=finding.token_id,
+            client_ip=finding.client_ip,
+            request_id=finding.request_id,
+            evidence=finding.evidence,
+        )
+        try:
+            if Action.QUARANTINE in finding.actions and finding.token_id is not None:
+                reason = f"{finding.detector}: {finding.summary} (alert {alert.id})"
+                await self.tokens.quarantine_token(None, finding.token_id, reason)
+                alert.actions.append("quarantine")
+            if Action.BLOCK_IP in finding.actions:
+                network = finding.network or finding.client_ip
+                if network and not self.blocklist.protected(network):
+                    seconds = finding.block_seconds or 900
+                    block = await self.store.add_block(
+                        network,
+                        f"{finding.detector}: {finding.summary}",
+                        alert.id,
+                        self.clock(),
+                        self.clock() + timedelta(seconds=seconds),
+                    )
+                    self.blocklist.add(block)
+                    alert.actions.append(f"block_ip:{network}")
+            if Action.WEBHOOK in finding.actions and settings.url and settings.secret:
+                alert.actions.append("webhook")
+            await self.store.insert_alert(alert)
+        except Exception as exc:
+            self._failed(finding.detector, exc)
+            return None
+        log.warning(
+            "alert",
+            alert_id=alert.id,
+            detector=alert.detector,
+            severity=alert.severity,
+            token_id=alert.token_id,
+            client_ip=alert.client_ip,
+            actions=alert.actions,
+        )
+        if self.on_alert is not None:
+            self.on_alert(alert)
+        if "webhook" in alert.actions and settings.url and settings.secret:
+            self.webhooks.send(alert, settings.url, settings.secret)
+        return alert
+
+    async def refresh_blocks(self) -> None:
+        self.blocklist.replace(await self.store.blocks(self.clock()))
+
+    async def _settings_or_none(self, project_id: str | None) -> _Resolved | None:
+        try:
+            return await self.resolved(project_id)
+        except Exception as exc:
+            self._failed("settings", exc)
+            return None
+
+    async def _remember(self, token_id: str, network: str, event: AccessEvent) -> None:
+        await self.store.add_network(token_id, network, event.at)
+
+    def _failed(self, where: str, exc: Exception) -> None:
+        self.failures += 1
+        log.error("anomaly_failed", where=where, error=type(exc).__name__)

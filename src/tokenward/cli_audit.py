@@ -1,0 +1,362 @@
+"""``tokenward audit …`` and ``tokenward alerts …``: read the audit log, check its chain,
+list and acknowledge alerts, quarantine and release tokens.
+
+``audit verify`` and ``audit prune`` run next to the database (like ``init``): checking the
+chain must not depend on the server being checked. Everything else talks to the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from tokenward.cli import DataDir, JsonOpt, call, client, emit_json, fail, out
+
+audit_app = typer.Typer(help="The audit log: list, follow, export, verify.", no_args_is_help=True)
+alerts_app = typer.Typer(help="Anomaly alerts: list, show, acknowledge.", no_args_is_help=True)
+
+Project = Annotated[str | None, typer.Option(help="Only this project.")]
+TokenId = Annotated[str | None, typer.Option("--token", help="Only this token id.")]
+Principal = Annotated[str | None, typer.Option(help="Only this principal.")]
+Decision = Annotated[str | None, typer.Option(help="allow or deny.")]
+ReasonOpt = Annotated[str | None, typer.Option(help="Only this reason (e.g. revoked).")]
+IP = Annotated[str | None, typer.Option("--ip", help="Only this client IP.")]
+Since = Annotated[str | None, typer.Option(help="ISO 8601 time, or an age such as 1h, 7d.")]
+Until = Annotated[str | None, typer.Option(help="ISO 8601 time, or an age such as 1h.")]
+
+
+def _when(value: str | None) -> str | None:
+    """An ISO time, or an age (``15m``, ``2h``, ``7d``) meaning that long ago."""
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[:-1].isdigit() and value[-1:] in units:
+        at = datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+        return at.isoformat()
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"not a time or an age: {value!r}", 2)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).isoformat()
+
+
+def _filters(**kw: Any) -> dict[str, Any]:
+    kw["since"], kw["until"] = _when(kw.get("since")), _when(kw.get("until"))
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _event_table(events: list[dict[str, Any]]) -> Table:
+    table = Table("seq", "at", "action", "decision", "reason", "token", "principal", "ip", "req")
+    for e in events:
+        table.add_row(
+            str(e["seq"]),
+            e["at"][:23],
+            e["action"],
+            e["decision"] or "",
+            e["reason"] or "",
+            e["token_id"] or e["fingerprint"] or "",
+            e["principal"] or e["actor_id"] or "",
+            e["client_ip"] or "",
+            e["request_id"] or "",
+        )
+    return table
+
+
+@audit_app.command("list")
+def audit_list(
+    project: Project = None,
+    token: TokenId = None,
+    principal: Principal = None,
+    decision: Decision = None,
+    reason: ReasonOpt = None,
+    ip: IP = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Audit events, newest first (one page; the next page's cursor is printed)."""
+    params = _filters(
+        project=project,
+        token=token,
+        principal=principal,
+        decision=decision,
+        reason=reason,
+        ip=ip,
+        since=since,
+        until=until,
+        limit=limit,
+        cursor=cursor,
+    )
+    with client(as_json) as c:
+        page = call(as_json, c.audit_page, **params)
+    if as_json:
+        emit_json(page)
+        return
+    out.print(_event_table(page["events"]))
+    if page["next_cursor"]:
+        out.print(f"more: --cursor {page['next_cursor']}", highlight=False)
+
+
+@audit_app.command("tail")
+def audit_tail(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events.")
+    ] = False,
+    project: Project = None,
+    token: TokenId = None,
+    decision: Decision = None,
+    reason: ReasonOpt = None,
+    ip: IP = None,
+    lines: Annotated[int, typer.Option("-n", min=1, max=1000, help="Events to show first.")] = 20,
+    interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """The newest events; with -f, follow new ones as they are written (Ctrl-C stops)."""
+    params = _filters(project=project, token=token, decision=decision, reason=reason, ip=ip)
+
+    def show(events: list[dict[str, Any]]) -> None:
+        for e in events:
+            if as_json:
+                print(json.dumps(e, separators=(",", ":")), flush=True)
+            else:
+                out.print(
+                    f"{e['at'][:23]} #{e['seq']} {e['action']} {e['decision'] or ''} "
+                    f"{e['reason'] or ''} {e['token_id'] or e['fingerprint'] or '-'} "
+                    f"{e['client_ip'] or '-'} {e['request_id'] or ''}",
+                    highlight=False,
+                )
+
+    with client(as_json) as c:
+        page = call(as_json, c.audit_page, limit=lines, **params)
+        events = list(reversed(page["events"]))
+        show(events)
+        last = events[-1]["seq"] if events else 0
+        try:
+            while follow:
+                time.sleep(interval)
+                while True:
+                    page = call(
+                        as_json, c.audit_page, order="asc", cursor=str(last), limit=500, **params
+                    )
+                    show(page["events"])
+                    if page["events"]:
+                        last = page["events"][-1]["seq"]
+                    if not page["next_cursor"]:
+                        break
+        except KeyboardInterrupt:
+            return
+
+
+@audit_app.command("export")
+def audit_export(
+    project: Project = None,
+    token: TokenId = None,
+    decision: Decision = None,
+    reason: ReasonOpt = None,
+    ip: IP = None,
+    since: Since = None,
+    until: Until = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", help="File to write (default stdout).")
+    ] = None,
+) -> None:
+    """Every matching event, oldest first, as JSON lines."""
+    params = _filters(
+        project=project,
+        token=token,
+        decision=decision,
+        reason=reason,
+        ip=ip,
+        since=since,
+        until=until,
+    )
+    with client() as c:
+        stream = call(False, lambda: list(c.audit_export(**params)))
+    text = "".join(line + "\n" for line in stream if line)
+    if output is None:
+        print(text, end="")
+    else:
+        output.write_text(text)
+        out.print(f"wrote {text.count(chr(10))} events to {output}", highlight=False)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    data_dir: DataDir = Path(".tokenward"),
+    anchor: Annotated[
+        str | None, typer.Option(help="A head printed by an earlier verify (seq:hash).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Walk the hash chain in the database; exit 1 at the first edited/deleted/reordered event."""
+    from tokenward.audit.chain import verify_chain
+    from tokenward.audit.records import ChainKeys
+    from tokenward.settings import Settings, load_hasher
+    from tokenward.store.engine import create_engine
+
+    parsed = None
+    if anchor is not None:
+        seq, _, digest = anchor.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            fail("--anchor wants seq:hash as printed by a previous verify", 2, as_json=as_json)
+        parsed = (int(seq), digest)
+    settings = Settings.load(data_dir=data_dir)
+
+    async def run() -> dict[str, Any]:
+        engine = create_engine(settings.resolved_database_url)
+        try:
+            report = await verify_chain(
+                engine, ChainKeys.from_hasher(load_hasher(settings)), anchor=parsed
+            )
+        finally:
+            await engine.dispose()
+        return report.public()
+
+    report = asyncio.run(run())
+    if as_json:
+        emit_json(report)
+    elif report["ok"]:
+        out.print(
+            f"[green]ok[/green]: {report['checked']} events chained intact"
+            f" (from checkpoint {report['checkpoint_seq']})\nhead: {report['head']}",
+            highlight=False,
+        )
+    else:
+        out.print(f"[red]{report['problem']}[/red]: {report['message']}", highlight=False)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@audit_app.command("prune")
+def audit_prune(
+    older_than: Annotated[str, typer.Option(help="Age of events to delete, e.g. 90d.")],
+    data_dir: DataDir = Path(".tokenward"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete old events; a checkpoint keeps the rest verifiable."""
+    from tokenward.audit.chain import prune
+    from tokenward.settings import Settings
+    from tokenward.store.engine import create_engine
+
+    before = _when(older_than)
+    assert before is not None
+    settings = Settings.load(data_dir=data_dir)
+
+    async def run() -> dict[str, int]:
+        engine = create_engine(settings.resolved_database_url)
+        try:
+            result = await prune(engine, datetime.fromisoformat(before), datetime.now(UTC))
+        finally:
+            await engine.dispose()
+        return {"pruned": result.pruned, "checkpoint_seq": result.checkpoint_seq}
+
+    result = asyncio.run(run())
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"pruned {result['pruned']} events (checkpoint at {result['checkpoint_seq']})")
+
+
+@alerts_app.command("list")
+def alerts_list(
+    project: Project = None,
+    detector: Annotated[str | None, typer.Option(help="e.g. brute_force, canary.")] = None,
+    severity: Annotated[str | None, typer.Option(help="info, warning or critical.")] = None,
+    open_only: Annotated[bool, typer.Option("--open", help="Only unacknowledged.")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Alerts, newest first."""
+    params: dict[str, Any] = {
+        "project": project,
+        "detector": detector,
+        "severity": severity,
+        "limit": limit,
+    }
+    if open_only:
+        params["acknowledged"] = "false"
+    with client(as_json) as c:
+        page = call(as_json, c.alerts_page, **params)
+    if as_json:
+        emit_json(page)
+        return
+    table = Table("id", "at", "severity", "detector", "summary", "actions", "ack")
+    for a in page["alerts"]:
+        table.add_row(
+            a["id"],
+            a["created_at"][:19],
+            a["severity"],
+            a["detector"],
+            a["summary"],
+            " ".join(a["actions"]),
+            a["acknowledged_by"] or "",
+        )
+    out.print(table)
+
+
+@alerts_app.command("show")
+def alerts_show(alert_id: str, as_json: JsonOpt = False) -> None:
+    """One alert with its evidence and webhook deliveries."""
+    with client(as_json) as c:
+        body = call(as_json, c.get_alert, alert_id)
+    if as_json:
+        emit_json(body)
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in body.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+    out.print(table)
+
+
+@alerts_app.command("ack")
+def alerts_ack(
+    alert_id: str,
+    note: Annotated[str, typer.Option(help="Why it is handled.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Acknowledge an alert."""
+    with client(as_json) as c:
+        body = call(as_json, c.ack_alert, alert_id, note)
+    if as_json:
+        emit_json(body)
+    else:
+        out.print(f"acknowledged {body['id']} by {body['acknowledged_by']}", highlight=False)
+
+
+def quarantine(
+    token_id: str,
+    reason: Annotated[
+        str, typer.Option(help="Why (kept with the token).")
+    ] = "quarantined by an admin",
+    as_json: JsonOpt = False,
+) -> None:
+    """Suspend a token now (reversible with 'token release')."""
+    with client(as_json) as c:
+        body = call(as_json, c.quarantine_token, token_id, reason)
+    if as_json:
+        emit_json(body)
+    else:
+        out.print(f"quarantined {body['id']} at {body['quarantined_at']}", highlight=False)
+
+
+def release(
+    token_id: str,
+    note: Annotated[str, typer.Option(help="Why it is safe again.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Lift a token's quarantine."""
+    with client(as_json) as c:
+        body = call(as_json, c.release_token, token_id, note)
+    if as_json:
+        emit_json(body)
+    else:
+        out.print(f"released {body['id']}: it works again", highlight=False)

@@ -1,0 +1,144 @@
+"""Metrics, health, structured logs, and the audit log surviving a SIGTERM under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import httpx
+
+from tests.conftest import free_port, tokenward_cmd, wait_for_port
+from tokenward.tokens.format import generate_token
+
+
+async def test_metrics_count_decisions_latency_cache_audit_and_alerts(services, api):
+    await api.put("/v1/anomaly/settings", json={"brute_force": {"threshold": 2}})
+    await api.post("/v1/projects", json={"name": "m"})
+    created = (
+        await api.post(
+            "/v1/tokens", json={"project": "m", "scopes": ["a:b"], "rate_limit": "1/minute"}
+        )
+    ).json()
+    for body in (
+        {"token": created["token"]},
+        {"token": created["token"]},  # rate limited
+        {"token": generate_token("live"), "ip": "192.0.2.1"},
+        {"token": generate_token("live"), "ip": "192.0.2.1"},
+    ):
+        await api.post("/v1/verify", json=body)
+    response = await api.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'tokenward_decisions_total{outcome="allow",reason="ok",source="verify_api"} 1.0' in text
+    assert 'reason="rate_limited",source="verify_api"} 1.0' in text
+    assert (
+        'tokenward_decisions_total{outcome="deny",reason="unknown",source="verify_api"} 2.0' in text
+    )
+    assert "tokenward_rate_limit_rejections_total 1.0" in text
+    assert 'tokenward_decision_latency_seconds_count{source="verify_api"} 4.0' in text
+    assert "tokenward_cache_hit_ratio" in text and "tokenward_audit_queue_depth 0.0" in text
+    assert 'tokenward_alerts_total{detector="brute_force",severity="warning"} 1.0' in text
+    assert 'tokenward_admin_actions_total{action="token.create"} 1.0' in text
+    written = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("tokenward_audit_events_written_total")
+    )
+    assert float(written.split()[1]) >= 10
+    assert "tokenward_audit_write_seconds_bucket" in text
+    assert created["token"] not in text and created["id"] not in text
+
+
+async def test_health_and_readiness(api):
+    assert (await api.get("/healthz")).json() == {"status": "ok"}
+    ready = await api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+
+
+def test_sigterm_mid_load_loses_no_audit_event_and_logs_are_json(tmp_path):
+    """Every request acknowledged before a SIGTERM has its audit event written (0 lost)."""
+    env = {**os.environ, "TOKENWARD_DATA_DIR": str(tmp_path), "TOKENWARD_LOG_LEVEL": "info"}
+    init = subprocess.run(
+        tokenward_cmd("init", "--json"), env=env, capture_output=True, check=True, timeout=60
+    )
+    admin = json.loads(init.stdout)["admin_token"]
+    port = free_port()
+    log_file = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        tokenward_cmd("serve", "--port", str(port)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log_file,
+    )
+    acked: list[str] = []
+    try:
+        wait_for_port(port, proc=server)
+        acked = asyncio.run(_load(port, admin, server))
+        server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log_file.close()
+    logs = (tmp_path / "server.log").read_text()
+    # uvicorn shuts down gracefully, then re-raises the signal: exit status is SIGTERM's.
+    assert server.returncode in (0, -signal.SIGTERM)
+    assert len(acked) >= 50
+    with sqlite3.connect(tmp_path / "tokenward.db") as db:
+        written = {
+            r[0]
+            for r in db.execute(
+                "SELECT request_id FROM audit_events WHERE source = 'verify_api'"
+            ).fetchall()
+        }
+    assert set(acked) <= written, f"{len(set(acked) - written)} acknowledged events lost"
+    # Structured logs: one JSON object per line, request ids included, no secret anywhere.
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    requests = [entry for entry in lines if entry.get("event") == "request"]
+    assert requests and {"request_id", "status", "duration_ms", "level", "timestamp"} <= set(
+        requests[0]
+    )
+    assert acked[0] in {entry.get("request_id") for entry in requests}
+    assert admin not in logs
+
+
+async def _load(port: int, admin: str, server: subprocess.Popen) -> list[str]:
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {admin}"}
+    acked: list[str] = []
+    stop = asyncio.Event()
+
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=10) as client:
+
+        async def worker(n: int) -> None:
+            i = 0
+            while not stop.is_set():
+                request_id = f"load-{n}-{i}"
+                i += 1
+                try:
+                    response = await client.post(
+                        "/v1/verify",
+                        json={"token": generate_token("live")},
+                        headers={"X-Request-ID": request_id},
+                    )
+                except httpx.HTTPError:
+                    return
+                if response.status_code == 200:
+                    acked.append(request_id)
+                else:
+                    return
+
+        workers = [asyncio.create_task(worker(n)) for n in range(16)]
+        deadline = time.monotonic() + 20
+        while len(acked) < 150 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        server.send_signal(signal.SIGTERM)
+        await asyncio.sleep(3)
+        stop.set()
+        await asyncio.gather(*workers)
+    return acked

@@ -187,6 +187,11 @@ def serve(
         f"  CLI:       export TOKENWARD_URL={base} TOKENWARD_ADMIN_TOKEN=<admin token>",
         highlight=False,
     )
+    import gc
+
+    # Everything loaded so far lives as long as the process: keep it out of the cyclic
+    # garbage collector's way (fewer, cheaper full collections under load).
+    gc.freeze()
     uvicorn.run(
         create_app(settings),
         host=host,

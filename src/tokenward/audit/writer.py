@@ -373,6 +373,7 @@ class AuditWriter:
 
 
 _INSERT_COLUMNS = tuple(c.name for c in audit_events.c)
+_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _failed(events: int, exc: BaseException) -> Unavailable:
@@ -469,7 +470,7 @@ def _insert_statements(
                 values[at] = when.replace(tzinfo=None).isoformat(" ", "microseconds")
             else:
                 values[at] = when
-            values[detail] = json.dumps(values[detail], separators=(",", ":"))
+            values[detail] = _JSON(values[detail])
             params.extend(values)
         if sqlite:
             group = "(" + ", ".join("?" * width) + ")"
@@ -547,8 +548,11 @@ class DurableResponseMiddleware:
             if message["type"] == "http.response.start" and pending:
                 waiting = list(pending)
                 pending.clear()
-                results = await asyncio.shield(asyncio.gather(*waiting, return_exceptions=True))
-                if any(isinstance(r, BaseException) for r in results):
+                # Batches commit in queue order, so once the last event is settled so are
+                # all the earlier ones: one wait, then a look at each.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(waiting[-1])
+                if any(not f.done() or f.cancelled() or f.exception() is not None for f in waiting):
                     failed = True
                     await _unavailable(send)
                     return

@@ -6,6 +6,7 @@ the event bus (nothing else changes), which is the baseline the audit cost is me
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class _App:
 def main() -> None:
     data_dir, port, audit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "on"
     settings = Settings.load(data_dir=data_dir, access_log=False)
+    gc.freeze()  # as 'tokenward serve' does
     uvicorn.run(
         _App(settings, audit),
         host="127.0.0.1",

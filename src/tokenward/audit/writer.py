@@ -18,7 +18,6 @@ import contextlib
 import json
 import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -42,7 +41,6 @@ from tokenward.audit.records import (
 from tokenward.audit.tables import audit_events, audit_head
 from tokenward.errors import Unavailable
 from tokenward.events import AccessEvent, AdminEvent, SecurityEvent
-from tokenward.store.engine import create_engine
 
 log = structlog.get_logger("tokenward.audit")
 
@@ -59,10 +57,10 @@ _pending: ContextVar[list[asyncio.Future[None]] | None] = ContextVar(
 class AuditWriter:
     """An event sink that appends every event to the hash-chained audit table.
 
-    The writing happens on a thread of its own, with its own event loop and database
-    engine: a group commit takes several round trips to the database, and on the busy
-    request loop each of them would wait behind every request ready to run. The request
-    loop only queues events and, when a batch is committed, resolves their futures.
+    One writer task on the request loop takes whatever is queued and commits it as one
+    batch, then resolves the batch's futures. No threads: a writer thread would fight the
+    request loop for the interpreter lock on every hand-over (measured: several times the
+    cost), while a task only costs the loop the work itself.
     """
 
     def __init__(
@@ -94,7 +92,6 @@ class AuditWriter:
         self._slots: asyncio.Semaphore | None = None
         self._idle: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the request loop
-        self._thread: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
@@ -151,32 +148,25 @@ class AuditWriter:
         """Refuse new events, write everything queued, stop the writer thread."""
         self._closed = True
         await self.flush()
-        thread, task = self._thread, self._task
+        task = self._task
         self._queue.put(_STOP)
         if self._wakeup is not None:
             self._wakeup.set()
-        if thread is not None:
-            await asyncio.to_thread(thread.join)
         if task is not None:
             await task
-        self._thread = self._task = None
+        self._task = None
 
     # -- the request-loop side ------------------------------------------------------------
     async def _start(self) -> None:
-        if self._thread is not None or self._task is not None:
+        if self._task is not None and not self._task.done():
             return
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.queue_size)
         self._idle = asyncio.Event()
         self._idle.set()
-        if self.engine.dialect.name == "sqlite":
-            self._wakeup = asyncio.Event()
-            self._task = asyncio.create_task(self._sqlite_run(), name="tokenward-audit-writer")
-        else:
-            self._thread = threading.Thread(
-                target=self._async_thread, name="tokenward-audit-writer", daemon=True
-            )
-            self._thread.start()
+        self._wakeup = asyncio.Event()
+        run = self._sqlite_run() if self.engine.dialect.name == "sqlite" else self._driver_run()
+        self._task = asyncio.create_task(run, name="tokenward-audit-writer")
 
     def _done(self, batch: list[_Item], error: BaseException | None) -> None:
         """On the request loop: resolve the batch's futures and free its queue slots."""
@@ -194,55 +184,7 @@ class AuditWriter:
         if self._inflight == 0:
             self._idle.set()
 
-    # -- the writer thread ----------------------------------------------------------------
-    def _take_batch(self) -> tuple[list[_Item], bool]:
-        """Block for one event, then take whatever else is queued; True when told to stop."""
-        first = self._queue.get()
-        if first is _STOP:
-            return [], True
-        batch = [first]
-        while len(batch) < self.batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    def _finish(self, batch: list[_Item], error: BaseException | None) -> None:
-        if batch:
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._done, batch, error)
-
-    def _async_thread(self) -> None:
-        """PostgreSQL: an event loop of the thread's own, with a small engine of its own."""
-        asyncio.run(self._async_run())
-
-    async def _async_run(self) -> None:
-        engine = create_engine(self.engine.url.render_as_string(hide_password=False), pool_size=2)
-        conn: AsyncConnection | None = None
-        try:
-            while True:
-                # Blocking here is fine: this loop has nothing else to do meanwhile.
-                batch, stop = self._take_batch()
-                error: BaseException | None = None
-                if batch:
-                    try:
-                        conn = await self._write_with_retry(engine, conn, [r for r, _ in batch])
-                    except Exception as exc:
-                        conn = None
-                        error = _failed(len(batch), exc)
-                self._finish(batch, error)
-                if stop:
-                    return
-        finally:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
-            await engine.dispose()
-
+    # -- the writer task ------------------------------------------------------------------
     async def _sqlite_run(self) -> None:
         """SQLite: the driver called directly, on the request loop, never waiting on a lock.
 
@@ -271,6 +213,37 @@ class AuditWriter:
                         break
         finally:
             writer.close()
+
+    async def _driver_run(self) -> None:
+        """PostgreSQL: a connection of the writer's own, on the request loop (no threads:
+        asyncpg waits on sockets, so the loop serves requests between round trips)."""
+        assert self._wakeup is not None
+        conn: AsyncConnection | None = None
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                await asyncio.sleep(self.linger)
+                while True:
+                    batch, stop = self._take_ready()
+                    if batch:
+                        error: BaseException | None = None
+                        try:
+                            conn = await self._write_with_retry(
+                                self.engine, conn, [r for r, _ in batch]
+                            )
+                        except Exception as exc:
+                            conn = None
+                            error = _failed(len(batch), exc)
+                        self._done(batch, error)
+                    if stop:
+                        return
+                    if not batch:
+                        break
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
     def _take_ready(self) -> tuple[list[_Item], bool]:
         batch: list[_Item] = []
@@ -310,10 +283,6 @@ class AuditWriter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         self._done(batch, error)
-
-    def _observed(self, events: int, seconds: float) -> None:
-        if self.observe is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.observe, events, seconds)
 
     async def _write_with_retry(
         self, engine: AsyncEngine, conn: AsyncConnection | None, records: list[AuditRecord]
@@ -365,11 +334,8 @@ class AuditWriter:
                 update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=prev)
             )
         self.written += len(records)
-        elapsed = time.perf_counter() - started
-        if threading.current_thread() is self._thread:
-            self._observed(len(records), elapsed)
-        elif self.observe is not None:
-            self.observe(len(records), elapsed)
+        if self.observe is not None:
+            self.observe(len(records), time.perf_counter() - started)
 
 
 _INSERT_COLUMNS = tuple(c.name for c in audit_events.c)

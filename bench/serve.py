@@ -1,58 +1,93 @@
-"""Run a tokenward server for a benchmark, with the audit writer on or off.
+"""The server the benchmarks measure: tokenward as `tokenward serve` runs it, one process.
 
-``python bench/serve.py DATA_DIR PORT on|off``. "off" unsubscribes the audit writer from
-the event bus (nothing else changes), which is the baseline the audit cost is measured from.
+``python bench/serve.py api|gateway PORT TOKEN_FILE``: makes a project and a token with
+``records:read`` (rate limit from BENCH_RATE, if set), writes the token to TOKEN_FILE (mode
+0600, deleted with the bench's temp dir) and serves:
+
+* ``api``: the API app with ``/authz``, and ``/bare``, a 200 answered by a plain ASGI
+  function in front of it, on the same uvicorn (the "bare endpoint, same stack" baseline);
+* ``gateway``: the built-in gateway (as ``tokenward serve --config`` runs it, on uvloop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
-from tokenward.app import create_app, open_services
+from tokenward.app import create_asgi, open_services
+from tokenward.gateway.proxy import Gateway
+from tokenward.service import TokenSpec, issue_bootstrap_record
 from tokenward.settings import Settings
 
 
-class _App:
-    def __init__(self, settings: Settings, audit: bool) -> None:
-        self.settings = settings
-        self.audit = audit
-        self.app = None
-
-    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
-        if self.app is None:
-            services = await open_services(self.settings)
-            if not self.audit:
-                services.events.subscribers.remove(services.audit)
-            self.app = create_app(services=services)
-            self.services = services
-        if scope["type"] == "lifespan":
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            message = await receive()
-            await self.services.close()
-            await send({"type": "lifespan.shutdown.complete"})
+def bare(app: Any) -> Any:
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/bare":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", b"3")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"ok\n"})
             return
-        await self.app(scope, receive, send)
+        await app(scope, receive, send)
+
+    return asgi
 
 
-def main() -> None:
-    data_dir, port, audit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "on"
-    settings = Settings.load(data_dir=data_dir, access_log=False)
-    gc.freeze()  # as 'tokenward serve' does
-    uvicorn.run(
-        _App(settings, audit),
+async def main(mode: str, port: int, token_file: Path) -> None:
+    settings = Settings.load()
+    services = await open_services(settings)
+    admin = issue_bootstrap_record(services.hasher, services.verifier.clock())
+    await services.store.insert_token(admin.record, services.hasher.hash(admin.secret))
+    await services.tokens.create_project(admin.record, "bench")
+    rate = os.environ.get("BENCH_RATE")
+    issued = await services.tokens.create_token(
+        admin.record,
+        TokenSpec(project="bench", scopes=["records:read"], rate_limit=[rate] if rate else []),
+    )
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(issued.secret)
+    assert services.enforcement is not None
+    gc.collect()
+    gc.freeze()  # as `tokenward serve --config` does
+    if mode == "gateway":
+        gateway = Gateway(services.enforcement)
+        await gateway.start("127.0.0.1", port)
+        try:
+            await asyncio.Event().wait()  # until terminated
+        finally:
+            await gateway.aclose()
+            await services.close()
+        return
+    config = uvicorn.Config(
+        bare(create_asgi(settings, services=services)),
         host="127.0.0.1",
         port=port,
         log_level="warning",
         access_log=False,
+        server_header=False,
         lifespan="on",
     )
+    try:
+        await uvicorn.Server(config).serve()
+    finally:
+        await services.close()
 
 
 if __name__ == "__main__":
-    main()
+    import signal
+
+    import uvloop
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvloop.run(main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])))

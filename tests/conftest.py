@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from tokenward.app import Services, create_app, open_services
+from tokenward.app import Services, create_asgi, open_services
 from tokenward.service import Issued, issue_bootstrap_record
 from tokenward.settings import Settings
 from tokenward.store.tables import metadata
@@ -106,7 +106,7 @@ async def admin(services: Services) -> Issued:
 @pytest.fixture
 async def api(services: Services, admin: Issued) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client on the app, authenticated as the global admin."""
-    app = create_app(services=services)
+    app = create_asgi(services=services)  # what `tokenward serve` runs
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
     async with httpx.AsyncClient(
         transport=transport,
@@ -138,3 +138,84 @@ def wait_for_port(
 
 def tokenward_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "tokenward", *args]
+
+
+@pytest.fixture
+def issuer() -> Iterator[object]:
+    """A real OIDC issuer serving discovery and JWKS on a free loopback port."""
+    from tests.oidc_issuer import Issuer
+
+    server = Issuer()
+    yield server
+    server.close()
+
+
+class EventRecorder:
+    """Subscribes to the event bus and keeps what it sees."""
+
+    def __init__(self) -> None:
+        self.access_events: list[object] = []
+        self.admin_events: list[object] = []
+        self.security_events: list[object] = []
+
+    async def access(self, event: object) -> None:
+        self.access_events.append(event)
+
+    async def admin(self, event: object) -> None:
+        self.admin_events.append(event)
+
+    async def security(self, event: object) -> None:
+        self.security_events.append(event)
+
+
+@pytest.fixture
+def events(services: Services) -> EventRecorder:
+    recorder = EventRecorder()
+    services.events.subscribe(recorder)
+    return recorder
+
+
+class LiveServer:
+    def __init__(self, url: str, admin_token: str) -> None:
+        from tokenward.client import AdminClient
+
+        self.url = url
+        self.admin_token = admin_token
+        self.admin = AdminClient(url, admin_token)
+
+
+@pytest.fixture
+def live_overrides() -> dict[str, object]:
+    """Settings for the ``live`` server; a test module overrides this fixture to change them."""
+    return {}
+
+
+@pytest.fixture
+async def live(tmp_path: Path, live_overrides: dict[str, object]) -> AsyncIterator[LiveServer]:
+    """A real tokenward server on a free loopback port (SQLite), with a project 'shop'."""
+    import threading
+
+    import uvicorn
+
+    from tokenward.bootstrap import initialize
+
+    port = free_port()
+    settings = Settings(
+        data_dir=tmp_path,
+        secret_key=secrets.token_hex(32),
+        port=port,
+        usage_flush_seconds=60,
+        **live_overrides,
+    )
+    result = await initialize(settings)
+    config = uvicorn.Config(create_asgi(settings), host="127.0.0.1", port=port, log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    await asyncio.to_thread(wait_for_port, port)
+    live = LiveServer(f"http://127.0.0.1:{port}", result.admin_token or "")
+    live.admin.create_project("shop")
+    yield live
+    live.admin.__exit__()
+    server.should_exit = True
+    await asyncio.to_thread(thread.join, 10)

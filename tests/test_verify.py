@@ -169,3 +169,36 @@ async def test_store_down_fails_closed(services, admin):
     finally:
         await services.store.engine.dispose()
         services.store.engine = healthy
+
+
+async def test_concurrent_misses_share_one_store_lookup(services, admin):
+    issued = await make(services, admin)
+    services.verifier.clear()
+    calls = 0
+    find = services.store.find_by_hash
+
+    async def counting(hashes):
+        nonlocal calls
+        calls += 1
+        return await find(hashes)
+
+    services.store.find_by_hash = counting
+    decisions = await asyncio.gather(*[services.verifier.verify(issued.secret) for _ in range(20)])
+    assert all(d.allowed for d in decisions)
+    assert calls == 1
+
+
+async def test_rotation_hands_remaining_uses_to_the_successor(services, admin):
+    old = await make(services, admin, uses=5)
+    assert (await services.verifier.verify(old.secret)).allowed  # 4 left
+    new, _ = await services.tokens.rotate_token(admin.record, old.record.id, timedelta(hours=1))
+    assert new.record.remaining_uses == 4
+    # in its grace window the old token spends from the same budget as its successor
+    assert (await services.verifier.verify(old.secret)).remaining_uses == 3
+    newer, _ = await services.tokens.rotate_token(admin.record, new.record.id, timedelta(hours=1))
+    assert newer.record.remaining_uses == 3
+    results = [await services.verifier.verify(s) for s in (old.secret, new.secret, newer.secret)]
+    assert [r.remaining_uses for r in results] == [2, 1, 0]
+    assert all(r.allowed for r in results)
+    assert (await services.verifier.verify(old.secret)).reason is Reason.USES_EXHAUSTED
+    assert (await services.verifier.verify(newer.secret)).reason is Reason.USES_EXHAUSTED

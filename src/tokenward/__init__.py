@@ -1,9 +1,10 @@
 """tokenward: a self-hosted API token service and gateway.
 
-The public surface: what applications import. Everything else is internal.
+The public surface: what applications import. Everything else is internal. The verifier
+(and with it the database layer) is imported only when first used, so the CLI starts fast.
 """
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
 
 from tokenward.tokens import (
     TOKEN_PATTERN,
@@ -17,7 +18,20 @@ from tokenward.tokens import (
     generate_token,
     parse_token,
 )
-from tokenward.verify import Decision, Verifier
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from tokenward.verify import Decision, Verifier
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Decision", "Verifier"):
+        from tokenward import verify
+
+        return getattr(verify, name)
+    raise AttributeError(f"module 'tokenward' has no attribute {name!r}")
+
 
 __all__ = [
     "TOKEN_PATTERN",

@@ -12,16 +12,18 @@ import structlog
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import ASGIApp
 
 from tokenward import __version__
 from tokenward.anomaly.blocklist import IPBlocklist
 from tokenward.anomaly.engine import AnomalyEngine
 from tokenward.anomaly.store import AnomalyStore, SecretBox
 from tokenward.anomaly.webhooks import WebhookSender
-from tokenward.api import admin, health, observability, verification
+from tokenward.api import admin, health, oauth, observability, verification
 from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
 from tokenward.api.errors import install_error_handlers
+from tokenward.api.fastpath import FastPath
 from tokenward.api.middleware import (
     BodyLimitMiddleware,
     RequestContextMiddleware,
@@ -31,8 +33,12 @@ from tokenward.audit import AuditWriter, ChainKeys
 from tokenward.audit.chain import prune
 from tokenward.audit.writer import DurableResponseMiddleware
 from tokenward.events import EventBus
+from tokenward.fanout import Fanout, make_fanout
+from tokenward.gateway import Enforcement, build_enforcement
+from tokenward.gateway.authz import AuthzMiddleware
 from tokenward.limits import RateLimiter
 from tokenward.metrics import Metrics
+from tokenward.oauth.sessions import Sessions, build_sessions
 from tokenward.service import TokenService
 from tokenward.settings import Settings, load_hasher
 from tokenward.store.engine import create_engine, migrate
@@ -55,13 +61,19 @@ class Services:
     verifier: Verifier
     tokens: TokenService
     events: EventBus
+    fanout: Fanout
     redis: Redis | None = None
+    sessions: Sessions | None = None
+    #: route policies and the decision pipeline of the gateway and /authz
+    enforcement: Enforcement | None = None
     audit: AuditWriter | None = None
     anomaly: AnomalyEngine | None = None
     metrics: Metrics | None = None
 
     async def close(self) -> None:
+        await self.fanout.stop()
         await self.verifier.flush_usage()
+        await self.limiter.aclose()
         if self.audit is not None:
             await self.audit.close()
         if self.anomaly is not None:
@@ -81,7 +93,11 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
     verifier = Verifier(store, hasher, limiter, cache_ttl=settings.cache_ttl)
     events = EventBus()
-    tokens = TokenService(store, hasher, verifier, events)
+    enforcement = build_enforcement(settings, verifier, limiter, events, hasher)
+    fanout = make_fanout(verifier, engine, redis)
+    await fanout.start()
+    tokens = TokenService(store, hasher, verifier, events, on_change=fanout.publish)
+    sessions = build_sessions(settings, engine, tokens, events, redis)
     audit = AuditWriter(
         engine,
         ChainKeys.from_hasher(hasher),
@@ -113,7 +129,10 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         verifier,
         tokens,
         events,
+        fanout,
         redis,
+        sessions,
+        enforcement,
         audit=audit,
         anomaly=anomaly,
         metrics=metrics,
@@ -175,7 +194,7 @@ async def _flush_usage_forever(services: Services) -> None:
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
-    """The tokenward ASGI app. Pass ``services`` to share already-open ones (tests, embedding)."""
+    """The FastAPI app (admin API, docs, every route). See :func:`create_asgi` for serving."""
     if settings is None:
         settings = services.settings if services is not None else Settings.load()
 
@@ -185,6 +204,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         svc = services if services is not None else await open_services(settings)
         app.state.services = svc
         flusher = asyncio.create_task(_flush_usage_forever(svc))
+        rotation = (
+            asyncio.create_task(svc.sessions.scheduler.run_forever()) if svc.sessions else None
+        )
         background = [
             asyncio.create_task(_refresh_blocks_forever(svc)),
             asyncio.create_task(_prune_audit_forever(svc)),
@@ -192,13 +214,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         try:
             yield
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
-            for task in background:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for task in (flusher, rotation, *background):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if owned:
                 await svc.close()
             else:
@@ -216,12 +236,24 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(health.router)
     app.include_router(verification.router)
     app.include_router(admin.router)
+    app.include_router(oauth.router)
     app.include_router(audit_api.router)
     app.include_router(alerts_api.router)
     app.include_router(observability.router)
     app.add_middleware(DurableResponseMiddleware)
-    app.add_middleware(observability.AccessLogMiddleware, enabled=settings.access_log)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def create_asgi(settings: Settings | None = None, services: Services | None = None) -> ASGIApp:
+    """What the server runs: the hot routes' fast path in front of the FastAPI app."""
+    api = create_app(settings, services)
+    resolved = settings or (services.settings if services else Settings.load())
+    # Around the fast path too: its responses also wait (once) for their audit events, and
+    # every request gets its access log line.
+    stack = DurableResponseMiddleware(
+        FastPath(AuthzMiddleware(api, api), api, resolved.max_body_bytes)
+    )
+    return observability.AccessLogMiddleware(stack, enabled=resolved.access_log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenward.fanout import announce
 from tokenward.service import issue_bootstrap_record
 from tokenward.settings import Settings, load_hasher, write_new_key_file
 from tokenward.store.engine import create_engine, migrate
@@ -41,6 +42,7 @@ async def initialize(settings: Settings, *, reset: bool = False) -> InitResult:
         now = utcnow()
         for token_id in existing:
             await store.revoke(token_id, "replaced by tokenward init --reset", now)
+        await announce(engine, settings.redis_url, existing)
         issued = issue_bootstrap_record(hasher, now)
         await store.insert_token(issued.record, hasher.hash(issued.secret))
         return InitResult(True, issued.secret, issued.record.id)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import httpx
 import typer
 from rich.console import Console
 from rich.panel import Panel
@@ -140,19 +142,42 @@ def serve(
         ),
     ] = False,
     init_first: Annotated[bool, typer.Option("--init", help="Initialize first if needed.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="TOKENWARD_GATEWAY_CONFIG",
+            help="Route policy file (TOML): serves the gateway and /authz decisions.",
+        ),
+    ] = None,
+    gateway_port: Annotated[
+        int, typer.Option(envvar="TOKENWARD_GATEWAY_PORT", help="Port of the gateway.")
+    ] = 8081,
 ) -> None:
-    """Run the server (admin API, verification API, /healthz)."""
+    """Run the server (admin API, verification API, /authz, /healthz; gateway with --config)."""
     import uvicorn
 
-    from tokenward.app import create_app
+    from tokenward.app import create_asgi
     from tokenward.logs import configure_logging
     from tokenward.server import InsecureBind, check_bind, self_signed
     from tokenward.settings import Settings
 
     settings = Settings.load(
-        data_dir=data_dir, host=host, port=port, allow_insecure_http=allow_insecure_http or None
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        allow_insecure_http=allow_insecure_http or None,
+        gateway_config=config,
+        gateway_port=gateway_port,
     )
     configure_logging(settings.log_level)
+    if settings.gateway_config is not None:
+        from tokenward.gateway import ConfigError, load_policy
+
+        try:
+            policy = load_policy(settings.gateway_config)
+        except ConfigError as exc:
+            fail(str(exc), 2)
     if (tls_cert is None) != (tls_key is None):
         fail("give both --tls-cert and --tls-key", 2)
     if tls_self_signed:
@@ -160,6 +185,7 @@ def serve(
         out.print(
             f"self-signed certificate {tls_cert}\nSHA-256 fingerprint: {fingerprint}",
             highlight=False,
+            soft_wrap=True,  # a fingerprint or path split over lines cannot be copied
         )
     tls = tls_cert is not None
     try:
@@ -187,15 +213,7 @@ def serve(
         f"  CLI:       export TOKENWARD_URL={base} TOKENWARD_ADMIN_TOKEN=<admin token>",
         highlight=False,
     )
-    import gc
-
-    # Everything loaded so far lives as long as the process: keep it out of the cyclic
-    # garbage collector's way (fewer, cheaper full collections under load).
-    gc.freeze()
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
+    uvicorn_options: dict[str, Any] = dict(
         log_level="warning",
         access_log=False,
         server_header=False,
@@ -204,6 +222,23 @@ def serve(
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
     )
+    import gc
+
+    # Everything loaded so far lives as long as the process: keep it out of the cyclic
+    # garbage collector's way (fewer, cheaper full collections under load).
+    gc.freeze()
+    if settings.gateway_config is not None:
+        from tokenward.gateway.serve import run, serve_with_gateway
+
+        out.print(
+            f"  gateway:   {scheme}://{shown}:{settings.gateway_port} "
+            f"({len(policy.routes)} routes from {settings.gateway_config})\n"
+            f"  authz:     {base}/authz",
+            highlight=False,
+        )
+        run(serve_with_gateway(settings, **uvicorn_options))
+        return
+    uvicorn.run(create_asgi(settings), host=host, port=port, **uvicorn_options)
 
 
 # -- admin client side --------------------------------------------------------------------
@@ -218,7 +253,17 @@ def client(as_json: bool = False) -> AdminClient:
         )
     url = os.environ.get("TOKENWARD_URL", "http://127.0.0.1:8080")
     ca = os.environ.get("TOKENWARD_CA_CERT")
-    return AdminClient(url, token, verify=ca or True)
+    try:
+        return AdminClient(url, token, verify=ca or True)
+    except (OSError, ssl.SSLError):
+        fail(
+            f"cannot read the CA certificate TOKENWARD_CA_CERT={ca}",
+            2,
+            as_json=as_json,
+            error="bad_ca_cert",
+        )
+    except httpx.InvalidURL:
+        fail(f"TOKENWARD_URL is not a valid URL: {url!r}", 2, as_json=as_json, error="bad_url")
 
 
 def call(as_json: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -226,17 +271,20 @@ def call(as_json: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except AdminAPIError as exc:
         fail(exc.message, 1, as_json=as_json, error=exc.code)
-    except Exception as exc:  # connection refused, TLS failure, timeout
-        import httpx
-
-        if isinstance(exc, httpx.HTTPError):
-            fail(
-                f"cannot reach the server: {type(exc).__name__}",
-                3,
-                as_json=as_json,
-                error="connection_failed",
-            )
-        raise
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # connection refused, TLS, timeout
+        fail(
+            f"cannot reach the server: {type(exc).__name__}",
+            3,
+            as_json=as_json,
+            error="connection_failed",
+        )
+    except ValueError:  # an answer that is not JSON: not a tokenward server
+        fail(
+            "the server's answer is not JSON: is TOKENWARD_URL a tokenward server?",
+            3,
+            as_json=as_json,
+            error="bad_response",
+        )
 
 
 @project_app.command("create")
@@ -262,6 +310,28 @@ def project_list(as_json: JsonOpt = False) -> None:
     for p in projects:
         table.add_row(p["name"], p["id"], p["created_at"])
     out.print(table)
+
+
+@project_app.command("allow-ip")
+def project_allow_ip(
+    name: str,
+    cidrs: Annotated[
+        list[str] | None, typer.Argument(help="IPv4/IPv6 addresses or CIDRs; none to clear.")
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Allow any address again.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set the networks every token of a project may be used from (replaces the list)."""
+    if not cidrs and not clear:
+        fail("give one or more CIDRs, or --clear to allow any address", 2, as_json=as_json)
+    with client(as_json) as c:
+        project = call(as_json, c.update_project, name, [] if clear else list(cidrs or []))
+    if as_json:
+        emit_json(project)
+    elif project["ip_allowlist"]:
+        out.print(f"{project['name']}: tokens work only from {', '.join(project['ip_allowlist'])}")
+    else:
+        out.print(f"{project['name']}: tokens work from any address")
 
 
 def _meta(pairs: list[str]) -> dict[str, str]:
@@ -394,11 +464,20 @@ def token_rotate(
     token_id: str,
     grace: Annotated[str, typer.Option(help="How long the old token keeps working.")] = "1h",
     as_json: JsonOpt = False,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", help="json, env, dotenv or github (to GITHUB_ENV, masked)."),
+    ] = None,
+    env_name: Annotated[str, typer.Option("--env-name", help="Variable name.")] = "TOKENWARD_TOKEN",
 ) -> None:
     """Issue a successor; the old token works until the grace period ends."""
-    with client(as_json) as c:
-        body = call(as_json, c.rotate_token, token_id, grace)
-    if as_json:
+    with client(as_json or output == "json") as c:
+        body = call(as_json or output == "json", c.rotate_token, token_id, grace)
+    if output is not None:
+        from tokenward.cli_oauth import emit_token
+
+        emit_token(output, body, env_name, body.get("expires_at"))
+    elif as_json:
         emit_json(body)
     else:
         _show_secret(body, "rotated: new token")
@@ -418,3 +497,7 @@ token_app.command("release")(release)
 
 def main() -> None:
     app()
+
+
+# Registers ``token exchange``, ``token auto-rotate``, ``trust …`` and ``project policy``.
+import tokenward.cli_oauth  # noqa: E402, F401

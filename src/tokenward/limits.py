@@ -47,7 +47,9 @@ class RateLimiter:
             self._async: AsyncLimiter | None = None
         else:
             uri = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
-            storage = AsyncRedisStorage(uri, key_prefix=namespace)
+            storage = AsyncRedisStorage(
+                uri, implementation="redispy", key_prefix=namespace, wrap_exceptions=True
+            )
             self._async = AsyncLimiter(storage)
 
     async def hit(self, key: str, rates: tuple[str, ...]) -> RateResult:
@@ -73,6 +75,14 @@ class RateLimiter:
             ) from exc
         assert tightest is not None
         return tightest
+
+    async def aclose(self) -> None:
+        """Close the Redis connections (nothing to do in memory)."""
+        if self._async is not None:
+            bridge = getattr(self._async.storage, "bridge", None)
+            client = getattr(bridge, "storage", None)
+            if client is not None:
+                await client.aclose()
 
     async def reset(self) -> None:
         if self._async is not None:

@@ -15,18 +15,27 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from tokenward.errors import Forbidden, Invalid, NotFound
 from tokenward.events import AdminEvent, EventBus, current_request
 from tokenward.store.repository import Project, TokenStore
-from tokenward.tokens.format import Environment, generate_token, new_public_id, token_hint
+from tokenward.tokens.durations import MAX_DURATION
+from tokenward.tokens.format import (
+    Environment,
+    find_tokens,
+    generate_token,
+    new_public_id,
+    token_hint,
+)
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.tokens.model import TokenKind, TokenRecord, TokenState
 from tokenward.tokens.scopes import is_narrower, validate_scopes
 from tokenward.verify import Verifier
 
 MAX_GRACE = timedelta(days=30)
+
+LifetimeCap = Callable[[str, datetime | None, datetime, bool], Awaitable[datetime | None]]
 
 
 @dataclass(slots=True)
@@ -46,6 +55,8 @@ class TokenSpec:
     rate_limit: list[str] = field(default_factory=list)
     uses: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    family_id: str | None = None
+    dpop_jkt: str | None = None
 
 
 @dataclass(slots=True)
@@ -58,14 +69,34 @@ class Issued:
 
 def normalize_cidrs(cidrs: list[str]) -> list[str]:
     out = []
-    for cidr in cidrs:
+    for index, cidr in enumerate(cidrs):
         try:
             out.append(str(ipaddress.ip_network(cidr, strict=False)))
         except ValueError:
+            # The value is not echoed: error bodies never repeat what was sent.
             raise Invalid(
-                "invalid_cidr", f"{cidr!r} is not an IPv4 or IPv6 address or CIDR"
+                "invalid_cidr", f"ip_allowlist[{index}] is not an IPv4 or IPv6 address or CIDR"
             ) from None
     return out
+
+
+def refuse_pasted_tokens(**fields: str) -> None:
+    """Refuse text that holds a token: a secret pasted into a label would be stored in clear."""
+    for name, text in fields.items():
+        if find_tokens(text):
+            raise Invalid(
+                "token_in_field", f"{name} contains a tokenward token; tokens are never stored"
+            )
+
+
+def _utc(value: datetime | None, name: str) -> datetime | None:
+    """``value`` in UTC; a time that has no UTC equivalent (year 1 at +14:00) is refused."""
+    if value is None:
+        return None
+    try:
+        return value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise Invalid(f"invalid_{name}", f"{name} is out of range") from None
 
 
 class TokenService:
@@ -83,6 +114,8 @@ class TokenService:
         self.events = events
         #: called with a token id after every change (revocation fan-out to other replicas)
         self.on_change = on_change
+        #: project policy: (project id, wanted expiry, now, clamp) → allowed expiry, or raises
+        self.lifetime_cap: LifetimeCap | None = None
 
     @property
     def now(self) -> datetime:
@@ -106,9 +139,28 @@ class TokenService:
             raise NotFound("project_not_found", f"no project named {name_or_id!r}")
         return project
 
+    async def set_project_ip_allowlist(
+        self, actor: TokenRecord, name_or_id: str, cidrs: list[str]
+    ) -> Project:
+        """Replace a project's IP allowlist (empty: any address); effective immediately."""
+        project = await self.project_for(actor, name_or_id)
+        updated = await self.store.set_project_ip_allowlist(project.id, normalize_cidrs(cidrs))
+        self.verifier.invalidate_project(project.id)
+        await self._audit(
+            "project.update", actor, project.id, None, {"ip_allowlist": updated.ip_allowlist}
+        )
+        return updated
+
     # -- tokens ---------------------------------------------------------------------------
     async def create_token(self, actor: TokenRecord, spec: TokenSpec) -> Issued:
         now = self.now
+        refuse_pasted_tokens(
+            project=spec.project or "",
+            name=spec.name,
+            principal=spec.principal or "",
+            scopes=" ".join(spec.scopes),
+            metadata=" ".join(f"{k} {v}" for k, v in spec.metadata.items()),
+        )
         if spec.project is None:
             if actor.project_id is not None:
                 raise Invalid("project_required", "a project is required")
@@ -123,14 +175,21 @@ class TokenService:
             raise Forbidden("scope_not_held", "a token cannot have a scope its creator lacks")
         if actor.environment == Environment.TEST and spec.environment == Environment.LIVE:
             raise Forbidden("environment_not_held", "a test credential cannot create live tokens")
-        expires_at = spec.expires_at
+        expires_at = _utc(spec.expires_at, "expires_at")
+        not_before = _utc(spec.not_before, "not_before")
         if spec.ttl is not None:
             if expires_at is not None:
                 raise Invalid("conflicting_expiry", "give either ttl or expires_at, not both")
             expires_at = now + spec.ttl
         if expires_at is not None and expires_at <= now:
             raise Invalid("invalid_expiry", "expires_at must be in the future")
-        if spec.not_before and expires_at and spec.not_before >= expires_at:
+        if expires_at is not None and expires_at - now > MAX_DURATION:
+            raise Invalid("invalid_expiry", "expires_at must be at most 3660 days away")
+        if not_before is not None and not_before - now > MAX_DURATION:
+            raise Invalid("invalid_not_before", "not_before must be at most 3660 days away")
+        if self.lifetime_cap is not None and project_id is not None:
+            expires_at = await self.lifetime_cap(project_id, expires_at, now, False)
+        if not_before and expires_at and not_before >= expires_at:
             raise Invalid("invalid_not_before", "not_before must be before the expiry")
         if actor.expires_at is not None and (expires_at is None or expires_at > actor.expires_at):
             raise Forbidden(
@@ -151,7 +210,7 @@ class TokenService:
             scopes=scopes,
             created_at=now,
             created_by=actor.id,
-            not_before=spec.not_before,
+            not_before=not_before,
             expires_at=expires_at,
             ip_allowlist=normalize_cidrs(spec.ip_allowlist),
             rate_limit=list(spec.rate_limit),
@@ -159,6 +218,8 @@ class TokenService:
             hint=token_hint(secret),
             key_id=self.hasher.current.id,
             metadata=dict(spec.metadata),
+            family_id=spec.family_id,
+            dpop_jkt=spec.dpop_jkt,
         )
         await self.store.insert_token(record, self.hasher.hash(secret))
         await self._audit(
@@ -196,6 +257,7 @@ class TokenService:
         )
 
     async def revoke_token(self, actor: TokenRecord, token_id: str, reason: str) -> TokenRecord:
+        refuse_pasted_tokens(reason=reason)
         await self.get_token(actor, token_id)
         record = await self.store.revoke(token_id, reason or "revoked by admin", self.now)
         await self._changed(token_id)
@@ -223,10 +285,14 @@ class TokenService:
             )
         if not is_narrower(old.scopes, actor.scopes):
             raise Forbidden("scope_not_held", "a token cannot have a scope its creator lacks")
+        if actor.environment == Environment.TEST and old.environment == Environment.LIVE:
+            raise Forbidden("environment_not_held", "a test credential cannot create live tokens")
         now = self.now
         expires_at = None
         if old.expires_at is not None:
             expires_at = now + (old.expires_at - old.created_at)
+        if self.lifetime_cap is not None and old.project_id is not None:
+            expires_at = await self.lifetime_cap(old.project_id, expires_at, now, True)
         if actor.expires_at is not None and (expires_at is None or expires_at > actor.expires_at):
             expires_at = actor.expires_at
         secret = generate_token(old.environment)
@@ -241,7 +307,8 @@ class TokenService:
             scopes=list(old.scopes),
             created_at=now,
             created_by=actor.id,
-            not_before=None,
+            # A successor never starts working before its predecessor would have.
+            not_before=old.not_before if old.not_before and old.not_before > now else None,
             expires_at=expires_at,
             ip_allowlist=list(old.ip_allowlist),
             rate_limit=list(old.rate_limit),
@@ -250,6 +317,9 @@ class TokenService:
             hint=token_hint(secret),
             key_id=self.hasher.current.id,
             metadata=dict(old.metadata),
+            family_id=old.family_id,
+            dpop_jkt=old.dpop_jkt,
+            rotation_period=old.rotation_period,
         )
         updated_old = await self.store.rotate(
             old.id, successor, self.hasher.hash(secret), now + grace

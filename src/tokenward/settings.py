@@ -54,6 +54,9 @@ class Settings(BaseSettings):
         None,
         description="Redis URL (redis://host:6379/0) for shared rate limits; default: in-process.",
     )
+    redis_prefix: str = Field(
+        "tokenward:", max_length=64, description="Prefix of every key tokenward keeps in Redis."
+    )
     max_body_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body the API accepts, in bytes."
     )
@@ -64,6 +67,102 @@ class Settings(BaseSettings):
     allow_insecure_http: bool = Field(
         False, description="Serve plain HTTP on a non-loopback address (only behind a TLS proxy)."
     )
+    public_url: str | None = Field(
+        None,
+        description="The URL clients use to reach this server (https://tokens.example.com), "
+        "for DPoP htu checks behind a proxy; default: the request's own URL.",
+    )
+    access_token_ttl: int = Field(
+        900,
+        ge=10,
+        le=86400,
+        description="Default lifetime of an access token from /v1/token, in seconds.",
+    )
+    access_token_max_ttl: int = Field(
+        3600,
+        ge=10,
+        le=86400,
+        description="Longest lifetime a client may request for an access token, in seconds.",
+    )
+    refresh_token_ttl: int = Field(
+        86400,
+        ge=60,
+        le=31_536_000,
+        description="Absolute lifetime of a refresh-token family, in seconds.",
+    )
+    refresh_reuse_grace: int = Field(
+        10,
+        ge=0,
+        le=300,
+        description="Seconds a used refresh token may be presented again by a concurrent "
+        "refresh before reuse is declared.",
+    )
+    dpop_max_age: int = Field(
+        60, ge=1, le=3600, description="Seconds a DPoP proof stays acceptable after its iat."
+    )
+    dpop_clock_skew: int = Field(
+        5,
+        ge=0,
+        le=300,
+        description="Seconds of clock skew allowed between clients and this server for DPoP.",
+    )
+    jwks_cache_ttl: float = Field(
+        600.0,
+        ge=0,
+        le=86400,
+        description="Seconds an OIDC issuer's keys are cached (an unknown key id refetches).",
+    )
+    rotation_interval: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Seconds between rounds of the rotation scheduler (one runner at a time).",
+    )
+    expiry_warning_days: int = Field(
+        7,
+        ge=0,
+        le=365,
+        description="Warn this many days before a long-lived token expires (project policy "
+        "may override).",
+    )
+    webhook_attempts: int = Field(
+        3, ge=1, le=10, description="Delivery attempts of a webhook before it counts as failed."
+    )
+
+    gateway_config: Path | None = Field(
+        None,
+        description="Route policy file (TOML) for the gateway and /authz; see docs/gateway.md.",
+    )
+    gateway_port: int = Field(
+        8081, ge=0, le=65535, description="Port of the built-in gateway (with a route policy file)."
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated CIDRs of proxies whose X-Forwarded-For is believed; "
+        "default: none (the socket peer is the client).",
+    )
+    auth_failure_limit: str = Field(
+        "20/minute",
+        description="Failed authentications per client IP before it gets 429 (several windows: "
+        "10/second;100/hour); empty to disable.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        from tokenward.clientip import parse_cidrs
+
+        parse_cidrs(value)
+        return value
+
+    @field_validator("auth_failure_limit")
+    @classmethod
+    def _failure_limit(cls, value: str) -> str:
+        from tokenward.tokens.durations import parse_rates
+
+        if value.strip():
+            parse_rates(value)
+        return value
 
     audit_mode: Literal["sync", "async"] = Field(
         "sync",

@@ -8,6 +8,7 @@ raises inside, and that becomes ``unavailable`` (fail closed).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections.abc import Callable, Iterable
@@ -19,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tokenward.errors import Unavailable
 from tokenward.limits import RateLimiter, RateResult
+from tokenward.oauth.dpop import DPoPChecker, DPoPError, DPoPRequest
 from tokenward.store.repository import TokenStore
 from tokenward.tokens.format import TokenFormatError, parse_token
 from tokenward.tokens.hashing import TokenHasher
@@ -37,6 +39,8 @@ STATUS_BY_REASON: dict[Reason, int] = {
     Reason.IP_BLOCKED: 403,
     Reason.RATE_LIMITED: 429,
     Reason.UNAVAILABLE: 503,
+    Reason.NO_ROUTE: 404,
+    Reason.TOO_MANY_FAILURES: 429,
 }
 
 
@@ -82,6 +86,7 @@ class _Entry:
     record: TokenRecord
     networks: tuple[IPNetwork, ...]
     fresh_until: float
+    project_networks: tuple[IPNetwork, ...] = ()
 
 
 def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -127,8 +132,13 @@ class Verifier:
         self._cache: dict[str, _Entry] = {}
         self._hash_by_id: dict[str, str] = {}
         self._seen: dict[str, tuple[datetime, str | None]] = {}
+        #: switched off by the revocation fan-out while it is not subscribed (fail safe)
+        self.cache_enabled = True
+        self._loading: dict[str, asyncio.Future[_Entry | None]] = {}
         self.hits = 0
         self.misses = 0
+        #: checks proofs for DPoP-bound tokens (replaced by a Redis-backed one when configured)
+        self.dpop = DPoPChecker()
         #: answers whether a client address is temporarily blocked (anomaly response)
         self.is_blocked: Callable[[str], bool] | None = None
 
@@ -142,6 +152,8 @@ class Verifier:
         project: str | None = None,
         environment: str | None = None,
         consume: bool = True,
+        route_limit: tuple[str, tuple[str, ...]] | None = None,
+        dpop: DPoPRequest | None = None,
     ) -> Decision:
         """Decide whether ``credential`` may do ``scope`` from ``ip``.
 
@@ -149,6 +161,10 @@ class Verifier:
         of another project is reported ``unknown`` and nothing about it is revealed.
         ``project`` and ``environment`` are what a route requires. ``consume=False`` (for
         introspection) checks without counting a rate-limit hit or spending a use.
+        ``route_limit`` is a route's own limit (key, windows), counted per token after the
+        token's own limit and before a use is spent.
+        ``dpop`` is the request's DPoP proof context (see :func:`tokenward.oauth.dpop_request`):
+        a DPoP-bound token is allowed only with a fresh proof by its key.
         """
         if ip is not None and self.is_blocked is not None and self.is_blocked(ip):
             return Decision(False, Reason.IP_BLOCKED)
@@ -170,6 +186,9 @@ class Verifier:
         if record.kind == TokenKind.CANARY:
             # A canary is never legitimately used: to its presenter it looks unknown.
             return Decision(False, Reason.UNKNOWN, record)
+        if record.kind == TokenKind.REFRESH:
+            # A refresh token is good at the token endpoint only, never as a credential.
+            return Decision(False, Reason.WRONG_TOKEN_TYPE, record)
         # 3. State: revoked, rotated out, expired, not yet valid.
         now = self.clock()
         reason = STATE_REASONS.get(record.state(now))
@@ -182,8 +201,25 @@ class Verifier:
             return Decision(False, Reason.WRONG_PROJECT, record)
         if environment is not None and record.environment != environment:
             return Decision(False, Reason.WRONG_ENVIRONMENT, record)
-        # 5. IP allowlist.
-        if entry.networks and not ip_allowed(ip, entry.networks):
+        # 4b. Sender constraint (RFC 9449): a bound token needs a fresh proof by its key.
+        if record.dpop_jkt is not None and consume:
+            try:
+                await self.dpop.check(
+                    dpop, now=now, access_token=credential, expected_jkt=record.dpop_jkt
+                )
+            except DPoPError as exc:
+                return Decision(False, Reason(exc.reason), record)
+            except Unavailable:
+                return Decision(False, Reason.UNAVAILABLE, record)
+        # 5. IP allowlists, the token's own and its project's (an introspection without a
+        # client IP asks about the token only).
+        if entry.networks and (consume or ip is not None) and not ip_allowed(ip, entry.networks):
+            return Decision(False, Reason.IP_NOT_ALLOWED, record)
+        if (
+            entry.project_networks
+            and (consume or ip is not None)
+            and not ip_allowed(ip, entry.project_networks)
+        ):
             return Decision(False, Reason.IP_NOT_ALLOWED, record)
         # 6. Scope.
         if scope is not None and not scopes_allow(record.scopes, scope):
@@ -191,7 +227,7 @@ class Verifier:
         # 7. Rate limit, then remaining uses (a denied request spends no use).
         ratelimit = None
         if not consume:
-            if record.remaining_uses == 0:
+            if record.remaining_uses == 0 and record.replaced_by is None:
                 return Decision(False, Reason.USES_EXHAUSTED, record, None, 0)
             return Decision(True, Reason.OK, record, None, record.remaining_uses)
         if record.rate_limit:
@@ -201,10 +237,21 @@ class Verifier:
                 return Decision(False, Reason.UNAVAILABLE, record)
             if not ratelimit.allowed:
                 return Decision(False, Reason.RATE_LIMITED, record, ratelimit)
+        if route_limit is not None:
+            try:
+                route_rate = await self.limiter.hit(f"{route_limit[0]}:{record.id}", route_limit[1])
+            except Unavailable:
+                return Decision(False, Reason.UNAVAILABLE, record)
+            if not route_rate.allowed:
+                return Decision(False, Reason.RATE_LIMITED, record, route_rate)
+            if ratelimit is None or route_rate.remaining < ratelimit.remaining:
+                ratelimit = route_rate
         remaining = record.remaining_uses
         if remaining is not None:
             try:
-                left = await self._guard(self.store.consume_use(record.id))
+                left = await self._guard(
+                    self.store.consume_use(record.id, rotated=record.replaced_by is not None)
+                )
             except Unavailable:
                 return Decision(False, Reason.UNAVAILABLE, record)
             if left is None:
@@ -216,11 +263,31 @@ class Verifier:
 
     async def _lookup(self, credential: str) -> _Entry | None:
         token_hash = self.hasher.hash(credential)
-        entry = self._cache.get(token_hash)
+        entry = self._cache.get(token_hash) if self.cache_enabled else None
         if entry is not None and entry.fresh_until > time.monotonic():
             self.hits += 1
             return entry
         self.misses += 1
+        # One store lookup per token at a time: concurrent misses (a cache entry expiring
+        # under load) wait for the lookup in flight instead of each querying the store.
+        pending = self._loading.get(token_hash)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        loading: asyncio.Future[_Entry | None] = asyncio.get_running_loop().create_future()
+        self._loading[token_hash] = loading
+        try:
+            entry = await self._load(credential, token_hash)
+        except BaseException as exc:
+            loading.set_exception(exc)
+            loading.exception()  # retrieved: waiters (if any) re-raise it themselves
+            raise
+        else:
+            loading.set_result(entry)
+        finally:
+            del self._loading[token_hash]
+        return entry
+
+    async def _load(self, credential: str, token_hash: str) -> _Entry | None:
         hashes = [token_hash] if len(self.hasher.keys) == 1 else self.hasher.candidates(credential)
         found = await self._guard(self.store.find_by_hash(hashes))
         if found is None:
@@ -228,7 +295,10 @@ class Verifier:
             return None
         record, _matched = found
         entry = _Entry(
-            record, parse_networks(record.ip_allowlist), time.monotonic() + self.cache_ttl
+            record,
+            parse_networks(record.ip_allowlist),
+            time.monotonic() + self.cache_ttl,
+            parse_networks(record.project_ip_allowlist),
         )
         if len(self._cache) >= self.cache_size:
             oldest = next(iter(self._cache))
@@ -249,6 +319,13 @@ class Verifier:
         token_hash = self._hash_by_id.pop(token_id, None)
         if token_hash is not None:
             self._cache.pop(token_hash, None)
+
+    def invalidate_project(self, project_id: str) -> None:
+        """Forget the cached state of every token of a project (its settings changed)."""
+        for token_hash, entry in list(self._cache.items()):
+            if entry.record.project_id == project_id:
+                self._cache.pop(token_hash, None)
+                self._hash_by_id.pop(entry.record.id, None)
 
     def clear(self) -> None:
         self._cache.clear()

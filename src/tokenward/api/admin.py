@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from tokenward.api.auth import AdminRead, AdminWrite
-from tokenward.api.schemas import ProjectCreate, TokenCreate, TokenRevoke, TokenRotate
+from tokenward.api.schemas import (
+    IDENTIFIER,
+    ProjectCreate,
+    ProjectUpdate,
+    TokenCreate,
+    TokenRevoke,
+    TokenRotate,
+)
 from tokenward.service import Issued, TokenService, TokenSpec
 from tokenward.tokens.durations import parse_rates
 from tokenward.tokens.model import TokenState
 
 router = APIRouter(prefix="/v1")
+
+#: The states the list can filter by (``active`` includes rotated-in-grace and not-yet-valid).
+ListedState = Literal["active", "expired", "revoked", "rotated"]
 
 ONCE_WARNING = "Store this token now: it is shown only once and cannot be recovered."
 
@@ -41,8 +51,21 @@ async def list_projects(actor: AdminRead, request: Request) -> Any:
 
 
 @router.get("/projects/{name}", tags=["projects"])
-async def get_project(name: str, actor: AdminRead, request: Request) -> Any:
+async def get_project(
+    name: Annotated[str, Path(max_length=64, pattern=IDENTIFIER)],
+    actor: AdminRead,
+    request: Request,
+) -> Any:
     return (await _service(request).project_for(actor, name)).public()
+
+
+@router.patch("/projects/{name}", tags=["projects"])
+async def update_project(
+    name: str, body: ProjectUpdate, actor: AdminWrite, request: Request
+) -> Any:
+    """Set the project's IP allowlist (every token of it is then bound to those networks)."""
+    project = await _service(request).set_project_ip_allowlist(actor, name, body.ip_allowlist)
+    return project.public()
 
 
 @router.post("/tokens", status_code=201, tags=["tokens"])
@@ -69,13 +92,17 @@ async def create_token(body: TokenCreate, actor: AdminWrite, request: Request) -
 async def list_tokens(
     actor: AdminRead,
     request: Request,
-    project: Annotated[str | None, Query(max_length=64)] = None,
-    state: TokenState | None = None,
+    project: Annotated[str | None, Query(max_length=64, pattern=IDENTIFIER)] = None,
+    state: ListedState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[str | None, Query(max_length=32)] = None,
+    after: Annotated[str | None, Query(max_length=32, pattern=IDENTIFIER)] = None,
 ) -> Any:
     records = await _service(request).list_tokens(
-        actor, project=project, state=state, limit=limit, after=after
+        actor,
+        project=project,
+        state=TokenState(state) if state else None,
+        limit=limit,
+        after=after,
     )
     now = _service(request).now
     items = [{**r.public(), "state": r.state(now).value} for r in records]
@@ -84,7 +111,9 @@ async def list_tokens(
 
 @router.get("/tokens/{token_id}", tags=["tokens"])
 async def get_token(
-    token_id: Annotated[str, Path(max_length=32)], actor: AdminRead, request: Request
+    token_id: Annotated[str, Path(max_length=32, pattern=IDENTIFIER)],
+    actor: AdminRead,
+    request: Request,
 ) -> Any:
     record = await _service(request).get_token(actor, token_id)
     return {**record.public(), "state": record.state(_service(request).now).value}
@@ -92,7 +121,10 @@ async def get_token(
 
 @router.post("/tokens/{token_id}/revoke", tags=["tokens"])
 async def revoke_token(
-    token_id: str, actor: AdminWrite, request: Request, body: TokenRevoke | None = None
+    token_id: Annotated[str, Path(max_length=32, pattern=IDENTIFIER)],
+    actor: AdminWrite,
+    request: Request,
+    body: TokenRevoke | None = None,
 ) -> Any:
     reason = body.reason if body else ""
     record = await _service(request).revoke_token(actor, token_id, reason)
@@ -101,7 +133,10 @@ async def revoke_token(
 
 @router.post("/tokens/{token_id}/rotate", tags=["tokens"])
 async def rotate_token(
-    token_id: str, actor: AdminWrite, request: Request, body: TokenRotate | None = None
+    token_id: Annotated[str, Path(max_length=32, pattern=IDENTIFIER)],
+    actor: AdminWrite,
+    request: Request,
+    body: TokenRotate | None = None,
 ) -> Response:
     grace = (body or TokenRotate()).grace_delta()
     issued, old = await _service(request).rotate_token(actor, token_id, grace)

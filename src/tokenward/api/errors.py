@@ -5,6 +5,7 @@ Validation messages name the field and the rule, never the value given (it may b
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import structlog
@@ -30,11 +31,28 @@ _HTTP_CODES = {
 }
 
 
+#: Anything that looks like a token, even a damaged one, is cut out of error bodies
+#: (a field *name* may be a pasted secret, and field names are echoed).
+_TOKEN_LIKE = re.compile(r"tw_(?:live|test)_[0-9A-Za-z]*", re.IGNORECASE)
+
+
+def redact(value: Any) -> Any:
+    """``value`` with every token-like substring (keys included) cut out."""
+    if isinstance(value, str):
+        return _TOKEN_LIKE.sub("tw_…", value)
+    if isinstance(value, dict):
+        return {redact(k): redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
 def error_response(status: int, code: str, message: str, **extra: object) -> JSONResponse:
     headers = {"Cache-Control": "no-store"}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="tokenward"'
-    return JSONResponse({"error": code, "message": message, **extra}, status, headers=headers)
+    body = redact({"error": code, "message": message, **extra})
+    return JSONResponse(body, status, headers=headers)
 
 
 def _describe(errors: list[Any]) -> tuple[str, list[dict[str, str]]]:

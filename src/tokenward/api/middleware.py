@@ -112,15 +112,8 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = user_agent = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                given = value.decode("latin-1")
-            elif name == b"user-agent":
-                user_agent = value.decode("latin-1")[:256]
-        request_id = given if given and _REQUEST_ID.match(given) else new_request_id()
-        client = scope.get("client")
-        context = RequestContext(request_id, client[0] if client else None, user_agent)
+        context = request_context_for(scope)
+        request_id = context.request_id
         scope.setdefault("state", {})["request_id"] = request_id
         token = current_request.set(context)
 
@@ -136,3 +129,16 @@ class RequestContextMiddleware:
             await self.app(scope, receive, with_id)
         finally:
             current_request.reset(token)
+
+
+def request_context_for(scope: Scope) -> RequestContext:
+    """Request id (``X-Request-ID`` kept if sane, else a new one), peer IP and user agent."""
+    given = user_agent = None
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            given = value.decode("latin-1")
+        elif name == b"user-agent":
+            user_agent = value.decode("latin-1")[:256]
+    request_id = given if given and _REQUEST_ID.match(given) else new_request_id()
+    client = scope.get("client")
+    return RequestContext(request_id, client[0] if client else None, user_agent)

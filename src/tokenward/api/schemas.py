@@ -13,10 +13,14 @@ from tokenward.tokens.scopes import parse_scope
 ProjectName = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", max_length=63)
 ]
-ShortText = Annotated[str, StringConstraints(max_length=128)]
+#: No control characters in stored text: PostgreSQL cannot store NUL, and none belongs in a label.
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+#: A project name or id, a token id, a pagination cursor: what identifiers are made of.
+IDENTIFIER = r"^[A-Za-z0-9_-]+$"
+ShortText = Annotated[str, StringConstraints(max_length=128, pattern=PRINTABLE)]
 Cidr = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-MetaValue = Annotated[str, StringConstraints(max_length=512)]
+MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=PRINTABLE)]
+MetaValue = Annotated[str, StringConstraints(max_length=512, pattern=PRINTABLE)]
 
 
 class Closed(BaseModel):
@@ -27,8 +31,14 @@ class ProjectCreate(Closed):
     name: ProjectName = Field(description="Lower-case letters, digits, '-' and '_'.")
 
 
+class ProjectUpdate(Closed):
+    ip_allowlist: list[Cidr] = Field(
+        max_length=100, description="IPv4/IPv6 CIDRs its tokens may be used from; [] for any."
+    )
+
+
 class TokenCreate(Closed):
-    project: Annotated[str, StringConstraints(max_length=64)] | None = None
+    project: Annotated[str, StringConstraints(max_length=64, pattern=IDENTIFIER)] | None = None
     environment: Literal["live", "test"] = "live"
     scopes: list[Annotated[str, StringConstraints(max_length=128)]] = Field(
         min_length=1, max_length=64
@@ -74,7 +84,7 @@ class TokenCreate(Closed):
 
 
 class TokenRevoke(Closed):
-    reason: Annotated[str, StringConstraints(max_length=200)] = ""
+    reason: Annotated[str, StringConstraints(max_length=200, pattern=PRINTABLE)] = ""
 
 
 class TokenRotate(Closed):

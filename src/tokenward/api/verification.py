@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
-import json
+import re
 import time
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from tokenward.api.access import record_access
-from tokenward.api.auth import Verifying, authenticate, bearer_token, client_ip
+from tokenward.api.access import emit_access
+from tokenward.api.auth import (
+    Verifying,
+    authenticate,
+    authenticate_credential,
+    bearer_token,
+    client_ip,
+    parse_bearer,
+)
 from tokenward.api.errors import error_response
-from tokenward.errors import Forbidden, Invalid
+from tokenward.errors import BadRequest, Forbidden, Invalid
+from tokenward.oauth.dpop import DPoPRequest
 from tokenward.tokens.format import TokenFormatError, parse_token
 from tokenward.tokens.model import Reason
 
 router = APIRouter()
 
+_FIELD_NAME = re.compile(r"^[a-z_]{1,32}$")
 _VERIFY_FIELDS = {"token": 4096, "scope": 128, "ip": 64, "project": 64, "environment": 8}
+#: DPoP (RFC 9449): the proof the resource server received, with its request's method and URL
+_VERIFY_FIELDS.update({"dpop": 8192, "method": 16, "url": 2048})
 
 VERIFY_SCHEMA: dict[str, Any] = {
     "requestBody": {
@@ -35,6 +47,9 @@ VERIFY_SCHEMA: dict[str, Any] = {
                         "ip": {"type": "string", "example": "203.0.113.7"},
                         "project": {"type": "string"},
                         "environment": {"type": "string", "enum": ["live", "test"]},
+                        "dpop": {"type": "string", "description": "The request's DPoP proof."},
+                        "method": {"type": "string", "example": "GET"},
+                        "url": {"type": "string", "example": "https://api.example.com/records"},
                     },
                 }
             }
@@ -45,14 +60,16 @@ VERIFY_SCHEMA: dict[str, Any] = {
 
 def _verify_body(raw: bytes) -> dict[str, str | None]:
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise Invalid("invalid_json", "the request body is not valid JSON") from None
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("invalid_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Invalid("invalid_request", "the body must be a JSON object")
     unknown = set(body) - _VERIFY_FIELDS.keys()
     if unknown:
-        raise Invalid("invalid_request", f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
+        # Field names are echoed only when they look like field names (never a pasted secret).
+        names = sorted(n if _FIELD_NAME.match(n) else "…" for n in unknown)
+        raise Invalid("invalid_request", f"unknown field(s): {', '.join(names)[:200]}")
     if "token" not in body:
         raise Invalid("invalid_request", "token: field required")
     for name, value in body.items():
@@ -64,15 +81,29 @@ def _verify_body(raw: bytes) -> dict[str, str | None]:
             raise Invalid("invalid_request", f"{name}: longer than {_VERIFY_FIELDS[name]}")
     if body.get("environment") not in (None, "live", "test"):
         raise Invalid("invalid_request", "environment: must be 'live' or 'test'")
+    if body.get("dpop") and not (body.get("method") and body.get("url")):
+        raise Invalid("invalid_request", "dpop: needs the request's method and url")
     return body
 
 
-@router.post("/v1/verify", tags=["verify"], openapi_extra=VERIFY_SCHEMA)
-async def verify(request: Request, caller: Verifying) -> JSONResponse:
-    """Is this token good for this action? Always 200 with ``valid``; 503 if fail-closed."""
+async def handle_verify(
+    services: Any, authorization: str | None, raw_body: bytes, peer_ip: str | None
+) -> tuple[int, dict[str, Any]]:
+    """``POST /v1/verify`` without a framework: status and body, or a TokenwardError.
+
+    Served by the fast path (api/fastpath.py) and by the documented FastAPI route alike.
+    """
     started = time.perf_counter()
-    body = _verify_body(await request.body())
-    services = request.app.state.services
+    caller = await authenticate_credential(
+        services,
+        parse_bearer(authorization),
+        peer_ip,
+        ("verify", "admin:read"),
+        method="POST",
+        path="/v1/verify",
+        audit_allowed=False,
+    )
+    body = _verify_body(raw_body)
     decision = await services.verifier.verify(
         body["token"] or "",
         scope=body.get("scope"),
@@ -80,14 +111,19 @@ async def verify(request: Request, caller: Verifying) -> JSONResponse:
         tenant=caller.project_id,
         environment=body.get("environment"),
         project=body.get("project"),
+        dpop=DPoPRequest(body["dpop"], body["method"] or "", body["url"] or "")
+        if body.get("dpop")
+        else None,
     )
-    await record_access(
-        request,
+    await emit_access(
+        services,
         "verify_api",
         decision,
         started,
         credential=body["token"],
         scope=body.get("scope"),
+        method="POST",
+        path="/v1/verify",
         client_ip=body.get("ip"),
     )
     result = decision.as_dict()
@@ -95,8 +131,24 @@ async def verify(request: Request, caller: Verifying) -> JSONResponse:
         result.update(token_id=None, project=None, environment=None, principal=None, scopes=[])
     if decision.reason == Reason.UNAVAILABLE:
         result.update(error="unavailable", message="a dependency is unavailable; access denied")
-        return JSONResponse(result, 503)
-    return JSONResponse(result)
+        return 503, result
+    return 200, result
+
+
+@router.post("/v1/verify", tags=["verify"], openapi_extra=VERIFY_SCHEMA)
+async def verify(request: Request) -> JSONResponse:
+    """Is this token good for this action? 200 with ``valid`` true or false; 503 fails closed.
+
+    The caller authenticates with a credential holding ``verify`` or ``admin:read``; a
+    project-bound caller only ever sees its own project's tokens.
+    """
+    status, body = await handle_verify(
+        request.app.state.services,
+        request.headers.get("authorization"),
+        await request.body(),
+        client_ip(request),
+    )
+    return JSONResponse(body, status)
 
 
 def _epoch(value: Any) -> int | None:
@@ -148,6 +200,7 @@ async def introspect(request: Request, caller: Verifying) -> JSONResponse:
         "iss": "tokenward",
         "environment": token.environment,
         "project": token.project,
+        "cnf": {"jkt": token.dpop_jkt} if token.dpop_jkt else None,
     }
     return JSONResponse({k: v for k, v in body.items() if v is not None}, headers=headers)
 
@@ -168,7 +221,8 @@ async def revoke(request: Request) -> JSONResponse:
         except TokenFormatError:
             return JSONResponse({}, headers={"Cache-Control": "no-store"})
         found = await services.verifier.verify(form["token"], consume=False, ip=client_ip(request))
-        if found.token is not None:
+        # A canary answers "unknown" to its holder; its holder cannot switch it off either.
+        if found.token is not None and found.reason != Reason.UNKNOWN:
             await services.tokens.revoke_own(found.token, "revoked by its holder (RFC 7009)")
         return JSONResponse({}, headers={"Cache-Control": "no-store"})
     try:

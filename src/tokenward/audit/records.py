@@ -93,7 +93,12 @@ _FIELDS = tuple(f.name for f in fields(AuditRecord))
 
 
 def _clip(value: str | None, size: int) -> str | None:
-    return value[:size] if value is not None else None
+    """Bounded, and without NUL characters (PostgreSQL text cannot hold them)."""
+    if value is None:
+        return None
+    if "\x00" in value:
+        value = value.replace("\x00", "\\x00")
+    return value[:size]
 
 
 def from_access(event: AccessEvent) -> AuditRecord:
@@ -126,7 +131,7 @@ def from_admin(event: AdminEvent) -> AuditRecord:
     return AuditRecord(
         at=event.at,
         kind="admin",
-        action=event.action[:64],
+        action=_clip(event.action, 64) or "",
         source="admin_api",
         request_id=_clip(event.request_id, 64),
         project_id=event.project_id,

@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,6 +46,19 @@ log = structlog.get_logger("tokenward.audit")
 
 _Item = tuple[AuditRecord, "asyncio.Future[None]"]
 _STOP: Any = object()
+#: errors that retrying cannot fix (the data, not the database, is at fault)
+_PERMANENT_SQL = (DataError, IntegrityError, ProgrammingError)
+_PERMANENT_SQLITE = (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.ProgrammingError)
+
+
+def _permanent(exc: SQLAlchemyError) -> bool:
+    """Data, constraint or statement errors (SQLSTATE classes 22, 23, 42): not worth a retry."""
+    if isinstance(exc, _PERMANENT_SQL):
+        return True
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return isinstance(state, str) and state[:2] in ("22", "23", "42")
+
 
 #: Durability futures of the events of the HTTP request being handled (set by
 #: :class:`DurableResponseMiddleware`); ``None`` outside a request.
@@ -227,15 +240,7 @@ class AuditWriter:
                 while True:
                     batch, stop = self._take_ready()
                     if batch:
-                        error: BaseException | None = None
-                        try:
-                            conn = await self._write_with_retry(
-                                self.engine, conn, [r for r, _ in batch]
-                            )
-                        except Exception as exc:
-                            conn = None
-                            error = _failed(len(batch), exc)
-                        self._done(batch, error)
+                        conn = await self._write_driver_batch(conn, batch)
                     if stop:
                         return
                     if not batch:
@@ -244,6 +249,28 @@ class AuditWriter:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await conn.close()
+
+    async def _write_driver_batch(
+        self, conn: AsyncConnection | None, batch: list[_Item]
+    ) -> AsyncConnection | None:
+        try:
+            conn = await self._write_with_retry(self.engine, conn, [r for r, _ in batch])
+        except SQLAlchemyError as exc:
+            if not _permanent(exc):
+                self._done(batch, _failed(len(batch), exc))
+                return None
+            # One bad event must not take the others down: write them one by one.
+            if len(batch) == 1:
+                self._done(batch, _failed(1, exc))
+                return None
+            for item in batch:
+                conn = await self._write_driver_batch(conn, [item])
+            return conn
+        except Exception as exc:
+            self._done(batch, _failed(len(batch), exc))
+            return None
+        self._done(batch, None)
+        return conn
 
     def _take_ready(self) -> tuple[list[_Item], bool]:
         batch: list[_Item] = []
@@ -258,6 +285,17 @@ class AuditWriter:
         return batch, False
 
     async def _write_sqlite(self, writer: _SQLiteAppender, batch: list[_Item]) -> None:
+        try:
+            await self._write_sqlite_batch(writer, batch)
+        except _PERMANENT_SQLITE as exc:
+            # One bad event must not take the others down: write them one by one.
+            if len(batch) == 1:
+                self._done(batch, _failed(1, exc))
+                return
+            for item in batch:
+                await self._write_sqlite(writer, [item])
+
+    async def _write_sqlite_batch(self, writer: _SQLiteAppender, batch: list[_Item]) -> None:
         records = [r for r, _ in batch]
         started = time.monotonic()
         delay = 0.002
@@ -270,6 +308,8 @@ class AuditWriter:
                 if self.observe is not None:
                     self.observe(len(records), time.perf_counter() - t0)
                 break
+            except _PERMANENT_SQLITE:
+                raise
             except (sqlite3.Error, OSError) as exc:
                 busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
                 if not busy:
@@ -297,6 +337,11 @@ class AuditWriter:
                 await self._append_on(conn, records)
                 return conn
             except (SQLAlchemyError, OSError, TimeoutError) as exc:
+                if isinstance(exc, SQLAlchemyError) and _permanent(exc):
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                    raise
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.close()

@@ -1,5 +1,16 @@
-"""Clients for tokenward: the admin API client (and, later, the app SDK)."""
+"""Clients for tokenward: the app SDK (:class:`TokenwardAuth`) and the admin API client."""
 
 from tokenward.client.admin import AdminAPIError, AdminClient
+from tokenward.client.auth import TokenwardAuth, TokenwardAuthError
+from tokenward.client.oauth import exchange_token, github_actions_identity
+from tokenward.oauth.webhooks import verify_signature as verify_webhook_signature
 
-__all__ = ["AdminAPIError", "AdminClient"]
+__all__ = [
+    "AdminAPIError",
+    "AdminClient",
+    "TokenwardAuth",
+    "TokenwardAuthError",
+    "exchange_token",
+    "github_actions_identity",
+    "verify_webhook_signature",
+]

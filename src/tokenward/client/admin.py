@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
@@ -21,10 +22,14 @@ class AdminClient:
     def __init__(
         self, url: str, token: str, *, verify: bool | str = True, timeout: float = 10.0
     ) -> None:
+        # A CA file becomes an SSL context: httpx deprecates a path given as ``verify``.
+        trust: bool | ssl.SSLContext = (
+            ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        )
         self._http = httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}", "User-Agent": "tokenward-cli"},
-            verify=verify,
+            verify=trust,
             timeout=timeout,
         )
 
@@ -43,6 +48,8 @@ class AdminClient:
             except ValueError:
                 code, message = "http_error", f"HTTP {response.status_code}"
             raise AdminAPIError(response.status_code, code, message)
+        if response.status_code == 204:
+            return None
         return response.json()
 
     # -- projects
@@ -51,6 +58,10 @@ class AdminClient:
 
     def list_projects(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/v1/projects")["projects"])
+
+    def update_project(self, name: str, ip_allowlist: list[str]) -> dict[str, Any]:
+        body = {"ip_allowlist": ip_allowlist}
+        return dict(self.request("PATCH", f"/v1/projects/{name}", json=body))
 
     # -- tokens
     def create_token(self, **fields: Any) -> dict[str, Any]:
@@ -81,6 +92,28 @@ class AdminClient:
 
     def rotate_token(self, token_id: str, grace: str = "1h") -> dict[str, Any]:
         return dict(self.request("POST", f"/v1/tokens/{token_id}/rotate", json={"grace": grace}))
+
+    # -- short-lived tokens: trust policies, project policy, automatic rotation
+    def add_trust_policy(self, project: str, **fields: Any) -> dict[str, Any]:
+        body = {k: v for k, v in fields.items() if v is not None}
+        return dict(self.request("POST", f"/v1/projects/{project}/trust-policies", json=body))
+
+    def list_trust_policies(self, project: str | None = None) -> list[dict[str, Any]]:
+        params = {"project": project} if project else {}
+        return list(self.request("GET", "/v1/trust-policies", params=params)["trust_policies"])
+
+    def remove_trust_policy(self, project: str, name: str) -> None:
+        self.request("DELETE", f"/v1/projects/{project}/trust-policies/{name}")
+
+    def get_policy(self, project: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/projects/{project}/policy"))
+
+    def set_policy(self, project: str, **fields: Any) -> dict[str, Any]:
+        return dict(self.request("PUT", f"/v1/projects/{project}/policy", json=fields))
+
+    def set_rotation(self, token_id: str, **fields: Any) -> dict[str, Any]:
+        body = {k: v for k, v in fields.items() if v is not None}
+        return dict(self.request("PUT", f"/v1/tokens/{token_id}/rotation", json=body))
 
     def verify(self, token: str, scope: str | None = None, ip: str | None = None) -> dict[str, Any]:
         body = {"token": token, "scope": scope, "ip": ip}

@@ -38,9 +38,11 @@ class Project:
 
 
 _TOKEN_COLUMNS = [c for c in tokens.c if c.name not in ("token_hash",)]
-_SELECT_TOKEN = select(*_TOKEN_COLUMNS, projects.c.name.label("project_name")).select_from(
-    tokens.outerjoin(projects, tokens.c.project_id == projects.c.id)
-)
+_SELECT_TOKEN = select(
+    *_TOKEN_COLUMNS,
+    projects.c.name.label("project_name"),
+    projects.c.ip_allowlist.label("project_ip_allowlist"),
+).select_from(tokens.outerjoin(projects, tokens.c.project_id == projects.c.id))
 
 
 def _record(row: Any) -> TokenRecord:
@@ -71,6 +73,10 @@ def _record(row: Any) -> TokenRecord:
         hint=m["hint"],
         key_id=m["key_id"],
         metadata=dict(m["metadata"]),
+        project_ip_allowlist=list(m["project_ip_allowlist"] or []),
+        family_id=m["family_id"],
+        dpop_jkt=m["dpop_jkt"],
+        rotation_period=m["rotation_period"],
         quarantined_at=m["quarantined_at"],
         quarantine_reason=m["quarantine_reason"],
     )
@@ -106,6 +112,9 @@ def _token_values(record: TokenRecord, token_hash: str) -> dict[str, Any]:
         "revoked_at": record.revoked_at,
         "revoked_reason": record.revoked_reason,
         "metadata": dict(record.metadata),
+        "family_id": record.family_id,
+        "dpop_jkt": record.dpop_jkt,
+        "rotation_period": record.rotation_period,
     }
 
 
@@ -144,6 +153,16 @@ class TokenStore:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [_project(r) for r in rows]
+
+    async def set_project_ip_allowlist(self, project_id: str, cidrs: list[str]) -> Project:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(projects).where(projects.c.id == project_id).values(ip_allowlist=cidrs)
+            )
+            row = (await conn.execute(select(projects).where(projects.c.id == project_id))).first()
+        if row is None:
+            raise NotFound("project_not_found", "no such project")
+        return _project(row)
 
     # -- tokens ---------------------------------------------------------------------------
     async def insert_token(self, record: TokenRecord, token_hash: str) -> None:
@@ -228,8 +247,22 @@ class TokenStore:
     async def rotate(
         self, old_id: str, successor: TokenRecord, successor_hash: str, grace_until: datetime
     ) -> TokenRecord:
-        """Atomically link ``old_id`` to its successor; fails if it was already replaced."""
+        """Atomically link ``old_id`` to its successor; fails if it was already replaced.
+
+        A use-limited token hands its remaining uses to the successor; while in its grace
+        window the predecessor spends from that same budget, so rotation never adds uses.
+        """
         async with self.engine.begin() as conn:
+            # Take the row's write lock first, so no use can be spent between read and hand-over.
+            await conn.execute(
+                update(tokens)
+                .where(tokens.c.id == old_id)
+                .values(remaining_uses=tokens.c.remaining_uses)
+            )
+            left = (
+                await conn.execute(select(tokens.c.remaining_uses).where(tokens.c.id == old_id))
+            ).scalar()
+            successor.remaining_uses = left
             await conn.execute(tokens.insert().values(**_token_values(successor, successor_hash)))
             result = await conn.execute(
                 update(tokens)
@@ -238,7 +271,11 @@ class TokenStore:
                     tokens.c.replaced_by.is_(None),
                     tokens.c.revoked_at.is_(None),
                 )
-                .values(replaced_by=successor.id, grace_until=grace_until)
+                .values(
+                    replaced_by=successor.id,
+                    grace_until=grace_until,
+                    remaining_uses=None if left is None else 0,
+                )
             )
             if result.rowcount != 1:
                 raise Conflict("token_not_rotatable", "the token is revoked or already rotated")
@@ -259,13 +296,28 @@ class TokenStore:
             row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == token_id))).first()
         return _record(row) if row else None
 
-    async def consume_use(self, token_id: str) -> int | None:
-        """Spend one use atomically; the uses left after it, or ``None`` when none were left."""
+    async def consume_use(self, token_id: str, *, rotated: bool = False) -> int | None:
+        """Spend one use atomically; the uses left after it, or ``None`` when none were left.
+
+        A rotated token in its grace window spends from its successor (the uses were handed
+        over at rotation), so the lineage as a whole never gets more uses than it was given.
+        """
         async with self.engine.begin() as conn:
+            target = token_id
+            if rotated:
+                for _ in range(16):
+                    successor = (
+                        await conn.execute(
+                            select(tokens.c.replaced_by).where(tokens.c.id == target)
+                        )
+                    ).scalar()
+                    if successor is None:
+                        break
+                    target = successor
             row = (
                 await conn.execute(
                     update(tokens)
-                    .where(tokens.c.id == token_id, tokens.c.remaining_uses > 0)
+                    .where(tokens.c.id == target, tokens.c.remaining_uses > 0)
                     .values(remaining_uses=tokens.c.remaining_uses - 1)
                     .returning(tokens.c.remaining_uses)
                 )

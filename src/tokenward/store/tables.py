@@ -83,7 +83,12 @@ tokens = Table(
     Column("last_used_at", UTCDateTime(), nullable=True),
     Column("last_used_ip", String(64), nullable=True),
     Column("metadata", JSON, nullable=False),
+    Column("family_id", String(32), nullable=True),
+    Column("dpop_jkt", String(64), nullable=True),
+    Column("rotation_period", Integer, nullable=True),
+    Column("expiry_warned_at", UTCDateTime(), nullable=True),
     Column("quarantined_at", UTCDateTime(), nullable=True),
     Column("quarantine_reason", String(300), nullable=True),
     Index("ix_tokens_project_id", "project_id"),
+    Index("ix_tokens_family_id", "family_id"),
 )

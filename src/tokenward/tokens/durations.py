@@ -5,14 +5,15 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-_PART = re.compile(r"(\d{1,9})([wdhms])")
-_WHOLE = re.compile(r"^(?:\d{1,9}[wdhms]){1,5}$")
+_PART = re.compile(r"(\d{1,9})([wdhms])", re.ASCII)
+_WHOLE = re.compile(r"(?:\d{1,9}[wdhms]){1,5}", re.ASCII)
 _UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
 MAX_DURATION = timedelta(days=3660)
 
 _RATE = re.compile(
     r"^\s*(\d{1,9})\s*(?:/|\s+per\s+)\s*(\d{1,6}\s+)?"
-    r"(second|minute|hour|day|month|year)s?\s*$"
+    r"(second|minute|hour|day|month|year)s?\s*$",
+    re.ASCII,  # ``\d`` and ``\s`` must not accept digits or spaces the rate limiter rejects
 )
 
 
@@ -22,7 +23,7 @@ class DurationError(ValueError):
 
 def parse_duration(text: str) -> timedelta:
     """``90d`` → 90 days. Units: w, d, h, m, s; parts may be combined (``1h30m``)."""
-    if not isinstance(text, str) or not _WHOLE.match(text.strip()):
+    if not isinstance(text, str) or not _WHOLE.fullmatch(text.strip()):
         raise DurationError(
             "duration must look like 30s, 15m, 12h, 90d or 2w (parts may be combined: 1h30m)"
         )
@@ -55,8 +56,9 @@ def parse_rates(text: str) -> list[str]:
         raise DurationError("rate limit must be a string like 100/minute")
     for part in parts:
         match = _RATE.match(part)
-        if not match or int(match.group(1)) <= 0:
+        if not match or int(match.group(1)) <= 0 or int(match.group(2) or 1) <= 0:
             raise DurationError(
-                f"rate limit {part!r} must look like 100/minute, 10/second or 1000/hour"
+                # The value is not echoed: error bodies never repeat what was sent.
+                "each rate limit must look like 100/minute, 10/second or 1000/hour"
             )
     return parts

@@ -51,17 +51,16 @@ class ParsedToken:
     value: str
 
 
-def _base62(number: int, width: int) -> str:
-    digits = []
-    for _ in range(width):
-        number, rem = divmod(number, 62)
-        digits.append(BASE62[rem])
-    return "".join(reversed(digits))
+# Two base62 digits per table entry: the checksum is three lookups on the hot path.
+_PAIRS = [a + b for a in BASE62 for b in BASE62]
+_ENVIRONMENTS = {"live": Environment.LIVE, "test": Environment.TEST}
 
 
 def checksum(text: str) -> str:
-    """The 6-character base62 CRC32 of ``text``."""
-    return _base62(zlib.crc32(text.encode("ascii")), CHECK_LENGTH)
+    """The 6-character base62 CRC32 of ``text`` (most significant digit first)."""
+    high, low = divmod(zlib.crc32(text.encode("ascii")), 3844 * 3844)
+    mid, low = divmod(low, 3844)
+    return _PAIRS[high] + _PAIRS[mid] + _PAIRS[low]
 
 
 def generate_token(environment: Environment | str) -> str:
@@ -76,8 +75,8 @@ def parse_token(token: str) -> ParsedToken:
     """Check shape and checksum; raise :class:`TokenFormatError` otherwise. No I/O."""
     if len(token) != TOKEN_LENGTH or not token.startswith(PREFIX):
         raise TokenFormatError("malformed")
-    env_text = token[3:7]
-    if env_text not in ("live", "test") or token[7] != "_":
+    environment = _ENVIRONMENTS.get(token[3:7])
+    if environment is None or token[7] != "_":
         raise TokenFormatError("malformed")
     tail = token[8:]
     if not _BASE62_SET.issuperset(tail):
@@ -85,7 +84,7 @@ def parse_token(token: str) -> ParsedToken:
     head = token[:-CHECK_LENGTH]
     if checksum(head) != token[-CHECK_LENGTH:]:
         raise TokenFormatError("bad_checksum")
-    return ParsedToken(Environment(env_text), token)
+    return ParsedToken(environment, token)
 
 
 def token_hint(token: str) -> str:

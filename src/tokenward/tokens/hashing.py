@@ -40,12 +40,12 @@ class TokenHasher:
         self.keys = [current, *previous]
 
     def hash(self, token: str) -> str:
-        return hmac.new(self.current.secret, token.encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self.current.secret, token.encode(), "sha256").hex()
 
     def candidates(self, token: str) -> list[str]:
         """The token's hash under every known key, current first."""
         data = token.encode()
-        return [hmac.new(k.secret, data, hashlib.sha256).hexdigest() for k in self.keys]
+        return [hmac.digest(k.secret, data, "sha256").hex() for k in self.keys]
 
     def fingerprint(self, text: str) -> str:
         """A keyed fingerprint of arbitrary presented text (for correlating bad tokens)."""

@@ -42,6 +42,12 @@ class Reason(StrEnum):
     WRONG_ENVIRONMENT = "wrong_environment"
     WRONG_PROJECT = "wrong_project"
     UNAVAILABLE = "unavailable"
+    NO_ROUTE = "no_route"
+    MISSING_CREDENTIAL = "missing_credential"
+    TOO_MANY_FAILURES = "too_many_failures"
+    WRONG_TOKEN_TYPE = "wrong_token_type"  # noqa: S105 - a reason code
+    DPOP_REQUIRED = "dpop_required"
+    INVALID_DPOP_PROOF = "invalid_dpop_proof"
     QUARANTINED = "quarantined"
     IP_BLOCKED = "ip_blocked"
 
@@ -75,6 +81,14 @@ class TokenRecord:
     hint: str = ""
     key_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the allowlist of the token's project (both it and the token's own must pass)
+    project_ip_allowlist: list[str] = field(default_factory=list)
+    #: exchange/refresh lineage: every token minted from one grant shares it
+    family_id: str | None = None
+    #: RFC 7638 thumbprint of the key the token is bound to (DPoP, RFC 9449)
+    dpop_jkt: str | None = None
+    #: automatic rotation period, in seconds
+    rotation_period: int | None = None
     #: set while the token is suspended (by anomaly handling or an admin); reversible
     quarantined_at: datetime | None = None
     quarantine_reason: str | None = None
@@ -83,15 +97,15 @@ class TokenRecord:
         """The token's state at ``now``: the order of checks is the order of precedence."""
         if self.revoked_at is not None:
             return TokenState.REVOKED
-        if self.replaced_by is not None:
-            if self.grace_until is None or now >= self.grace_until:
-                return TokenState.ROTATED
-            return TokenState.ROTATED_IN_GRACE
+        rotated = self.replaced_by is not None
+        if rotated and (self.grace_until is None or now >= self.grace_until):
+            return TokenState.ROTATED
+        # A grace period never extends a token's life past its own expiry.
         if self.expires_at is not None and now >= self.expires_at:
             return TokenState.EXPIRED
         if self.not_before is not None and now < self.not_before:
             return TokenState.NOT_YET_VALID
-        return TokenState.ACTIVE
+        return TokenState.ROTATED_IN_GRACE if rotated else TokenState.ACTIVE
 
     def public(self) -> dict[str, Any]:
         """What the API shows about a token (no secret, no hash)."""
@@ -119,6 +133,9 @@ class TokenRecord:
             "last_used_at": _iso(self.last_used_at),
             "last_used_ip": self.last_used_ip,
             "metadata": dict(self.metadata),
+            "family_id": self.family_id,
+            "dpop_jkt": self.dpop_jkt,
+            "rotation_period": self.rotation_period,
             "quarantined_at": _iso(self.quarantined_at),
             "quarantine_reason": self.quarantine_reason,
         }

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 MAX_SCOPE_LENGTH = 128
 MAX_SEGMENTS = 4
-_SEGMENT = re.compile(r"^(?:\*|[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63})$")
+_SEGMENT = re.compile(r"\*|[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
 
 WILDCARD = "*"
 
@@ -31,7 +31,7 @@ def parse_scope(scope: str) -> tuple[str, ...]:
     if len(segments) > MAX_SEGMENTS:
         raise ScopeError(f"scope has more than {MAX_SEGMENTS} segments")
     for segment in segments:
-        if not _SEGMENT.match(segment):
+        if not _SEGMENT.fullmatch(segment):  # fullmatch: "$" would allow a final newline
             raise ScopeError(
                 "scope segments are letters, digits, '_', '.', '-' or a lone '*', separated by ':'"
             )

@@ -1,0 +1,381 @@
+"""Route policies: the TOML file that says which requests are allowed, and where they go.
+
+::
+
+    [gateway]                       # optional; limits of the built-in gateway
+    max_request_bytes = 10485760
+
+    [[upstreams]]
+    name = "records"
+    url = "http://127.0.0.1:9001"
+
+    [[routes]]
+    upstream = "records"            # optional: a route without one serves /authz only
+    path = "/records/{rest:path}"   # {name} is one segment, {name:path} the rest
+    methods = ["GET"]               # GET also allows HEAD; ["*"] is any method
+    scope = "records:read"          # may use the path's names: "functions:invoke:{name}"
+    project = "shop"                # optional: only tokens of this project
+    environment = "live"            # optional: only live (or test) tokens
+    rate_limit = "10/second;1000/hour"  # optional: per token, on this route
+
+Routes are tried in file order; the first whose method and path match decides. A request no
+route matches is denied. Every problem is reported with the file, the line and the key, and
+stops the server from starting.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tokenward.tokens.durations import DurationError, parse_rates
+from tokenward.tokens.scopes import ScopeError, parse_scope
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
+_METHOD = re.compile(r"^[A-Z]{1,16}$")
+_SEGMENT_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """The route policy file is not valid; the message names file, line, key and problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayLimits:
+    max_request_bytes: int = 10 * 1024 * 1024
+    max_response_bytes: int = 100 * 1024 * 1024
+    connect_timeout: float = 5.0
+    timeout: float = 30.0
+    pool_size: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str
+    connect_timeout: float
+    timeout: float
+    pool_size: int
+    #: scheme://host:port plus the URL's base path: a request path is appended to it
+    prefix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        object.__setattr__(
+            self, "prefix", f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    index: int
+    name: str
+    methods: frozenset[str]  # empty: any method
+    path: str
+    regex: re.Pattern[str]
+    scope: str
+    upstream: Upstream | None = None
+    project: str | None = None
+    environment: str | None = None
+    rate_limit: tuple[str, ...] = ()
+
+    def required_scope(self, params: Mapping[str, str]) -> str | None:
+        """The scope with path names filled in; ``None`` if a value cannot be a scope segment."""
+        if "{" not in self.scope:
+            return self.scope
+        values = {}
+        for key, value in params.items():
+            if not _SEGMENT_VALUE.match(value):
+                return None
+            values[key] = value
+        return self.scope.format_map(values)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    route: Route
+    scope: str
+
+
+@dataclass(slots=True)
+class Policy:
+    """The parsed file: upstreams, routes in order, gateway limits."""
+
+    routes: list[Route] = field(default_factory=list)
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
+    source: str = "(none)"
+
+    def match(self, method: str, path: str, *, proxied: bool = False) -> Match | None:
+        """The first route for ``method`` and the canonical ``path``, with its scope.
+
+        ``proxied``: only routes with an upstream (the gateway's view; /authz sees all).
+        """
+        for route in self.routes:
+            if proxied and route.upstream is None:
+                continue
+            if route.methods and method not in route.methods:
+                continue
+            found = route.regex.match(path)
+            if found is None:
+                continue
+            scope = route.required_scope(found.groupdict())
+            if scope is None:
+                continue
+            return Match(route, scope)
+        return None
+
+
+def compile_path(path: str) -> tuple[re.Pattern[str], list[str]]:
+    """``/records/{id}/{rest:path}`` → a regex with named groups, and the names."""
+    pattern, names, pos = "^", [], 0
+    for found in _PARAM.finditer(path):
+        pattern += re.escape(path[pos : found.start()])
+        name, kind = found.group(1), found.group(2)
+        if name in names:
+            raise ValueError(f"the name {{{name}}} appears twice")
+        names.append(name)
+        pattern += f"(?P<{name}>.*)" if kind == "path" else f"(?P<{name}>[^/]+)"
+        pos = found.end()
+    pattern += re.escape(path[pos:]) + "$"
+    literal = _PARAM.sub("", path)
+    if "{" in literal or "}" in literal:
+        raise ValueError("use {name} for one segment or {name:path} for the rest")
+    return re.compile(pattern), names
+
+
+class _Locator:
+    """Finds the line of ``[[routes]]`` number N and of a key in it (for error messages)."""
+
+    _ARRAY = re.compile(r"^\s*\[\[\s*([A-Za-z0-9_-]+)\s*\]\]")
+    _TABLE = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]")
+    _KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[tuple[str, int | None, str | None], int] = {}
+        counts: dict[str, int] = {}
+        current: tuple[str, int | None] = ("", None)
+        for number, line in enumerate(text.splitlines(), 1):
+            if m := self._ARRAY.match(line):
+                index = counts.get(m.group(1), 0)
+                counts[m.group(1)] = index + 1
+                current = (m.group(1), index)
+                self.lines[(*current, None)] = number
+            elif m := self._TABLE.match(line):
+                current = (m.group(1), None)
+                self.lines[(*current, None)] = number
+            elif m := self._KEY.match(line):
+                self.lines.setdefault((*current, m.group(1)), number)
+
+    def line(self, table: str, index: int | None, key: str | None) -> int | None:
+        return self.lines.get((table, index, key)) or self.lines.get((table, index, None))
+
+
+class _Reader:
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.locator = _Locator(text)
+
+    def fail(self, table: str, index: int | None, key: str | None, problem: str) -> ConfigError:
+        line = self.locator.line(table, index, key)
+        where = f"{self.source}:{line}" if line else self.source
+        name = table if index is None else f"{table}[{index}]"
+        if key:
+            name += f".{key}"
+        return ConfigError(f"{where}: {name}: {problem}")
+
+    def table(
+        self, raw: Any, table: str, index: int | None, allowed: set[str], required: set[str]
+    ) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            raise self.fail(table, index, None, "must be a table")
+        for key in raw:
+            if key not in allowed:
+                raise self.fail(
+                    table, index, key, f"unknown key (allowed: {', '.join(sorted(allowed))})"
+                )
+        for key in sorted(required - raw.keys()):
+            raise self.fail(table, index, None, f"the key '{key}' is required")
+        return raw
+
+    def number(
+        self, raw: dict[str, Any], table: str, index: int | None, key: str, default: float
+    ) -> float:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise self.fail(table, index, key, "must be a positive number")
+        return float(value)
+
+    def string(self, raw: dict[str, Any], table: str, index: int | None, key: str) -> str | None:
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise self.fail(table, index, key, "must be a non-empty string")
+        return value
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and check a route policy file; raises :class:`ConfigError` on any problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: the file is not UTF-8 text") from None
+    return parse_policy(text, source)
+
+
+def parse_policy(text: str, source: str = "<config>") -> Policy:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    r = _Reader(source, text)
+    r.table(data, "", None, {"gateway", "upstreams", "routes"}, set())
+
+    gw = r.table(
+        data.get("gateway", {}),
+        "gateway",
+        None,
+        {"max_request_bytes", "max_response_bytes", "connect_timeout", "timeout", "pool_size"},
+        set(),
+    )
+    defaults = GatewayLimits()
+    limits = GatewayLimits(
+        max_request_bytes=int(
+            r.number(gw, "gateway", None, "max_request_bytes", defaults.max_request_bytes)
+        ),
+        max_response_bytes=int(
+            r.number(gw, "gateway", None, "max_response_bytes", defaults.max_response_bytes)
+        ),
+        connect_timeout=r.number(gw, "gateway", None, "connect_timeout", defaults.connect_timeout),
+        timeout=r.number(gw, "gateway", None, "timeout", defaults.timeout),
+        pool_size=int(r.number(gw, "gateway", None, "pool_size", defaults.pool_size)),
+    )
+
+    upstreams: dict[str, Upstream] = {}
+    raw_upstreams = data.get("upstreams", [])
+    if not isinstance(raw_upstreams, list):
+        raise r.fail("upstreams", None, None, "use [[upstreams]] tables")
+    for i, raw in enumerate(raw_upstreams):
+        u = r.table(
+            raw,
+            "upstreams",
+            i,
+            {"name", "url", "connect_timeout", "timeout", "pool_size"},
+            {"name", "url"},
+        )
+        name = r.string(u, "upstreams", i, "name") or ""
+        if not _NAME.match(name):
+            raise r.fail("upstreams", i, "name", "letters, digits, '.', '_' and '-' only")
+        if name in upstreams:
+            raise r.fail("upstreams", i, "name", f"the upstream '{name}' is defined twice")
+        url = r.string(u, "upstreams", i, "url") or ""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise r.fail("upstreams", i, "url", "must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise r.fail("upstreams", i, "url", "must not hold a query, fragment or credentials")
+        upstreams[name] = Upstream(
+            name=name,
+            url=url,
+            connect_timeout=r.number(u, "upstreams", i, "connect_timeout", limits.connect_timeout),
+            timeout=r.number(u, "upstreams", i, "timeout", limits.timeout),
+            pool_size=int(r.number(u, "upstreams", i, "pool_size", limits.pool_size)),
+        )
+
+    routes: list[Route] = []
+    raw_routes = data.get("routes", [])
+    if not isinstance(raw_routes, list):
+        raise r.fail("routes", None, None, "use [[routes]] tables")
+    for i, raw in enumerate(raw_routes):
+        routes.append(_route(r, i, raw, upstreams))
+    return Policy(routes=routes, upstreams=upstreams, limits=limits, source=source)
+
+
+def _route(r: _Reader, i: int, raw: Any, upstreams: dict[str, Upstream]) -> Route:
+    t = r.table(
+        raw,
+        "routes",
+        i,
+        {
+            "name",
+            "upstream",
+            "path",
+            "methods",
+            "scope",
+            "project",
+            "environment",
+            "rate_limit",
+        },
+        {"path", "methods", "scope"},
+    )
+    path = r.string(t, "routes", i, "path") or ""
+    if not path.startswith("/"):
+        raise r.fail("routes", i, "path", "must start with '/'")
+    try:
+        regex, names = compile_path(path)
+    except ValueError as exc:
+        raise r.fail("routes", i, "path", str(exc)) from None
+
+    methods = t["methods"]
+    if not isinstance(methods, list) or not methods:
+        raise r.fail("routes", i, "methods", 'must be a non-empty list such as ["GET", "POST"]')
+    upper: set[str] = set()
+    for method in methods:
+        if not isinstance(method, str) or not (method == "*" or _METHOD.match(method.upper())):
+            raise r.fail("routes", i, "methods", f"{method!r} is not an HTTP method")
+        upper.add(method.upper())
+    if "*" in upper:
+        upper = set()
+    elif "GET" in upper:
+        upper.add("HEAD")
+
+    scope = r.string(t, "routes", i, "scope") or ""
+    used = _PARAM.findall(scope)
+    for name, kind in used:
+        if kind or name not in names:
+            raise r.fail("routes", i, "scope", f"{{{name}}} is not a one-segment name of the path")
+    try:
+        parse_scope(_PARAM.sub("x", scope))
+    except ScopeError as exc:
+        raise r.fail("routes", i, "scope", str(exc)) from None
+
+    upstream = None
+    upstream_name = r.string(t, "routes", i, "upstream")
+    if upstream_name is not None:
+        upstream = upstreams.get(upstream_name)
+        if upstream is None:
+            raise r.fail("routes", i, "upstream", f"no [[upstreams]] is named '{upstream_name}'")
+
+    environment = r.string(t, "routes", i, "environment")
+    if environment not in (None, "live", "test"):
+        raise r.fail("routes", i, "environment", "must be 'live' or 'test'")
+
+    rate_limit: tuple[str, ...] = ()
+    rate = r.string(t, "routes", i, "rate_limit")
+    if rate is not None:
+        try:
+            rate_limit = tuple(parse_rates(rate))
+        except DurationError as exc:
+            raise r.fail("routes", i, "rate_limit", str(exc)) from None
+
+    name = r.string(t, "routes", i, "name") or f"{i}:{path}"
+    return Route(
+        index=i,
+        name=name,
+        methods=frozenset(upper),
+        path=path,
+        regex=regex,
+        scope=scope,
+        upstream=upstream,
+        project=r.string(t, "routes", i, "project"),
+        environment=environment,
+        rate_limit=rate_limit,
+    )

@@ -1,0 +1,317 @@
+"""One decision for one proxied request: route policy, credential, verifier, limits.
+
+:meth:`Enforcement.decide` is the whole pipeline of the gateway and of ``/authz``, top to
+bottom: brute-force guard for the client IP → canonical path → route → bearer credential →
+:meth:`Verifier.verify` (state, project, environment, IP allowlists, scope, token and route
+rate limits, remaining uses) → count a failure for the IP when the credential was bad.
+:meth:`Enforcement.record` emits the one access event the decision owes the audit trail.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from tokenward.clientip import ClientIPResolver
+from tokenward.errors import Unavailable
+from tokenward.events import AccessEvent, EventBus
+from tokenward.gateway.config import Policy, Route
+from tokenward.limits import RateLimiter, RateResult
+from tokenward.tokens.hashing import TokenHasher
+from tokenward.tokens.model import Reason, TokenRecord
+from tokenward.verify import Decision, Verifier
+
+#: Presented credentials that are not tokens at all: what a guesser produces.
+FAILURE_REASONS = frozenset({Reason.MALFORMED, Reason.BAD_CHECKSUM, Reason.UNKNOWN})
+
+_MESSAGES: dict[Reason, str] = {
+    Reason.MISSING_CREDENTIAL: "send a token as 'Authorization: Bearer <token>'",
+    Reason.MALFORMED: "the token is malformed",
+    Reason.BAD_CHECKSUM: "the token is malformed",
+    Reason.UNKNOWN: "the token is not known",
+    Reason.REVOKED: "the token has been revoked",
+    Reason.EXPIRED: "the token has expired",
+    Reason.NOT_YET_VALID: "the token is not valid yet",
+    Reason.ROTATED: "the token was rotated and its grace period is over",
+    Reason.USES_EXHAUSTED: "the token has no uses left",
+    Reason.INSUFFICIENT_SCOPE: "the token lacks the scope this route needs",
+    Reason.IP_NOT_ALLOWED: "the token may not be used from this address",
+    Reason.WRONG_PROJECT: "the token belongs to another project",
+    Reason.WRONG_ENVIRONMENT: "the token belongs to another environment",
+    Reason.RATE_LIMITED: "the rate limit is exhausted; retry later",
+    Reason.TOO_MANY_FAILURES: "too many failed authentications from this address; retry later",
+    Reason.UNAVAILABLE: "a dependency is unavailable; access denied",
+    Reason.NO_ROUTE: "no route allows this method and path",
+}
+_MAX_BLOCKED = 100_000
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never let a value break a header line
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def canonical_path(raw: str) -> str | None:
+    """The decoded path if it is canonical, else ``None`` (then no route can match).
+
+    Dot segments, empty segments, encoded slashes or backslashes and control characters are
+    refused rather than normalised: the upstream must see exactly the path that was matched,
+    and a path that different servers would read differently is an attack, not a typo.
+    """
+    if not raw.startswith("/") or len(raw) > 4096:
+        return None
+    lowered = raw.lower()
+    if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
+        return None
+    try:
+        path = unquote(raw, errors="strict") if "%" in raw else raw
+    except UnicodeDecodeError:
+        return None
+    if _CONTROL.search(path):
+        return None
+    segments = path.split("/")[1:]
+    for i, segment in enumerate(segments):
+        if segment in (".", "..") or (segment == "" and i != len(segments) - 1):
+            return None
+    return path
+
+
+def bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """A decision with what the HTTP answer needs."""
+
+    decision: Decision
+    route: Route | None = None
+    scope: str | None = None
+    credential: str | None = None
+    failures: RateResult | None = None  # set when the IP is blocked for failed attempts
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+    @property
+    def status(self) -> int:
+        return self.decision.status
+
+    @property
+    def error(self) -> str:
+        reason = self.decision.reason
+        if self.status == 401 and reason is not Reason.MISSING_CREDENTIAL:
+            return "invalid_token"
+        return reason.value
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES.get(self.decision.reason, self.decision.reason.value)
+
+    @property
+    def ratelimit(self) -> RateResult | None:
+        return self.failures or self.decision.ratelimit
+
+    def body(self) -> dict[str, object]:
+        body: dict[str, object] = {"error": self.error, "message": self.message}
+        if self.error == "invalid_token":
+            body["reason"] = self.decision.reason.value
+        if self.decision.reason is Reason.INSUFFICIENT_SCOPE and self.scope:
+            body["scope"] = self.scope
+        return body
+
+    def identity_headers(self) -> list[tuple[str, str]]:
+        """Who the caller is, for the upstream (only for an allowed request)."""
+        token = self.decision.token
+        if not self.decision.allowed or token is None:
+            return []
+        return [
+            ("X-Tokenward-Token-Id", token.id),
+            ("X-Tokenward-Principal", _CONTROL_CHARS.sub("", token.principal)),
+            ("X-Tokenward-Scopes", " ".join(token.scopes)),
+            ("X-Tokenward-Project", token.project or ""),
+            ("X-Tokenward-Environment", token.environment),
+        ]
+
+    def limit_headers(self) -> list[tuple[str, str]]:
+        """``RateLimit-*``, ``Retry-After`` on 429, ``WWW-Authenticate`` on 401/scope."""
+        out: list[tuple[str, str]] = []
+        decision = self.decision
+        rate = self.ratelimit
+        if rate is not None and rate.limit:
+            out += [
+                ("RateLimit-Limit", str(rate.limit)),
+                ("RateLimit-Remaining", str(rate.remaining)),
+                ("RateLimit-Reset", str(rate.reset)),
+            ]
+        if self.status == 429:
+            out.append(("Retry-After", str(max(1, rate.reset if rate else 1))))
+        elif self.status == 401:
+            if decision.reason is Reason.MISSING_CREDENTIAL:
+                out.append(("WWW-Authenticate", 'Bearer realm="tokenward"'))
+            else:
+                out.append(
+                    (
+                        "WWW-Authenticate",
+                        f'Bearer realm="tokenward", error="invalid_token", '
+                        f'error_description="{self.message}"',
+                    )
+                )
+        elif decision.reason is Reason.INSUFFICIENT_SCOPE:
+            out.append(
+                (
+                    "WWW-Authenticate",
+                    f'Bearer realm="tokenward", error="insufficient_scope", '
+                    f'scope="{self.scope or ""}"',
+                )
+            )
+        return out
+
+
+class Enforcement:
+    """The route policy and the services a decision needs, shared by gateway and /authz."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        verifier: Verifier,
+        limiter: RateLimiter,
+        events: EventBus,
+        hasher: TokenHasher,
+        resolver: ClientIPResolver,
+        *,
+        failure_limit: tuple[str, ...] = ("20/minute",),
+    ) -> None:
+        self.policy = policy
+        self.verifier = verifier
+        self.limiter = limiter
+        self.events = events
+        self.hasher = hasher
+        self.resolver = resolver
+        self.failure_limit = failure_limit
+        #: client IP → (monotonic time its block ends, the limit it exceeded)
+        self._blocked: dict[str, tuple[float, int]] = {}
+        #: token id → (the cached record they were made from, identity headers as bytes)
+        self._identity: dict[str, tuple[TokenRecord, list[tuple[bytes, bytes]]]] = {}
+
+    def raw_headers(self, outcome: Outcome) -> list[tuple[bytes, bytes]]:
+        """Identity, then limit headers, as ASGI bytes; identity is built once per token."""
+        out: list[tuple[bytes, bytes]] = []
+        token = outcome.decision.token
+        if outcome.allowed and token is not None:
+            cached = self._identity.get(token.id)
+            if cached is None or cached[0] is not token:
+                if len(self._identity) >= _MAX_BLOCKED:
+                    self._identity.clear()
+                raw = [(k.lower().encode(), v.encode()) for k, v in outcome.identity_headers()]
+                cached = self._identity[token.id] = (token, raw)
+            out += cached[1]
+        limits = outcome.limit_headers()
+        if limits:
+            out += [(k.lower().encode(), v.encode("latin-1", "replace")) for k, v in limits]
+        return out
+
+    async def decide(
+        self,
+        method: str,
+        raw_path: str,
+        authorization: str | None,
+        client_ip: str | None,
+        *,
+        proxied: bool = False,
+    ) -> Outcome:
+        # 1. Brute-force guard: a blocked address gets 429 before any token lookup.
+        if self._blocked and client_ip:
+            blocked = self._blocked_for(client_ip)
+            if blocked is not None:
+                return Outcome(Decision(False, Reason.TOO_MANY_FAILURES), failures=blocked)
+        # 2. Route: canonical path, method, the scope it needs. Unmatched is denied.
+        path = canonical_path(raw_path)
+        match = self.policy.match(method, path, proxied=proxied) if path is not None else None
+        if match is None:
+            return Outcome(Decision(False, Reason.NO_ROUTE))
+        route = match.route
+        # 3. The bearer credential, verified for this route from this address.
+        credential = bearer(authorization)
+        if credential is None:
+            return Outcome(Decision(False, Reason.MISSING_CREDENTIAL), route, match.scope)
+        decision = await self.verifier.verify(
+            credential,
+            scope=match.scope,
+            ip=client_ip,
+            project=route.project,
+            environment=route.environment,
+            route_limit=("route:" + route.name, route.rate_limit) if route.rate_limit else None,
+        )
+        # 4. A credential that is no token at all counts against the address.
+        if decision.reason in FAILURE_REASONS and self.failure_limit and client_ip:
+            await self._count_failure(client_ip)
+        return Outcome(decision, route, match.scope, credential)
+
+    async def _count_failure(self, client_ip: str) -> None:
+        """Count a failure (shared through Redis when configured); block the IP when full.
+
+        The block itself is kept in this process, so the guard costs a dict lookup, not a
+        round trip. Replicas share the count: each one blocks the address at its own next
+        failure once the shared window is full.
+        """
+        try:
+            result = await self.limiter.hit("authfail:" + client_ip, self.failure_limit)
+        except Unavailable:
+            return  # already a deny; the token lookups fail closed while the store is down
+        if result.allowed and result.remaining > 0:
+            return
+        if len(self._blocked) >= _MAX_BLOCKED:
+            now = time.monotonic()
+            self._blocked = {ip: e for ip, e in self._blocked.items() if e[0] > now}
+            while len(self._blocked) >= _MAX_BLOCKED:
+                self._blocked.pop(next(iter(self._blocked)))
+        self._blocked[client_ip] = (time.monotonic() + max(1, result.reset), result.limit)
+
+    def _blocked_for(self, client_ip: str) -> RateResult | None:
+        entry = self._blocked.get(client_ip)
+        if entry is None:
+            return None
+        left = entry[0] - time.monotonic()
+        if left <= 0:
+            del self._blocked[client_ip]
+            return None
+        return RateResult(False, entry[1], 0, math.ceil(left))
+
+    async def record(
+        self,
+        outcome: Outcome,
+        *,
+        source: str,
+        method: str,
+        path: str,
+        client_ip: str | None,
+        request_id: str,
+        user_agent: str | None,
+        started: float,
+    ) -> None:
+        """Emit the access event of ``outcome`` (``started``: a ``perf_counter()`` reading)."""
+        fingerprint = None
+        if outcome.decision.token is None and outcome.credential:
+            fingerprint = self.hasher.fingerprint(outcome.credential)
+        await self.events.access(
+            AccessEvent(
+                at=self.verifier.clock(),
+                source=source,
+                decision=outcome.decision,
+                request_id=request_id,
+                client_ip=client_ip,
+                user_agent=user_agent,
+                method=method,
+                path=path[:2048],
+                scope=outcome.scope,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                fingerprint=fingerprint,
+            )
+        )

@@ -1,0 +1,127 @@
+"""Route policy files: parsing, matching, and errors that name file, line and key."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenward.gateway.config import ConfigError, load_policy, parse_policy
+from tokenward.gateway.enforce import canonical_path
+
+GOOD = """
+[[upstreams]]
+name = "records"
+url = "http://127.0.0.1:9001/api"
+
+[[routes]]
+upstream = "records"
+path = "/records/{rest:path}"
+methods = ["GET"]
+scope = "records:read"
+
+[[routes]]
+upstream = "records"
+path = "/functions/{name}"
+methods = ["post"]
+scope = "functions:invoke:{name}"
+rate_limit = "10/second;1000/hour"
+project = "shop"
+environment = "live"
+"""
+
+
+def test_good_policy_matches_in_order_with_scope_from_path():
+    policy = parse_policy(GOOD, "t.toml")
+    m = policy.match("GET", "/records/a/b")
+    assert m is not None and m.scope == "records:read" and m.route.upstream.name == "records"
+    assert policy.match("HEAD", "/records/a") is not None  # GET allows HEAD
+    assert policy.match("POST", "/records/a") is None
+    assert policy.match("GET", "/records") is None
+    m = policy.match("POST", "/functions/send-email")
+    assert m.scope == "functions:invoke:send-email"
+    assert m.route.rate_limit == ("10/second", "1000/hour")
+    assert (m.route.project, m.route.environment) == ("shop", "live")
+    assert policy.match("POST", "/functions/a:b") is None  # not a scope segment
+    assert policy.match("POST", "/functions/a/b") is None
+    assert policy.routes[0].upstream.prefix == "http://127.0.0.1:9001/api"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[[routes]]\npath = "/x"\nmethods = ["GET"]\n', "t.toml:1: routes[0]: the key 'scope'"),
+        (
+            GOOD + '\n[[routes]]\npath = "/y"\nmethods = ["GET"]\nscope = "bad scope"\n',
+            "t.toml:24: routes[2].scope:",
+        ),
+        (
+            GOOD.replace(
+                'upstream = "records"\npath = "/functions', 'upstream = "nope"\npath = "/functions'
+            ),
+            "t.toml:13: routes[1].upstream: no [[upstreams]] is named 'nope'",
+        ),
+        (
+            GOOD.replace('methods = ["post"]', 'methods = ["GET", 7]'),
+            "t.toml:15: routes[1].methods: 7 is not an HTTP method",
+        ),
+        (
+            GOOD.replace('scope = "functions:invoke:{name}"', 'scope = "functions:{other}"'),
+            "t.toml:16: routes[1].scope: {other} is not a one-segment name of the path",
+        ),
+        (GOOD.replace('"10/second;1000/hour"', '"often"'), "t.toml:17: routes[1].rate_limit:"),
+        (GOOD.replace('"http://127.0.0.1:9001/api"', '"ftp://x"'), "t.toml:4: upstreams[0].url:"),
+        (
+            GOOD.replace('environment = "live"', 'environment = "prod"'),
+            "t.toml:19: routes[1].environment: must be 'live' or 'test'",
+        ),
+        (GOOD + "\n[gateway]\ntimeout = -1\n", "t.toml:22: gateway.timeout: must be a positive"),
+        (GOOD + "\n[gateway]\nspeed = 1\n", "t.toml:22: gateway.speed: unknown key"),
+        ("[[routes]\n", "t.toml: invalid TOML: "),
+        (
+            GOOD.replace('path = "/records/{rest:path}"', 'path = "records"'),
+            "t.toml:8: routes[0].path: must start with '/'",
+        ),
+        (
+            GOOD.replace('path = "/records/{rest:path}"', 'path = "/r/{a}/{a}"'),
+            "t.toml:8: routes[0].path: the name {a} appears twice",
+        ),
+    ],
+)
+def test_errors_name_file_line_key_and_problem(text, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_policy(text, "t.toml")
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_load_policy_reports_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_policy(tmp_path / "absent.toml")
+
+
+def test_the_documented_example_is_valid():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "tokenward.example.toml").read_text()
+    policy = parse_policy(text, "tokenward.example.toml")
+    assert policy.routes and policy.upstreams
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/records/a", "/records/a"),
+        ("/records/a%20b", "/records/a b"),
+        ("/records/", "/records/"),
+        ("/records/../admin", None),
+        ("/records/%2e%2e/admin", None),
+        ("/records/./a", None),
+        ("/records//a", None),
+        ("/records/a%2Fb", None),
+        ("/records/a%5cb", None),
+        ("/records/a\\b", None),
+        ("/records/%00", None),
+        ("/records/%ff", None),
+        ("records", None),
+    ],
+)
+def test_canonical_path(raw, expected):
+    assert canonical_path(raw) == expected

@@ -1,0 +1,153 @@
+"""docs/proxies/nginx.conf, as documented, with a real nginx in front of a real backend."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, free_port, wait_for_port
+from tests.gateway.support import POLICY, make_token, upstream_server, use_policy, uvicorn_server
+from tokenward.app import create_asgi
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+pytestmark = pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
+
+MAIN_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    include {tmp}/site.conf;
+}}
+"""
+
+
+def site_conf(tokenward_port: int, backend_port: int, nginx_port: int) -> str:
+    text = (ROOT / "docs" / "proxies" / "nginx.conf").read_text()
+    for documented, actual in (
+        ("127.0.0.1:8080", tokenward_port),
+        ("127.0.0.1:9001", backend_port),
+        ("127.0.0.1:8000", nginx_port),
+    ):
+        assert documented in text
+        text = text.replace(documented, f"127.0.0.1:{actual}")
+    return text
+
+
+@contextlib.contextmanager
+def nginx(tmp_path: Path, site: str, port: int):
+    (tmp_path / "site.conf").write_text(site)
+    (tmp_path / "nginx.conf").write_text(MAIN_CONF.format(tmp=tmp_path))
+    proc = subprocess.Popen(
+        [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port(port, timeout=10, proc=proc)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@pytest.fixture(params=["sqlite"])
+def database_url(request, tmp_path):
+    # nginx is what is under test here; one store is enough.
+    return f"sqlite+aiosqlite:///{tmp_path / 'tokenward.db'}"
+
+
+async def test_nginx_auth_request_in_front_of_a_backend(services, admin, tmp_path):
+    backend_port, tokenward_port, nginx_port = free_port(), free_port(), free_port()
+    sink = use_policy(
+        services,
+        POLICY.format(port=backend_port, dead_port=free_port()),
+        trusted_proxies="127.0.0.1/32",
+        auth_failure_limit="100/minute",
+    )
+    good = await make_token(services, admin, principal="storefront", rate_limit=["3/minute"])
+    walled = await make_token(services, admin, ip_allowlist=["10.0.0.0/8"])
+    app = create_asgi(services=services)
+    site = site_conf(tokenward_port, backend_port, nginx_port)
+    async with (
+        upstream_server(backend_port),
+        uvicorn_server(app, tokenward_port),
+    ):
+        with nginx(tmp_path, site, nginx_port):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{nginx_port}") as c:
+                auth = {"Authorization": f"Bearer {good.secret}"}
+                r = await c.get(
+                    "/records/7?x=1",
+                    headers={**auth, "X-Tokenward-Principal": "root", "X-Original-URI": "/x"},
+                )
+                assert r.status_code == 200, r.text
+                seen = r.json()
+                assert seen["path"] == "/records/7" and seen["query"] == "x=1"
+                assert "authorization" not in seen["headers"]
+                assert seen["headers"]["x-tokenward-principal"] == "storefront"
+                assert seen["headers"]["x-tokenward-token-id"] == good.record.id
+                assert seen["headers"]["x-tokenward-scopes"] == "records:read"
+                assert r.headers["ratelimit-limit"] == "3"
+                assert r.headers["ratelimit-remaining"] == "2"
+
+                r = await c.get("/records/7", headers={"Authorization": "Bearer tw_live_x"})
+                assert r.status_code == 401 and r.json()["error"] == "invalid_token"
+                assert 'error="invalid_token"' in r.headers["www-authenticate"]
+                r = await c.get("/records/7")
+                assert r.status_code == 401 and r.json()["error"] == "missing_credential"
+
+                r = await c.post("/records/7", headers=auth, content=b"{}")
+                assert r.status_code == 403 and r.json()["error"] == "insufficient_scope"
+                assert 'scope="records:write"' in r.headers["www-authenticate"]
+                r = await c.get("/elsewhere", headers=auth)
+                assert r.status_code == 403 and r.json()["error"] == "no_route"
+
+                # nginx overwrites X-Forwarded-For: the client cannot claim an address.
+                r = await c.get(
+                    "/records/1",
+                    headers={
+                        "Authorization": f"Bearer {walled.secret}",
+                        "X-Forwarded-For": "10.1.1.1",
+                    },
+                )
+                assert r.status_code == 403 and r.json()["error"] == "ip_not_allowed"
+
+                codes = [(await c.get("/records/1", headers=auth)).status_code for _ in range(3)]
+                assert codes == [200, 200, 429]
+                r = await c.get("/records/1", headers=auth)
+                assert r.status_code == 429 and r.json()["error"] == "rate_limited"
+                assert int(r.headers["retry-after"]) >= 1
+
+    decisions = [(e.source, e.method, e.path, e.client_ip) for e in sink.access_events]
+    assert len(decisions) == 10  # one event per request, allowed or denied
+    assert decisions[0] == ("authz", "GET", "/records/7", "127.0.0.1")
+
+
+async def test_nginx_fails_closed_when_tokenward_is_down(tmp_path):
+    backend_port, nginx_port = free_port(), free_port()
+    site = site_conf(free_port(), backend_port, nginx_port)
+    async with upstream_server(backend_port):
+        with nginx(tmp_path, site, nginx_port):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{nginx_port}") as c:
+                r = await c.get("/records/1", headers={"Authorization": "Bearer x"})
+    assert r.status_code == 503 and r.json()["error"] == "unavailable"

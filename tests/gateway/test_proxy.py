@@ -1,0 +1,163 @@
+"""The built-in gateway, served by uvicorn, in front of a real upstream server."""
+
+from __future__ import annotations
+
+import contextlib
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.gateway.support import POLICY, make_token, upstream_server, use_policy
+from tokenward.gateway.proxy import Gateway
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(services, **settings):
+    upstream_port, gateway_port = free_port(), free_port()
+    sink = use_policy(
+        services, POLICY.format(port=upstream_port, dead_port=free_port()), **settings
+    )
+    gateway = Gateway(services.enforcement)
+    async with upstream_server(upstream_port):
+        await gateway.start("127.0.0.1", gateway_port)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway_port}") as client:
+                yield client, sink
+        finally:
+            await gateway.aclose()
+
+
+async def test_forwards_request_strips_secrets_and_adds_identity(services, admin):
+    issued = await make_token(services, admin, principal="storefront", rate_limit=["9/minute"])
+    async with running_gateway(services) as (gw, sink):
+        r = await gw.get(
+            "/records/a%20b/c?x=1&y=%2F",
+            headers={
+                "Authorization": f"Bearer {issued.secret}",
+                "X-Tokenward-Principal": "root",
+                "X-Tokenward-Scopes": "*",
+                "X-Custom": "kept",
+                "Connection": "keep-alive, X-Custom-Hop",
+            },
+        )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-upstream"] == "yes"
+    assert r.headers["ratelimit-limit"] == "9" and r.headers["ratelimit-remaining"] == "8"
+    seen = r.json()
+    assert seen["method"] == "GET"
+    assert seen["path"] == "/records/a%20b/c" and seen["query"] == "x=1&y=%2F"
+    headers = seen["headers"]
+    assert "authorization" not in headers
+    assert issued.secret not in r.text
+    assert headers["x-tokenward-principal"] == "storefront"
+    assert headers["x-tokenward-scopes"] == "records:read"
+    assert headers["x-tokenward-token-id"] == issued.record.id
+    assert headers["x-tokenward-project"] == "shop"
+    assert headers["x-tokenward-client-ip"] == "127.0.0.1"
+    assert headers["x-custom"] == "kept"
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+    assert headers["x-request-id"] == r.headers["x-request-id"]
+    [event] = sink.access_events
+    assert event.source == "gateway" and event.decision.allowed
+    assert (event.method, event.path) == ("GET", "/records/a%20b/c")
+
+
+async def test_denials_are_json_and_never_reach_the_upstream(services, admin):
+    issued = await make_token(services, admin)
+    auth = {"Authorization": f"Bearer {issued.secret}"}
+    async with running_gateway(services) as (gw, sink):
+        r = await gw.get("/records/1")
+        assert r.status_code == 401 and r.json()["error"] == "missing_credential"
+        r = await gw.post("/records/1", headers=auth, content=b"{}")
+        assert r.status_code == 403 and r.json()["error"] == "insufficient_scope"
+        r = await gw.get("/nowhere", headers=auth)
+        assert r.status_code == 404 and r.json()["error"] == "no_route"
+        r = await gw.get("/authz-only/x", headers=auth)  # a route without upstream
+        assert r.status_code == 404
+        r = await gw.get("/records/%2e%2e/secret", headers=auth)
+        assert r.status_code == 404
+        r = await gw.get("/records/x", headers={"Authorization": "Bearer tw_live_nope"})
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+    assert len(sink.access_events) == 6
+    assert not any(e.decision.allowed for e in sink.access_events)
+
+
+async def test_streams_large_bodies_both_ways_within_bounds(services, admin):
+    issued = await make_token(services, admin, scopes=["records:*"])
+    auth = {"Authorization": f"Bearer {issued.secret}"}
+
+    async def chunks(n: int, size: int = 65536):
+        for _ in range(n):
+            yield b"y" * size
+
+    async with running_gateway(services) as (gw, _):
+        r = await gw.put("/records/upload", headers=auth, content=chunks(20))  # chunked, 1.3 MB
+        assert r.status_code == 200 and r.json()["body_bytes"] == 20 * 65536
+        body = b"z" * 1_500_000
+        r = await gw.post("/records/upload", headers=auth, content=body)
+        assert r.status_code == 200 and r.json()["body_bytes"] == len(body)
+        r = await gw.post("/records/upload", headers=auth, content=b"z" * 2_000_001)
+        assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+        r = await gw.put("/records/upload", headers=auth, content=chunks(40))
+        assert r.status_code == 413
+        async with gw.stream("GET", "/records/big/2500000", headers=auth) as r:
+            total = sum([len(c) async for c in r.aiter_bytes()])
+        assert r.status_code == 200 and total == 2_500_000
+        with pytest.raises(httpx.HTTPError):
+            async with gw.stream("GET", "/records/big/3500000", headers=auth) as r:
+                async for _ in r.aiter_bytes():
+                    pass
+
+
+async def test_upstream_down_is_502_and_slow_is_504(services, admin):
+    issued = await make_token(services, admin)
+    auth = {"Authorization": f"Bearer {issued.secret}"}
+    async with running_gateway(services) as (gw, _):
+        r = await gw.get("/down", headers=auth)
+        assert r.status_code == 502 and r.json()["error"] == "upstream_unavailable"
+        r = await gw.get("/records/slow", headers=auth)
+        assert r.status_code == 504 and r.json()["error"] == "upstream_timeout"
+        r = await gw.get("/records/fine", headers=auth)  # the pool recovers
+        assert r.status_code == 200
+
+
+async def test_remaining_uses_and_route_limit_through_the_gateway(services, admin):
+    issued = await make_token(services, admin, scopes=["functions:invoke:*"], uses=3)
+    auth = {"Authorization": f"Bearer {issued.secret}"}
+    async with running_gateway(services) as (gw, _):
+        codes = [(await gw.post("/functions/mail", headers=auth)).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]  # the route allows 2/minute per token
+        # The rate-limited call spent no use; the last use goes through another route.
+        assert (await services.store.get_token(issued.record.id)).remaining_uses == 1
+        r = await gw.get("/records/x", headers={**auth})
+        assert r.status_code == 403  # no records scope: a denied call spends nothing either
+        services.verifier.clear()
+        r = await gw.get("/shop/x", headers=auth)
+        assert r.status_code == 403
+        assert (await services.store.get_token(issued.record.id)).remaining_uses == 1
+        twice = await make_token(services, admin, uses=2)
+        auth2 = {"Authorization": f"Bearer {twice.secret}"}
+        codes = [(await gw.get("/records/x", headers=auth2)).status_code for _ in range(3)]
+        assert codes == [200, 200, 401]
+
+
+async def test_keeps_connections_to_the_upstream_alive(services, admin):
+    issued = await make_token(services, admin)
+    auth = {"Authorization": f"Bearer {issued.secret}"}
+    async with running_gateway(services) as (gw, _):
+        ports = {(await gw.get("/records/x", headers=auth)).json()["peer_port"] for _ in range(5)}
+    assert len(ports) == 1  # one pooled upstream connection served all five requests
+
+
+async def test_head_and_expect_continue(services, admin):
+    issued = await make_token(services, admin, scopes=["records:*"])
+    auth = {"Authorization": f"Bearer {issued.secret}"}
+    async with running_gateway(services) as (gw, _):
+        r = await gw.head("/records/x", headers=auth)
+        assert r.status_code == 200 and r.content == b""
+        r = await gw.post(
+            "/records/x", headers={**auth, "Expect": "100-continue"}, content=b"a" * 1000
+        )
+        assert r.status_code == 200 and r.json()["body_bytes"] == 1000
+        assert "expect" not in r.json()["headers"]

@@ -374,10 +374,7 @@ class AuditWriter:
                 values.update(seq=seq, key_id=key_id, prev_hash=prev, hash=digest)
                 rows.append(tuple(values[name] for name in _INSERT_COLUMNS))
                 prev = digest
-            await _insert_rows(conn, rows)
-            await conn.execute(
-                update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=prev)
-            )
+            await _insert_rows(conn, rows, (seq, prev))
         self.written += len(records)
         if self.observe is not None:
             self.observe(len(records), time.perf_counter() - started)
@@ -496,10 +493,29 @@ def _insert_statements(
     return statements
 
 
-async def _insert_rows(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+async def _insert_rows(
+    conn: AsyncConnection, rows: list[tuple[Any, ...]], head: tuple[int, str]
+) -> None:
+    """Insert ``rows`` and move the chain head to ``head`` (on PostgreSQL in one round trip:
+    the head update rides along with the last insert)."""
     sqlite = conn.dialect.name == "sqlite"
-    for sql, params in _insert_statements(rows, sqlite=sqlite):
+    statements = _insert_statements(rows, sqlite=sqlite)
+    if sqlite:
+        for sql, params in statements:
+            await conn.exec_driver_sql(sql, params)
+        await conn.execute(
+            update(audit_head).where(audit_head.c.id == 1).values(seq=head[0], hash=head[1])
+        )
+        return
+    for sql, params in statements[:-1]:
         await conn.exec_driver_sql(sql, params)
+    sql, params = statements[-1]
+    n = len(params)
+    await conn.exec_driver_sql(
+        f"WITH appended AS ({sql} RETURNING 1) "  # noqa: S608 (no input in the text)
+        f"UPDATE audit_head SET seq = ${n + 1}, hash = ${n + 2} WHERE id = 1",
+        (*params, head[0], head[1]),
+    )
 
 
 async def _lock_head(conn: AsyncConnection) -> tuple[int, str]:

@@ -53,7 +53,7 @@ def setup(data_dir: Path, env: dict[str, str]) -> tuple[str, str]:
     admin = json.loads(out.stdout)["admin_token"]
     port = free_port()
     proc = subprocess.Popen(
-        [PY, str(HERE / "serve_audit.py"), str(data_dir), str(port), "on"], env=env
+        [PY, str(HERE / "audit_serve.py"), str(data_dir), str(port), "on"], env=env
     )
     try:
         wait(port)
@@ -139,7 +139,7 @@ def main() -> None:
         for mode in ("off", "on"):
             port = free_port()
             proc = subprocess.Popen(
-                [PY, str(HERE / "serve_audit.py"), tmp, str(port), mode],
+                [PY, str(HERE / "audit_serve.py"), tmp, str(port), mode],
                 env=env,
                 stderr=subprocess.DEVNULL,  # wrk hanging up at the end is logged
             )

@@ -275,3 +275,41 @@ async def test_audit_write_failure_fails_the_request_closed(services, admin, api
         services.events.subscribers[services.events.subscribers.index(failing)] = healthy
         await failing.close()
         await dead_engine.dispose()
+
+
+async def test_a_bad_event_does_not_take_its_batch_down(services):
+    from tokenward.errors import Unavailable
+
+    now = services.verifier.clock()
+    writer = AuditWriter(services.engine, keys(services), give_up_after=1)
+    good = [AuditRecord(at=now, kind="admin", action="good") for _ in range(5)]
+    # Longer than the column allows: PostgreSQL refuses it (SQLite stores it).
+    bad = AuditRecord(at=now, kind="admin", action="bad", resource="x" * 600)
+    results = await asyncio.gather(
+        *[writer.submit(r) for r in [*good[:2], bad, *good[2:]]], return_exceptions=True
+    )
+    await writer.close()
+    assert len(await all_events(services, action="good")) == 5
+    if services.engine.dialect.name == "postgresql":
+        assert isinstance(results[2], Unavailable)
+    assert (await verify_chain(services.engine, keys(services))).ok
+
+
+async def test_nul_characters_are_stored_escaped(services):
+    from tokenward.audit.records import from_access
+    from tokenward.events import AccessEvent
+    from tokenward.tokens.model import Reason
+    from tokenward.verify import Decision
+
+    event = AccessEvent(
+        at=services.verifier.clock(),
+        source="gateway",
+        decision=Decision(False, Reason.MALFORMED),
+        request_id="req_nul",
+        path="/records/a\x00b",
+        user_agent="ua\x00",
+    )
+    await services.audit.submit(from_access(event))
+    [stored] = await all_events(services, request_id="req_nul")
+    assert stored.values["resource"] == "/records/a\\x00b"
+    assert stored.values["user_agent"] == "ua\\x00"

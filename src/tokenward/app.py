@@ -74,11 +74,11 @@ class Services:
     async def close(self) -> None:
         await self.fanout.stop()
         await self.verifier.flush_usage()
+        await self.limiter.aclose()
         if self.audit is not None:
             await self.audit.close()
         if self.anomaly is not None:
             await self.anomaly.webhooks.close()
-        await self.limiter.aclose()
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()

@@ -14,6 +14,7 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
 from tokenward.anomaly.config import (
@@ -73,6 +74,7 @@ class Bounded(OrderedDict[K, V], Generic[K, V]):
         return value
 
 
+@lru_cache(maxsize=65_536)
 def network_of(ip: str | None, v4_prefix: int, v6_prefix: int) -> str | None:
     """The ``/v4_prefix`` or ``/v6_prefix`` network around ``ip`` (``None`` if not an IP)."""
     if not ip:

@@ -26,10 +26,11 @@ async def metrics(request: Request) -> Response:
 
 
 class AccessLogMiddleware:
-    """One JSON log line per request; every line logged meanwhile carries the request id.
+    """One JSON log line per request, with the request id the response carries.
 
-    Only the path is logged, never the query string or a header value: a credential is
-    never read from a URL, and this keeps a mistaken client's secret out of the logs too.
+    It wraps the whole server (the fast path too). Only the path is logged, never the query
+    string or a header value: a credential is never read from a URL, and this keeps a
+    mistaken client's secret out of the logs too.
     """
 
     def __init__(self, app: ASGIApp, enabled: bool = True) -> None:
@@ -37,31 +38,40 @@ class AccessLogMiddleware:
         self.enabled = enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if (
+            scope["type"] != "http"
+            or not self.enabled
+            # Only once logging is set up (``tokenward serve``): embedded in someone else's
+            # process, this app does not print a line per request on their stdout.
+            or not structlog.is_configured()
+            or scope.get("path") in ("/metrics", "/healthz")
+        ):
             await self.app(scope, receive, send)
             return
-        ctx = current_request.get()
-        request_id = ctx.request_id if ctx else None
-        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status = 500
+        ctx = current_request.get()  # set when the request-id middleware runs outside this one
+        request_id = ctx.request_id if ctx is not None else None
 
         async def capture(message: Message) -> None:
-            nonlocal status
+            nonlocal status, request_id
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                for name, value in message.get("headers", []):
+                    if name == b"x-request-id" and request_id is None:
+                        request_id = value.decode("latin-1")
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
         finally:
-            if self.enabled and scope.get("path") not in ("/metrics", "/healthz"):
-                log.info(
-                    "request",
-                    method=scope.get("method"),
-                    path=str(scope.get("path", ""))[:256],
-                    status=status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                    client_ip=ctx.client_ip if ctx else None,
-                )
-            structlog.contextvars.reset_contextvars(**tokens)
+            client = scope.get("client")
+            log.info(
+                "request",
+                request_id=request_id,
+                method=scope.get("method"),
+                path=str(scope.get("path", ""))[:256],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                client_ip=client[0] if client else None,
+            )

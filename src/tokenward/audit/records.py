@@ -96,9 +96,11 @@ def _clip(value: str | None, size: int) -> str | None:
     """At most ``size`` characters that every store accepts (no NUL, no lone surrogate)."""
     if value is None:
         return None
+    if "\x00" in value:
+        value = value.replace("\x00", "\\x00")
     value = value[:size]
-    if not value.isprintable():
-        value = value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    if not value.isprintable():  # lone surrogates cannot be encoded for any store
+        value = value.encode("utf-8", "replace").decode("utf-8")
     return value
 
 
@@ -132,7 +134,7 @@ def from_admin(event: AdminEvent) -> AuditRecord:
     return AuditRecord(
         at=event.at,
         kind="admin",
-        action=event.action[:64],
+        action=_clip(event.action, 64) or "",
         source="admin_api",
         request_id=_clip(event.request_id, 64),
         project_id=event.project_id,
@@ -157,7 +159,7 @@ def from_security(event: SecurityEvent) -> AuditRecord:
 
 def normalize(detail: dict[str, Any]) -> dict[str, Any]:
     """Make ``detail`` plain JSON, so what is hashed is exactly what is stored and read."""
-    text = json.dumps(detail, default=str).replace("\\u0000", "\\ufffd")
+    text = json.dumps(detail, default=str).replace("\\u0000", "\\\\x00")
     value: dict[str, Any] = json.loads(text)
     return value
 

@@ -1,17 +1,18 @@
 """Run a tokenward server for a benchmark, with the audit writer on or off.
 
-``python bench/serve_audit.py DATA_DIR PORT on|off``. "off" unsubscribes the audit writer from
+``python bench/audit_serve.py DATA_DIR PORT on|off``. "off" unsubscribes the audit writer from
 the event bus (nothing else changes), which is the baseline the audit cost is measured from.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
 import uvicorn
 
-from tokenward.app import create_app, open_services
+from tokenward.app import create_asgi, open_services
 from tokenward.settings import Settings
 
 
@@ -26,7 +27,7 @@ class _App:
             services = await open_services(self.settings)
             if not self.audit:
                 services.events.subscribers.remove(services.audit)
-            self.app = create_app(services=services)
+            self.app = create_asgi(services=services)
             self.services = services
         if scope["type"] == "lifespan":
             message = await receive()
@@ -42,6 +43,7 @@ class _App:
 def main() -> None:
     data_dir, port, audit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "on"
     settings = Settings.load(data_dir=data_dir, access_log=False)
+    gc.freeze()  # as 'tokenward serve' does
     uvicorn.run(
         _App(settings, audit),
         host="127.0.0.1",

@@ -16,6 +16,7 @@ import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from tokenward.errors import Forbidden, Invalid, NotFound
 from tokenward.events import AdminEvent, EventBus, current_request
@@ -35,7 +36,17 @@ from tokenward.verify import Verifier
 
 MAX_GRACE = timedelta(days=30)
 #: key in a project's settings: the longest lifetime of its new tokens, in days
-MAX_LIFETIME_KEY = "max_token_lifetime_days"
+#: Where a project's policy lives in its settings (one place for the API, CLI and dashboard;
+#: enforced through the ``lifetime_cap`` hook, see tokenward.oauth.policy).
+POLICY_KEY = "policy"
+MAX_LIFETIME_FIELD = "max_token_lifetime"  # seconds
+
+
+def lifetime_days(project_settings: dict[str, Any]) -> int | None:
+    """A project's longest token lifetime in whole days, if its policy sets one."""
+    seconds = (project_settings.get(POLICY_KEY) or {}).get(MAX_LIFETIME_FIELD)
+    return int(seconds) // 86400 if seconds else None
+
 
 LifetimeCap = Callable[[str, datetime | None, datetime, bool], Awaitable[datetime | None]]
 
@@ -203,8 +214,6 @@ class TokenService:
             raise Invalid("invalid_not_before", "not_before must be at most 3660 days away")
         if self.lifetime_cap is not None and project_id is not None:
             expires_at = await self.lifetime_cap(project_id, expires_at, now, False)
-        if project_id is not None:
-            expires_at = await self._lifetime_policy(project_id, now, expires_at)
         if not_before and expires_at and not_before >= expires_at:
             raise Invalid("invalid_not_before", "not_before must be before the expiry")
         if actor.expires_at is not None and (expires_at is None or expires_at > actor.expires_at):
@@ -247,22 +256,6 @@ class TokenService:
         )
         return Issued(secret, record)
 
-    async def _lifetime_policy(
-        self, project_id: str, now: datetime, expires_at: datetime | None
-    ) -> datetime | None:
-        """A project's longest token lifetime: no expiry means that long, longer is refused."""
-        days = (await self.store.project_settings(project_id)).get(MAX_LIFETIME_KEY)
-        if not days:
-            return expires_at
-        limit = now + timedelta(days=int(days))
-        if expires_at is None:
-            return limit
-        if expires_at > limit:
-            raise Invalid(
-                "lifetime_exceeds_policy", f"tokens of this project live at most {days} days"
-            )
-        return expires_at
-
     async def set_lifetime_policy(
         self, actor: TokenRecord, project: str, max_days: int | None
     ) -> None:
@@ -271,12 +264,17 @@ class TokenService:
             raise Invalid("invalid_lifetime", "the longest lifetime is 1 to 3660 days")
         found = await self.project_for(actor, project)
         settings = await self.store.project_settings(found.id)
-        if max_days is None:
-            settings.pop(MAX_LIFETIME_KEY, None)
-        else:
-            settings[MAX_LIFETIME_KEY] = max_days
+        policy = dict(settings.get(POLICY_KEY) or {})
+        policy[MAX_LIFETIME_FIELD] = None if max_days is None else max_days * 86400
+        settings[POLICY_KEY] = policy
         await self.store.set_project_settings(found.id, settings)
-        await self._audit("project.policy", actor, found.id, None, {MAX_LIFETIME_KEY: max_days})
+        await self._audit(
+            "project.policy",
+            actor,
+            found.id,
+            None,
+            {MAX_LIFETIME_FIELD: policy[MAX_LIFETIME_FIELD]},
+        )
 
     async def get_token(self, actor: TokenRecord, token_id: str) -> TokenRecord:
         record = await self.store.get_token(token_id)

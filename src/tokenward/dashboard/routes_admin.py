@@ -31,7 +31,7 @@ from tokenward.dashboard.web import (
 )
 from tokenward.errors import TokenwardError
 from tokenward.events import AdminEvent
-from tokenward.service import MAX_LIFETIME_KEY
+from tokenward.service import lifetime_days
 from tokenward.store.repository import Project
 
 router = APIRouter()
@@ -216,7 +216,7 @@ async def settings_response(request: Request, status: int = 200, **extra: object
     projects = await visible_projects(request, request.state.session.user)
     settings = services_of(request).settings
     store = services_of(request).store
-    lifetimes = {p.id: (await store.project_settings(p.id)).get(MAX_LIFETIME_KEY) for p in projects}
+    lifetimes = {p.id: lifetime_days(await store.project_settings(p.id)) for p in projects}
     return render(
         request,
         "settings.html",

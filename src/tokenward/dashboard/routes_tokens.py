@@ -38,7 +38,7 @@ from tokenward.dashboard.web import (
     visible_projects,
 )
 from tokenward.errors import TokenwardError
-from tokenward.service import MAX_LIFETIME_KEY, TokenChanges, TokenSpec
+from tokenward.service import TokenChanges, TokenSpec, lifetime_days
 from tokenward.store.repository import Project
 from tokenward.tokens.durations import DurationError, parse_duration, parse_rates
 from tokenward.tokens.model import TokenRecord, TokenState
@@ -285,8 +285,7 @@ async def new_token_page(request: Request, name: str) -> Response:
 
 
 async def _max_days(request: Request, project: Project) -> int | None:
-    days = (await services_of(request).store.project_settings(project.id)).get(MAX_LIFETIME_KEY)
-    return int(days) if days else None
+    return lifetime_days(await services_of(request).store.project_settings(project.id))
 
 
 def _choices() -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from tokenward.errors import Invalid
 from tokenward.oauth.store import SessionStore
+from tokenward.tokens.durations import format_duration
 
 POLICY_KEY = "policy"
 
@@ -62,6 +63,13 @@ class PolicyStore:
         if expires_at > latest:
             raise Invalid(
                 "lifetime_exceeds_policy",
-                f"the project's policy allows tokens to live at most {cap} seconds",
+                f"the project's policy allows tokens to live at most {_human(cap)}",
             )
         return expires_at
+
+
+def _human(seconds: int) -> str:
+    if seconds % 86400 == 0:
+        days = seconds // 86400
+        return f"{days} day" if days == 1 else f"{days} days"
+    return format_duration(timedelta(seconds=seconds))

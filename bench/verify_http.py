@@ -58,12 +58,13 @@ def wrk(url: str, duration: int, connections: int, script: Path | None = None) -
     }
 
 
-def main(duration: int, connections: int) -> None:
+def main(duration: int, connections: int, audit_mode: str) -> None:
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed (Debian package 'wrk')")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWARD_")}
+        env["TOKENWARD_AUDIT_MODE"] = audit_mode
         init = subprocess.run(
             [sys.executable, "-m", "tokenward", "init", "--data-dir", str(data), "--json"],
             capture_output=True,
@@ -126,6 +127,7 @@ def main(duration: int, connections: int) -> None:
         finally:
             server.terminate()
             server.wait(10)
+    print(f"audit mode: {audit_mode}")
     print(f"{'route':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for name, r in (("GET /healthz (bare)", bare), ("POST /v1/verify", verify)):
         print(f"{name:28} {r['rps']:9,.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['errors']:8.0f}")
@@ -139,5 +141,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--audit-mode",
+        choices=["sync", "async"],
+        default="sync",
+        help="sync (default): each answer waits until its audit event is durable",
+    )
     args = parser.parse_args()
-    main(args.duration, args.connections)
+    main(args.duration, args.connections, args.audit_mode)

@@ -59,6 +59,17 @@ def emit_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
+def emit_record(body: dict[str, Any], as_json: bool) -> None:
+    """One object: JSON for scripts, a field/value table for people."""
+    if as_json:
+        emit_json(body)
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in body.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+    out.print(table)
+
+
 # -- server side --------------------------------------------------------------------------
 @app.command()
 def init(
@@ -470,13 +481,7 @@ def token_show(token_id: str, as_json: JsonOpt = False) -> None:
     """Show one token's settings and state."""
     with client(as_json) as c:
         body = call(as_json, c.get_token, token_id)
-    if as_json:
-        emit_json(body)
-        return
-    table = Table("field", "value", show_header=False)
-    for key, value in body.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
-    out.print(table)
+    emit_record(body, as_json)
 
 
 @token_app.command("revoke")

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from tokenward.cli import DataDir, JsonOpt, call, client, emit_json, fail, out
+from tokenward.cli import DataDir, JsonOpt, call, client, emit_json, emit_record, fail, out
 
 audit_app = typer.Typer(help="The audit log: list, follow, export, verify.", no_args_is_help=True)
 alerts_app = typer.Typer(help="Anomaly alerts: list, show, acknowledge.", no_args_is_help=True)
@@ -308,13 +308,7 @@ def alerts_show(alert_id: str, as_json: JsonOpt = False) -> None:
     """One alert with its evidence and webhook deliveries."""
     with client(as_json) as c:
         body = call(as_json, c.get_alert, alert_id)
-    if as_json:
-        emit_json(body)
-        return
-    table = Table("field", "value", show_header=False)
-    for key, value in body.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
-    out.print(table)
+    emit_record(body, as_json)
 
 
 @alerts_app.command("ack")

@@ -102,7 +102,9 @@ class AuditWriter:
         self.written = 0
         self._closed = False
         self._inflight = 0  # queued or being written
-        self._slots: asyncio.Semaphore | None = None
+        #: set whenever the queue has room (back-pressure without asyncio.Semaphore, whose
+        #: ``locked()`` scans its waiters on every acquire)
+        self._space: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the request loop
         self._task: asyncio.Task[None] | None = None
@@ -133,8 +135,10 @@ class AuditWriter:
         if self._closed:
             raise Unavailable("audit_unavailable", "the audit log is shutting down")
         await self._start()
-        assert self._slots is not None and self._idle is not None
-        await self._slots.acquire()  # back-pressure: waits while the queue is full
+        assert self._space is not None and self._idle is not None
+        while self._inflight >= self.queue_size:  # back-pressure: wait while the queue is full
+            self._space.clear()
+            await self._space.wait()
         self._inflight += 1
         self._idle.clear()
         loop = asyncio.get_running_loop()
@@ -174,7 +178,8 @@ class AuditWriter:
         if self._task is not None and not self._task.done():
             return
         self._loop = asyncio.get_running_loop()
-        self._slots = asyncio.Semaphore(self.queue_size)
+        self._space = asyncio.Event()
+        self._space.set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._wakeup = asyncio.Event()
@@ -183,7 +188,7 @@ class AuditWriter:
 
     def _done(self, batch: list[_Item], error: BaseException | None) -> None:
         """On the request loop: resolve the batch's futures and free its queue slots."""
-        assert self._slots is not None and self._idle is not None
+        assert self._space is not None and self._idle is not None
         for _, future in batch:
             if not future.done():
                 if error is None:
@@ -192,8 +197,8 @@ class AuditWriter:
                     future.set_exception(error)
                     if self.mode == "async":
                         future.exception()  # nobody awaits it: mark it seen
-            self._slots.release()
         self._inflight -= len(batch)
+        self._space.set()
         if self._inflight == 0:
             self._idle.set()
 

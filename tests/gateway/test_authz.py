@@ -271,3 +271,49 @@ async def test_identity_headers_cannot_be_split(services, admin):
     assert r.status_code == 200
     assert r.headers["x-tokenward-principal"] == "evilX-Admin: yes"
     assert "x-admin" not in r.headers
+
+
+async def test_dpop_bound_token_needs_a_fresh_proof_for_this_url(services, admin, policy_text):
+    from joserfc.jwk import ECKey
+
+    from tokenward.oauth.dpop import make_proof
+
+    use_policy(services, policy_text)
+    key, thief = ECKey.generate_key("P-256"), ECKey.generate_key("P-256")
+    issued = await make_token(services, admin, dpop_jkt=key.thumbprint())
+    url = "https://api.shop.example/records/1"
+    proxy = {
+        "X-Original-Method": "GET",
+        "X-Original-URI": "/records/1",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "api.shop.example",
+    }
+
+    def proof(k, target=url):
+        return make_proof(k, "GET", target, access_token=issued.secret)
+
+    async with await client_for(services) as c:
+        ok = await c.get(
+            "/authz",
+            headers={**proxy, "Authorization": f"DPoP {issued.secret}", "DPoP": proof(key)},
+        )
+        assert ok.status_code == 200, ok.text
+        stolen = await c.get(
+            "/authz", headers={**proxy, "Authorization": f"Bearer {issued.secret}"}
+        )
+        assert stolen.status_code == 401
+        assert stolen.headers["x-tokenward-error"] in ("dpop_required", "invalid_token")
+        forged = await c.get(
+            "/authz",
+            headers={**proxy, "Authorization": f"DPoP {issued.secret}", "DPoP": proof(thief)},
+        )
+        assert forged.status_code == 401
+        elsewhere = await c.get(
+            "/authz",
+            headers={
+                **proxy,
+                "Authorization": f"DPoP {issued.secret}",
+                "DPoP": proof(key, "https://api.shop.example/records/2"),
+            },
+        )
+        assert elsewhere.status_code == 401

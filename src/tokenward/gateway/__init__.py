@@ -53,4 +53,5 @@ def build_enforcement(
         hasher,
         resolver_for(settings.trusted_proxies),
         failure_limit=tuple(parse_rates(failure_limit)) if failure_limit else (),
+        public_url=settings.public_url,
     )

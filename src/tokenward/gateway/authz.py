@@ -61,7 +61,8 @@ class AuthzMiddleware:
 async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     started = time.perf_counter()
     method = uri = authorization = None
-    fwd_method = fwd_uri = request_id = user_agent = None
+    fwd_method = fwd_uri = request_id = user_agent = dpop_proof = None
+    proto = host = None
     forwarded_for: list[str] = []
     for name, value in scope["headers"]:
         if name == b"authorization":
@@ -80,6 +81,12 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
             user_agent = value[:256].decode("latin-1")
         elif name == b"x-request-id":
             request_id = value.decode("latin-1")
+        elif name == b"dpop":
+            dpop_proof = value.decode("latin-1")
+        elif name == b"x-forwarded-proto":
+            proto = value.decode("latin-1")
+        elif name == b"x-forwarded-host" or (name == b"host" and host is None):
+            host = value.decode("latin-1")
     if uri is None and fwd_uri is not None:
         uri, method = fwd_uri, fwd_method
     if uri is None:
@@ -107,7 +114,11 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     client = scope.get("client")
     client_ip = enforcement.resolver.resolve(client[0] if client else None, forwarded_for)
 
-    outcome = await enforcement.decide(method, raw_path, authorization, client_ip)
+    # The URL the client called, for a DPoP proof's htu (TOKENWARD_PUBLIC_URL wins).
+    url = f"{proto or 'http'}://{host}{raw_path}" if host else None
+    outcome = await enforcement.decide(
+        method, raw_path, authorization, client_ip, dpop_proof=dpop_proof, url=url
+    )
 
     outer = current_request.get()  # set when served by the full stack (create_asgi)
     if outer is not None:

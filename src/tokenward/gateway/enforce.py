@@ -20,6 +20,7 @@ from tokenward.errors import Unavailable
 from tokenward.events import AccessEvent, EventBus
 from tokenward.gateway.config import Policy, Route
 from tokenward.limits import RateLimiter, RateResult
+from tokenward.oauth.dpop import DPoPRequest
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.verify import Decision, Verifier
@@ -187,7 +188,10 @@ class Enforcement:
         resolver: ClientIPResolver,
         *,
         failure_limit: tuple[str, ...] = ("20/minute",),
+        public_url: str | None = None,
     ) -> None:
+        #: the base URL clients use (``TOKENWARD_PUBLIC_URL``), for DPoP ``htu`` checks
+        self.public_url = public_url.rstrip("/") if public_url else None
         self.policy = policy
         self.verifier = verifier
         self.limiter = limiter
@@ -225,7 +229,11 @@ class Enforcement:
         client_ip: str | None,
         *,
         proxied: bool = False,
+        dpop_proof: str | None = None,
+        url: str | None = None,
     ) -> Outcome:
+        """Decide one request. ``dpop_proof`` is its ``DPoP`` header and ``url`` the URL the
+        client called (scheme, host and path), which a DPoP proof's ``htu`` must name."""
         # 1. Brute-force guard: a blocked address gets 429 before any token lookup.
         if self._blocked and client_ip:
             blocked = self._blocked_for(client_ip)
@@ -239,10 +247,19 @@ class Enforcement:
         route = match.route
         # 3. The bearer credential, verified for this route from this address.
         credential = bearer(authorization)
+        dpop = None
+        if dpop_proof is not None or (authorization or "")[:5].lower() == "dpop ":
+            # RFC 9449: ``Authorization: DPoP <token>`` with a ``DPoP`` proof header
+            scheme, _, value = (authorization or "").partition(" ")
+            credential = value.strip() or None if scheme.lower() in ("bearer", "dpop") else None
+            base = self.public_url
+            target = base + path if base and path is not None else (url or raw_path)
+            dpop = DPoPRequest(dpop_proof, method, target)
         if credential is None:
             return Outcome(Decision(False, Reason.MISSING_CREDENTIAL), route, match.scope)
         decision = await self.verifier.verify(
             credential,
+            dpop=dpop,
             scope=match.scope,
             ip=client_ip,
             project=route.project,

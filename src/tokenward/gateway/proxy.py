@@ -43,6 +43,7 @@ _DROP_REQUEST = frozenset(
         "upgrade",
         "expect",
         "authorization",
+        "dpop",  # a proof is for tokenward, like the token it binds
         "host",
         "content-length",
         "x-forwarded-for",
@@ -164,7 +165,13 @@ class Gateway:
         client_ip = enforcement.resolver.resolve(peer, forwarded_for)
 
         outcome = await enforcement.decide(
-            method, raw_path, headers.get("Authorization"), client_ip, proxied=True
+            method,
+            raw_path,
+            headers.get("Authorization"),
+            client_ip,
+            proxied=True,
+            dpop_proof=headers.get("DPoP"),
+            url=f"{request.scheme}://{request.host}{raw_path}",
         )
         await enforcement.record(
             outcome,

@@ -44,6 +44,7 @@ def main() -> None:
     data_dir, port, audit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "on"
     settings = Settings.load(data_dir=data_dir, access_log=False)
     gc.freeze()  # as 'tokenward serve' does
+    gc.set_threshold(10_000, 20, 20)
     uvicorn.run(
         _App(settings, audit),
         host="127.0.0.1",

@@ -60,6 +60,7 @@ async def main(mode: str, port: int, token_file: Path) -> None:
     assert services.enforcement is not None
     gc.collect()
     gc.freeze()  # as `tokenward serve --config` does
+    gc.set_threshold(10_000, 20, 20)
     if mode == "gateway":
         gateway = Gateway(services.enforcement)
         await gateway.start("127.0.0.1", port)

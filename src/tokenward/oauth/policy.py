@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from tokenward.errors import Invalid
-from tokenward.oauth.store import SessionStore
+from tokenward.store.repository import TokenStore
 from tokenward.tokens.durations import format_duration
 
 POLICY_KEY = "policy"
@@ -39,7 +39,7 @@ class ProjectPolicy:
 class PolicyStore:
     """Reads and writes project policies, and enforces the lifetime cap for TokenService."""
 
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: TokenStore) -> None:
         self.store = store
 
     async def get(self, project_id: str) -> ProjectPolicy:

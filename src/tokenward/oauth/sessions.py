@@ -33,7 +33,7 @@ def build_sessions(
     settings: Any, engine: AsyncEngine, tokens: TokenService, events: EventBus, redis: Any
 ) -> Sessions:
     store = SessionStore(engine)
-    policies = PolicyStore(store)
+    policies = PolicyStore(tokens.store)
     tokens.lifetime_cap = policies.cap_lifetime
     replay = RedisReplayCache(redis, settings.redis_prefix + "dpop:") if redis else None
     tokens.verifier.dpop = DPoPChecker(

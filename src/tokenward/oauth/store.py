@@ -149,20 +149,6 @@ class SessionStore:
                 )
         return ids
 
-    # -- project policy -------------------------------------------------------------------
-    async def project_settings(self, project_id: str) -> dict[str, Any]:
-        async with self.engine.connect() as conn:
-            value = (
-                await conn.execute(select(projects.c.settings).where(projects.c.id == project_id))
-            ).scalar()
-        return dict(value or {})
-
-    async def set_project_settings(self, project_id: str, settings: dict[str, Any]) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(projects).where(projects.c.id == project_id).values(settings=settings)
-            )
-
     # -- trust policies -------------------------------------------------------------------
     async def add_trust_policy(self, policy: TrustPolicy) -> None:
         values = policy.public()

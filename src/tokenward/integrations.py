@@ -36,6 +36,7 @@ from starlette.authentication import (
 )
 from starlette.requests import HTTPConnection, Request
 
+from tokenward.tokens.format import bearer_credential
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.tokens.scopes import ScopeSet
 from tokenward.verify import Decision, Verifier
@@ -77,11 +78,7 @@ class _WildcardCredentials(AuthCredentials):
 
 
 def _bearer(conn: HTTPConnection) -> str | None:
-    header = conn.headers.get("authorization")
-    if not header:
-        return None
-    scheme, _, value = header.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    return bearer_credential(conn.headers.get("authorization"))
 
 
 class TokenwardBackend(AuthenticationBackend):

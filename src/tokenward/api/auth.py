@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from tokenward.api.access import emit_access
 from tokenward.clientip import resolver_for
 from tokenward.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
+from tokenward.tokens.format import bearer_credential
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.tokens.scopes import scopes_allow
 from tokenward.verify import Decision, Verifier
@@ -18,7 +19,7 @@ from tokenward.verify import Decision, Verifier
 
 def bearer_token(request: Request) -> str | None:
     """The credential in ``Authorization: Bearer …`` (never read from a URL)."""
-    return parse_bearer(request.headers.get("authorization"))
+    return bearer_credential(request.headers.get("authorization"))
 
 
 def client_ip(request: Request) -> str | None:
@@ -28,15 +29,6 @@ def client_ip(request: Request) -> str | None:
     if not trusted:
         return peer
     return resolver_for(trusted).resolve(peer, request.headers.getlist("x-forwarded-for"))
-
-
-def parse_bearer(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    return value.strip()
 
 
 async def authenticate_credential(

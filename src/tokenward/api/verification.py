@@ -17,12 +17,11 @@ from tokenward.api.auth import (
     authenticate_credential,
     bearer_token,
     client_ip,
-    parse_bearer,
 )
 from tokenward.api.errors import error_response
 from tokenward.errors import BadRequest, Forbidden, Invalid
 from tokenward.oauth.dpop import DPoPRequest
-from tokenward.tokens.format import TokenFormatError, parse_token
+from tokenward.tokens.format import TokenFormatError, bearer_credential, parse_token
 from tokenward.tokens.model import Reason
 
 router = APIRouter()
@@ -96,7 +95,7 @@ async def handle_verify(
     started = time.perf_counter()
     caller = await authenticate_credential(
         services,
-        parse_bearer(authorization),
+        bearer_credential(authorization),
         peer_ip,
         ("verify", "admin:read"),
         method="POST",

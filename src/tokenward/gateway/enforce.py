@@ -21,6 +21,7 @@ from tokenward.events import AccessEvent, EventBus
 from tokenward.gateway.config import Policy, Route
 from tokenward.limits import RateLimiter, RateResult
 from tokenward.oauth.dpop import DPoPRequest
+from tokenward.tokens.format import bearer_credential
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.verify import Decision, Verifier
@@ -75,15 +76,6 @@ def canonical_path(raw: str) -> str | None:
         if segment in (".", "..") or (segment == "" and i != len(segments) - 1):
             return None
     return path
-
-
-def bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return value.strip() or None
 
 
 @dataclass(slots=True)
@@ -246,7 +238,7 @@ class Enforcement:
             return Outcome(Decision(False, Reason.NO_ROUTE))
         route = match.route
         # 3. The bearer credential, verified for this route from this address.
-        credential = bearer(authorization)
+        credential = bearer_credential(authorization)
         dpop = None
         if dpop_proof is not None or (authorization or "")[:5].lower() == "dpop ":
             # RFC 9449: ``Authorization: DPoP <token>`` with a ``DPoP`` proof header

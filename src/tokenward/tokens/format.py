@@ -107,3 +107,16 @@ def find_tokens(text: str) -> list[str]:
 def new_public_id(prefix: str) -> str:
     """A public identifier such as ``tok_3kP9…`` (safe to log and show)."""
     return prefix + "_" + "".join(secrets.choice(BASE62) for _ in range(16))
+
+
+def bearer_credential(authorization: str | None) -> str | None:
+    """The credential in an ``Authorization: Bearer <token>`` header value, else ``None``.
+
+    Credentials are only ever read from this header, never from a URL.
+    """
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None

@@ -37,7 +37,7 @@ from tokenward.fanout import Fanout, make_fanout
 from tokenward.gateway import Enforcement, build_enforcement
 from tokenward.gateway.authz import AuthzMiddleware
 from tokenward.limits import RateLimiter
-from tokenward.logs import configure_logging
+from tokenward.logs import access_log, configure_logging
 from tokenward.metrics import Metrics
 from tokenward.oauth.sessions import Sessions, build_sessions
 from tokenward.service import TokenService
@@ -234,6 +234,7 @@ def create_app(
                 await svc.close()
             else:
                 await svc.verifier.flush_usage()
+            access_log.flush()
 
     app = FastAPI(
         title="tokenward",

@@ -8,6 +8,8 @@ subscriber that must make an event durable before the request is acknowledged ca
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -95,8 +97,30 @@ class EventBus:
             await sink.security(event)
 
 
+class IdSource:
+    """Unique ids without a system call each: a random per-process prefix and a counter.
+
+    Ids name things (requests, events); they are not secrets. A forked child draws a new
+    prefix, so two processes never hand out the same id.
+    """
+
+    def __init__(self, tag: str, prefix_bytes: int) -> None:
+        self.tag = tag
+        self.prefix_bytes = prefix_bytes
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = self.tag + secrets.token_hex(self.prefix_bytes)
+        self.counter = itertools.count(1)
+
+
+_REQUEST_IDS = IdSource("req_", 4)
+
+
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(8)
+    """``req_`` and 16 hex digits."""
+    return f"{_REQUEST_IDS.prefix}{next(_REQUEST_IDS.counter) & 0xFFFFFFFF:08x}"
 
 
 @dataclass(frozen=True, slots=True)

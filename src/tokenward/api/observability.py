@@ -10,9 +10,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenward.errors import NotFound
 from tokenward.events import current_request
+from tokenward.logs import access_log
 
 router = APIRouter()
-log = structlog.get_logger("tokenward.access")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -66,8 +66,7 @@ class AccessLogMiddleware:
             await self.app(scope, receive, capture)
         finally:
             client = scope.get("client")
-            log.info(
-                "request",
+            access_log.request(
                 request_id=request_id,
                 method=scope.get("method"),
                 path=str(scope.get("path", ""))[:256],

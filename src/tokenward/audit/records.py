@@ -9,26 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import json
-import secrets
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from tokenward.events import AccessEvent, AdminEvent, SecurityEvent
+import orjson
+
+from tokenward.events import AccessEvent, AdminEvent, IdSource, SecurityEvent
 from tokenward.tokens.hashing import ServerKey, TokenHasher
 
 GENESIS = "0" * 64
 
 # Event ids need to be unique, not secret: a random per-process prefix and a counter, so
 # that the hot path makes no system call for randomness per event.
-_ID_PREFIX = secrets.token_hex(6)
-_ID_COUNTER = itertools.count(1)
+_EVENT_IDS = IdSource("evt_", 6)
 
 
 def new_event_id() -> str:
-    return f"evt_{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+    return f"{_EVENT_IDS.prefix}{next(_EVENT_IDS.counter):010x}"
 
 
 #: The fields a record's hash covers, in a fixed order (``seq`` is not among them: the chain
@@ -88,6 +87,18 @@ class AuditRecord:
         # Not dataclasses.asdict: it deep-copies, and this runs for every event.
         return {name: getattr(self, name) for name in _FIELDS}
 
+    def row(self) -> Row:
+        """The record as the writer queues it: the values of :data:`HASHED_FIELDS`."""
+        return tuple(getattr(self, name) for name in HASHED_FIELDS)
+
+    @classmethod
+    def from_row(cls, row: Row) -> AuditRecord:
+        return cls(**dict(zip(HASHED_FIELDS, row, strict=True)))
+
+
+#: One event as the writer queues it: a tuple of the :data:`HASHED_FIELDS` values, in order
+#: (a tuple, not a record object: the hot path builds one per decision).
+Row = tuple[Any, ...]
 
 _FIELDS = tuple(f.name for f in fields(AuditRecord))
 
@@ -104,30 +115,53 @@ def _clip(value: str | None, size: int) -> str | None:
     return value
 
 
-def from_access(event: AccessEvent) -> AuditRecord:
+def access_row(event: AccessEvent) -> Row:
+    """The row of one access decision (the hot path: built straight as a tuple)."""
     decision = event.decision
     token = decision.token
-    return AuditRecord(
-        at=event.at,
-        kind="access",
-        action="access." + event.source,
-        source=event.source,
-        request_id=_clip(event.request_id, 64),
-        project_id=token.project_id if token else None,
-        environment=token.environment if token else None,
-        token_id=token.id if token else None,
-        principal=token.principal if token else None,
-        method=_clip(event.method, 16),
-        resource=_clip(event.path, 512),
-        scope=_clip(event.scope, 128),
-        decision="allow" if decision.allowed else "deny",
-        reason=decision.reason.value,
-        client_ip=_clip(event.client_ip, 64),
-        user_agent=_clip(event.user_agent, 256),
-        latency_us=round(event.latency_ms * 1000),
-        fingerprint=event.fingerprint,
-        detail={"kind": token.kind} if token else {},
+    project_id: str | None
+    environment: str | None
+    token_id: str | None
+    principal: str | None
+    if token is not None:
+        project_id, environment, token_id, principal = (
+            token.project_id,
+            token.environment,
+            token.id,
+            token.principal,
+        )
+        detail: dict[str, Any] = {"kind": token.kind}
+    else:
+        project_id = environment = token_id = principal = None
+        detail = {}
+    source = event.source
+    return (
+        new_event_id(),
+        event.at,
+        "access",
+        source,
+        _clip(event.request_id, 64),
+        project_id,
+        environment,
+        None,  # actor_id
+        token_id,
+        principal,
+        "access." + source,
+        _clip(event.method, 16),
+        _clip(event.path, 512),
+        _clip(event.scope, 128),
+        "allow" if decision.allowed else "deny",
+        decision.reason.value,
+        _clip(event.client_ip, 64),
+        _clip(event.user_agent, 256),
+        round(event.latency_ms * 1000),
+        event.fingerprint,
+        detail,
     )
+
+
+def from_access(event: AccessEvent) -> AuditRecord:
+    return AuditRecord.from_row(access_row(event))
 
 
 def from_admin(event: AdminEvent) -> AuditRecord:
@@ -165,17 +199,47 @@ def normalize(detail: dict[str, Any]) -> dict[str, Any]:
 
 
 def iso(value: datetime) -> str:
+    if value.tzinfo is UTC:
+        return value.isoformat(timespec="microseconds")[:-6] + "Z"
     return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 _ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_DETAIL = HASHED_FIELDS.index("detail")
+
+
+def plain(detail: Any) -> bool:
+    """Whether ``detail`` holds only strings, booleans and nulls under string keys.
+
+    For such values (and the strings, integers and nulls of the other fields) orjson writes
+    exactly the bytes of the reference encoder, ``json`` with sorted keys, no spaces and
+    ``ensure_ascii=False`` (a property test holds the two together). Anything else, floats
+    above all, whose text the two encoders may write differently, takes the reference one.
+    """
+    if type(detail) is not dict:
+        return False
+    for key, value in detail.items():
+        if type(key) is not str or not (type(value) is str or value is None or type(value) is bool):
+            return False
+    return True
+
+
+def canonical_row(row: Row, at: str) -> bytes:
+    """The hashed form: ``row`` (the :data:`HASHED_FIELDS`) as a JSON array, ``at`` as text."""
+    body = list(row)
+    body[1] = at
+    if plain(body[_DETAIL]):
+        try:
+            return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # a lone surrogate or an integer over 64 bits: the reference says
+            pass
+    return _ENCODE(body).encode()
 
 
 def canonical(values: dict[str, Any]) -> bytes:
-    """The hashed form: the fields of :data:`HASHED_FIELDS` as a JSON array, in that order."""
-    body = [values.get(name) for name in HASHED_FIELDS]
-    body[1] = iso(values["at"])  # "at" is the second field
-    return _ENCODE(body).encode()
+    """The hashed form of a record given as a mapping (as the chain check reads it back)."""
+    row = tuple(values.get(name) for name in HASHED_FIELDS)
+    return canonical_row(row, iso(values["at"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +254,11 @@ class ChainKeys:
         return cls(hasher.current.id, {k.id: _derive(k) for k in hasher.keys})
 
     def hash(self, key_id: str, prev_hash: str, values: dict[str, Any]) -> str:
+        return self.hash_canonical(key_id, prev_hash, canonical(values))
+
+    def hash_canonical(self, key_id: str, prev_hash: str, body: bytes) -> str:
         key = self.by_id[key_id]
-        return hmac.new(key, prev_hash.encode() + b"\x00" + canonical(values), "sha256").hexdigest()
+        return hmac.new(key, prev_hash.encode() + b"\x00" + body, "sha256").hexdigest()
 
 
 def _derive(key: ServerKey) -> bytes:

@@ -1,22 +1,23 @@
 """The audit writer: every event on the bus becomes one durable, chained row.
 
 Group commit: events of many concurrent requests wait in one bounded queue; a single
-writer task takes everything queued (up to ``batch_size``) and appends it to the chain in
-one transaction. In ``sync`` mode (the default) the request that produced an event waits
+writer task takes everything queued and appends it to the chain in transactions of up to
+``batch_size`` events. In ``sync`` mode (the default) the request that produced an event waits
 until that transaction has committed, so nothing is acknowledged before it is durable. In
 ``async`` mode the request goes on as soon as its event is queued: faster, but a crash (not
 a clean shutdown, which flushes) can lose what was queued.
 
-A full queue applies back-pressure (``put`` waits); nothing is ever dropped. A database that
-stays down fails the waiting requests closed (503) after ``give_up_after`` seconds.
+A full queue applies back-pressure (a new event waits for room); nothing is ever dropped.
+A database that stays down fails the waiting requests closed (503) after ``give_up_after``
+seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
-import queue
 import sqlite3
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from contextvars import ContextVar
 from datetime import UTC
 from typing import Any
 
+import orjson
 import structlog
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
@@ -32,11 +34,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenward.audit.records import (
     GENESIS,
+    HASHED_FIELDS,
     AuditRecord,
     ChainKeys,
-    from_access,
+    Row,
+    access_row,
+    canonical_row,
     from_admin,
     from_security,
+    iso,
+    plain,
 )
 from tokenward.audit.tables import audit_events, audit_head
 from tokenward.errors import Unavailable
@@ -44,8 +51,6 @@ from tokenward.events import AccessEvent, AdminEvent, SecurityEvent
 
 log = structlog.get_logger("tokenward.audit")
 
-_Item = tuple[AuditRecord, "asyncio.Future[None]"]
-_STOP: Any = object()
 #: errors that retrying cannot fix (the data, not the database, is at fault)
 _PERMANENT_SQL = (DataError, IntegrityError, ProgrammingError)
 _PERMANENT_SQLITE = (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.ProgrammingError)
@@ -60,20 +65,47 @@ def _permanent(exc: SQLAlchemyError) -> bool:
     return isinstance(state, str) and state[:2] in ("22", "23", "42")
 
 
-#: Durability futures of the events of the HTTP request being handled (set by
-#: :class:`DurableResponseMiddleware`); ``None`` outside a request.
-_pending: ContextVar[list[asyncio.Future[None]] | None] = ContextVar(
-    "tokenward_audit_pending", default=None
-)
+class _Batch:
+    """The events queued between two commits, and one future for all of them.
+
+    One future per batch, not per event: a request remembers ``(batch, row)`` and, once the
+    batch's future is settled, looks its row up in ``failed`` (rows that could not be
+    written on their own, see :meth:`AuditWriter._write_rows`).
+    """
+
+    __slots__ = ("failed", "future", "rows")
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+        self.rows: list[Row] = []
+        self.failed: dict[int, BaseException] = {}  # id(row) → why it was not written
+
+    def error_for(self, row: Row) -> BaseException | None:
+        """``None`` once ``row`` is durable; the reason it never will be otherwise."""
+        future = self.future
+        if not future.done():
+            return Unavailable("audit_unavailable", "the audit log cannot be written")
+        if future.cancelled():
+            return asyncio.CancelledError()
+        return future.exception() or self.failed.get(id(row))
+
+
+#: What a request waits for: the batch of each of its events, with the event's row.
+Pending = list[tuple[_Batch, Row]]
+
+#: The events of the HTTP request being handled (set by :class:`DurableResponseMiddleware`);
+#: ``None`` outside a request.
+_pending: ContextVar[Pending | None] = ContextVar("tokenward_audit_pending", default=None)
 
 
 class AuditWriter:
     """An event sink that appends every event to the hash-chained audit table.
 
     One writer task on the request loop takes whatever is queued and commits it as one
-    batch, then resolves the batch's futures. No threads: a writer thread would fight the
+    batch, then settles the batch's one future. No threads: a writer thread would fight the
     request loop for the interpreter lock on every hand-over (measured: several times the
-    cost), while a task only costs the loop the work itself.
+    cost), while a task only costs the loop the work itself. Per event, the hot path builds
+    one tuple and appends it to a list; hashing and encoding happen in the writer, once.
     """
 
     def __init__(
@@ -101,19 +133,19 @@ class AuditWriter:
         self.observe = observe
         self.written = 0
         self._closed = False
+        self._stopping = False
         self._inflight = 0  # queued or being written
         #: set whenever the queue has room (back-pressure without asyncio.Semaphore, whose
         #: ``locked()`` scans its waiters on every acquire)
         self._space: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # the request loop
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._batch: _Batch | None = None  # the batch new events join
 
     # -- the event sink -------------------------------------------------------------------
     async def access(self, event: AccessEvent) -> None:
-        await self.submit(from_access(event))
+        await self.submit_row(access_row(event))
 
     async def admin(self, event: AdminEvent) -> None:
         await self.submit(from_admin(event))
@@ -127,33 +159,44 @@ class AuditWriter:
         return self._inflight
 
     async def submit(self, record: AuditRecord) -> None:
-        """Queue ``record``; in sync mode, make sure it is committed before an answer.
+        await self.submit_row(record.row())
+
+    async def submit_row(self, row: Row) -> None:
+        """Queue ``row``; in sync mode, make sure it is committed before an answer.
 
         Inside an HTTP request the wait happens once, just before the response starts (so
         the request's work overlaps with the write); elsewhere it happens here.
         """
         if self._closed:
             raise Unavailable("audit_unavailable", "the audit log is shutting down")
-        await self._start()
-        assert self._space is not None and self._idle is not None
+        task = self._task
+        if task is None or task.done():
+            self._start()
         while self._inflight >= self.queue_size:  # back-pressure: wait while the queue is full
-            self._space.clear()
-            await self._space.wait()
+            space = self._space
+            assert space is not None
+            space.clear()
+            await space.wait()
         self._inflight += 1
-        self._idle.clear()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._queue.put((record, future))
-        if self._wakeup is not None:
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
+            assert self._wakeup is not None and self._idle is not None
+            self._idle.clear()
             self._wakeup.set()
+        batch.rows.append(row)
         if self.mode == "async":
             return
         pending = _pending.get()
         if pending is not None:
-            pending.append(future)
-        else:
-            # Shielded: a caller that is cancelled does not un-write its event.
-            await asyncio.shield(future)
+            pending.append((batch, row))
+            return
+        # Shielded: a caller that is cancelled does not un-write its event.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(batch.future)
+        error = batch.error_for(row)
+        if error is not None:
+            raise error
 
     async def flush(self) -> None:
         """Wait until everything queued so far is written."""
@@ -162,11 +205,11 @@ class AuditWriter:
                 await self._idle.wait()
 
     async def close(self) -> None:
-        """Refuse new events, write everything queued, stop the writer thread."""
+        """Refuse new events, write everything queued, stop the writer task."""
         self._closed = True
         await self.flush()
         task = self._task
-        self._queue.put(_STOP)
+        self._stopping = True
         if self._wakeup is not None:
             self._wakeup.set()
         if task is not None:
@@ -174,46 +217,49 @@ class AuditWriter:
         self._task = None
 
     # -- the request-loop side ------------------------------------------------------------
-    async def _start(self) -> None:
-        if self._task is not None and not self._task.done():
-            return
-        self._loop = asyncio.get_running_loop()
+    def _start(self) -> None:
         self._space = asyncio.Event()
         self._space.set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._wakeup = asyncio.Event()
-        run = self._sqlite_run() if self.engine.dialect.name == "sqlite" else self._driver_run()
-        self._task = asyncio.create_task(run, name="tokenward-audit-writer")
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="tokenward-audit-writer")
 
-    def _done(self, batch: list[_Item], error: BaseException | None) -> None:
-        """On the request loop: resolve the batch's futures and free its queue slots."""
+    def _settle(self, batch: _Batch, error: BaseException | None) -> None:
+        """Settle the batch's future and free its queue slots."""
         assert self._space is not None and self._idle is not None
-        for _, future in batch:
-            if not future.done():
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
-                    if self.mode == "async":
-                        future.exception()  # nobody awaits it: mark it seen
-        self._inflight -= len(batch)
+        if not batch.future.done():
+            if error is None:
+                batch.future.set_result(None)
+            else:
+                batch.future.set_exception(error)
+                batch.future.exception()  # marked seen: in async mode nobody awaits it
+        self._inflight -= len(batch.rows)
         self._space.set()
         if self._inflight == 0:
             self._idle.set()
 
     # -- the writer task ------------------------------------------------------------------
-    async def _sqlite_run(self) -> None:
-        """SQLite: the driver called directly, on the request loop, never waiting on a lock.
+    async def _run(self) -> None:
+        """Take the current batch whenever there is one, write it, settle it.
 
-        A commit in WAL mode with ``synchronous=NORMAL`` writes to the log without an
-        fsync: well under a millisecond for a batch. Doing it right here costs the loop
-        that much and spares every event two hand-overs between threads. The write lock is
-        only ever *tried* (``busy_timeout=0``); when another process holds it, this task
-        sleeps and tries again, so the loop never blocks on it.
+        SQLite: the driver called directly, on the request loop, never waiting on a lock. A
+        commit in WAL mode with ``synchronous=NORMAL`` writes to the log without an fsync:
+        well under a millisecond for a batch. Doing it right here costs the loop that much
+        and spares every event two hand-overs between threads. The write lock is only ever
+        *tried* (``busy_timeout=0``); when another process holds it, this task sleeps and
+        tries again, so the loop never blocks on it.
+
+        PostgreSQL: a connection of the writer's own, on the request loop (no threads:
+        asyncpg waits on sockets, so the loop serves requests between round trips).
         """
         assert self._wakeup is not None
-        writer = _SQLiteAppender(self.engine.url.database or "", self.keys)
+        sink: _Sink = (
+            _SQLiteSink(self)
+            if self.engine.dialect.name == "sqlite"
+            else _DriverSink(self, self.engine)
+        )
         try:
             while True:
                 await self._wakeup.wait()
@@ -221,172 +267,176 @@ class AuditWriter:
                 # Let the loop turn once (or linger longer): the events of requests that are
                 # ready to run join this commit.
                 await asyncio.sleep(self.linger)
-                while True:
-                    batch, stop = self._take_ready()
-                    if batch:
-                        await self._write_sqlite(writer, batch)
-                    if stop:
-                        return
-                    if not batch:
-                        break
+                batch, self._batch = self._batch, None
+                if batch is not None:
+                    await self._write_batch(sink, batch)
+                if self._stopping and self._batch is None:
+                    return
         finally:
-            writer.close()
+            await sink.close()
 
-    async def _driver_run(self) -> None:
-        """PostgreSQL: a connection of the writer's own, on the request loop (no threads:
-        asyncpg waits on sockets, so the loop serves requests between round trips)."""
-        assert self._wakeup is not None
-        conn: AsyncConnection | None = None
-        try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                await asyncio.sleep(self.linger)
-                while True:
-                    batch, stop = self._take_ready()
-                    if batch:
-                        conn = await self._write_driver_batch(conn, batch)
-                    if stop:
-                        return
-                    if not batch:
-                        break
-        finally:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
-
-    async def _write_driver_batch(
-        self, conn: AsyncConnection | None, batch: list[_Item]
-    ) -> AsyncConnection | None:
-        try:
-            conn = await self._write_with_retry(self.engine, conn, [r for r, _ in batch])
-        except SQLAlchemyError as exc:
-            if not _permanent(exc):
-                self._done(batch, _failed(len(batch), exc))
-                return None
-            # One bad event must not take the others down: write them one by one.
-            if len(batch) == 1:
-                self._done(batch, _failed(1, exc))
-                return None
-            for item in batch:
-                conn = await self._write_driver_batch(conn, [item])
-            return conn
-        except Exception as exc:
-            self._done(batch, _failed(len(batch), exc))
-            return None
-        self._done(batch, None)
-        return conn
-
-    def _take_ready(self) -> tuple[list[_Item], bool]:
-        batch: list[_Item] = []
-        while len(batch) < self.batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    async def _write_sqlite(self, writer: _SQLiteAppender, batch: list[_Item]) -> None:
-        try:
-            await self._write_sqlite_batch(writer, batch)
-        except _PERMANENT_SQLITE as exc:
-            # One bad event must not take the others down: write them one by one.
-            if len(batch) == 1:
-                self._done(batch, _failed(1, exc))
-                return
-            for item in batch:
-                await self._write_sqlite(writer, [item])
-
-    async def _write_sqlite_batch(self, writer: _SQLiteAppender, batch: list[_Item]) -> None:
-        records = [r for r, _ in batch]
-        started = time.monotonic()
-        delay = 0.002
+    async def _write_batch(self, sink: _Sink, batch: _Batch) -> None:
         error: BaseException | None = None
-        while True:
-            try:
-                t0 = time.perf_counter()
-                writer.append(records)
-                self.written += len(records)
-                if self.observe is not None:
-                    self.observe(len(records), time.perf_counter() - t0)
-                break
-            except _PERMANENT_SQLITE:
-                raise
-            except (sqlite3.Error, OSError) as exc:
-                busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
-                if not busy:
-                    writer.reset()
-                waited = time.monotonic() - started
-                if self.mode == "sync" and waited > self.give_up_after:
-                    error = _failed(len(batch), exc)
-                    break
-                if not busy:
-                    log.warning("audit_write_retry", error=type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        self._done(batch, error)
+        rows = batch.rows
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                await self._write_rows(sink, batch, rows[start : start + self.batch_size])
+        except Exception as exc:
+            error = exc if isinstance(exc, Unavailable) else _failed(len(rows), exc)
+        self._settle(batch, error)
 
-    async def _write_with_retry(
-        self, engine: AsyncEngine, conn: AsyncConnection | None, records: list[AuditRecord]
-    ) -> AsyncConnection:
-        """Append ``records``, retrying a failing database; the connection to use next."""
-        started = time.monotonic()
-        delay = 0.05
-        while True:
-            try:
-                if conn is None:
-                    conn = await engine.connect()
-                await self._append_on(conn, records)
-                return conn
-            except (SQLAlchemyError, OSError, TimeoutError) as exc:
-                if isinstance(exc, SQLAlchemyError) and _permanent(exc):
-                    if conn is not None:
-                        with contextlib.suppress(Exception):
-                            await conn.close()
-                    raise
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                conn = None
-                waited = time.monotonic() - started
-                # In async mode nobody waits for an answer: keep trying (the full queue
-                # pushes back on new requests meanwhile) rather than lose events.
-                if self.mode == "sync" and waited > self.give_up_after:
-                    raise
-                log.warning("audit_write_retry", error=type(exc).__name__, waited=round(waited, 2))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+    async def _write_rows(self, sink: _Sink, batch: _Batch, rows: list[Row]) -> None:
+        """Write ``rows`` in one transaction; when the data is at fault, one by one, so
+        that one bad event does not take the others down (its request alone gets a 503)."""
+        try:
+            await sink.write(rows)
+        except _Permanent as exc:
+            if len(rows) == 1:
+                batch.failed[id(rows[0])] = _failed(1, exc.__cause__ or exc)
+                return
+            for row in rows:
+                await self._write_rows(sink, batch, [row])
+            return
+        self.written += len(rows)
 
     async def append(self, records: list[AuditRecord]) -> None:
         """Append ``records`` now, on the caller's loop (tools, tests, imports)."""
         async with self.engine.connect() as conn:
-            await self._append_on(conn, records)
+            await self._append_on(conn, [r.row() for r in records])
+        self.written += len(records)
 
-    async def _append_on(self, conn: AsyncConnection, records: list[AuditRecord]) -> None:
-        """Append ``records`` to the chain in one transaction (the group commit)."""
+    async def _append_on(self, conn: AsyncConnection, rows: list[Row]) -> None:
+        """Append ``rows`` to the chain in one transaction (the group commit)."""
         started = time.perf_counter()
         async with conn.begin():
             seq, prev = await _lock_head(conn)
-            key_id = self.keys.current_id
-            rows: list[tuple[Any, ...]] = []
-            for record in records:
-                seq += 1
-                values = record.values()
-                digest = self.keys.hash(key_id, prev, values)
-                values.update(seq=seq, key_id=key_id, prev_hash=prev, hash=digest)
-                rows.append(tuple(values[name] for name in _INSERT_COLUMNS))
-                prev = digest
-            await _insert_rows(conn, rows, (seq, prev))
-        self.written += len(records)
+            sealed, head = self.seal(rows, seq, prev, sqlite=conn.dialect.name == "sqlite")
+            await _insert_rows(conn, sealed, head)
         if self.observe is not None:
-            self.observe(len(records), time.perf_counter() - started)
+            self.observe(len(rows), time.perf_counter() - started)
+
+    def seal(
+        self, rows: list[Row], seq: int, prev: str, *, sqlite: bool
+    ) -> tuple[list[tuple[Any, ...]], tuple[int, str]]:
+        """Number and chain ``rows`` after ``(seq, prev)``: the table rows, and the new head.
+
+        This is the writer's work per event: the canonical text, one HMAC, the stored row.
+        """
+        key_id = self.keys.current_id
+        key = self.keys.by_id[key_id]
+        out: list[tuple[Any, ...]] = []
+        prev_bytes = prev.encode()
+        for row in rows:
+            seq += 1
+            at = iso(row[1])
+            detail = row[_DETAIL]
+            digest = hmac.new(
+                key, prev_bytes + b"\x00" + canonical_row(row, at), "sha256"
+            ).hexdigest()
+            # Stored: "at" as the column type stores it, the detail as JSON text.
+            when = row[1]
+            if sqlite:
+                stored_at: Any = at[:10] + " " + at[11:26]
+            else:
+                stored_at = when if when.tzinfo is UTC else when.astimezone(UTC)
+            text = orjson.dumps(detail).decode() if plain(detail) else _JSON(detail)
+            out.append((seq, row[0], stored_at, *row[2:_DETAIL], text, key_id, prev, digest))
+            prev = digest
+            prev_bytes = digest.encode()
+        return out, (seq, prev)
 
 
+_DETAIL = HASHED_FIELDS.index("detail")
 _INSERT_COLUMNS = tuple(c.name for c in audit_events.c)
+assert ("seq", *HASHED_FIELDS, "key_id", "prev_hash", "hash") == _INSERT_COLUMNS
 _JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class _Permanent(Exception):
+    """The data, not the database, is at fault: a retry cannot help."""
+
+
+class _Sink:
+    """Where the writer task appends batches (one per database kind)."""
+
+    async def write(self, rows: list[Row]) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+class _SQLiteSink(_Sink):
+    def __init__(self, writer: AuditWriter) -> None:
+        self.writer = writer
+        self.appender = _SQLiteAppender(writer.engine.url.database or "", writer)
+
+    async def write(self, rows: list[Row]) -> None:
+        writer = self.writer
+        started = time.monotonic()
+        delay = 0.002
+        while True:
+            try:
+                t0 = time.perf_counter()
+                self.appender.append(rows)
+                if writer.observe is not None:
+                    writer.observe(len(rows), time.perf_counter() - t0)
+                return
+            except _PERMANENT_SQLITE as exc:
+                raise _Permanent() from exc
+            except (sqlite3.Error, OSError) as exc:
+                busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+                if not busy:
+                    self.appender.reset()
+                waited = time.monotonic() - started
+                # In async mode nobody waits for an answer: keep trying (the full queue
+                # pushes back on new requests meanwhile) rather than lose events.
+                if writer.mode == "sync" and waited > writer.give_up_after:
+                    raise _failed(len(rows), exc) from exc
+                if not busy:
+                    log.warning("audit_write_retry", error=type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def close(self) -> None:
+        self.appender.close()
+
+
+class _DriverSink(_Sink):
+    def __init__(self, writer: AuditWriter, engine: AsyncEngine) -> None:
+        self.writer = writer
+        self.engine = engine
+        self.conn: AsyncConnection | None = None
+
+    async def write(self, rows: list[Row]) -> None:
+        writer = self.writer
+        started = time.monotonic()
+        delay = 0.05
+        while True:
+            try:
+                if self.conn is None:
+                    self.conn = await self.engine.connect()
+                await writer._append_on(self.conn, rows)
+                return
+            except (SQLAlchemyError, OSError, TimeoutError) as exc:
+                await self._drop()
+                if isinstance(exc, SQLAlchemyError) and _permanent(exc):
+                    raise _Permanent() from exc
+                waited = time.monotonic() - started
+                if writer.mode == "sync" and waited > writer.give_up_after:
+                    raise _failed(len(rows), exc) from exc
+                log.warning("audit_write_retry", error=type(exc).__name__, waited=round(waited, 2))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _drop(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def close(self) -> None:
+        await self._drop()
 
 
 def _failed(events: int, exc: BaseException) -> Unavailable:
@@ -398,12 +448,13 @@ class _SQLiteAppender:
     """The same group commit as :meth:`AuditWriter._append_on`, on a plain sqlite3 link.
 
     ``BEGIN IMMEDIATE`` takes the database's write lock first, which serialises appends
-    from several processes just as the head-row lock does on PostgreSQL.
+    from several processes just as the head-row lock does on PostgreSQL. One prepared
+    single-row INSERT, run for every row (``executemany``): SQLite compiles it once.
     """
 
-    def __init__(self, path: str, keys: ChainKeys) -> None:
+    def __init__(self, path: str, writer: AuditWriter) -> None:
         self.path = path
-        self.keys = keys
+        self.writer = writer
         self.db: sqlite3.Connection | None = None
 
     def connect(self) -> sqlite3.Connection:
@@ -426,7 +477,7 @@ class _SQLiteAppender:
             with contextlib.suppress(sqlite3.Error):
                 db.close()
 
-    def append(self, records: list[AuditRecord]) -> None:
+    def append(self, rows: list[Row]) -> None:
         db = self.connect()
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -436,18 +487,8 @@ class _SQLiteAppender:
                     "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1"
                 ).fetchone() or (0, GENESIS)
                 db.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?)", head)
-            seq, prev = int(head[0]), str(head[1])
-            key_id = self.keys.current_id
-            rows: list[tuple[Any, ...]] = []
-            for record in records:
-                seq += 1
-                values = record.values()
-                digest = self.keys.hash(key_id, prev, values)
-                values.update(seq=seq, key_id=key_id, prev_hash=prev, hash=digest)
-                rows.append(tuple(values[name] for name in _INSERT_COLUMNS))
-                prev = digest
-            for sql, params in _insert_statements(rows, sqlite=True):
-                db.execute(sql, params)
+            sealed, (seq, prev) = self.writer.seal(rows, int(head[0]), str(head[1]), sqlite=True)
+            db.executemany(_SQLITE_INSERT, sealed)
             db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
             db.execute("COMMIT")
         except BaseException:
@@ -456,62 +497,46 @@ class _SQLiteAppender:
             raise
 
 
+_SQLITE_INSERT = (
+    f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 (no input)
+    f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))})"
+)
+
 #: rows per INSERT statement (columns x rows stays under every driver's parameter limit)
 _ROWS_PER_STATEMENT = 1000
 
 
-def _insert_statements(
-    rows: list[tuple[Any, ...]], *, sqlite: bool
-) -> list[tuple[str, tuple[Any, ...]]]:
-    """Multi-row INSERTs for ``rows`` (the hot spot of auditing under load).
-
-    One statement for up to a thousand rows, not one execution per row. Values are
-    converted the way the table's types would (UTC times, JSON text).
-    """
-    at = _INSERT_COLUMNS.index("at")
-    detail = _INSERT_COLUMNS.index("detail")
+def _insert_statements(rows: list[tuple[Any, ...]]) -> list[tuple[str, tuple[Any, ...]]]:
+    """Multi-row INSERTs (PostgreSQL numbering) for sealed ``rows``: one statement for up to
+    a thousand rows, not one round trip per row."""
     width = len(_INSERT_COLUMNS)
     names = ", ".join(_INSERT_COLUMNS)
     statements = []
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         chunk = rows[start : start + _ROWS_PER_STATEMENT]
-        params: list[Any] = []
-        for row in chunk:
-            values = list(row)
-            when = values[at].astimezone(UTC)
-            if sqlite:
-                values[at] = when.replace(tzinfo=None).isoformat(" ", "microseconds")
-            else:
-                values[at] = when
-            values[detail] = _JSON(values[detail])
-            params.extend(values)
-        if sqlite:
-            group = "(" + ", ".join("?" * width) + ")"
-            marks = ", ".join(group for _ in chunk)
-        else:
-            marks = ", ".join(
-                "(" + ", ".join(f"${r * width + c + 1}" for c in range(width)) + ")"
-                for r in range(len(chunk))
-            )
+        params = tuple(value for row in chunk for value in row)
+        marks = ", ".join(
+            "(" + ", ".join(f"${r * width + c + 1}" for c in range(width)) + ")"
+            for r in range(len(chunk))
+        )
         sql = f"INSERT INTO audit_events ({names}) VALUES {marks}"  # noqa: S608 (no input)
-        statements.append((sql, tuple(params)))
+        statements.append((sql, params))
     return statements
 
 
 async def _insert_rows(
     conn: AsyncConnection, rows: list[tuple[Any, ...]], head: tuple[int, str]
 ) -> None:
-    """Insert ``rows`` and move the chain head to ``head`` (on PostgreSQL in one round trip:
-    the head update rides along with the last insert)."""
-    sqlite = conn.dialect.name == "sqlite"
-    statements = _insert_statements(rows, sqlite=sqlite)
-    if sqlite:
-        for sql, params in statements:
-            await conn.exec_driver_sql(sql, params)
+    """Insert sealed ``rows`` and move the chain head to ``head`` (on PostgreSQL in one
+    round trip: the head update rides along with the last insert)."""
+    if conn.dialect.name == "sqlite":
+        for row in rows:
+            await conn.exec_driver_sql(_SQLITE_INSERT, row)
         await conn.execute(
             update(audit_head).where(audit_head.c.id == 1).values(seq=head[0], hash=head[1])
         )
         return
+    statements = _insert_statements(rows)
     for sql, params in statements[:-1]:
         await conn.exec_driver_sql(sql, params)
     sql, params = statements[-1]
@@ -569,7 +594,7 @@ class DurableResponseMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        pending: list[asyncio.Future[None]] = []
+        pending: Pending = []
         token = _pending.set(pending)
         failed = False
 
@@ -580,11 +605,11 @@ class DurableResponseMiddleware:
             if message["type"] == "http.response.start" and pending:
                 waiting = list(pending)
                 pending.clear()
-                # Batches commit in queue order, so once the last event is settled so are
-                # all the earlier ones: one wait, then a look at each.
+                # Batches commit in queue order, so once the last one is settled so are all
+                # the earlier ones: one wait, then a look at each event.
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(waiting[-1])
-                if any(not f.done() or f.cancelled() or f.exception() is not None for f in waiting):
+                    await asyncio.shield(waiting[-1][0].future)
+                if any(batch.error_for(row) is not None for batch, row in waiting):
                     failed = True
                     await _unavailable(send)
                     return
@@ -595,7 +620,8 @@ class DurableResponseMiddleware:
         finally:
             _pending.reset(token)
             if pending:  # events of a request that sent no response: still wait for them
-                await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+                futures = {id(batch): batch.future for batch, _ in pending}
+                await asyncio.shield(asyncio.gather(*futures.values(), return_exceptions=True))
 
 
 async def _unavailable(send: Send) -> None:

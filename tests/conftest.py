@@ -23,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from tokenward.app import Services, create_asgi, open_services
+from tokenward.logs import access_log
 from tokenward.service import Issued, issue_bootstrap_record
 from tokenward.settings import Settings
 from tokenward.store.tables import metadata
@@ -40,6 +41,15 @@ def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("TOKENWARD_") and not key.startswith("TOKENWARD_TEST_"):
             monkeypatch.delenv(key)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_access_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """In-process apps write no access log (the tests that start a server read its log);
+    what a test turned on is written before the test ends, into its captured output."""
+    monkeypatch.setattr(access_log, "enabled", False)
+    yield
+    access_log.flush()
 
 
 async def _pg_exec(url: str, statement: str) -> None:

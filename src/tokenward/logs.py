@@ -24,12 +24,17 @@ class AccessLogSink:
     Everything waiting is written at shutdown (:meth:`flush`, also run at exit).
     """
 
-    def __init__(self, *, interval: float = 0.2, limit: int = 64 * 1024) -> None:
+    def __init__(
+        self, *, interval: float = 0.2, limit: int = 64 * 1024, stream: Any = None
+    ) -> None:
+        #: where lines go (``None``: whatever ``sys.stderr`` is when they are written)
+        self.stream = stream
         self.enabled = False  # set by configure_logging, from the log level
         self.interval = interval
         self.limit = limit
         self._buffer = bytearray()
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         atexit.register(self.flush)
 
     def request(self, **fields: Any) -> None:
@@ -44,12 +49,16 @@ class AccessLogSink:
         self._buffer += b"\n"
         if len(self._buffer) >= self.limit:
             self.flush()
-        elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop to write later: now
+            self.flush()
+            return
+        if self._timer is None or self._loop is not loop:  # none yet, or its loop is gone
+            if self._timer is not None:
+                self._timer.cancel()
+            self._loop = loop
             self._timer = loop.call_later(self.interval, self.flush)
 
     def flush(self) -> None:
@@ -60,7 +69,7 @@ class AccessLogSink:
             return
         data = bytes(self._buffer)
         self._buffer.clear()
-        stream = sys.stderr
+        stream = self.stream or sys.stderr
         try:
             buffer = getattr(stream, "buffer", None)
             if buffer is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -78,11 +80,22 @@ def _verify_body(raw: bytes) -> dict[str, str | None]:
             raise Invalid("invalid_request", f"{name}: must be a string")
         if len(value) > _VERIFY_FIELDS[name]:
             raise Invalid("invalid_request", f"{name}: longer than {_VERIFY_FIELDS[name]}")
+    if body.get("ip") is not None and not _is_ip(body["ip"]):
+        raise Invalid("invalid_request", "ip: not an IPv4 or IPv6 address")
     if body.get("environment") not in (None, "live", "test"):
         raise Invalid("invalid_request", "environment: must be 'live' or 'test'")
     if body.get("dpop") and not (body.get("method") and body.get("url")):
         raise Invalid("invalid_request", "dpop: needs the request's method and url")
     return body
+
+
+@lru_cache(maxsize=4096)
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 async def handle_verify(

@@ -1,0 +1,77 @@
+"""The access log: JSON lines, written in blocks, nothing lost at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import pytest
+
+from tokenward.logs import AccessLogSink
+
+
+class _Stderr(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffer = io.BytesIO()
+
+
+@pytest.fixture
+def stderr() -> _Stderr:
+    return _Stderr()
+
+
+def lines(stream: _Stderr) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.buffer.getvalue().splitlines()]
+
+
+async def test_lines_wait_for_the_interval_then_go_out_together(stderr):
+    sink = AccessLogSink(interval=0.05, stream=stderr)
+    sink.enabled = True
+    for n in range(3):
+        sink.request(request_id=f"req_{n}", status=200, path="/v1/verify")
+    assert stderr.buffer.getvalue() == b""
+    await asyncio.sleep(0.1)
+    written = lines(stderr)
+    assert [e["request_id"] for e in written] == ["req_0", "req_1", "req_2"]
+    assert {"event", "level", "timestamp", "status", "path"} <= set(written[0])
+    assert written[0]["event"] == "request" and str(written[0]["timestamp"]).endswith("Z")
+
+
+async def test_a_full_buffer_is_written_at_once(stderr):
+    sink = AccessLogSink(interval=60, limit=1000, stream=stderr)
+    sink.enabled = True
+    for n in range(20):
+        sink.request(request_id=f"req_{n}", path="/x" * 10)
+    assert len(lines(stderr)) >= 10
+    sink.flush()
+    assert len(lines(stderr)) == 20
+
+
+def test_a_path_no_encoder_takes_is_escaped_not_lost(stderr):
+    sink = AccessLogSink(stream=stderr)
+    sink.enabled = True
+    sink.request(path="/a\udcffb")  # a lone surrogate, as a server may decode a raw byte
+    [entry] = lines(stderr)  # written at once: no loop to wait on
+    assert entry["path"] == "/a\udcffb"
+
+
+def test_a_loop_that_ended_does_not_keep_lines_back(stderr):
+    sink = AccessLogSink(interval=0.01, stream=stderr)
+    sink.enabled = True
+
+    async def one(n: int) -> None:
+        sink.request(request_id=f"req_{n}")
+        await asyncio.sleep(0.05)
+
+    asyncio.run(one(1))
+    asyncio.run(one(2))  # a new loop: the first loop's timer is gone with it
+    assert [e["request_id"] for e in lines(stderr)] == ["req_1", "req_2"]
+
+
+def test_off_writes_nothing(stderr):
+    sink = AccessLogSink(stream=stderr)
+    sink.request(path="/x")
+    sink.flush()
+    assert stderr.buffer.getvalue() == b""

@@ -22,7 +22,7 @@ from tokenward.errors import Unavailable
 from tokenward.limits import RateLimiter, RateResult
 from tokenward.oauth.dpop import DPoPChecker, DPoPError, DPoPRequest
 from tokenward.store.repository import TokenStore
-from tokenward.tokens.format import TokenFormatError, parse_token
+from tokenward.tokens.format import TOKEN_LENGTH, TokenFormatError, parse_token
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.tokens.model import STATE_REASONS, Reason, TokenKind, TokenRecord
 from tokenward.tokens.scopes import scopes_allow
@@ -168,16 +168,20 @@ class Verifier:
         """
         if ip is not None and self.is_blocked is not None and self.is_blocked(ip):
             return Decision(False, Reason.IP_BLOCKED)
-        # 1. Syntax and checksum: no store is touched for garbage.
-        try:
-            parse_token(credential)
-        except TokenFormatError as exc:
-            return Decision(False, Reason(exc.reason))
-        # 2. Keyed hash → cache → store.
-        try:
-            entry = await self._lookup(credential)
-        except Unavailable:
-            return Decision(False, Reason.UNAVAILABLE)
+        # 1. A token this process has seen lately is in the cache under its keyed hash (a
+        # hash match means the very string whose syntax was checked when it was cached).
+        entry = self._cached(credential)
+        if entry is None:
+            # 2. Syntax and checksum (no store is touched for garbage), then keyed hash →
+            # store.
+            try:
+                parse_token(credential)
+            except TokenFormatError as exc:
+                return Decision(False, Reason(exc.reason))
+            try:
+                entry = await self._lookup(credential)
+            except Unavailable:
+                return Decision(False, Reason.UNAVAILABLE)
         if entry is None:
             return Decision(False, Reason.UNKNOWN)
         record = entry.record
@@ -260,6 +264,15 @@ class Verifier:
             record.remaining_uses = remaining = left
         self._seen[record.id] = (now, ip)
         return Decision(True, Reason.OK, record, ratelimit, remaining)
+
+    def _cached(self, credential: str) -> _Entry | None:
+        if not self.cache_enabled or len(credential) != TOKEN_LENGTH or not credential.isascii():
+            return None
+        entry = self._cache.get(self.hasher.hash(credential))
+        if entry is not None and entry.fresh_until > time.monotonic():
+            self.hits += 1
+            return entry
+        return None
 
     async def _lookup(self, credential: str) -> _Entry | None:
         token_hash = self.hasher.hash(credential)

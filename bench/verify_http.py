@@ -37,11 +37,22 @@ def pinned(cpu: int, cmd: list[str]) -> list[str]:
     return cmd
 
 
-def wrk(url: str, duration: int, connections: int, script: Path | None = None) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(
+    url: str, duration: int, connections: int, script: Path | None = None, pid: int | None = None
+) -> dict[str, float]:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]
     if script is not None:
         cmd[1:1] = ["-s", str(script)]
+    before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(pinned(1, cmd), capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pid) - before if pid else 0.0
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
     def pct(label: str) -> float:
@@ -55,6 +66,7 @@ def wrk(url: str, duration: int, connections: int, script: Path | None = None) -
         "p50": pct("50"),
         "p99": pct("99"),
         "errors": float(non2xx.group(1)) if non2xx else 0.0,
+        "cpu_us": cpu * 1e6 / requests if requests else 0.0,
     }
 
 
@@ -122,17 +134,23 @@ def main(duration: int, connections: int, audit_mode: str) -> None:
             assert check["valid"], check
             wrk(f"{base}/healthz", 1, connections)  # warm up both paths
             wrk(f"{base}/v1/verify", 1, connections, script)
-            bare = wrk(f"{base}/healthz", duration, connections)
-            verify = wrk(f"{base}/v1/verify", duration, connections, script)
+            bare = wrk(f"{base}/healthz", duration, connections, pid=server.pid)
+            verify = wrk(f"{base}/v1/verify", duration, connections, script, pid=server.pid)
         finally:
             server.terminate()
             server.wait(10)
     print(f"audit mode: {audit_mode}")
-    print(f"{'route':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
-    for name, r in (("GET /healthz (bare)", bare), ("POST /v1/verify", verify)):
-        print(f"{name:28} {r['rps']:9,.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['errors']:8.0f}")
     print(
-        f"\nverify / bare route: {verify['rps'] / bare['rps']:.2f}x (target >= 0.6x); "
+        f"{'route':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'CPU us/req':>11}"
+    )
+    for name, r in (("GET /healthz (bare)", bare), ("POST /v1/verify", verify)):
+        print(
+            f"{name:28} {r['rps']:9,.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['errors']:8.0f}"
+            f" {r['cpu_us']:11.1f}"
+        )
+    print(
+        f"\nverify / bare route: {verify['rps'] / bare['rps']:.2f}x (target >= 0.6x), "
+        f"{bare['cpu_us'] / verify['cpu_us']:.2f}x by CPU per request; "
         f"vs the peer library's ~1,600 req/s: {verify['rps'] / 1600:.1f}x (target >= 10x)"
     )
 

@@ -313,3 +313,27 @@ async def test_nul_characters_are_stored_escaped(services):
     [stored] = await all_events(services, request_id="req_nul")
     assert stored.values["resource"] == "/records/a\\x00b"
     assert stored.values["user_agent"] == "ua\\x00"
+
+
+async def test_the_writer_reconnects_when_its_connection_is_killed(services):
+    """PostgreSQL: a writer whose connection the server dropped reconnects and loses nothing."""
+    if services.engine.dialect.name != "postgresql":
+        return
+    now = services.verifier.clock()
+    writer = AuditWriter(services.engine, keys(services), give_up_after=10)
+    await writer.submit(AuditRecord(at=now, kind="admin", action="before"))
+    async with services.engine.connect() as conn:
+        killed = (
+            await conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND query LIKE '%audit_head%COMMIT'"
+            )
+        ).all()
+    assert killed == [(True,)]  # the writer's own connection, and only it
+    await asyncio.gather(
+        *[writer.submit(AuditRecord(at=now, kind="admin", action="after")) for _ in range(20)]
+    )
+    await writer.close()
+    assert len(await all_events(services, action="after")) == 20
+    assert (await verify_chain(services.engine, keys(services))).ok

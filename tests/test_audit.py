@@ -65,6 +65,7 @@ async def test_every_verify_writes_exactly_one_event_without_the_secret(services
     assert first["principal"] == issued.record.principal and first["user_agent"] == "probe/1"
     assert first["resource"] == "/v1/verify" and first["method"] == "POST"
     assert first["request_id"].startswith("req_") and first["latency_ms"] >= 0
+    assert first["actor_id"] == admin.record.id  # who asked: the verify API's caller
     # The same bad token twice: the same keyed fingerprint, so attempts can be correlated.
     assert events[2].values["fingerprint"] == events[3].values["fingerprint"] is not None
     async with services.engine.connect() as conn:

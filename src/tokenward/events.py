@@ -35,6 +35,8 @@ class AccessEvent:
     latency_ms: float = 0.0
     #: keyed fingerprint of the presented credential when it matched no token
     fingerprint: str | None = None
+    #: who asked for the decision, when not the token's holder (the verify API's caller)
+    actor_id: str | None = None
 
 
 @dataclass(slots=True)

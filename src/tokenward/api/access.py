@@ -48,6 +48,7 @@ async def emit_access(
     method: str | None = None,
     path: str | None = None,
     client_ip: str | None = None,
+    actor_id: str | None = None,
 ) -> None:
     """The same, for callers that have the services but no Starlette request."""
     ctx = current_request.get()
@@ -67,5 +68,6 @@ async def emit_access(
             scope=scope,
             latency_ms=(time.perf_counter() - started) * 1000,
             fingerprint=fingerprint,
+            actor_id=actor_id,
         )
     )

@@ -137,6 +137,7 @@ async def handle_verify(
         method="POST",
         path="/v1/verify",
         client_ip=body.get("ip"),
+        actor_id=caller.id,
     )
     result = decision.as_dict()
     if decision.reason == Reason.UNKNOWN or decision.token is None:

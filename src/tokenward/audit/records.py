@@ -143,7 +143,7 @@ def access_row(event: AccessEvent) -> Row:
         _clip(event.request_id, 64),
         project_id,
         environment,
-        None,  # actor_id
+        event.actor_id,
         token_id,
         principal,
         "access." + source,

@@ -94,27 +94,82 @@ async def test_concurrent_hits_from_replicas_allow_exactly_the_limit(namespace):
             await replica.aclose()
 
 
+async def script_calls(redis: Redis, namespace: str, work) -> list[str]:
+    """The commands (not the script's own) that touch ``namespace`` while ``work`` runs."""
+    async with redis.monitor() as monitor:
+        await work()
+        end = f"{namespace}:end"
+        await redis.get(end)
+        sent = []
+        while True:
+            command = await asyncio.wait_for(monitor.next_command(), 5)
+            if end in command["command"]:
+                return sent
+            if namespace in command["command"] and command["client_type"] != "lua":
+                sent.append(command["command"].split()[0].upper())
+
+
 async def test_a_check_is_one_round_trip_whatever_its_windows(namespace, redis):
     limiter = RateLimiter(REDIS_URL, namespace=namespace)
+
+    async def work():
+        await limiter.hit("tok", ("10/second", "100/hour", "1000/day"))
+        await limiter.hit("tok", ("10/second", "100/hour", "1000/day"))
+        await limiter.hit("tok", ("5/minute",))
+
     try:
         await limiter.hit("warm-up", ("1/hour",))  # the script is loaded
-        async with redis.monitor() as monitor:
-            await limiter.hit("tok", ("10/second", "100/hour", "1000/day"))
-            await limiter.hit("tok", ("10/second", "100/hour", "1000/day"))
-            await limiter.hit("tok", ("5/minute",))
-            end = f"{namespace}:end"
-            await redis.get(end)
-            sent = []
-            while True:
-                command = await asyncio.wait_for(monitor.next_command(), 5)
-                if end in command["command"]:
-                    break
-                if namespace in command["command"] and command["client_type"] != "lua":
-                    sent.append(command["command"].split()[0].upper())
-        assert sent == ["EVALSHA"] * 3
+        assert await script_calls(redis, namespace, work) == ["EVALSHA"] * 3
     finally:
         await limiter.reset()
         await limiter.aclose()
+
+
+async def test_concurrent_checks_share_a_round_trip(namespace, redis):
+    limiter = RateLimiter(REDIS_URL, namespace=namespace)
+    results = []
+
+    async def work():
+        results.extend(
+            await asyncio.gather(
+                *(limiter.hit(f"tok{i % 4}", ("5/hour", "100/day")[: 1 + i % 2]) for i in range(40))
+            )
+        )
+
+    try:
+        await limiter.hit("warm-up", ("1/hour",))
+        assert await script_calls(redis, namespace, work) == ["EVALSHA"]
+        assert sum(r.allowed for r in results) == 4 * 5
+        assert [r.remaining for r in results[:8]] == [4, 4, 4, 4, 3, 3, 3, 3]
+    finally:
+        await limiter.reset()
+        await limiter.aclose()
+
+
+async def test_a_check_that_fails_does_not_fail_the_others(namespace, redis):
+    limiter = RateLimiter(REDIS_URL, namespace=namespace)
+    await redis.hset(f"{namespace}:{{LIMITER/bad/5/1/hour}}", "not", "a counter")
+    try:
+        bad, good = await asyncio.gather(
+            limiter.hit("bad", ("5/hour",)),
+            limiter.hit("good", ("5/hour",)),
+            return_exceptions=True,
+        )
+        assert isinstance(bad, Unavailable)
+        assert good == RateResult(True, 5, 4, 3600)
+    finally:
+        await limiter.reset()
+        await limiter.aclose()
+
+
+async def test_a_cancelled_check_does_not_disturb_the_others(limiter):
+    first = asyncio.ensure_future(limiter.hit("tok", ("5/hour",)))
+    second = asyncio.ensure_future(limiter.hit("tok", ("5/hour",)))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert (await second).allowed
+    # A check cancelled while it is counted may or may not have been counted.
+    assert (await limiter.hit("tok", ("5/hour",))).remaining in (2, 3)
 
 
 async def test_redis_keys_live_under_the_namespace_and_expire(namespace, redis):
@@ -168,5 +223,16 @@ async def test_redis_down_fails_closed():
     try:
         with pytest.raises(Unavailable):
             await limiter.hit("tok", ("3/minute",))
+        together = await asyncio.gather(
+            *(limiter.hit(f"tok{i}", ("3/minute",)) for i in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(r, Unavailable) for r in together)
     finally:
         await limiter.aclose()
+
+
+async def test_a_rate_the_library_cannot_read_is_unavailable(limiter):
+    with pytest.raises(Unavailable):
+        await limiter.hit("tok", ("often",))
+    with pytest.raises(Unavailable):
+        await limiter.hit("tok", ())

@@ -246,6 +246,9 @@ class RateLimiter:
         try:
             while self._queue:
                 batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+                batch = [(call, future) for call, future in batch if not future.done()]
+                if not batch:  # every request of it went away before it was sent
+                    continue
                 keys: list[bytes] = []
                 args: list[bytes] = []
                 for call, _ in batch:
@@ -259,7 +262,7 @@ class RateLimiter:
                     continue
                 answers = reply.split(b";")
                 for i, (call, future) in enumerate(batch):
-                    if future.done():  # its request went away; the hit was counted
+                    if future.done():  # its request went away after it was sent
                         continue
                     try:
                         future.set_result(_answer(call.windows, answers[i]))

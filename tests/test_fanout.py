@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REDIS_URL, truncate_all
 from tokenward.app import open_services
-from tokenward.service import TokenSpec
+from tokenward.service import TokenSpec, issue_bootstrap_record
 from tokenward.tokens.model import Reason
 
 
@@ -63,3 +63,32 @@ async def test_cache_is_off_while_not_subscribed(settings):
         assert svc.verifier.cache_enabled is False
     finally:
         await svc.close()
+
+
+async def test_every_redis_key_lives_under_the_configured_prefix(settings):
+    """Rate-limit counters, like the revocation channel, sit under TOKENWARD_REDIS_PREFIX."""
+    import secrets as _secrets
+
+    from redis.asyncio import Redis
+
+    prefix = f"twtest-{_secrets.token_hex(4)}:"
+    settings = settings.model_copy(update={"redis_url": REDIS_URL, "redis_prefix": prefix})
+    services = await open_services(settings)
+    try:
+        admin = issue_bootstrap_record(services.hasher, services.verifier.clock())
+        await services.store.insert_token(admin.record, services.hasher.hash(admin.secret))
+        await services.tokens.create_project(admin.record, "app")
+        issued = await services.tokens.create_token(
+            admin.record, TokenSpec(project="app", scopes=["records:read"], rate_limit=["5/minute"])
+        )
+        decision = await services.verifier.verify(issued.secret, scope="records:read")
+        assert decision.allowed and decision.ratelimit is not None
+        redis = Redis.from_url(REDIS_URL)
+        try:
+            keys = [k.decode() async for k in redis.scan_iter(match=f"{prefix}*")]
+            assert keys and any(issued.record.id in k for k in keys)
+            await redis.delete(*keys)
+        finally:
+            await redis.aclose()
+    finally:
+        await services.close()

@@ -90,7 +90,7 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     if run_migrations:
         await migrate(engine)
     store = TokenStore(engine)
-    limiter = RateLimiter(settings.redis_url)
+    limiter = RateLimiter(settings.redis_url, namespace=settings.redis_prefix)
     redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
     verifier = Verifier(store, hasher, limiter, cache_ttl=settings.cache_ttl)
     events = EventBus()

@@ -71,7 +71,7 @@ def attach(app: FastAPI, services: Any) -> DashboardState:
             login_rate_account=settings.dashboard_login_rate,
             login_rate_ip=settings.dashboard_login_rate_ip,
         )
-        limiter = RateLimiter(settings.redis_url, namespace="tokenward-login")
+        limiter = RateLimiter(settings.redis_url, namespace=settings.redis_prefix + "login")
         accounts = Accounts(
             services.engine,
             DashboardKeys(services.hasher),

@@ -74,6 +74,7 @@ async def test_every_redis_key_lives_under_the_configured_prefix(settings):
     prefix = f"twtest-{_secrets.token_hex(4)}:"
     settings = settings.model_copy(update={"redis_url": REDIS_URL, "redis_prefix": prefix})
     services = await open_services(settings)
+    await truncate_all(services)
     try:
         admin = issue_bootstrap_record(services.hasher, services.verifier.clock())
         await services.store.insert_token(admin.record, services.hasher.hash(admin.secret))

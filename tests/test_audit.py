@@ -338,3 +338,86 @@ async def test_the_writer_reconnects_when_its_connection_is_killed(services):
     await writer.close()
     assert len(await all_events(services, action="after")) == 20
     assert (await verify_chain(services.engine, keys(services))).ok
+
+
+async def test_a_head_locked_elsewhere_fails_closed_in_time(services):
+    """PostgreSQL: a writer that cannot get the chain head answers 503 within its promise."""
+    if services.engine.dialect.name != "postgresql":
+        return
+    from tokenward.errors import Unavailable
+
+    now = services.verifier.clock()
+    writer = AuditWriter(services.engine, keys(services), give_up_after=1)
+    await writer.submit(AuditRecord(at=now, kind="admin", action="first"))  # head row exists
+    async with services.engine.connect() as holder:
+        await holder.exec_driver_sql("BEGIN")
+        await holder.exec_driver_sql("UPDATE audit_head SET seq = seq WHERE id = 1")
+        started = asyncio.get_running_loop().time()
+        try:
+            await writer.submit(AuditRecord(at=now, kind="admin", action="blocked"))
+        except Unavailable:
+            pass
+        else:
+            raise AssertionError("an event was acknowledged that could not be written")
+        assert asyncio.get_running_loop().time() - started < 5
+        await holder.exec_driver_sql("ROLLBACK")
+    await writer.submit(AuditRecord(at=now, kind="admin", action="after"))  # and it recovers
+    await writer.close()
+    assert len(await all_events(services, action="after")) == 1
+    assert (await verify_chain(services.engine, keys(services))).ok
+
+
+async def test_an_event_that_cannot_be_encoded_fails_alone(services):
+    from tokenward.errors import Unavailable
+
+    now = services.verifier.clock()
+    writer = AuditWriter(services.engine, keys(services), give_up_after=2)
+    good = [AuditRecord(at=now, kind="admin", action="good") for _ in range(4)]
+    surrogate = AuditRecord(at=now, kind="admin", action="bad", detail={"note": "a\udcffb"})
+    huge = AuditRecord(at=now, kind="admin", action="bad", latency_us=2**70)
+    results = await asyncio.gather(
+        *[writer.submit(r) for r in [good[0], surrogate, good[1], huge, *good[2:]]],
+        return_exceptions=True,
+    )
+    await writer.close()
+    assert [type(r).__name__ for r in results] == [
+        "NoneType",
+        "Unavailable",
+        "NoneType",
+        "Unavailable",
+        "NoneType",
+        "NoneType",
+    ]
+    assert isinstance(results[1], Unavailable)
+    assert len(await all_events(services, action="good")) == 4
+    assert (await verify_chain(services.engine, keys(services))).ok
+
+
+async def test_a_writer_that_dies_fails_its_waiters_and_a_new_one_takes_over(services):
+    from tokenward.errors import Unavailable
+
+    now = services.verifier.clock()
+    writer = AuditWriter(services.engine, keys(services), linger=0.2)
+    waiting = asyncio.ensure_future(writer.submit(AuditRecord(at=now, kind="admin", action="x")))
+    await asyncio.sleep(0.05)  # the writer lingers with the event in its batch
+    assert writer._task is not None
+    writer._task.cancel()
+    try:
+        await asyncio.wait_for(waiting, 2)
+    except Unavailable:
+        pass
+    else:
+        raise AssertionError("an event was acknowledged that no writer wrote")
+    writer.linger = 0.0
+    await writer.submit(AuditRecord(at=now, kind="admin", action="after"))
+    await asyncio.wait_for(writer.close(), 5)
+    assert writer.depth == 0
+    assert len(await all_events(services, action="after")) == 1
+
+
+def test_admin_detail_keeps_its_text_and_loses_only_what_no_store_takes():
+    from tokenward.audit.records import normalize
+
+    assert normalize({"note": "see C:\\u0000 path"}) == {"note": "see C:\\u0000 path"}
+    assert normalize({"a\x00": "b\x00c"}) == {"a\\x00": "b\\x00c"}
+    assert normalize({"n": [1, 2.5, {"k": "\udcff"}]}) == {"n": [1, 2.5, {"k": "?"}]}

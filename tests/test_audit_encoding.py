@@ -49,7 +49,7 @@ def test_iso_is_utc_with_microseconds_whatever_the_zone():
 def test_ids_are_unique_and_a_forked_child_draws_new_ones():
     ids = {new_event_id() for _ in range(1000)} | {new_request_id() for _ in range(1000)}
     assert len(ids) == 2000
-    assert all(len(i) == 20 for i in ids if i.startswith("req_"))
+    assert all(len(i) == 28 for i in ids if i.startswith("req_"))
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report its next ids and leave at once
@@ -60,7 +60,7 @@ def test_ids_are_unique_and_a_forked_child_draws_new_ones():
     os.close(read)
     os.waitpid(pid, 0)
     mine = [new_event_id(), new_request_id()]
-    assert child[0][:16] != mine[0][:16] and child[1][:12] != mine[1][:12]
+    assert child[0][:16] != mine[0][:16] and child[1][:20] != mine[1][:20]
 
 
 def test_the_checkpoint_moves_the_log_into_the_database(tmp_path):

@@ -117,12 +117,12 @@ class IdSource:
         self.counter = itertools.count(1)
 
 
-_REQUEST_IDS = IdSource("req_", 4)
+_REQUEST_IDS = IdSource("req_", 8)
 
 
 def new_request_id() -> str:
-    """``req_`` and 16 hex digits."""
-    return f"{_REQUEST_IDS.prefix}{next(_REQUEST_IDS.counter) & 0xFFFFFFFF:08x}"
+    """``req_``, 16 random hex digits per process, and a counter (8 hex digits or more)."""
+    return f"{_REQUEST_IDS.prefix}{next(_REQUEST_IDS.counter):08x}"
 
 
 @dataclass(frozen=True, slots=True)

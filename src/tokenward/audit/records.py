@@ -107,12 +107,7 @@ def _clip(value: str | None, size: int) -> str | None:
     """At most ``size`` characters that every store accepts (no NUL, no lone surrogate)."""
     if value is None:
         return None
-    if "\x00" in value:
-        value = value.replace("\x00", "\\x00")
-    value = value[:size]
-    if not value.isprintable():  # lone surrogates cannot be encoded for any store
-        value = value.encode("utf-8", "replace").decode("utf-8")
-    return value
+    return _clean(value[:size])[:size]
 
 
 def access_row(event: AccessEvent) -> Row:
@@ -192,10 +187,31 @@ def from_security(event: SecurityEvent) -> AuditRecord:
 
 
 def normalize(detail: dict[str, Any]) -> dict[str, Any]:
-    """Make ``detail`` plain JSON, so what is hashed is exactly what is stored and read."""
-    text = json.dumps(detail, default=str).replace("\\u0000", "\\\\x00")
-    value: dict[str, Any] = json.loads(text)
+    """Make ``detail`` plain JSON, so what is hashed is exactly what is stored and read.
+
+    Strings (keys too) lose what no store takes: a NUL becomes the text ``\\x00``, a lone
+    surrogate the replacement character.
+    """
+    value: dict[str, Any] = _plain_json(json.loads(json.dumps(detail, default=str)))
     return value
+
+
+def _plain_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return _clean(value)
+    if isinstance(value, dict):
+        return {_clean(k): _plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_json(v) for v in value]
+    return value
+
+
+def _clean(text: str) -> str:
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isprintable():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def iso(value: datetime) -> str:

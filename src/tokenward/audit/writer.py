@@ -78,12 +78,14 @@ class _Batch:
     written on their own, see :meth:`AuditWriter._write_rows`).
     """
 
-    __slots__ = ("failed", "future", "rows")
+    __slots__ = ("failed", "future", "rows", "watchdog")
 
     def __init__(self, future: asyncio.Future[None]) -> None:
         self.future = future
         self.rows: list[Row] = []
         self.failed: dict[int, BaseException] = {}  # id(row) → why it was not written
+        #: fails the batch if the writer has not settled it in time (see ``_expire``)
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def error_for(self, row: Row) -> BaseException | None:
         """``None`` once ``row`` is durable; the reason it never will be otherwise."""
@@ -185,7 +187,10 @@ class AuditWriter:
         self._inflight += 1
         batch = self._batch
         if batch is None:
-            batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
+            loop = asyncio.get_running_loop()
+            batch = self._batch = _Batch(loop.create_future())
+            if self.mode == "sync":  # one timer per batch: nobody waits past the promise
+                batch.watchdog = loop.call_later(self.give_up_after + 5.0, _expire, batch)
             assert self._wakeup is not None and self._idle is not None
             self._idle.clear()
             self._wakeup.set()
@@ -204,10 +209,11 @@ class AuditWriter:
             raise error
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is written."""
-        if self._idle is not None:
-            while self._inflight:
-                await self._idle.wait()
+        """Wait until everything queued so far is written (or has failed)."""
+        idle = self._idle
+        while idle is not None and self._inflight:
+            idle.clear()  # set again by the batch that brings the count to zero
+            await idle.wait()
 
     async def close(self) -> None:
         """Refuse new events, write everything queued, stop the writer task."""
@@ -226,14 +232,19 @@ class AuditWriter:
         self._space = asyncio.Event()
         self._space.set()
         self._idle = asyncio.Event()
-        self._idle.set()
+        if self._inflight == 0:
+            self._idle.set()
         self._wakeup = asyncio.Event()
+        if self._batch is not None:  # queued while no writer ran: the new one takes them
+            self._wakeup.set()
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="tokenward-audit-writer")
 
     def _settle(self, batch: _Batch, error: BaseException | None) -> None:
         """Settle the batch's future and free its queue slots."""
         assert self._space is not None and self._idle is not None
+        if batch.watchdog is not None:
+            batch.watchdog.cancel()
         if not batch.future.done():
             if error is None:
                 batch.future.set_result(None)
@@ -277,32 +288,65 @@ class AuditWriter:
                     await self._write_batch(sink, batch)
                 if self._stopping and self._batch is None:
                     return
+        except BaseException as exc:
+            # The writer is going away (cancelled, or a bug): nobody may wait on events
+            # that no writer will take. The next event starts a new writer.
+            orphan, self._batch = self._batch, None
+            if orphan is not None:
+                self._settle(orphan, _failed(len(orphan.rows), exc))
+            raise
         finally:
             await sink.close()
 
     async def _write_batch(self, sink: _Sink, batch: _Batch) -> None:
-        error: BaseException | None = None
+        """Write ``batch`` in chunks of ``batch_size``; a chunk that cannot be written fails
+        its own events only (the others are durable and their requests are answered)."""
         rows = batch.rows
         try:
             for start in range(0, len(rows), self.batch_size):
-                await self._write_rows(sink, batch, rows[start : start + self.batch_size])
-        except Exception as exc:
-            error = exc if isinstance(exc, Unavailable) else _failed(len(rows), exc)
-        self._settle(batch, error)
+                chunk = rows[start : start + self.batch_size]
+                try:
+                    await self._write_rows(sink, batch, chunk)
+                except Exception as exc:
+                    error = exc if isinstance(exc, Unavailable) else _failed(len(chunk), exc)
+                    for row in chunk:
+                        batch.failed.setdefault(id(row), error)
+        except BaseException as exc:  # cancelled mid-write: what is unsettled has failed
+            self._settle(batch, _failed(len(rows), exc))
+            raise
+        self._settle(batch, None)
 
     async def _write_rows(self, sink: _Sink, batch: _Batch, rows: list[Row]) -> None:
-        """Write ``rows`` in one transaction; when the data is at fault, one by one, so
+        """Write ``rows`` in one transaction. A row that cannot even be encoded fails on its
+        own before any I/O; when the database refuses the data, the rows go one by one, so
         that one bad event does not take the others down (its request alone gets a 503)."""
+        sqlite = isinstance(sink, _SQLiteSink)
+        prepared: list[_Prepared] = []
+        kept: list[Row] = []
+        for row in rows:
+            try:
+                prepared.append(prepare(row, sqlite=sqlite))
+            except Exception as exc:
+                batch.failed[id(row)] = _failed(1, exc)
+            else:
+                kept.append(row)
+        await self._write_prepared(sink, batch, kept, prepared)
+
+    async def _write_prepared(
+        self, sink: _Sink, batch: _Batch, rows: list[Row], prepared: list[_Prepared]
+    ) -> None:
+        if not prepared:
+            return
         try:
-            await sink.write(rows)
+            await sink.write(prepared)
         except _Permanent as exc:
-            if len(rows) == 1:
+            if len(prepared) == 1:
                 batch.failed[id(rows[0])] = _failed(1, exc.__cause__ or exc)
                 return
-            for row in rows:
-                await self._write_rows(sink, batch, [row])
+            for row, item in zip(rows, prepared, strict=True):
+                await self._write_prepared(sink, batch, [row], [item])
             return
-        self.written += len(rows)
+        self.written += len(prepared)
 
     async def append(self, records: list[AuditRecord]) -> None:
         """Append ``records`` now, on the caller's loop (tools, tests, imports)."""
@@ -313,45 +357,63 @@ class AuditWriter:
     async def _append_on(self, conn: AsyncConnection, rows: list[Row]) -> None:
         """Append ``rows`` to the chain in one transaction (the group commit)."""
         started = time.perf_counter()
+        sqlite = conn.dialect.name == "sqlite"
+        prepared = [prepare(row, sqlite=sqlite) for row in rows]
         async with conn.begin():
             seq, prev = await _lock_head(conn)
-            sealed, head = self.seal(rows, seq, prev, sqlite=conn.dialect.name == "sqlite")
+            sealed, head = self.seal(prepared, seq, prev)
             await _insert_rows(conn, sealed, head)
         if self.observe is not None:
             self.observe(len(rows), time.perf_counter() - started)
 
     def seal(
-        self, rows: list[Row], seq: int, prev: str, *, sqlite: bool
+        self, prepared: list[_Prepared], seq: int, prev: str
     ) -> tuple[list[tuple[Any, ...]], tuple[int, str]]:
-        """Number and chain ``rows`` after ``(seq, prev)``: the table rows, and the new head.
-
-        This is the writer's work per event: the canonical text, one HMAC, the stored row.
-        """
+        """Number and chain ``prepared`` rows after ``(seq, prev)``: the table rows, and the
+        new head. One HMAC per row; nothing here can fail on the data."""
         key_id = self.keys.current_id
         key = self.keys.by_id[key_id]
         out: list[tuple[Any, ...]] = []
         prev_bytes = prev.encode()
-        for row in rows:
+        for canonical, stored in prepared:
             seq += 1
-            at = iso(row[1])
-            detail = row[_DETAIL]
-            digest = hmac.new(
-                key, prev_bytes + b"\x00" + canonical_row(row, at), "sha256"
-            ).hexdigest()
-            # Stored: "at" as the column type stores it, the detail as JSON text.
-            when = row[1]
-            if sqlite:
-                stored_at: Any = at[:10] + " " + at[11:26]
-            else:
-                stored_at = when if when.tzinfo is UTC else when.astimezone(UTC)
-            text = orjson.dumps(detail).decode() if plain(detail) else _JSON(detail)
-            out.append((seq, row[0], stored_at, *row[2:_DETAIL], text, key_id, prev, digest))
+            digest = hmac.new(key, prev_bytes + b"\x00" + canonical, "sha256").hexdigest()
+            out.append((seq, *stored, key_id, prev, digest))
             prev = digest
             prev_bytes = digest.encode()
         return out, (seq, prev)
 
 
+#: A row made ready to store, all but its place in the chain: its canonical (hashed) text,
+#: and its stored values from ``id`` to ``detail``.
+_Prepared = tuple[bytes, tuple[Any, ...]]
+_INT64 = range(-(2**63), 2**63)
+
+
+def prepare(row: Row, *, sqlite: bool) -> _Prepared:
+    """Encode ``row`` for the chain and the table; raise if it cannot be stored as it is."""
+    at = iso(row[1])
+    canonical = canonical_row(row, at)  # raises for a lone surrogate, a non-JSON value
+    latency = row[_LATENCY]
+    if latency is not None and latency not in _INT64:
+        raise ValueError("latency_us does not fit a 64-bit integer")
+    detail = row[_DETAIL]
+    if plain(detail):
+        text = orjson.dumps(detail).decode()
+    else:
+        text = _JSON(detail)
+        text.encode()  # a lone surrogate would only fail in the driver, for the whole batch
+    # Stored: "at" as the column type stores it, the detail as JSON text.
+    when = row[1]
+    if sqlite:
+        stored_at: Any = at[:10] + " " + at[11:26]
+    else:
+        stored_at = when if when.tzinfo is UTC else when.astimezone(UTC)
+    return canonical, (row[0], stored_at, *row[2:_DETAIL], text)
+
+
 _DETAIL = HASHED_FIELDS.index("detail")
+_LATENCY = HASHED_FIELDS.index("latency_us")
 _INSERT_COLUMNS = tuple(c.name for c in audit_events.c)
 assert ("seq", *HASHED_FIELDS, "key_id", "prev_hash", "hash") == _INSERT_COLUMNS
 _JSON = json.JSONEncoder(separators=(",", ":")).encode
@@ -364,7 +426,7 @@ class _Permanent(Exception):
 class _Sink:
     """Where the writer task appends batches (one per database kind)."""
 
-    async def write(self, rows: list[Row]) -> None:
+    async def write(self, rows: list[_Prepared]) -> None:
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -377,21 +439,24 @@ class _SQLiteSink(_Sink):
     SQLite's automatic checkpoint would run inside whichever commit crosses the log's size
     threshold: copying the log into the database and syncing it, on the request loop
     (measured: 74 µs per commit of 32 events without it, 322 µs with it, and a stall of up
-    to 17 ms when it runs). The writer's link turns it off, and every
-    ``CHECKPOINT_EVERY`` commits a passive checkpoint runs on a worker thread instead
-    (SQLite releases the interpreter lock while it does I/O).
+    to 17 ms when it runs). The writer's link turns it off, and after ``CHECKPOINT_ROWS``
+    events or ``CHECKPOINT_COMMITS`` commits, whichever comes first, a passive checkpoint
+    runs on a worker thread instead (SQLite releases the interpreter lock while it does I/O).
+    The log is cut back to ``journal_size_limit`` whenever it starts over.
     """
 
-    CHECKPOINT_EVERY = 200
+    CHECKPOINT_ROWS = 4000
+    CHECKPOINT_COMMITS = 200
 
     def __init__(self, writer: AuditWriter) -> None:
         self.writer = writer
         self.path = writer.engine.url.database or ""
         self.appender = _SQLiteAppender(self.path, writer)
         self.commits = 0
+        self.rows = 0
         self.checkpoint: asyncio.Task[None] | None = None
 
-    async def write(self, rows: list[Row]) -> None:
+    async def write(self, rows: list[_Prepared]) -> None:
         writer = self.writer
         started = time.monotonic()
         delay = 0.002
@@ -402,7 +467,9 @@ class _SQLiteSink(_Sink):
                 if writer.observe is not None:
                     writer.observe(len(rows), time.perf_counter() - t0)
                 self.commits += 1
-                if self.commits % self.CHECKPOINT_EVERY == 0:
+                self.rows += len(rows)
+                if self.rows >= self.CHECKPOINT_ROWS or self.commits >= self.CHECKPOINT_COMMITS:
+                    self.rows = self.commits = 0
                     self._start_checkpoint()
                 return
             except _PERMANENT_SQLITE as exc:
@@ -470,36 +537,56 @@ class _PostgresSink(_Sink):
         try:
             async with conn.begin():
                 await _lock_head(conn)  # creates the head row on first use
-            raw = await conn.get_raw_connection()
+            raw = (await conn.get_raw_connection()).driver_connection
+            if raw is None:
+                raise RuntimeError("no driver connection")
+            # Bounded server-side too: a lock held elsewhere is not waited on past the
+            # promise, and a transaction of this writer cut off mid-way frees the head row.
+            limit = max(1, int(self.writer.give_up_after * 1000))
+            await raw.execute(
+                f"SET lock_timeout = {limit:d}; SET idle_in_transaction_session_timeout = 30000"
+            )
         except BaseException:
             with contextlib.suppress(Exception):
                 await conn.close()
             raise
-        self.conn, self.raw = conn, raw.driver_connection
-        return self.raw
+        self.conn, self.raw = conn, raw
+        return raw
 
-    async def write(self, rows: list[Row]) -> None:
+    async def write(self, rows: list[_Prepared]) -> None:
         writer = self.writer
         started = time.monotonic()
         delay = 0.05
+        #: the id of a batch whose COMMIT went out but whose answer never came back
+        uncertain: str | None = None
         while True:
+            committing = False
             try:
-                raw = self.raw if self.raw is not None else await self._connect()
-                t0 = time.perf_counter()
-                await raw.execute("BEGIN")
-                head = await raw.fetchrow(_PG_LOCK_HEAD)
-                if head is None:
-                    raise RuntimeError("the audit chain head is missing")
-                seq, prev = int(head[0]), str(head[1])
-                sealed, (seq, prev) = writer.seal(rows, seq, prev, sqlite=False)
-                await raw.executemany(_PG_INSERT, sealed)
-                # Moving the head and committing share one round trip (simple protocol: the
-                # values are written in, an integer and a hex digest made right here).
-                if not _HEX64.fullmatch(prev):
-                    raise RuntimeError("a chain hash is not a hex digest")
-                await raw.execute(
-                    f"UPDATE audit_head SET seq = {seq:d}, hash = '{prev}' WHERE id = 1; COMMIT"  # noqa: S608 (checked above)
-                )
+                # Every attempt is bounded, so a database that hangs (a lock, a silent
+                # network) fails the waiting requests within ``give_up_after`` too.
+                left = writer.give_up_after - (time.monotonic() - started)
+                async with asyncio.timeout(max(left, 0.5) if writer.mode == "sync" else 30.0):
+                    raw = self.raw if self.raw is not None else await self._connect()
+                    if uncertain is not None:
+                        found = await raw.fetchval(_PG_FIND_EVENT, uncertain)
+                        if found:  # it was committed after all: written once, not twice
+                            return
+                        uncertain = None
+                    t0 = time.perf_counter()
+                    await raw.execute("BEGIN")
+                    head = await raw.fetchrow(_PG_LOCK_HEAD)
+                    if head is None:
+                        raise RuntimeError("the audit chain head is missing")
+                    sealed, (seq, prev) = writer.seal(rows, int(head[0]), str(head[1]))
+                    await raw.executemany(_PG_INSERT, sealed)
+                    # Moving the head and committing share one round trip (simple protocol:
+                    # the values are written in, an integer and a hex digest made here).
+                    if not _HEX64.fullmatch(prev):
+                        raise RuntimeError("a chain hash is not a hex digest")
+                    committing = True
+                    await raw.execute(
+                        f"UPDATE audit_head SET seq = {seq:d}, hash = '{prev}' WHERE id = 1; COMMIT"  # noqa: S608 (checked above)
+                    )
                 if writer.observe is not None:
                     writer.observe(len(rows), time.perf_counter() - t0)
                 return
@@ -507,8 +594,10 @@ class _PostgresSink(_Sink):
                 await self._drop()
                 if _permanent(exc):
                     raise _Permanent() from exc
+                if committing:
+                    uncertain = rows[0][1][0]  # the first event's id
                 waited = time.monotonic() - started
-                if writer.mode == "sync" and waited > writer.give_up_after:
+                if writer.mode == "sync" and waited >= writer.give_up_after:
                     raise _failed(len(rows), exc) from exc
                 log.warning("audit_write_retry", error=type(exc).__name__, waited=round(waited, 2))
                 await asyncio.sleep(delay)
@@ -523,19 +612,29 @@ class _PostgresSink(_Sink):
                 await conn.close()
 
     async def close(self) -> None:
-        conn, self.conn, self.raw = self.conn, None, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
+        await self._drop()  # not back to the pool: the session carries the timeouts above
 
 
 #: A no-op update takes the head row's lock: writers in every process append one at a time.
 _PG_LOCK_HEAD = "UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, hash"
+_PG_FIND_EVENT = "SELECT 1 FROM audit_events WHERE id = $1"
 _PG_INSERT = (
     f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 (no input)
     f"VALUES ({', '.join(f'${n + 1}' for n in range(len(_INSERT_COLUMNS)))})"
 )
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _expire(batch: _Batch) -> None:
+    """A batch the writer has not settled ``give_up_after`` (and some) seconds on: its
+    requests are answered 503 now. The writer settles it for good when it is done."""
+    batch.watchdog = None
+    if not batch.future.done():
+        log.error("audit_write_overdue", events=len(batch.rows))
+        batch.future.set_exception(
+            Unavailable("audit_unavailable", "the audit log cannot be written")
+        )
+        batch.future.exception()
 
 
 def _failed(events: int, exc: BaseException) -> Unavailable:
@@ -565,6 +664,7 @@ class _SQLiteAppender:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA wal_autocheckpoint=0")  # see _SQLiteSink
+            db.execute("PRAGMA journal_size_limit=67108864")
             self.db = db
         return self.db
 
@@ -577,7 +677,7 @@ class _SQLiteAppender:
             with contextlib.suppress(sqlite3.Error):
                 db.close()
 
-    def append(self, rows: list[Row]) -> None:
+    def append(self, rows: list[_Prepared]) -> None:
         db = self.connect()
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -587,7 +687,7 @@ class _SQLiteAppender:
                     "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1"
                 ).fetchone() or (0, GENESIS)
                 db.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?)", head)
-            sealed, (seq, prev) = self.writer.seal(rows, int(head[0]), str(head[1]), sqlite=True)
+            sealed, (seq, prev) = self.writer.seal(rows, int(head[0]), str(head[1]))
             db.executemany(_SQLITE_INSERT, sealed)
             db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
             db.execute("COMMIT")

@@ -223,7 +223,7 @@ class AuditWriter:
         self._stopping = True
         if self._wakeup is not None:
             self._wakeup.set()
-        if task is not None:
+        if task is not None and not task.done():
             await task
         self._task = None
 

@@ -215,13 +215,31 @@ async def test_broken_answers_are_502_never_passed_on(services, auth):
                 keep=False,
             ),
             "/records/silent": answer(b"", keep=False),
+            "/records/huge-head": answer(
+                b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"b" * 70_000 + b"\r\n\r\n", keep=False
+            ),
         }
     )
     async with gateway_before(services, upstream) as (gw, _):
-        for path in ("/records/garbage", "/records/short", "/records/upgrade", "/records/silent"):
+        for path in upstream.scripts:
             r = await gw.get(path, headers=auth)
             assert r.status_code == 502, path
             assert r.json()["error"] == "upstream_unavailable"
+
+
+async def test_a_large_answer_streams_and_the_connection_serves_the_next(services, auth):
+    size = 2_500_000  # well past the read-ahead: reading pauses and resumes
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"y" * size
+    upstream = RawUpstream({"/records/big": answer(big), "/records/x": answer(OK)})
+    async with gateway_before(services, upstream) as (gw, _):
+        async with gw.stream("GET", "/records/big", headers=auth) as r:
+            received = 0
+            async for chunk in r.aiter_raw():
+                received += len(chunk)
+                await asyncio.sleep(0.001)  # a client slower than the upstream
+        assert (r.status_code, received) == (200, size)
+        assert (await gw.get("/records/x", headers=auth)).content == b"ok"
+    assert [s.connection for s in upstream.seen] == [1, 1]
 
 
 async def test_a_long_answer_cut_short_cuts_the_client_connection(services, auth):

@@ -16,7 +16,8 @@ What a connection promises:
   read, both sides willing to keep it alive (HTTP/1.1 without ``Connection: close``); a
   response to ``HEAD`` closes it (llhttp cannot be told a body is absent);
 * interim responses (``100 Continue``, ``103 Early Hints``) are skipped; an upgrade, a parse
-  error or a truncated body is an error, never a short answer passed on as whole;
+  error, a head over :data:`MAX_HEAD_BYTES` or a truncated body is an error, never a short
+  answer passed on as whole;
 * a body without length or chunking ends when the upstream closes the connection;
 * every wait on the upstream (its headers, the next chunk, room to write) is bounded by the
   upstream's ``timeout``; acquiring a connection (waiting for the pool, connecting, TLS) by
@@ -42,6 +43,8 @@ from tokenward.gateway.config import Upstream
 KEEPALIVE_SECONDS = 30.0
 #: response bytes read ahead of the client before reading from the upstream pauses
 _READ_AHEAD = 256 * 1024
+#: the most bytes an answer's status line and headers (interim answers included) may take
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -72,11 +75,13 @@ class Connection(asyncio.Protocol):
         "complete",
         "error",
         "has_head",
+        "head_bytes",
         "headers",
         "idle_since",
         "keep_alive",
         "loop",
         "parser",
+        "pending_bytes",
         "pool",
         "received",
         "request_sent",
@@ -105,6 +110,8 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.has_head = False
+        self.head_bytes = 0  # of the headers parsed so far
+        self.pending_bytes = 0  # received while the head is incomplete
         self.complete = False
         self.keep_alive = False
         self.request_sent = False
@@ -119,6 +126,9 @@ class Connection(asyncio.Protocol):
         if self.closed or self.transport is None:
             raise UpstreamError("the pooled connection was closed")
         self._reset(head_only)
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
         self.busy = True
         self.transport.write(head)
         self.request_sent = sent
@@ -246,9 +256,18 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self.fail(UpstreamError("the upstream switched protocols"))
             self.close()
+            return
         except httptools.HttpParserError:
             self.fail(UpstreamError("the upstream answer is not valid HTTP/1.1"))
             self.close()
+            return
+        if self.error is not None:
+            self.close()
+        elif not self.has_head:  # a head still arriving: bounded as it grows
+            self.pending_bytes += len(data)
+            if self.pending_bytes > MAX_HEAD_BYTES:
+                self.fail(UpstreamError("the upstream answer's head is too large"))
+                self.close()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -283,9 +302,13 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.complete:
             self.headers.append((name, value))
+            self.head_bytes += len(name) + len(value)
 
     def on_headers_complete(self) -> None:
-        if self.complete:
+        if self.complete or self.error is not None:
+            return
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self.fail(UpstreamError("the upstream answer's head is too large"))
             return
         status = self.parser.get_status_code()
         if status < 200:  # an interim answer: the real one follows

@@ -368,3 +368,13 @@ async def test_expect_100_continue_is_answered_after_the_decision(services, auth
         assert first.startswith(b"HTTP/1.1 401 ")  # no invitation to send the body
     [seen] = upstream.seen
     assert seen.body == b"hello" and "expect" not in seen.headers
+
+
+async def test_an_unknown_expectation_is_417_after_the_decision(services, auth):
+    upstream = RawUpstream({"/records/x": answer(OK)})
+    async with gateway_before(services, upstream) as (gw, _):
+        r = await gw.post("/records/x", headers={**auth, "Expect": "coffee"}, content=b"{}")
+        assert r.status_code == 417 and r.json()["error"] == "expectation_failed"
+        r = await gw.post("/records/x", headers={"Expect": "coffee"}, content=b"{}")
+        assert r.status_code == 401  # a denial stays a denial
+    assert upstream.seen == []

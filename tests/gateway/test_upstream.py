@@ -378,3 +378,35 @@ async def test_an_unknown_expectation_is_417_after_the_decision(services, auth):
         r = await gw.post("/records/x", headers={"Expect": "coffee"}, content=b"{}")
         assert r.status_code == 401  # a denial stays a denial
     assert upstream.seen == []
+
+
+async def test_an_upstream_that_neither_reads_nor_answers_times_out(services, auth):
+    async def stall(upstream: RawUpstream, writer: asyncio.StreamWriter, seen: Seen) -> bool:
+        await asyncio.sleep(5)
+        return False
+
+    upstream = RawUpstream({"/records/upload": stall}, read_body=False)
+
+    async def body():
+        for _ in range(60):
+            yield b"u" * 30_000
+
+    async with gateway_before(services, upstream) as (gw, _):
+        started = asyncio.get_running_loop().time()
+        r = await gw.put("/records/upload", headers=auth, content=body())
+        assert r.status_code == 504 and r.json()["error"] == "upstream_timeout"
+        assert asyncio.get_running_loop().time() - started < 3
+
+
+async def test_a_slow_upload_is_not_an_upstream_timeout(services, auth):
+    upstream = RawUpstream({"/records/upload": answer(OK)})
+
+    async def slowly():
+        for _ in range(6):
+            yield b"s" * 1000
+            await asyncio.sleep(0.2)  # 1.2 s in all; the upstream's timeout is 0.5 s
+
+    async with gateway_before(services, upstream) as (gw, _):
+        r = await gw.put("/records/upload", headers=auth, content=slowly())
+    assert r.status_code == 200
+    assert upstream.seen[0].body == b"s" * 6000

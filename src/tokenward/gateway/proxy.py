@@ -329,7 +329,7 @@ class Gateway:
                     break
             if chunked:
                 conn.write(b"0\r\n\r\n")
-            conn.request_sent = True
+            conn.sent()
         except asyncio.CancelledError:
             raise
         except _BodyTooLarge as exc:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gzip
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import pytest
 from tests.conftest import free_port
 from tests.gateway.support import POLICY, make_token, use_policy
 from tokenward.gateway.proxy import Gateway
+from tokenward.server import self_signed
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
 
@@ -88,16 +90,16 @@ def answer(data: bytes, keep: bool = True) -> Script:
 
 @contextlib.asynccontextmanager
 async def gateway_before(
-    services, upstream: RawUpstream, policy: str = POLICY
-) -> AsyncIterator[tuple[httpx.AsyncClient, int]]:
+    services, upstream: RawUpstream, policy: str = POLICY, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[httpx.AsyncClient, Gateway]]:
     upstream_port, gateway_port = free_port(), free_port()
     use_policy(services, policy.format(port=upstream_port, dead_port=free_port()))
-    server = await asyncio.start_server(upstream.serve, "127.0.0.1", upstream_port)
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", upstream_port, ssl=tls)
     gateway = Gateway(services.enforcement)
     await gateway.start("127.0.0.1", gateway_port)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway_port}") as client:
-            yield client, gateway_port
+            yield client, gateway
     finally:
         await gateway.aclose()
         server.close()
@@ -290,8 +292,9 @@ async def test_the_pool_bounds_connections_and_waiting_for_one_times_out(service
     upstream = RawUpstream({"/records/slow": slow, "/records/x": answer(OK)})
     async with gateway_before(services, upstream, policy) as (gw, _):
         first = asyncio.ensure_future(gw.get("/records/slow", headers=auth))
-        await asyncio.sleep(0.05)
-        r = await gw.get("/records/x", headers=auth)  # the only connection is busy
+        while not upstream.seen:  # until the slow request holds the only connection
+            await asyncio.sleep(0.01)
+        r = await gw.get("/records/x", headers=auth)
         assert r.status_code == 504 and r.json()["error"] == "upstream_timeout"
         assert (await first).status_code == 200
         assert (await gw.get("/records/x", headers=auth)).status_code == 200
@@ -354,7 +357,8 @@ def _raw_exchange(port: int, head: bytes, body: bytes | None) -> tuple[bytes, by
 
 async def test_expect_100_continue_is_answered_after_the_decision(services, auth):
     upstream = RawUpstream({"/records/upload": answer(OK)})
-    async with gateway_before(services, upstream) as (_, port):
+    async with gateway_before(services, upstream) as (gw, _):
+        port = gw.base_url.port
         head = (
             b"POST /records/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n"
             b"Expect: 100-continue\r\nConnection: close\r\n"
@@ -410,3 +414,19 @@ async def test_a_slow_upload_is_not_an_upstream_timeout(services, auth):
         r = await gw.put("/records/upload", headers=auth, content=slowly())
     assert r.status_code == 200
     assert upstream.seen[0].body == b"s" * 6000
+
+
+async def test_tls_upstreams_are_verified(services, auth, tmp_path):
+    cert, key, _ = self_signed(tmp_path / "tls", "127.0.0.1")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    policy = POLICY.replace('url = "http://127.0.0.1:{port}"', 'url = "https://127.0.0.1:{port}"')
+    upstream = RawUpstream({"/records/x": answer(OK)})
+    async with gateway_before(services, upstream, policy, tls) as (gw, gateway):
+        r = await gw.get("/records/x", headers=auth)
+        assert r.status_code == 502  # a certificate no trusted authority signed
+        trusting = ssl.create_default_context(cafile=str(cert))
+        gateway._pools["records"].ssl = trusting  # as if the system trusted it
+        r = await gw.get("/records/x", headers=auth)
+        assert (r.status_code, r.content) == (200, b"ok")
+    assert upstream.seen[0].headers["host"].startswith("127.0.0.1:")

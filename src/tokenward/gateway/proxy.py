@@ -87,6 +87,60 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _Sent:
+    """One pass over a request's headers as received: what the decision reads, and the
+    header lines that go upstream unchanged."""
+
+    __slots__ = (
+        "authorization",
+        "dpop_proof",
+        "expect",
+        "forward",
+        "forwarded_for",
+        "host",
+        "request_id",
+        "user_agent",
+    )
+
+    def __init__(self, raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        forward: list[bytes] = []
+        authorization = dpop_proof = user_agent = None
+        request_id = host = expect = None
+        forwarded_for: list[bytes] = []
+        for name, value in raw_headers:
+            lower = name.lower()
+            role = _REQUEST_ROLES.get(lower)
+            if role is None:
+                if not lower.startswith(b"x-tokenward-"):
+                    forward += (name, _SEP, value, _CRLF)
+            elif role == _AUTHORIZATION:
+                if authorization is None:
+                    authorization = value.decode("latin-1")
+            elif role == _USER_AGENT:
+                forward += (name, _SEP, value, _CRLF)
+                if user_agent is None:
+                    user_agent = value[:256].decode("latin-1")
+            elif role == _FORWARDED_FOR:
+                forwarded_for.append(value)
+            elif role == _REQUEST_ID:
+                request_id = request_id or value
+            elif role == _HOST:
+                host = host or value
+            elif role == _DPOP:
+                if dpop_proof is None:
+                    dpop_proof = value.decode("latin-1")
+            elif role == _EXPECT:
+                expect = value
+        self.forward = forward
+        self.authorization: str | None = authorization
+        self.dpop_proof: str | None = dpop_proof
+        self.user_agent: str | None = user_agent
+        self.forwarded_for = forwarded_for
+        self.request_id: bytes | None = request_id
+        self.host: bytes | None = host
+        self.expect: bytes | None = expect
+
+
 class Gateway:
     """The gateway: an aiohttp server, one connection pool per upstream."""
 
@@ -126,57 +180,29 @@ class Gateway:
         return pool
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Decide, record the decision, then forward (or answer the denial)."""
         started = time.perf_counter()
         method = request.method
-        target = request.raw_path
-        raw_path = target.partition("?")[0]
-        # One pass over the headers as received: what the decision needs, what goes upstream.
-        forward: list[bytes] = []
-        authorization = dpop_proof = given_id = user_agent = host = expect = None
-        forwarded_for: list[bytes] = []
-        for name, value in request.raw_headers:
-            lower = name.lower()
-            role = _REQUEST_ROLES.get(lower)
-            if role is None:
-                if not lower.startswith(b"x-tokenward-"):
-                    forward += (name, _SEP, value, _CRLF)
-            elif role == _AUTHORIZATION:
-                if authorization is None:
-                    authorization = value.decode("latin-1")
-            elif role == _USER_AGENT:
-                forward += (name, _SEP, value, _CRLF)
-                if user_agent is None:
-                    user_agent = value[:256].decode("latin-1")
-            elif role == _FORWARDED_FOR:
-                forwarded_for.append(value)
-            elif role == _REQUEST_ID:
-                given_id = given_id or value
-            elif role == _HOST:
-                host = host or value
-            elif role == _DPOP:
-                if dpop_proof is None:
-                    dpop_proof = value.decode("latin-1")
-            elif role == _EXPECT:
-                expect = value
+        raw_path = request.raw_path.partition("?")[0]
+        sent = _Sent(request.raw_headers)
         request_id = (
-            given_id.decode("ascii")
-            if given_id is not None and _REQUEST_ID_FORM.fullmatch(given_id)
+            sent.request_id.decode("ascii")
+            if sent.request_id is not None and _REQUEST_ID_FORM.fullmatch(sent.request_id)
             else new_request_id()
         )
-        peer = request.remote
         enforcement = self.enforcement
         client_ip = enforcement.resolver.resolve(
-            peer, [v.decode("latin-1") for v in forwarded_for] if forwarded_for else ()
+            request.remote, [v.decode("latin-1") for v in sent.forwarded_for]
         )
-        host_text = host.decode("latin-1") if host is not None else request.host
+        host = sent.host.decode("latin-1") if sent.host is not None else request.host
         outcome = await enforcement.decide(
             method,
             raw_path,
-            authorization,
+            sent.authorization,
             client_ip,
             proxied=True,
-            dpop_proof=dpop_proof,
-            url=f"{self._scheme}://{host_text}{raw_path}",
+            dpop_proof=sent.dpop_proof,
+            url=f"{self._scheme}://{host}{raw_path}",
         )
         await enforcement.record(
             outcome,
@@ -185,7 +211,7 @@ class Gateway:
             path=raw_path,
             client_ip=client_ip,
             request_id=request_id,
-            user_agent=user_agent or None,
+            user_agent=sent.user_agent or None,
             started=started,
         )
         if not outcome.allowed:
@@ -196,8 +222,8 @@ class Gateway:
         if length is not None and length > self.limits.max_request_bytes:
             return self._too_large(request_id)
         has_body = request.body_exists
-        if expect is not None:
-            if expect.lower() != b"100-continue":
+        if sent.expect is not None:
+            if sent.expect.lower() != b"100-continue":
                 return _error(
                     417,
                     {"error": "expectation_failed", "message": "only 100-continue is supported"},
@@ -207,27 +233,41 @@ class Gateway:
                 # The decision is made: now the client may send the body.
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 request.writer.output_size = 0
-
         assert outcome.route is not None and outcome.route.upstream is not None
         pool = self._pool(outcome.route.upstream)
+        head = self._head(request, sent, pool, outcome, client_ip, request_id, has_body, length)
+        return await self._forward(request, outcome, pool, head, has_body, length, request_id)
+
+    def _head(
+        self,
+        request: web.BaseRequest,
+        sent: _Sent,
+        pool: UpstreamPool,
+        outcome: Outcome,
+        client_ip: str | None,
+        request_id: str,
+        has_body: bool,
+        length: int | None,
+    ) -> bytes:
+        """The request line and headers for the upstream, as one piece of bytes."""
         head = [
-            method.encode("ascii"),
+            request.method.encode("ascii"),
             b" ",
             pool.base_path,
-            target.encode("utf-8", "surrogateescape"),
+            request.raw_path.encode("utf-8", "surrogateescape"),
             b" HTTP/1.1\r\n",
             pool.host_line,
-            *forward,
-            enforcement.identity_lines(outcome),
+            *sent.forward,
+            self.enforcement.identity_lines(outcome),
         ]
         if client_ip:
             head += (b"X-Tokenward-Client-IP: ", client_ip.encode(), _CRLF)
+        peer = request.remote
         if peer:
-            forwarded_for.append(peer.encode())
-            head += (b"X-Forwarded-For: ", b", ".join(forwarded_for), _CRLF)
+            head += (b"X-Forwarded-For: ", b", ".join([*sent.forwarded_for, peer.encode()]), _CRLF)
         head += (b"X-Forwarded-Proto: ", self._scheme.encode(), _CRLF)
-        if host is not None:
-            head += (b"X-Forwarded-Host: ", host, _CRLF)
+        if sent.host is not None:
+            head += (b"X-Forwarded-Host: ", sent.host, _CRLF)
         head += (b"X-Request-ID: ", request_id.encode(), _CRLF)
         if not has_body:
             head.append(_CRLF)
@@ -235,9 +275,7 @@ class Gateway:
             head += (b"Content-Length: ", str(length).encode(), _CRLF, _CRLF)
         else:
             head.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        return await self._forward(
-            request, outcome, pool, b"".join(head), has_body, length, request_id
-        )
+        return b"".join(head)
 
     async def _forward(
         self,

@@ -430,3 +430,26 @@ async def test_tls_upstreams_are_verified(services, auth, tmp_path):
         r = await gw.get("/records/x", headers=auth)
         assert (r.status_code, r.content) == (200, b"ok")
     assert upstream.seen[0].headers["host"].startswith("127.0.0.1:")
+
+
+async def test_a_fresh_connection_makes_room_in_a_full_pool():
+    from tokenward.gateway.config import Upstream
+    from tokenward.gateway.upstream import UpstreamPool
+
+    upstream = RawUpstream({"/x": answer(OK)})
+    port = free_port()
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", port)
+    pool = UpstreamPool(Upstream("u", f"http://127.0.0.1:{port}", 0.5, 1.0, 1))
+    try:
+        for fresh in (False, True):
+            conn, reused = await pool.acquire(fresh=fresh)
+            assert not reused
+            conn.begin(b"GET /x HTTP/1.1\r\nHost: u\r\n\r\n", head_only=False, sent=True)
+            await conn.read_head(1.0)
+            await conn.read_all(1.0)
+            assert (conn.status, conn.take()) == (200, b"ok")
+            pool.release(conn)  # idle, and the pool (of one) is full
+    finally:
+        await pool.close()
+        server.close()
+    assert upstream.connections == 2

@@ -415,6 +415,8 @@ class UpstreamPool:
                     if not conn.closed:
                         return conn, True
                     self._drop(conn)
+            elif self._open >= self.size and self._idle:
+                self._drop(self._idle.pop())  # make room for the new one
             if self._open < self.size:
                 return await self._connect(), False
             waiter: asyncio.Future[Connection | None] = self.loop.create_future()
@@ -429,10 +431,10 @@ class UpstreamPool:
                 else:
                     waiter.cancel()
                 raise
-            if handed is not None and not handed.closed and not fresh:
-                return handed, True
             if handed is not None:
-                self.release(handed)
+                if not handed.closed and not fresh:
+                    return handed, True
+                self._drop(handed)  # its place is taken by a new connection
 
     async def _connect(self) -> Connection:
         self._open += 1

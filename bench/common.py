@@ -2,6 +2,10 @@
 
 Benchmarks print numbers; they are never tests. Each run is short (wrk -t1 -c32 -d5s by
 default; BENCH_DURATION and BENCH_CONNECTIONS change it).
+
+On a machine with two cores or more, a benchmark may pin the servers it measures to
+:data:`SERVER_CPUS` and wrk (and the servers it does not measure) to :data:`LOAD_CPUS`, so
+that neither steals the other's core (BENCH_PIN=0 turns this off).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,18 @@ DURATION = os.environ.get("BENCH_DURATION", "5s")
 CONNECTIONS = os.environ.get("BENCH_CONNECTIONS", "32")
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
+_CPUS = sorted(os.sched_getaffinity(0))
+_PIN = os.environ.get("BENCH_PIN", "1") != "0" and len(_CPUS) >= 2
+#: where the measured servers run, and where wrk and the upstreams run (None: anywhere)
+SERVER_CPUS: frozenset[int] | None = frozenset(_CPUS[:1]) if _PIN else None
+LOAD_CPUS: frozenset[int] | None = frozenset(_CPUS[1:]) if _PIN else None
+
+
+def _pinned(cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that pins the child (and every thread it starts) to ``cpus``."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 @dataclass
@@ -81,14 +97,17 @@ def wrk(
     headers: dict[str, str] | None = None,
     pids: list[int] | None = None,
     connections: str = CONNECTIONS,
+    cpus: frozenset[int] | None = None,
 ) -> Result:
-    """Run wrk; with ``pids``, also the CPU those processes spent per request (robust to a
-    busy machine, unlike req/s)."""
+    """Run wrk (on ``cpus``); with ``pids``, also the CPU those processes spent per request
+    (robust to a busy machine, unlike req/s)."""
     before = cpu_seconds(pids) if pids else 0.0
     args = [WRK, "-t1", f"-c{connections}", f"-d{DURATION}", "--latency"]
     for key, value in (headers or {}).items():
         args += ["-H", f"{key}: {value}"]
-    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [*args, url], capture_output=True, text=True, check=True, preexec_fn=_pinned(cpus)
+    ).stdout
     cpu = cpu_seconds(pids) - before if pids else None
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -115,12 +134,18 @@ def ratio(a: Result, b: Result) -> str:
 
 
 @contextlib.contextmanager
-def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[int]:
+def process(
+    args: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    cpus: frozenset[int] | None = None,
+) -> Iterator[int]:
     proc = subprocess.Popen(
         args,
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=_pinned(cpus),
     )
     try:
         wait_port(port)
@@ -154,12 +179,13 @@ http {{
 
 
 @contextlib.contextmanager
-def nginx(body: str, port: int) -> Iterator[int]:
+def nginx(body: str, port: int, cpus: frozenset[int] | None = None) -> Iterator[int]:
     """An nginx (one process) with ``body`` in its http block, listening on ``port``."""
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "nginx.conf"
         conf.write_text(NGINX_MAIN.format(tmp=tmp, body=body))
-        with process([NGINX, "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"], port) as pid:
+        args = [NGINX, "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"]
+        with process(args, port, cpus=cpus) as pid:
             yield pid
 
 
@@ -173,7 +199,12 @@ def upstream_nginx_conf(port: int) -> str:
 
 @contextlib.contextmanager
 def tokenward(
-    mode: str, port: int, config: str | None = None, rate: str | None = None, redis: bool = False
+    mode: str,
+    port: int,
+    config: str | None = None,
+    rate: str | None = None,
+    redis: bool = False,
+    cpus: frozenset[int] | None = None,
 ) -> Iterator[tuple[str, int]]:
     """A tokenward bench server (see serve.py) in a child process; yields a valid token."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,7 +219,7 @@ def tokenward(
             env["TOKENWARD_REDIS_URL"] = os.environ.get(
                 "BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"
             )
-        with process(args, port, env) as pid:
+        with process(args, port, env, cpus) as pid:
             yield token_file.read_text().strip(), pid
 
 

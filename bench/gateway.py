@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 from common import (
+    LOAD_CPUS,
+    SERVER_CPUS,
     free_port,
     nginx,
     process,
@@ -83,30 +85,58 @@ def main() -> None:
         config = write_policy(tmp, upstream)
         path = "/records/7?fields=name"
         with (
-            nginx(upstream_nginx_conf(upstream), upstream) as upstream_pid,
-            nginx(nginx_proxy, proxy_port) as nginx_pid,
+            # The proxies share one core; wrk and the upstream the other (when there are two).
+            nginx(upstream_nginx_conf(upstream), upstream, LOAD_CPUS) as upstream_pid,
+            nginx(nginx_proxy, proxy_port, SERVER_CPUS) as nginx_pid,
             process(
                 [sys.executable, str(script), str(minimal), f"http://127.0.0.1:{upstream}"],
                 minimal,
+                cpus=SERVER_CPUS,
             ) as minimal_pid,
-            tokenward("gateway", gw, config) as (token, gateway_pid),
+            tokenward("gateway", gw, config, cpus=SERVER_CPUS) as (token, gateway_pid),
         ):
             auth = {"Authorization": f"Bearer {token}"}
-            wrk("warm-up", f"http://127.0.0.1:{gw}{path}", auth)
-            wrk("warm-up", f"http://127.0.0.1:{minimal}{path}")
+            wrk("warm-up", f"http://127.0.0.1:{gw}{path}", auth, cpus=LOAD_CPUS)
+            wrk("warm-up", f"http://127.0.0.1:{minimal}{path}", cpus=LOAD_CPUS)
             url = "http://127.0.0.1:{}" + path
             direct = wrk(
-                "direct to the upstream (nginx 200)", url.format(upstream), None, [upstream_pid]
+                "direct to the upstream (nginx 200)",
+                url.format(upstream),
+                None,
+                [upstream_pid],
+                cpus=SERVER_CPUS,  # the upstream's core is taken: wrk runs on the other
             )
-            plain = wrk("nginx proxy_pass, no auth", url.format(proxy_port), None, [nginx_pid])
-            mini = wrk("minimal aiohttp proxy, no auth", url.format(minimal), None, [minimal_pid])
+            plain = wrk(
+                "nginx proxy_pass, no auth",
+                url.format(proxy_port),
+                None,
+                [nginx_pid],
+                cpus=LOAD_CPUS,
+            )
+            mini = wrk(
+                "minimal aiohttp proxy, no auth",
+                url.format(minimal),
+                None,
+                [minimal_pid],
+                cpus=LOAD_CPUS,
+            )
             gateway = wrk(
-                "tokenward gateway (auth, limits, audit)", url.format(gw), auth, [gateway_pid]
+                "tokenward gateway (auth, limits, audit)",
+                url.format(gw),
+                auth,
+                [gateway_pid],
+                cpus=LOAD_CPUS,
             )
             # Added latency, measured unsaturated (one connection): at -c32 a saturated
             # Python process's p50 is queueing (connections / throughput), not its cost.
             idle = [
-                wrk(f"{name}, 1 connection", url.format(port), headers, connections="1")
+                wrk(
+                    f"{name}, 1 connection",
+                    url.format(port),
+                    headers,
+                    connections="1",
+                    cpus=SERVER_CPUS if port == upstream else LOAD_CPUS,
+                )
                 for name, port, headers in (
                     ("direct", upstream, None),
                     ("nginx proxy", proxy_port, None),

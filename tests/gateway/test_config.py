@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tokenward.gateway.config import ConfigError, load_policy, parse_policy
 from tokenward.gateway.enforce import canonical_path
@@ -125,3 +127,69 @@ def test_the_documented_example_is_valid():
 )
 def test_canonical_path(raw, expected):
     assert canonical_path(raw) == expected
+
+
+def _canonical_path_by_segments(raw: str) -> str | None:
+    """The rule spelled out segment by segment (what the fast checks must equal)."""
+    from urllib.parse import unquote
+
+    if not raw.startswith("/") or len(raw) > 4096:
+        return None
+    lowered = raw.lower()
+    if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
+        return None
+    try:
+        path = unquote(raw, errors="strict") if "%" in raw else raw
+    except UnicodeDecodeError:
+        return None
+    if any(c < " " or c in "\x7f\\" for c in path):
+        return None
+    segments = path.split("/")[1:]
+    for i, segment in enumerate(segments):
+        if segment in (".", "..") or (segment == "" and i != len(segments) - 1):
+            return None
+    return path
+
+
+_PIECES = ["/", ".", "..", "a", "%2e", "%2E", "%", "%41", "\\", "é", "\x01"]
+
+
+@given(st.lists(st.sampled_from(_PIECES)))
+def test_canonical_path_equals_the_segment_rule(parts):
+    raw = "".join(parts)
+    assert canonical_path(raw) == _canonical_path_by_segments(raw)
+    assert canonical_path("/" + raw) == _canonical_path_by_segments("/" + raw)
+
+
+def test_routes_are_indexed_by_method_and_upstream_in_file_order():
+    policy = parse_policy(
+        """
+[[upstreams]]
+name = "u"
+url = "http://127.0.0.1:9001"
+
+[[routes]]
+path = "/a/{rest:path}"
+methods = ["GET"]
+scope = "a:read"
+
+[[routes]]
+upstream = "u"
+path = "/a/{rest:path}"
+methods = ["*"]
+scope = "a:any"
+
+[[routes]]
+upstream = "u"
+path = "/a/b"
+methods = ["PURGE"]
+scope = "a:purge"
+""",
+        "t.toml",
+    )
+    assert policy.match("GET", "/a/x").scope == "a:read"  # /authz sees the first route
+    assert policy.match("GET", "/a/x", proxied=True).scope == "a:any"  # no upstream: skipped
+    assert policy.match("PURGE", "/a/b").scope == "a:any"  # file order wins
+    assert policy.match("BREW", "/a/b").scope == "a:any"  # a method no route names
+    assert policy.match("BREW", "/b") is None
+    assert policy.match("", "/a/b").scope == "a:any"

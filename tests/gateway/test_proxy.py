@@ -161,3 +161,33 @@ async def test_head_and_expect_continue(services, admin):
         )
         assert r.status_code == 200 and r.json()["body_bytes"] == 1000
         assert "expect" not in r.json()["headers"]
+
+
+async def test_dpop_bound_token_through_the_gateway(services, admin):
+    from joserfc.jwk import ECKey
+
+    from tokenward.oauth.dpop import make_proof
+
+    key = ECKey.generate_key("P-256")
+    issued = await make_token(services, admin, dpop_jkt=key.thumbprint())
+    async with running_gateway(services) as (gw, sink):
+        url = str(gw.base_url.join("/records/1"))  # scheme and Host as the client sends them
+
+        def proof(target: str = url) -> str:
+            return make_proof(key, "GET", target, access_token=issued.secret)
+
+        r = await gw.get(
+            "/records/1", headers={"Authorization": f"DPoP {issued.secret}", "DPoP": proof()}
+        )
+        assert r.status_code == 200, r.text
+        forwarded = r.json()["headers"]
+        assert "dpop" not in forwarded and "authorization" not in forwarded
+        assert forwarded["x-tokenward-token-id"] == issued.record.id
+        r = await gw.get(
+            "/records/1",
+            headers={"Authorization": f"DPoP {issued.secret}", "DPoP": proof(url + "x")},
+        )
+        assert r.status_code == 401  # a proof for another URL
+        r = await gw.get("/records/1", headers={"Authorization": f"Bearer {issued.secret}"})
+        assert r.status_code == 401  # no proof at all
+    assert [e.decision.allowed for e in sink.access_events] == [True, False, False]

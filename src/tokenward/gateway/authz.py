@@ -34,6 +34,8 @@ from tokenward.tokens.model import Reason
 PREFIX = "/authz"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _NO_STORE = (b"cache-control", b"no-store")
+_JSON = (b"content-type", b"application/json")
+_EMPTY_ANSWER = (_NO_STORE, (b"content-length", b"0"))
 
 
 class AuthzMiddleware:
@@ -58,35 +60,64 @@ class AuthzMiddleware:
         await authz(scope, send, api.state.services.enforcement)
 
 
+# The request headers /authz reads, by lower-case name (one dict lookup per header).
+(
+    _AUTHORIZATION,
+    _ORIGINAL_URI,
+    _ORIGINAL_METHOD,
+    _FORWARDED_URI,
+    _FORWARDED_METHOD,
+    _FORWARDED_FOR,
+    _USER_AGENT,
+    _REQUEST_ID_HEADER,
+    _DPOP,
+    _FORWARDED_PROTO,
+    _FORWARDED_HOST,
+    _HOST,
+) = range(12)
+_READ: dict[bytes, int] = {
+    b"authorization": _AUTHORIZATION,
+    b"x-original-uri": _ORIGINAL_URI,
+    b"x-original-method": _ORIGINAL_METHOD,
+    b"x-forwarded-uri": _FORWARDED_URI,
+    b"x-forwarded-method": _FORWARDED_METHOD,
+    b"x-forwarded-for": _FORWARDED_FOR,
+    b"user-agent": _USER_AGENT,
+    b"x-request-id": _REQUEST_ID_HEADER,
+    b"dpop": _DPOP,
+    b"x-forwarded-proto": _FORWARDED_PROTO,
+    b"x-forwarded-host": _FORWARDED_HOST,
+    b"host": _HOST,
+}
+
+
 async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     started = time.perf_counter()
-    method = uri = authorization = None
-    fwd_method = fwd_uri = request_id = user_agent = dpop_proof = None
-    proto = host = None
+    # The last value of each header counts (the first Host), as before; proxies send one.
+    values: list[bytes | None] = [None] * 12
     forwarded_for: list[str] = []
     for name, value in scope["headers"]:
-        if name == b"authorization":
-            authorization = value.decode("latin-1")
-        elif name == b"x-original-uri":
-            uri = value.decode("latin-1")
-        elif name == b"x-original-method":
-            method = value.decode("latin-1")
-        elif name == b"x-forwarded-uri":
-            fwd_uri = value.decode("latin-1")
-        elif name == b"x-forwarded-method":
-            fwd_method = value.decode("latin-1")
-        elif name == b"x-forwarded-for":
+        slot = _READ.get(name)
+        if slot is None:
+            continue
+        if slot == _FORWARDED_FOR:
             forwarded_for.append(value.decode("latin-1"))
-        elif name == b"user-agent":
-            user_agent = value[:256].decode("latin-1")
-        elif name == b"x-request-id":
-            request_id = value.decode("latin-1")
-        elif name == b"dpop":
-            dpop_proof = value.decode("latin-1")
-        elif name == b"x-forwarded-proto":
-            proto = value.decode("latin-1")
-        elif name == b"x-forwarded-host" or (name == b"host" and host is None):
-            host = value.decode("latin-1")
+        elif slot != _HOST or values[_HOST] is None:
+            values[slot] = value
+    authorization, uri, method, fwd_uri, fwd_method = (
+        _text(values[_AUTHORIZATION]),
+        _text(values[_ORIGINAL_URI]),
+        _text(values[_ORIGINAL_METHOD]),
+        _text(values[_FORWARDED_URI]),
+        _text(values[_FORWARDED_METHOD]),
+    )
+    raw_agent = values[_USER_AGENT]
+    user_agent = raw_agent[:256].decode("latin-1") if raw_agent is not None else None
+    request_id = _text(values[_REQUEST_ID_HEADER])
+    dpop_proof = _text(values[_DPOP])
+    proto = _text(values[_FORWARDED_PROTO])
+    forwarded_host = values[_FORWARDED_HOST]
+    host = _text(forwarded_host if forwarded_host is not None else values[_HOST])
     if uri is None and fwd_uri is not None:
         uri, method = fwd_uri, fwd_method
     if uri is None:
@@ -147,12 +178,18 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     await _respond(send, status, headers, outcome.body())
 
 
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
 async def _respond(
     send: Send, status: int, headers: list[tuple[bytes, bytes]], body: dict[str, object] | None
 ) -> None:
-    payload = json.dumps(body).encode() if body is not None else b""
-    headers = [*headers, _NO_STORE, (b"content-length", str(len(payload)).encode())]
-    if body is not None:
-        headers.append((b"content-type", b"application/json"))
+    if body is None:
+        payload = b""
+        headers += _EMPTY_ANSWER
+    else:
+        payload = json.dumps(body).encode()
+        headers += (_NO_STORE, (b"content-length", str(len(payload)).encode()), _JSON)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

@@ -84,6 +84,15 @@ class Route:
     project: str | None = None
     environment: str | None = None
     rate_limit: tuple[str, ...] = ()
+    #: the path up to its first ``{name}``: a request path must start with it
+    prefix: str = field(init=False)
+    #: the route's limit as the verifier counts it (key, windows), if it has one
+    limit: tuple[str, tuple[str, ...]] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", self.path.partition("{")[0])
+        limit = ("route:" + self.name, self.rate_limit) if self.rate_limit else None
+        object.__setattr__(self, "limit", limit)
 
     def required_scope(self, params: Mapping[str, str]) -> str | None:
         """The scope with path names filled in; ``None`` if a value cannot be a scope segment."""
@@ -105,29 +114,49 @@ class Match:
 
 @dataclass(slots=True)
 class Policy:
-    """The parsed file: upstreams, routes in order, gateway limits."""
+    """The parsed file: upstreams, routes in order, gateway limits. Read-only once built."""
 
     routes: list[Route] = field(default_factory=list)
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     source: str = "(none)"
+    #: (method, proxied) → the routes that may match, in file order; a method that no route
+    #: names has the routes of any method (``("", proxied)``), so the index stays bounded
+    _index: dict[tuple[str, bool], tuple[Route, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index: dict[tuple[str, bool], tuple[Route, ...]] = {}
+        named = {method for route in self.routes for method in route.methods}
+        for method in (*named, ""):
+            for proxied in (False, True):
+                index[(method, proxied)] = tuple(
+                    route
+                    for route in self.routes
+                    if (not route.methods or method in route.methods)
+                    and not (proxied and route.upstream is None)
+                )
+        self._index = index
 
     def match(self, method: str, path: str, *, proxied: bool = False) -> Match | None:
         """The first route for ``method`` and the canonical ``path``, with its scope.
 
         ``proxied``: only routes with an upstream (the gateway's view; /authz sees all).
         """
-        for route in self.routes:
-            if proxied and route.upstream is None:
-                continue
-            if route.methods and method not in route.methods:
+        candidates = self._index.get((method, proxied))
+        if candidates is None:
+            candidates = self._index[("", proxied)]
+        for route in candidates:
+            if not path.startswith(route.prefix):
                 continue
             found = route.regex.match(path)
             if found is None:
                 continue
-            scope = route.required_scope(found.groupdict())
-            if scope is None:
-                continue
+            scope = route.scope
+            if "{" in scope:
+                filled = route.required_scope(found.groupdict())
+                if filled is None:
+                    continue
+                scope = filled
             return Match(route, scope)
         return None
 

@@ -62,19 +62,20 @@ def canonical_path(raw: str) -> str | None:
     """
     if not raw.startswith("/") or len(raw) > 4096:
         return None
-    lowered = raw.lower()
-    if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
-        return None
-    try:
-        path = unquote(raw, errors="strict") if "%" in raw else raw
-    except UnicodeDecodeError:
-        return None
+    path = raw
+    if "%" in raw:
+        lowered = raw.lower()
+        if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
+            return None
+        try:
+            path = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            return None
     if _CONTROL.search(path):
         return None
-    segments = path.split("/")[1:]
-    for i, segment in enumerate(segments):
-        if segment in (".", "..") or (segment == "" and i != len(segments) - 1):
-            return None
+    # An empty segment other than the last one ("//"), or a "." or ".." segment.
+    if "//" in path or "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
+        return None
     return path
 
 
@@ -134,8 +135,17 @@ class Outcome:
 
     def limit_headers(self) -> list[tuple[str, str]]:
         """``RateLimit-*``, ``Retry-After`` on 429, ``WWW-Authenticate`` on 401/scope."""
-        out: list[tuple[str, str]] = []
         decision = self.decision
+        if decision.allowed:  # the common case: at most the RateLimit-* headers
+            allowed = decision.ratelimit
+            if allowed is None or not allowed.limit:
+                return []
+            return [
+                ("RateLimit-Limit", str(allowed.limit)),
+                ("RateLimit-Remaining", str(allowed.remaining)),
+                ("RateLimit-Reset", str(allowed.reset)),
+            ]
+        out: list[tuple[str, str]] = []
         rate = self.ratelimit
         if rate is not None and rate.limit:
             out += [
@@ -167,6 +177,17 @@ class Outcome:
         return out
 
 
+class _Identity:
+    """A token's identity headers, as ASGI pairs and as HTTP/1.1 header lines."""
+
+    __slots__ = ("lines", "pairs", "record")
+
+    def __init__(self, record: TokenRecord, headers: list[tuple[str, str]]) -> None:
+        self.record = record
+        self.pairs = [(k.lower().encode(), v.encode()) for k, v in headers]
+        self.lines = b"".join(f"{k}: {v}\r\n".encode() for k, v in headers)
+
+
 class Enforcement:
     """The route policy and the services a decision needs, shared by gateway and /authz."""
 
@@ -193,25 +214,35 @@ class Enforcement:
         self.failure_limit = failure_limit
         #: client IP → (monotonic time its block ends, the limit it exceeded)
         self._blocked: dict[str, tuple[float, int]] = {}
-        #: token id → (the cached record they were made from, identity headers as bytes)
-        self._identity: dict[str, tuple[TokenRecord, list[tuple[bytes, bytes]]]] = {}
+        #: token id → its identity headers, built once per cached token record
+        self._identity: dict[str, _Identity] = {}
+
+    def _identity_of(self, token: TokenRecord, outcome: Outcome) -> _Identity:
+        cached = self._identity.get(token.id)
+        if cached is None or cached.record is not token:
+            if len(self._identity) >= _MAX_BLOCKED:
+                self._identity.clear()
+            cached = self._identity[token.id] = _Identity(token, outcome.identity_headers())
+        return cached
 
     def raw_headers(self, outcome: Outcome) -> list[tuple[bytes, bytes]]:
         """Identity, then limit headers, as ASGI bytes; identity is built once per token."""
         out: list[tuple[bytes, bytes]] = []
         token = outcome.decision.token
         if outcome.allowed and token is not None:
-            cached = self._identity.get(token.id)
-            if cached is None or cached[0] is not token:
-                if len(self._identity) >= _MAX_BLOCKED:
-                    self._identity.clear()
-                raw = [(k.lower().encode(), v.encode()) for k, v in outcome.identity_headers()]
-                cached = self._identity[token.id] = (token, raw)
-            out += cached[1]
+            out += self._identity_of(token, outcome).pairs
         limits = outcome.limit_headers()
         if limits:
             out += [(k.lower().encode(), v.encode("latin-1", "replace")) for k, v in limits]
         return out
+
+    def identity_lines(self, outcome: Outcome) -> bytes:
+        """The identity headers as HTTP/1.1 header lines (for the upstream of an allowed
+        request), built once per token."""
+        token = outcome.decision.token
+        if not outcome.allowed or token is None:
+            return b""
+        return self._identity_of(token, outcome).lines
 
     async def decide(
         self,
@@ -256,7 +287,7 @@ class Enforcement:
             ip=client_ip,
             project=route.project,
             environment=route.environment,
-            route_limit=("route:" + route.name, route.rate_limit) if route.rate_limit else None,
+            route_limit=route.limit,
         )
         # 4. A credential that is no token at all counts against the address.
         if decision.reason in FAILURE_REASONS and self.failure_limit and client_ip:

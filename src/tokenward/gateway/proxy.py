@@ -2,120 +2,166 @@
 
 For an allowed request the method, raw path, query, headers and body go to the route's
 upstream over a pooled keep-alive connection; the response streams back. ``Authorization``,
-hop-by-hop headers and every client-sent ``X-Tokenward-*`` header are removed, then the
-identity headers are added, so an upstream can trust them. Bodies are never buffered: the
-request and response are bounded by ``max_request_bytes``/``max_response_bytes`` while they
-stream. An upstream that refuses or drops the connection gives 502, one that is slow 504.
+``DPoP``, hop-by-hop headers and every client-sent ``X-Tokenward-*`` header are removed, then
+the identity headers are added, so an upstream can trust them. Bodies are never buffered
+whole: the request and response are bounded by ``max_request_bytes``/``max_response_bytes``
+while they stream; only a small answer that has fully arrived (or a short one of known length)
+goes back in one write. An upstream that refuses or drops the connection gives 502, one that
+is slow 504. Bodies pass through as they are (no decompression on either side).
 
-The gateway is served by aiohttp's HTTP server and forwards with aiohttp's client: a
-proxied request costs one parse, one decision and one pooled upstream call, with no ASGI
-layer in between (docs/decisions/0010-gateway-upstream-client.md).
+The gateway is served by aiohttp's low-level HTTP server (no application, router or
+middleware layer: every path is proxied) and forwards over its own keep-alive connections
+(:mod:`~tokenward.gateway.upstream`; aiohttp's client, chosen first in
+docs/decisions/0010-gateway-upstream-client.md, cost more than the whole decision). A proxied
+request costs one parse, one pass over its headers, one decision, one write to the upstream
+and, for a small answer, one write back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import ssl
 import time
-from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
-from yarl import URL
 
 from tokenward.events import new_request_id
 from tokenward.gateway.config import Upstream
 from tokenward.gateway.enforce import Enforcement, Outcome
+from tokenward.gateway.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
 
-#: Request headers never forwarded as sent: hop-by-hop ones, the credential, the headers the
-#: gateway sets itself. Client-sent ``X-Tokenward-*`` are dropped by prefix.
-_DROP_REQUEST = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-        "authorization",
-        "dpop",  # a proof is for tokenward, like the token it binds
-        "host",
-        "content-length",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-request-id",
-    }
-)
+# Roles of request headers the gateway reads or never forwards as sent (by lower-case name).
+_DROP, _AUTHORIZATION, _DPOP, _FORWARDED_FOR, _REQUEST_ID, _HOST, _EXPECT, _USER_AGENT = range(8)
+_REQUEST_ROLES: dict[bytes, int] = {
+    # hop-by-hop, or set by the gateway itself
+    b"connection": _DROP,
+    b"keep-alive": _DROP,
+    b"proxy-authenticate": _DROP,
+    b"proxy-authorization": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"transfer-encoding": _DROP,
+    b"upgrade": _DROP,
+    b"content-length": _DROP,
+    b"x-forwarded-proto": _DROP,
+    b"x-forwarded-host": _DROP,
+    # read by the gateway, not forwarded as sent
+    b"authorization": _AUTHORIZATION,
+    b"dpop": _DPOP,  # a proof is for tokenward, like the token it binds
+    b"x-forwarded-for": _FORWARDED_FOR,
+    b"x-request-id": _REQUEST_ID,
+    b"host": _HOST,
+    b"expect": _EXPECT,
+    # read, and forwarded
+    b"user-agent": _USER_AGENT,
+}
+#: Response headers never passed back as sent (hop-by-hop; the length is the gateway's).
 _DROP_RESPONSE = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
     }
 )
-_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding"})
-_REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
+_REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+#: An answer of known length up to this size is read whole, then sent in one write.
+_SMALL_BODY = 64 * 1024
+#: Methods a dropped pooled connection may be retried with (idempotent, RFC 9110 §9.2.2).
+_RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_CRLF = b"\r\n"
+_SEP = b": "
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-class _RequestBody:
-    """The request body as it arrives, bounded; never held whole in memory.
+class _Sent:
+    """One pass over a request's headers as received: what the decision reads, and the
+    header lines that go upstream unchanged."""
 
-    The HTTP client wraps errors raised while it sends, so what went wrong is also kept here.
-    """
+    __slots__ = (
+        "authorization",
+        "dpop_proof",
+        "expect",
+        "forward",
+        "forwarded_for",
+        "host",
+        "request_id",
+        "user_agent",
+    )
 
-    __slots__ = ("content", "failure", "limit")
-
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
-        self.content = content
-        self.limit = limit
-        self.failure: Exception | None = None
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        received = 0
-        async for chunk in self.content.iter_any():
-            received += len(chunk)
-            if received > self.limit:
-                self.failure = _BodyTooLarge()
-                raise self.failure
-            yield chunk
+    def __init__(self, raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        forward: list[bytes] = []
+        authorization = dpop_proof = user_agent = None
+        request_id = host = expect = None
+        forwarded_for: list[bytes] = []
+        for name, value in raw_headers:
+            lower = name.lower()
+            role = _REQUEST_ROLES.get(lower)
+            if role is None:
+                if not lower.startswith(b"x-tokenward-"):
+                    forward += (name, _SEP, value, _CRLF)
+            elif role == _AUTHORIZATION:
+                if authorization is None:
+                    authorization = value.decode("latin-1")
+            elif role == _USER_AGENT:
+                forward += (name, _SEP, value, _CRLF)
+                if user_agent is None:
+                    user_agent = value[:256].decode("latin-1")
+            elif role == _FORWARDED_FOR:
+                forwarded_for.append(value)
+            elif role == _REQUEST_ID:
+                request_id = request_id or value
+            elif role == _HOST:
+                host = host or value
+            elif role == _DPOP:
+                if dpop_proof is None:
+                    dpop_proof = value.decode("latin-1")
+            elif role == _EXPECT:
+                expect = value
+        self.forward = forward
+        self.authorization: str | None = authorization
+        self.dpop_proof: str | None = dpop_proof
+        self.user_agent: str | None = user_agent
+        self.forwarded_for = forwarded_for
+        self.request_id: bytes | None = request_id
+        self.host: bytes | None = host
+        self.expect: bytes | None = expect
 
 
 class Gateway:
-    """The gateway: an aiohttp application, one pooled client session per upstream."""
+    """The gateway: an aiohttp server, one connection pool per upstream."""
 
     def __init__(self, enforcement: Enforcement) -> None:
         self.enforcement = enforcement
         self.limits = enforcement.policy.limits
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._runner: web.AppRunner | None = None
+        self._pools: dict[str, UpstreamPool] = {}
+        self._runner: web.ServerRunner | None = None
+        self._scheme = "http"
 
-    def application(self) -> web.Application:
-        app = web.Application(handler_args={"max_field_size": 16384})
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        app.on_cleanup.append(self._cleanup)
-        return app
+    def server(self) -> web.Server:
+        """The HTTP server: every request, whatever its path, goes to :meth:`handle`.
+
+        Request bodies are passed on as received (``auto_decompress=False``), never inflated.
+        """
+        return web.Server(self.handle, access_log=None, max_field_size=16384, auto_decompress=False)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         """Listen on ``host:port`` (in the running event loop) until :meth:`aclose`."""
-        self._runner = web.AppRunner(
-            self.application(), access_log=None, handle_signals=False, shutdown_timeout=10
-        )
+        self._scheme = "https" if ssl_context is not None else "http"
+        self._runner = web.ServerRunner(self.server(), handle_signals=False, shutdown_timeout=10)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
 
@@ -123,55 +169,40 @@ class Gateway:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
-        await self._cleanup()
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            await pool.close()
 
-    async def _cleanup(self, _app: web.Application | None = None) -> None:
-        sessions, self._sessions = self._sessions, {}
-        for session in sessions.values():
-            await session.close()
+    def _pool(self, upstream: Upstream) -> UpstreamPool:
+        pool = self._pools.get(upstream.name)
+        if pool is None:
+            pool = self._pools[upstream.name] = UpstreamPool(upstream)
+        return pool
 
-    def _session(self, upstream: Upstream) -> aiohttp.ClientSession:
-        session = self._sessions.get(upstream.name)
-        if session is None or session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=upstream.pool_size, keepalive_timeout=30, ttl_dns_cache=60
-            )
-            session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=upstream.connect_timeout, sock_read=upstream.timeout
-                ),
-                auto_decompress=False,
-                skip_auto_headers=_SKIP_AUTO,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-            self._sessions[upstream.name] = session
-        return session
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Decide, record the decision, then forward (or answer the denial)."""
         started = time.perf_counter()
         method = request.method
-        raw_path, _, query = request.raw_path.partition("?")
-        headers = request.headers
-        forwarded_for = headers.getall("X-Forwarded-For", [])
-        given_id = headers.get("X-Request-ID", "")
+        raw_path = request.raw_path.partition("?")[0]
+        sent = _Sent(request.raw_headers)
         request_id = (
-            given_id
-            if 0 < len(given_id) <= 64 and all(c in _REQUEST_ID_CHARS for c in given_id)
+            sent.request_id.decode("ascii")
+            if sent.request_id is not None and _REQUEST_ID_FORM.fullmatch(sent.request_id)
             else new_request_id()
         )
-        peer = request.remote
         enforcement = self.enforcement
-        client_ip = enforcement.resolver.resolve(peer, forwarded_for)
-
+        client_ip = enforcement.resolver.resolve(
+            request.remote, [v.decode("latin-1") for v in sent.forwarded_for]
+        )
+        host = sent.host.decode("latin-1") if sent.host is not None else request.host
         outcome = await enforcement.decide(
             method,
             raw_path,
-            headers.get("Authorization"),
+            sent.authorization,
             client_ip,
             proxied=True,
-            dpop_proof=headers.get("DPoP"),
-            url=f"{request.scheme}://{request.host}{raw_path}",
+            dpop_proof=sent.dpop_proof,
+            url=f"{self._scheme}://{host}{raw_path}",
         )
         await enforcement.record(
             outcome,
@@ -180,7 +211,7 @@ class Gateway:
             path=raw_path,
             client_ip=client_ip,
             request_id=request_id,
-            user_agent=headers.get("User-Agent", "")[:256] or None,
+            user_agent=sent.user_agent or None,
             started=started,
         )
         if not outcome.allowed:
@@ -190,113 +221,223 @@ class Gateway:
         length = request.content_length
         if length is not None and length > self.limits.max_request_bytes:
             return self._too_large(request_id)
+        has_body = request.body_exists
+        if sent.expect is not None:
+            if sent.expect.lower() != b"100-continue":
+                return _error(
+                    417,
+                    {"error": "expectation_failed", "message": "only 100-continue is supported"},
+                    request_id=request_id,
+                )
+            if has_body and request.version >= HttpVersion11:
+                # The decision is made: now the client may send the body.
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0
         assert outcome.route is not None and outcome.route.upstream is not None
-        upstream = outcome.route.upstream
-        target = upstream.prefix + raw_path
-        if query:
-            target += "?" + query
-        return await self._forward(request, outcome, upstream, target, client_ip, request_id)
+        pool = self._pool(outcome.route.upstream)
+        head = self._head(request, sent, pool, outcome, client_ip, request_id, has_body, length)
+        return await self._forward(request, outcome, pool, head, has_body, length, request_id)
+
+    def _head(
+        self,
+        request: web.BaseRequest,
+        sent: _Sent,
+        pool: UpstreamPool,
+        outcome: Outcome,
+        client_ip: str | None,
+        request_id: str,
+        has_body: bool,
+        length: int | None,
+    ) -> bytes:
+        """The request line and headers for the upstream, as one piece of bytes."""
+        head = [
+            request.method.encode("ascii"),
+            b" ",
+            pool.base_path,
+            request.raw_path.encode("utf-8", "surrogateescape"),
+            b" HTTP/1.1\r\n",
+            pool.host_line,
+            *sent.forward,
+            self.enforcement.identity_lines(outcome),
+        ]
+        if client_ip:
+            head += (b"X-Tokenward-Client-IP: ", client_ip.encode(), _CRLF)
+        peer = request.remote
+        if peer:
+            head += (b"X-Forwarded-For: ", b", ".join([*sent.forwarded_for, peer.encode()]), _CRLF)
+        head += (b"X-Forwarded-Proto: ", self._scheme.encode(), _CRLF)
+        if sent.host is not None:
+            head += (b"X-Forwarded-Host: ", sent.host, _CRLF)
+        head += (b"X-Request-ID: ", request_id.encode(), _CRLF)
+        if not has_body:
+            head.append(_CRLF)
+        elif length is not None:
+            head += (b"Content-Length: ", str(length).encode(), _CRLF, _CRLF)
+        else:
+            head.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        return b"".join(head)
 
     async def _forward(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         outcome: Outcome,
-        upstream: Upstream,
-        target: str,
-        client_ip: str | None,
+        pool: UpstreamPool,
+        head: bytes,
+        has_body: bool,
+        length: int | None,
         request_id: str,
     ) -> web.StreamResponse:
-        out: list[tuple[str, str]] = []
-        for name, value in request.headers.items():
-            lower = name.lower()
-            if lower not in _DROP_REQUEST and not lower.startswith("x-tokenward-"):
-                out.append((name, value))
-        out += outcome.identity_headers()
-        if client_ip:
-            out.append(("X-Tokenward-Client-IP", client_ip))
-        peer = request.remote
-        forwarded_for = request.headers.getall("X-Forwarded-For", [])
-        if peer:
-            out.append(("X-Forwarded-For", ", ".join([*forwarded_for, peer])))
-        out.append(("X-Forwarded-Proto", request.scheme))
-        if request.host:
-            out.append(("X-Forwarded-Host", request.host))
-        out.append(("X-Request-ID", request_id))
-        if request.content_length is not None:
-            out.append(("Content-Length", str(request.content_length)))
-        body = (
-            _RequestBody(request.content, self.limits.max_request_bytes)
-            if request.body_exists
-            else None
-        )
-        response: web.StreamResponse | None = None
-        try:
-            async with self._session(upstream).request(
-                request.method,
-                URL(target, encoded=True),
-                headers=out,
-                data=body.chunks() if body is not None else None,
-                allow_redirects=False,
-            ) as upstream_response:
-                length = upstream_response.content_length
-                if length is not None and length > self.limits.max_response_bytes:
-                    return _error(
-                        502,
-                        {
-                            "error": "response_too_large",
-                            "message": "the upstream response is too large",
-                        },
-                        request_id=request_id,
-                    )
-                response = web.StreamResponse(
-                    status=upstream_response.status,
-                    headers=CIMultiDict(
-                        (name, value)
-                        for name, value in upstream_response.headers.items()
-                        if name.lower() not in _DROP_RESPONSE
-                    ),
+        retry = not has_body and request.method in _RETRYABLE
+        fresh = False
+        while True:
+            try:
+                conn, reused = await pool.acquire(fresh=fresh)
+            except UpstreamTimeout:
+                return _upstream_timeout(request_id)
+            except (UpstreamError, OSError):
+                return _upstream_unavailable(request_id)
+            try:
+                return await self._exchange(
+                    request, outcome, conn, head, has_body, length, request_id
                 )
-                if length is not None:
-                    response.content_length = length
-                for name, value in outcome.limit_headers():
-                    response.headers[name] = value
-                response.headers["X-Request-ID"] = request_id
-                await response.prepare(request)
-                sent = 0
-                limit = self.limits.max_response_bytes
-                async for chunk in upstream_response.content.iter_any():
-                    sent += len(chunk)
-                    if sent > limit:
-                        # The status is out: the only honest signal left is a cut connection.
+            except UpstreamTimeout:
+                return _upstream_timeout(request_id)
+            except (UpstreamError, OSError):
+                # A pooled connection the upstream closed meanwhile: once more on a new one.
+                if retry and reused and not conn.received:
+                    retry, fresh = False, True
+                    continue
+                return _upstream_unavailable(request_id)
+            except _BodyTooLarge:
+                return self._too_large(request_id)
+            finally:
+                pool.release(conn)
+
+    async def _exchange(
+        self,
+        request: web.BaseRequest,
+        outcome: Outcome,
+        conn: Connection,
+        head: bytes,
+        has_body: bool,
+        length: int | None,
+        request_id: str,
+    ) -> web.StreamResponse:
+        """One request and its answer on ``conn``; the caller releases the connection."""
+        timeout = conn.timeout
+        head_only = request.method == "HEAD"
+        sender: asyncio.Task[None] | None = None
+        if not has_body:
+            conn.begin(head, head_only=head_only, sent=True)
+        else:
+            first = request.content.read_nowait()
+            whole = length is not None and len(first) == length
+            conn.begin(head + (first if whole else b""), head_only=head_only, sent=whole)
+            if not whole:
+                # The rest streams while the answer is awaited (it may come early).
+                sender = asyncio.ensure_future(self._send_body(request, conn, first, length))
+        try:
+            await conn.read_head(timeout)
+            return await self._respond(request, outcome, conn, request_id)
+        finally:
+            if sender is not None and not sender.done():
+                sender.cancel()
+
+    async def _send_body(
+        self, request: web.BaseRequest, conn: Connection, first: bytes, length: int | None
+    ) -> None:
+        """Stream the rest of the request body to the upstream, bounded; a failure ends the
+        exchange (a body over the bound as :class:`_BodyTooLarge`)."""
+        limit = self.limits.max_request_bytes
+        timeout = conn.timeout
+        chunked = length is None
+        received = 0
+        content = request.content
+        data = first
+        try:
+            while True:
+                if data:
+                    received += len(data)
+                    if received > limit:
                         raise _BodyTooLarge
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except _BodyTooLarge:
-            if response is None:
-                return self._too_large(request_id)
-            _cut(request)
-            return response
-        except TimeoutError:
-            if response is not None:
-                _cut(request)
-                return response
-            return _error(
-                504,
-                {"error": "upstream_timeout", "message": "the upstream did not answer in time"},
-                request_id=request_id,
+                    conn.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+                    await conn.drain(timeout)
+                data = await content.readany()
+                if not data:
+                    break
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+            conn.sent()
+        except asyncio.CancelledError:
+            raise
+        except _BodyTooLarge as exc:
+            conn.fail(exc)
+        except UpstreamError as exc:
+            conn.fail(exc)
+        except Exception:  # the client went away mid-body, or its body was malformed
+            conn.fail(UpstreamError("the request body could not be read"))
+
+    async def _respond(
+        self, request: web.BaseRequest, outcome: Outcome, conn: Connection, request_id: str
+    ) -> web.StreamResponse:
+        limit = self.limits.max_response_bytes
+        headers: CIMultiDict[str] = CIMultiDict()
+        length = None
+        for name, value in conn.headers:
+            lower = name.lower()
+            if lower in _DROP_RESPONSE:
+                if lower == b"content-length":
+                    length = int(value)
+                continue
+            headers.add(
+                name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
             )
-        except (aiohttp.ClientError, ConnectionError):
-            if response is not None:
-                _cut(request)
-                return response
-            if body is not None and isinstance(body.failure, _BodyTooLarge):
-                return self._too_large(request_id)
+        if length is not None and length > limit:
             return _error(
                 502,
-                {"error": "upstream_unavailable", "message": "the upstream is unavailable"},
+                {"error": "response_too_large", "message": "the upstream response is too large"},
                 request_id=request_id,
             )
+        for name_text, value_text in outcome.limit_headers():
+            headers[name_text] = value_text
+        headers["X-Request-ID"] = request_id
+        timeout = conn.timeout
+        if not conn.complete and length is not None and length <= _SMALL_BODY:
+            await conn.read_all(timeout)  # a short answer of known length: read it whole
+        if conn.complete:
+            # The whole answer is here: status, headers and body in one write.
+            body = conn.take() or b""
+            if len(body) > limit:
+                return _error(
+                    502,
+                    {
+                        "error": "response_too_large",
+                        "message": "the upstream response is too large",
+                    },
+                    request_id=request_id,
+                )
+            if length is not None and not body:
+                headers["Content-Length"] = str(length)  # HEAD, 304: the length of the entity
+            return web.Response(status=conn.status, body=body, headers=headers)
+        response = web.StreamResponse(status=conn.status, headers=headers)
+        if length is not None:
+            response.content_length = length
+        await response.prepare(request)
+        sent = 0
+        try:
+            while (chunk := await conn.next_chunk(timeout)) is not None:
+                sent += len(chunk)
+                if sent > limit:
+                    # The status is out: the only honest signal left is a cut connection.
+                    raise _BodyTooLarge
+                await response.write(chunk)
+            await response.write_eof()
+        except (UpstreamError, _BodyTooLarge):
+            conn.fail(UpstreamError("the answer was cut"))
+            _cut(request)
+        except ConnectionError:  # the client went away
+            conn.fail(UpstreamError("the client went away"))
+        return response
 
     def _too_large(self, request_id: str) -> web.Response:
         message = f"the body exceeds {self.limits.max_request_bytes} bytes"
@@ -307,9 +448,25 @@ class Gateway:
         return response
 
 
-def _cut(request: web.Request) -> None:
+def _cut(request: web.BaseRequest) -> None:
     if request.transport is not None:
         request.transport.abort()
+
+
+def _upstream_timeout(request_id: str) -> web.Response:
+    return _error(
+        504,
+        {"error": "upstream_timeout", "message": "the upstream did not answer in time"},
+        request_id=request_id,
+    )
+
+
+def _upstream_unavailable(request_id: str) -> web.Response:
+    return _error(
+        502,
+        {"error": "upstream_unavailable", "message": "the upstream is unavailable"},
+        request_id=request_id,
+    )
 
 
 def _error(

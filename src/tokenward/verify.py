@@ -37,6 +37,7 @@ STATUS_BY_REASON: dict[Reason, int] = {
     Reason.WRONG_ENVIRONMENT: 403,
     Reason.WRONG_PROJECT: 403,
     Reason.IP_BLOCKED: 403,
+    Reason.AMBIGUOUS_REQUEST: 403,
     Reason.RATE_LIMITED: 429,
     Reason.UNAVAILABLE: 503,
     Reason.NO_ROUTE: 404,

@@ -10,6 +10,7 @@ import pytest
 
 from tests.gateway.support import POLICY, make_token, use_policy
 from tokenward.app import create_asgi
+from tokenward.audit.query import AuditFilter, list_events
 from tokenward.limits import RateLimiter
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -128,6 +129,32 @@ async def test_traefik_caddy_and_envoy_styles(services, admin, policy_text):
         assert (await c.delete("/authz/records/9", headers=auth)).status_code == 403
         r = await c.get("/authz", headers=auth)
         assert r.status_code == 400 and r.json()["error"] == "missing_original_uri"
+
+
+async def test_both_header_pairs_naming_different_requests_are_refused(
+    services, admin, policy_text
+):
+    """A proxy sets one pair; a client who adds the other must not pick what is checked."""
+    use_policy(services, policy_text)
+    issued = await make_token(services, admin, scopes=["records:read"])
+    auth = {"Authorization": f"Bearer {issued.secret}"}
+    async with await client_for(services) as c:
+        spoofed = {
+            **auth,
+            "X-Forwarded-Method": "DELETE",
+            "X-Forwarded-Uri": "/admin/everything",  # what the proxy will forward
+            "X-Original-Method": "GET",
+            "X-Original-URI": "/records/1",  # what the client wants checked instead
+        }
+        r = await c.get("/authz", headers=spoofed)
+        assert r.status_code == 403 and r.json()["error"] == "ambiguous_request"
+        assert r.headers["x-tokenward-error"] == "ambiguous_request"
+        same = {**auth, "X-Forwarded-Uri": "/records/1", "X-Original-URI": "/records/1"}
+        assert (await c.get("/authz", headers=same)).status_code == 200
+        method_only = {**same, "X-Forwarded-Method": "DELETE", "X-Original-Method": "GET"}
+        assert (await c.get("/authz", headers=method_only)).status_code == 403
+    page = await list_events(services.engine, AuditFilter(reason="ambiguous_request"), limit=10)
+    assert [e.values["decision"] for e in page.events] == ["deny", "deny"]  # audited
 
 
 async def test_rate_limits_token_and_route_with_retry_after(services, admin, policy_text):

@@ -28,8 +28,9 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenward.events import current_request, new_request_id
-from tokenward.gateway.enforce import Enforcement
+from tokenward.gateway.enforce import Enforcement, Outcome
 from tokenward.tokens.model import Reason
+from tokenward.verify import Decision
 
 PREFIX = "/authz"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -147,9 +148,14 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
 
     # The URL the client called, for a DPoP proof's htu (TOKENWARD_PUBLIC_URL wins).
     url = f"{proto or 'http'}://{host}{raw_path}" if host else None
-    outcome = await enforcement.decide(
-        method, raw_path, authorization, client_ip, dpop_proof=dpop_proof, url=url
-    )
+    if _ambiguous(values[_ORIGINAL_URI], values[_ORIGINAL_METHOD], fwd_uri, fwd_method):
+        # Each proxy sets one pair; the other pair, if present, came from the client. Which
+        # one is genuine cannot be told here, so neither is trusted.
+        outcome = Outcome(Decision(False, Reason.AMBIGUOUS_REQUEST))
+    else:
+        outcome = await enforcement.decide(
+            method, raw_path, authorization, client_ip, dpop_proof=dpop_proof, url=url
+        )
 
     outer = current_request.get()  # set when served by the full stack (create_asgi)
     if outer is not None:
@@ -176,6 +182,21 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     # The code as a header too: nginx cannot read the body of an auth subrequest.
     headers.append((b"x-tokenward-error", outcome.error.encode()))
     await _respond(send, status, headers, outcome.body())
+
+
+def _ambiguous(
+    uri: bytes | None, method: bytes | None, fwd_uri: str | None, fwd_method: str | None
+) -> bool:
+    """Both pairs of original-request headers present, naming different requests."""
+    if uri is None or fwd_uri is None:
+        return False
+    if uri.decode("latin-1") != fwd_uri:
+        return True
+    return (
+        method is not None
+        and fwd_method is not None
+        and (method.decode("latin-1").upper() != fwd_method.upper())
+    )
 
 
 def _text(value: bytes | None) -> str | None:

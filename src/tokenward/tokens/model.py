@@ -50,6 +50,7 @@ class Reason(StrEnum):
     INVALID_DPOP_PROOF = "invalid_dpop_proof"
     QUARANTINED = "quarantined"
     IP_BLOCKED = "ip_blocked"
+    AMBIGUOUS_REQUEST = "ambiguous_request"
 
 
 @dataclass(slots=True)

@@ -191,3 +191,31 @@ async def test_dpop_bound_token_through_the_gateway(services, admin):
         r = await gw.get("/records/1", headers={"Authorization": f"Bearer {issued.secret}"})
         assert r.status_code == 401  # no proof at all
     assert [e.decision.allowed for e in sink.access_events] == [True, False, False]
+
+
+async def test_what_the_server_cannot_parse_is_json_and_never_quoted(services, admin, capsys):
+    """A malformed header line, with a token in it: a JSON 400, and no trace of the token in
+    the answer or the log."""
+    import asyncio
+    import json
+
+    issued = await make_token(services, admin)
+    async with running_gateway(services) as (gw, _sink):
+        port = int(str(gw.base_url).rsplit(":", 1)[1].strip("/"))
+        for bad in (
+            f"Authorization: Bearer {issued.secret}\x01",
+            f"Content-Length: {issued.secret}",
+            f"X-{issued.secret}\x7f: 1",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET /records/1 HTTP/1.1\r\nHost: x\r\n{bad}\r\n\r\n".encode("latin-1"))
+            await writer.drain()
+            answer = (await asyncio.wait_for(reader.read(), 5)).decode("latin-1")
+            writer.close()
+            head, _, body = answer.partition("\r\n\r\n")
+            assert head.startswith("HTTP/1.") and " 400 " in head.split("\r\n")[0]
+            assert "application/json" in head
+            assert json.loads(body)["error"] == "bad_request"
+            assert issued.secret not in answer
+    logged = capsys.readouterr()
+    assert issued.secret not in logged.out + logged.err

@@ -25,7 +25,8 @@ import re
 import ssl
 import time
 
-from aiohttp import web
+import structlog
+from aiohttp import web, web_protocol
 from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
 
@@ -141,6 +142,45 @@ class _Sent:
         self.expect: bytes | None = expect
 
 
+log = structlog.get_logger("tokenward.gateway")
+
+
+class _RequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, with its own answers to what it cannot parse changed.
+
+    aiohttp answers a request it cannot parse (a bad header, an oversized line) before the
+    gateway sees it: in plain text that quotes the offending line back, an ``Authorization``
+    header included, and it logs the same with the exception. Here the answer is JSON like
+    every other error, quotes nothing, and the log line names only the status and the kind
+    of error: a token never reaches a log or an error body.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        log.warning("gateway_bad_request", status=status, error=type(exc).__name__)
+        if request.writer.output_size > 0:  # an answer has started: nothing more to say
+            raise ConnectionError("the response has started; the connection is closed")
+        if status < 500:
+            body = {"error": "bad_request", "message": "the request is not valid HTTP/1.1"}
+        else:
+            body = {"error": "internal_error", "message": "the gateway failed this request"}
+        response = web.Response(
+            status=status, body=json.dumps(body).encode(), content_type="application/json"
+        )
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
 class Gateway:
     """The gateway: an aiohttp server, one connection pool per upstream."""
 
@@ -156,7 +196,7 @@ class Gateway:
 
         Request bodies are passed on as received (``auto_decompress=False``), never inflated.
         """
-        return web.Server(self.handle, access_log=None, max_field_size=16384, auto_decompress=False)
+        return _Server(self.handle, access_log=None, max_field_size=16384, auto_decompress=False)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         """Listen on ``host:port`` (in the running event loop) until :meth:`aclose`."""

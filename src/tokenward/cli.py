@@ -199,7 +199,7 @@ def serve(
 
     from tokenward.app import create_asgi
     from tokenward.logs import configure_logging
-    from tokenward.server import InsecureBind, check_bind, self_signed
+    from tokenward.server import InsecureBind, check_bind, http_protocol, self_signed
     from tokenward.settings import Settings
 
     settings = Settings.load(
@@ -257,6 +257,7 @@ def serve(
         soft_wrap=True,
     )
     uvicorn_options: dict[str, Any] = dict(
+        http=http_protocol(),
         log_level="warning",
         access_log=False,
         server_header=False,

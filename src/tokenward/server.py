@@ -78,3 +78,39 @@ def self_signed(directory: Path, host: str) -> tuple[Path, Path, str]:
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
     return cert_path, key_path, fingerprint
+
+
+def http_protocol() -> type:
+    """uvicorn's HTTP/1.1 protocol (httptools), answering what it cannot parse in JSON.
+
+    uvicorn answers a request it cannot parse (a bad request line, a malformed header) before
+    the application sees it, with a plain-text 400. This one says the same as JSON, like
+    every other error of tokenward's; neither quotes the request back.
+    """
+    import json
+
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    body = json.dumps(
+        {"error": "bad_request", "message": "the request is not valid HTTP/1.1"}
+    ).encode()
+
+    class HttpProtocol(HttpToolsProtocol):
+        def send_400_response(self, msg: str) -> None:
+            content = [STATUS_LINE[400]]
+            for name, value in self.server_state.default_headers:
+                content.extend([name, b": ", value, b"\r\n"])
+            content.extend(
+                [
+                    b"content-type: application/json\r\n",
+                    b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                    b"cache-control: no-store\r\n",
+                    b"connection: close\r\n",
+                    b"\r\n",
+                    body,
+                ]
+            )
+            self.transport.write(b"".join(content))
+            self.transport.close()
+
+    return HttpProtocol

@@ -403,3 +403,40 @@ async def test_fuzzed_verify_bodies_never_5xx(api, setup):
             assert_clean_error(response)
         else:
             assert response.json()["valid"] is False
+
+
+def test_what_the_server_cannot_parse_is_json_and_never_quoted(tmp_path):
+    """Below the application: a malformed header line, with a token in it, on a real server."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.conftest import free_port, tokenward_cmd, wait_for_port
+
+    env = {**os.environ, "TOKENWARD_DATA_DIR": str(tmp_path)}
+    init = subprocess.run(
+        tokenward_cmd("init", "--json"), env=env, capture_output=True, check=True, timeout=60
+    )
+    secret = json.loads(init.stdout)["admin_token"]
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        tokenward_cmd("serve", "--port", str(port)), env=env, stdout=log, stderr=log
+    )
+    try:
+        wait_for_port(port, proc=server)
+        for bad in (f"Authorization: Bearer {secret}\x01", f"Content-Length: {secret}"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(f"POST /v1/verify HTTP/1.1\r\nHost: x\r\n{bad}\r\n\r\n".encode())
+                answer = b""
+                while chunk := conn.recv(4096):
+                    answer += chunk
+            head, _, body = answer.decode("latin-1").partition("\r\n\r\n")
+            assert head.startswith("HTTP/1.1 400") and "application/json" in head
+            assert json.loads(body)["error"] == "bad_request"
+            assert secret not in answer.decode("latin-1")
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
+    assert secret not in (tmp_path / "server.log").read_text(errors="replace")

@@ -421,3 +421,16 @@ def test_admin_detail_keeps_its_text_and_loses_only_what_no_store_takes():
     assert normalize({"note": "see C:\\u0000 path"}) == {"note": "see C:\\u0000 path"}
     assert normalize({"a\x00": "b\x00c"}) == {"a\\x00": "b\\x00c"}
     assert normalize({"n": [1, 2.5, {"k": "\udcff"}]}) == {"n": [1, 2.5, {"k": "?"}]}
+
+
+async def test_a_cancelled_waiter_leaves_its_batch_and_the_others_alone(services):
+    now = services.verifier.clock()
+    writer = AuditWriter(services.engine, keys(services), linger=0.1)
+    first = asyncio.ensure_future(writer.submit(AuditRecord(at=now, kind="admin", action="c")))
+    second = asyncio.ensure_future(writer.submit(AuditRecord(at=now, kind="admin", action="c")))
+    await asyncio.sleep(0.02)
+    first.cancel()
+    await asyncio.wait_for(second, 5)  # still answered, once its event is written
+    await writer.close()
+    assert first.cancelled()
+    assert len(await all_events(services, action="c")) == 2  # a cancelled caller un-writes nothing

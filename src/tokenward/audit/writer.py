@@ -78,14 +78,30 @@ class _Batch:
     written on their own, see :meth:`AuditWriter._write_rows`).
     """
 
-    __slots__ = ("failed", "future", "rows", "watchdog")
+    __slots__ = ("failed", "future", "rows", "waiters", "watchdog")
 
     def __init__(self, future: asyncio.Future[None]) -> None:
         self.future = future
         self.rows: list[Row] = []
+        #: one future per waiting request, woken when the batch is settled (cheaper than a
+        #: shield around ``future``, and a cancelled waiter leaves the batch alone)
+        self.waiters: list[asyncio.Future[None]] = []
         self.failed: dict[int, BaseException] = {}  # id(row) → why it was not written
         #: fails the batch if the writer has not settled it in time (see ``_expire``)
         self.watchdog: asyncio.TimerHandle | None = None
+
+    async def wait(self) -> None:
+        """Until the batch is settled (then see :meth:`error_for`)."""
+        if not self.future.done():
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            await waiter
+
+    def wake(self) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.waiters.clear()
 
     def error_for(self, row: Row) -> BaseException | None:
         """``None`` once ``row`` is durable; the reason it never will be otherwise."""
@@ -201,9 +217,7 @@ class AuditWriter:
         if pending is not None:
             pending.append((batch, row))
             return
-        # Shielded: a caller that is cancelled does not un-write its event.
-        with contextlib.suppress(Exception):
-            await asyncio.shield(batch.future)
+        await batch.wait()  # a caller that is cancelled does not un-write its event
         error = batch.error_for(row)
         if error is not None:
             raise error
@@ -251,6 +265,7 @@ class AuditWriter:
             else:
                 batch.future.set_exception(error)
                 batch.future.exception()  # marked seen: in async mode nobody awaits it
+        batch.wake()
         self._inflight -= len(batch.rows)
         self._space.set()
         if self._inflight == 0:
@@ -635,6 +650,7 @@ def _expire(batch: _Batch) -> None:
             Unavailable("audit_unavailable", "the audit log cannot be written")
         )
         batch.future.exception()
+        batch.wake()
 
 
 def _failed(events: int, exc: BaseException) -> Unavailable:
@@ -807,8 +823,7 @@ class DurableResponseMiddleware:
                 pending.clear()
                 # Batches commit in queue order, so once the last one is settled so are all
                 # the earlier ones: one wait, then a look at each event.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(waiting[-1][0].future)
+                await waiting[-1][0].wait()
                 if any(batch.error_for(row) is not None for batch, row in waiting):
                     failed = True
                     await _unavailable(send)

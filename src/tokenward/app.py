@@ -257,17 +257,16 @@ def create_app(
     dashboard.install(app)
     if middleware:  # create_asgi puts the same stack around the fast path instead
         app.add_middleware(DurableResponseMiddleware)
-        app.add_middleware(observability.AccessLogMiddleware, enabled=settings.access_log)
         app.add_middleware(SecurityHeadersMiddleware)
         app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-        app.add_middleware(RequestContextMiddleware)
+        app.add_middleware(RequestContextMiddleware, log_requests=settings.access_log)
     return app
 
 
 def create_asgi(settings: Settings | None = None, services: Services | None = None) -> ASGIApp:
     """What the server runs, outermost first::
 
-        request id → access log → audit durability → security headers → body bound
+        request id and access log → body bound → security headers → audit durability
           → fast path (POST /v1/verify, GET /healthz) → /authz → FastAPI (everything else)
 
     Every route, fast or not, gets the same request id, log line, security headers and the
@@ -277,7 +276,6 @@ def create_asgi(settings: Settings | None = None, services: Services | None = No
     settings = api.state.settings
     app: ASGIApp = FastPath(AuthzMiddleware(api, api), api, settings.max_body_bytes)
     app = DurableResponseMiddleware(app)
-    app = observability.AccessLogMiddleware(app, enabled=settings.access_log)
     app = SecurityHeadersMiddleware(app)
     app = BodyLimitMiddleware(app, max_bytes=settings.max_body_bytes)
-    return RequestContextMiddleware(app)
+    return RequestContextMiddleware(app, log_requests=settings.access_log)

@@ -43,10 +43,9 @@ class AccessLogSink:
         stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         entry = {"event": "request", "level": "info", "timestamp": stamp, **fields}
         try:
-            self._buffer += orjson.dumps(entry)
+            self._buffer += orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
         except TypeError:  # a lone surrogate in a path: escaped, as structlog would
-            self._buffer += json.dumps(entry).encode()
-        self._buffer += b"\n"
+            self._buffer += json.dumps(entry).encode() + b"\n"
         if len(self._buffer) >= self.limit:
             self.flush()
             return

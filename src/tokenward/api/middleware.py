@@ -1,13 +1,15 @@
-"""Small ASGI middleware: request size bound and security headers."""
+"""Small ASGI middleware: request id and access log, request size bound, security headers."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenward.events import RequestContext, current_request, new_request_id
+from tokenward.logs import access_log
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -103,22 +105,35 @@ class SecurityHeadersMiddleware:
 
 
 class RequestContextMiddleware:
-    """Give every request an id (``X-Request-ID``, kept if sane) and record who asks."""
+    """Give every request an id (``X-Request-ID``, kept if sane), record who asks, and write
+    its access log line (one JSON line per request, with that id).
 
-    def __init__(self, app: ASGIApp) -> None:
+    The outermost layer: the line has the status the client got, whichever layer answered.
+    Only the path is logged, never the query string or a header value: a credential is
+    never read from a URL, and this keeps a mistaken client's secret out of the logs too.
+    The log is written once logging is set up (``tokenward serve``, or an app that configured
+    it) and ``log_requests`` is on; ``/metrics`` and ``/healthz`` are left out.
+    """
+
+    def __init__(self, app: ASGIApp, log_requests: bool = True) -> None:
         self.app = app
+        self.log_requests = log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         context = request_context_for(scope)
         request_id = context.request_id
         scope.setdefault("state", {})["request_id"] = request_id
         token = current_request.set(context)
+        status = 500
 
         async def with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
@@ -129,6 +144,19 @@ class RequestContextMiddleware:
             await self.app(scope, receive, with_id)
         finally:
             current_request.reset(token)
+            path = scope["path"]
+            if self.log_requests and access_log.enabled and path not in _UNLOGGED:
+                access_log.request(
+                    request_id=request_id,
+                    method=scope["method"],
+                    path=path[:256],
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                    client_ip=context.client_ip,
+                )
+
+
+_UNLOGGED = frozenset({"/metrics", "/healthz"})
 
 
 def request_context_for(scope: Scope) -> RequestContext:

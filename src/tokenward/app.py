@@ -27,7 +27,6 @@ from tokenward.api.fastpath import FastPath
 from tokenward.api.middleware import (
     BodyLimitMiddleware,
     RequestContextMiddleware,
-    SecurityHeadersMiddleware,
 )
 from tokenward.audit import AuditWriter, ChainKeys
 from tokenward.audit.chain import prune
@@ -257,7 +256,6 @@ def create_app(
     dashboard.install(app)
     if middleware:  # create_asgi puts the same stack around the fast path instead
         app.add_middleware(DurableResponseMiddleware)
-        app.add_middleware(SecurityHeadersMiddleware)
         app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
         app.add_middleware(RequestContextMiddleware, log_requests=settings.access_log)
     return app
@@ -266,7 +264,7 @@ def create_app(
 def create_asgi(settings: Settings | None = None, services: Services | None = None) -> ASGIApp:
     """What the server runs, outermost first::
 
-        request id and access log → body bound → security headers → audit durability
+        request id, security headers and access log → body bound → audit durability
           → fast path (POST /v1/verify, GET /healthz) → /authz → FastAPI (everything else)
 
     Every route, fast or not, gets the same request id, log line, security headers and the
@@ -276,6 +274,5 @@ def create_asgi(settings: Settings | None = None, services: Services | None = No
     settings = api.state.settings
     app: ASGIApp = FastPath(AuthzMiddleware(api, api), api, settings.max_body_bytes)
     app = DurableResponseMiddleware(app)
-    app = SecurityHeadersMiddleware(app)
     app = BodyLimitMiddleware(app, max_bytes=settings.max_body_bytes)
     return RequestContextMiddleware(app, log_requests=settings.access_log)

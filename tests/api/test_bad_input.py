@@ -440,3 +440,21 @@ def test_what_the_server_cannot_parse_is_json_and_never_quoted(tmp_path):
         server.wait(10)
         log.close()
     assert secret not in (tmp_path / "server.log").read_text(errors="replace")
+
+
+async def test_every_answer_has_its_request_id_and_the_security_headers(api, services):
+    """Fast path, framework route, error, and a 413 given before any route is reached."""
+    limit = services.settings.max_body_bytes
+    answers = [
+        await api.get("/healthz"),
+        await api.get("/v1/projects"),
+        await api.get("/nope"),
+        await api.post("/v1/verify", content=b"{"),
+        await api.post("/v1/tokens", content=b"x" * (limit + 1)),
+    ]
+    assert [r.status_code for r in answers] == [200, 200, 404, 400, 413]
+    for r in answers:
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["x-frame-options"] == "DENY"
+        assert r.headers["referrer-policy"] == "no-referrer"
+        assert r.headers["x-request-id"].startswith("req_")

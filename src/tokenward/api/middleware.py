@@ -1,4 +1,4 @@
-"""Small ASGI middleware: request id and access log, request size bound, security headers."""
+"""Small ASGI middleware: request id, security headers and access log; request size bound."""
 
 from __future__ import annotations
 
@@ -87,26 +87,10 @@ SECURITY_HEADERS = [
 ]
 
 
-class SecurityHeadersMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
-
-
 class RequestContextMiddleware:
-    """Give every request an id (``X-Request-ID``, kept if sane), record who asks, and write
-    its access log line (one JSON line per request, with that id).
+    """Give every request an id (``X-Request-ID``, kept if sane), record who asks, add the
+    security headers to every answer, and write its access log line (one JSON line per
+    request, with that id).
 
     The outermost layer: the line has the status the client got, whichever layer answered.
     Only the path is logged, never the query string or a header value: a credential is
@@ -136,6 +120,7 @@ class RequestContextMiddleware:
                 status = message["status"]
                 message["headers"] = [
                     *message.get("headers", []),
+                    *SECURITY_HEADERS,
                     (b"x-request-id", request_id.encode()),
                 ]
             await send(message)

@@ -313,3 +313,13 @@ def test_cli_errors_and_init_again(servers, tmp_path):
     shown = httpx.get(f"{server.url}/v1/tokens/{server.admin_id}", headers=new).json()
     assert shown["state"] == "revoked"
     server.admin_token = reset["admin_token"]
+
+
+def test_fingerprints_print_as_they_are():
+    """':CD:' in a certificate fingerprint is not an emoji code (it printed as a disc)."""
+    from tokenward.cli import err, out
+
+    for console in (out, err):
+        with console.capture() as captured:
+            console.print("SHA-256 fingerprint: 9D:CD:86:AB:01", highlight=False)
+        assert "9D:CD:86:AB:01" in captured.get()

@@ -35,8 +35,8 @@ app.add_typer(project_app, name="project")
 app.add_typer(token_app, name="token")
 app.add_typer(user_app, name="user")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(emoji=False)  # a fingerprint's ":CD:" is not an emoji code
+err = Console(stderr=True, emoji=False)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 DataDir = Annotated[

@@ -301,6 +301,18 @@ class TokenService:
             project_ids=project_ids, state=state, now=self.now, limit=limit, after=after
         )
 
+    async def token_states(
+        self, actor: TokenRecord, *, project: str | None = None
+    ) -> dict[str | None, dict[str, int]]:
+        """Tokens per state, per project the actor may see (counted by the store)."""
+        if project is not None:
+            project_ids: list[str] | None = [(await self.project_for(actor, project)).id]
+        elif actor.project_id is not None:
+            project_ids = [actor.project_id]
+        else:
+            project_ids = None
+        return await self.store.count_by_state(project_ids=project_ids, now=self.now)
+
     async def revoke_token(self, actor: TokenRecord, token_id: str, reason: str) -> TokenRecord:
         refuse_pasted_tokens(reason=reason)
         await self.get_token(actor, token_id)

@@ -103,15 +103,16 @@ async def overview(request: Request) -> Response:
     since = (now - timedelta(hours=23)).replace(minute=0, second=0, microsecond=0)
     activity = dash(request).activity
     cards = []
-    all_tokens: dict[str | None, list[TokenRecord]] = {}
+    service = services_of(request).tokens
+    counted: dict[str | None, dict[str, int]] = {}
     if user.is_owner:
-        for record in await tokens_of(request, user, None):
-            all_tokens.setdefault(record.project_id, []).append(record)
+        counted = await service.token_states(actor_for(user, None))
     for project in projects:
-        records = all_tokens.get(project.id) if user.is_owner else None
-        if records is None:
-            records = [] if user.is_owner else await tokens_of(request, user, project)
-        states = Counter(r.state(now).value for r in records)
+        if not user.is_owner:
+            counted.update(
+                await service.token_states(actor_for(user, project.id), project=project.id)
+            )
+        states = Counter(counted.get(project.id, {}))
         buckets = await activity.hourly(Query(project_ids=[project.id]), since=since, until=now)
         open_alerts, _ = await dash(request).alerts.list_alerts(
             AlertFilter(project_ids=[project.id], acknowledged=False), limit=100
@@ -120,7 +121,7 @@ async def overview(request: Request) -> Response:
             {
                 "project": project,
                 "states": states,
-                "total": len(records),
+                "total": sum(states.values()),
                 "strip": charts.state_strip(states, f"tokens of {project.name} by state"),
                 "requests": sum(b.allowed + b.denied_total for b in buckets),
                 "denied": sum(b.denied_total for b in buckets),

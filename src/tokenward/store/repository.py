@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -198,6 +198,33 @@ class TokenStore:
         async with self.engine.connect() as conn:
             row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == token_id))).first()
         return _record(row) if row else None
+
+    async def count_by_state(
+        self, *, project_ids: Sequence[str] | None, now: datetime
+    ) -> dict[str | None, dict[str, int]]:
+        """How many tokens each project has in each state at ``now`` (one query, counted by
+        the database; the CASE is :meth:`TokenRecord.state`, check for check)."""
+        c = tokens.c
+        rotated = c.replaced_by.is_not(None)
+        state = case(
+            (c.revoked_at.is_not(None), TokenState.REVOKED.value),
+            (
+                and_(rotated, or_(c.grace_until.is_(None), c.grace_until <= now)),
+                TokenState.ROTATED.value,
+            ),
+            (and_(c.expires_at.is_not(None), c.expires_at <= now), TokenState.EXPIRED.value),
+            (and_(c.not_before.is_not(None), c.not_before > now), TokenState.NOT_YET_VALID.value),
+            (rotated, TokenState.ROTATED_IN_GRACE.value),
+            else_=TokenState.ACTIVE.value,
+        ).label("state")
+        query = select(c.project_id, state, func.count()).group_by(c.project_id, state)
+        if project_ids is not None:
+            query = query.where(c.project_id.in_(list(project_ids)))
+        counts: dict[str | None, dict[str, int]] = {}
+        async with self.engine.connect() as conn:
+            for project_id, name, number in (await conn.execute(query)).all():
+                counts.setdefault(project_id, {})[name] = int(number)
+        return counts
 
     async def list_tokens(
         self,

@@ -313,6 +313,13 @@ class TokenService:
             project_ids = None
         return await self.store.count_by_state(project_ids=project_ids, now=self.now)
 
+    async def search_tokens(
+        self, actor: TokenRecord, *, project: str, **filters: Any
+    ) -> tuple[list[TokenRecord], int]:
+        """A page of a project's tokens with filters (see ``TokenStore.search_tokens``)."""
+        project_id = (await self.project_for(actor, project)).id
+        return await self.store.search_tokens(project_ids=[project_id], now=self.now, **filters)
+
     async def revoke_token(self, actor: TokenRecord, token_id: str, reason: str) -> TokenRecord:
         refuse_pasted_tokens(reason=reason)
         await self.get_token(actor, token_id)

@@ -34,3 +34,55 @@ async def test_the_database_counts_states_as_the_record_decides_them(services, a
     only = await services.store.count_by_state(project_ids=[app], now=now)
     assert list(only) == [app] and sum(only[app].values()) == 6
     assert len({s for c in expected.values() for s in c}) >= 4  # the states really differ
+
+
+async def test_the_database_filters_the_token_list_as_the_dashboard_did(services, admin):
+    """Every filter but scope, applied by the store, gives the page the Python filter gave."""
+    from tokenward.dashboard.routes_tokens import _filter, _sql_filters
+
+    tokens = services.tokens
+    actor = admin.record
+    await tokens.create_project(actor, "app")
+    now = services.verifier.clock()
+    made = []
+    for n in range(24):
+        spec = TokenSpec(
+            project="app",
+            scopes=["records:read"],
+            name=f"{'Billing' if n % 3 == 0 else 'search'}-{n}_x%",
+            principal=f"svc-{n % 4}",
+            environment="test" if n % 5 == 0 else "live",
+            ttl=timedelta(days=[1, 5, 40, 400][n % 4]) if n % 6 else None,
+            not_before=now + timedelta(hours=3) if n % 7 == 0 else None,
+        )
+        made.append(await tokens.create_token(actor, spec))
+    for issued in made[::5]:
+        await tokens.revoke_token(actor, issued.record.id, "test")
+    await tokens.rotate_token(actor, made[1].record.id, timedelta(hours=1))
+    await tokens.rotate_token(actor, made[2].record.id, timedelta(0))
+    await services.store.touch_many({made[3].record.id: (now, "10.0.0.1")})
+    app = (await services.store.get_project("app")).id
+    everything = await services.store.list_tokens(project_ids=[app], state=None, now=now)
+    later = now + timedelta(days=2)
+    for moment in (now, later):
+        for params in (
+            {},
+            {"q": "billing"},
+            {"q": "_X%"},
+            {"q": "svc-2", "env": "live"},
+            {"state": "active"},
+            {"state": "revoked"},
+            {"state": "rotated_in_grace"},
+            {"state": "not_yet_valid"},
+            {"env": "test"},
+            {"expiring": "7"},
+            {"expiring": "60", "env": "live"},
+            {"unused": "0"},
+            {"unused": "1"},
+        ):
+            expected = _filter(everything, params, moment)
+            page, total = await services.store.search_tokens(
+                project_ids=[app], now=moment, limit=10, offset=5, **_sql_filters(params)
+            )
+            assert total == len(expected), params
+            assert [r.id for r in page] == [r.id for r in expected[5:15]], params

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -43,6 +43,24 @@ _SELECT_TOKEN = select(
     projects.c.name.label("project_name"),
     projects.c.ip_allowlist.label("project_ip_allowlist"),
 ).select_from(tokens.outerjoin(projects, tokens.c.project_id == projects.c.id))
+
+
+def state_at(now: datetime) -> Any:
+    """A token's state at ``now`` as an SQL expression: :meth:`TokenRecord.state`, check for
+    check, in the same order."""
+    c = tokens.c
+    rotated = c.replaced_by.is_not(None)
+    return case(
+        (c.revoked_at.is_not(None), TokenState.REVOKED.value),
+        (
+            and_(rotated, or_(c.grace_until.is_(None), c.grace_until <= now)),
+            TokenState.ROTATED.value,
+        ),
+        (and_(c.expires_at.is_not(None), c.expires_at <= now), TokenState.EXPIRED.value),
+        (and_(c.not_before.is_not(None), c.not_before > now), TokenState.NOT_YET_VALID.value),
+        (rotated, TokenState.ROTATED_IN_GRACE.value),
+        else_=TokenState.ACTIVE.value,
+    )
 
 
 def _record(row: Any) -> TokenRecord:
@@ -203,20 +221,9 @@ class TokenStore:
         self, *, project_ids: Sequence[str] | None, now: datetime
     ) -> dict[str | None, dict[str, int]]:
         """How many tokens each project has in each state at ``now`` (one query, counted by
-        the database; the CASE is :meth:`TokenRecord.state`, check for check)."""
+        the database)."""
         c = tokens.c
-        rotated = c.replaced_by.is_not(None)
-        state = case(
-            (c.revoked_at.is_not(None), TokenState.REVOKED.value),
-            (
-                and_(rotated, or_(c.grace_until.is_(None), c.grace_until <= now)),
-                TokenState.ROTATED.value,
-            ),
-            (and_(c.expires_at.is_not(None), c.expires_at <= now), TokenState.EXPIRED.value),
-            (and_(c.not_before.is_not(None), c.not_before > now), TokenState.NOT_YET_VALID.value),
-            (rotated, TokenState.ROTATED_IN_GRACE.value),
-            else_=TokenState.ACTIVE.value,
-        ).label("state")
+        state = state_at(now).label("state")
         query = select(c.project_id, state, func.count()).group_by(c.project_id, state)
         if project_ids is not None:
             query = query.where(c.project_id.in_(list(project_ids)))
@@ -225,6 +232,69 @@ class TokenStore:
             for project_id, name, number in (await conn.execute(query)).all():
                 counts.setdefault(project_id, {})[name] = int(number)
         return counts
+
+    async def search_tokens(
+        self,
+        *,
+        project_ids: Sequence[str] | None,
+        now: datetime,
+        text: str = "",
+        state: str = "",
+        environment: str = "",
+        expiring_days: int | None = None,
+        unused_days: int | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[TokenRecord], int]:
+        """One page of tokens, newest first, with the dashboard's filters applied by the
+        database, and how many match in all.
+
+        ``text`` is a case-insensitive substring of the name, id, principal or hint (on
+        SQLite, case is folded for ASCII letters only); ``expiring_days``: live tokens that
+        expire within that many days; ``unused_days``: live tokens not used (or, never used,
+        created) for that many days.
+        """
+        c = tokens.c
+        current = state_at(now)
+        conditions: list[Any] = []
+        if project_ids is not None:
+            conditions.append(c.project_id.in_(list(project_ids)))
+        if text:
+            needle = text.lower()
+            conditions.append(
+                or_(
+                    *(
+                        func.lower(column).contains(needle, autoescape=True)
+                        for column in (c.name, c.id, c.principal, c.hint)
+                    )
+                )
+            )
+        if state:
+            conditions.append(current == state)
+        if environment:
+            conditions.append(c.environment == environment)
+        if expiring_days is not None:
+            conditions += [
+                c.expires_at.is_not(None),
+                c.expires_at > now,
+                c.expires_at <= now + timedelta(days=expiring_days),
+                current.not_in([TokenState.REVOKED.value, TokenState.ROTATED.value]),
+            ]
+        if unused_days is not None:
+            conditions += [
+                func.coalesce(c.last_used_at, c.created_at) <= now - timedelta(days=unused_days),
+                current.not_in(
+                    [TokenState.REVOKED.value, TokenState.ROTATED.value, TokenState.EXPIRED.value]
+                ),
+            ]
+        where = and_(true(), *conditions)
+        page = _SELECT_TOKEN.where(where).order_by(c.created_at.desc(), c.id)
+        async with self.engine.connect() as conn:
+            total = (
+                await conn.execute(select(func.count()).select_from(tokens).where(where))
+            ).scalar()
+            rows = (await conn.execute(page.limit(limit).offset(offset))).all()
+        return [_record(r) for r in rows], int(total or 0)
 
     async def list_tokens(
         self,

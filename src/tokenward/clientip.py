@@ -34,12 +34,8 @@ def parse_cidrs(text: str | Iterable[str]) -> tuple[IPNetwork, ...]:
 
 
 @lru_cache(maxsize=65536)
-def _address(text: str) -> IPAddress | None:
-    text = text.strip()
-    if text.startswith("[") and "]" in text:  # [2001:db8::1]:443
-        text = text[1 : text.index("]")]
-    elif text.count(":") == 1:  # 203.0.113.7:5678
-        text = text.split(":", 1)[0]
+def parse_ip(text: str) -> IPAddress | None:
+    """``text`` as an address (an IPv4-mapped IPv6 address as its IPv4 one), else ``None``."""
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -47,6 +43,16 @@ def _address(text: str) -> IPAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def _address(text: str) -> IPAddress | None:
+    """An address as a header may carry it: with a port, IPv6 in brackets."""
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [2001:db8::1]:443
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # 203.0.113.7:5678
+        text = text.split(":", 1)[0]
+    return parse_ip(text)
 
 
 class ClientIPResolver:

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from tokenward.clientip import parse_ip
 from tokenward.errors import Unavailable
 from tokenward.limits import RateLimiter, RateResult
 from tokenward.oauth.dpop import DPoPChecker, DPoPError, DPoPRequest
@@ -95,14 +96,9 @@ def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
 
 
 def ip_allowed(ip: str | None, networks: tuple[IPNetwork, ...]) -> bool:
-    if ip is None:
+    address = parse_ip(ip) if ip is not None else None
+    if address is None:
         return False
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     return any(address in net for net in networks if net.version == address.version)
 
 

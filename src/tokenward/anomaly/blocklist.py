@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from tokenward.anomaly.store import IPBlock
+from tokenward.clientip import parse_ip
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -38,12 +39,9 @@ class IPBlocklist:
     def __call__(self, ip: str) -> bool:
         if not self._blocks:
             return False
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
+        address = parse_ip(ip)
+        if address is None:
             return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         now = self.clock()
         return any(
             address.version == net.version and address in net and now < until

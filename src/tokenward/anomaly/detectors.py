@@ -26,6 +26,7 @@ from tokenward.anomaly.config import (
     ScopeProbing,
     VolumeSpike,
 )
+from tokenward.clientip import parse_ip
 from tokenward.events import AccessEvent
 from tokenward.tokens.model import Reason, TokenKind
 
@@ -77,14 +78,9 @@ class Bounded(OrderedDict[K, V], Generic[K, V]):
 @lru_cache(maxsize=65_536)
 def network_of(ip: str | None, v4_prefix: int, v6_prefix: int) -> str | None:
     """The ``/v4_prefix`` or ``/v6_prefix`` network around ``ip`` (``None`` if not an IP)."""
-    if not ip:
+    address = parse_ip(ip) if ip else None
+    if address is None:
         return None
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     prefix = v4_prefix if address.version == 4 else v6_prefix
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 

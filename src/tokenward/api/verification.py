@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import time
-from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -21,6 +19,7 @@ from tokenward.api.auth import (
     client_ip,
 )
 from tokenward.api.errors import error_response
+from tokenward.clientip import parse_ip
 from tokenward.errors import BadRequest, Forbidden, Invalid
 from tokenward.oauth.dpop import DPoPRequest
 from tokenward.tokens.format import TokenFormatError, bearer_credential, parse_token
@@ -80,22 +79,13 @@ def _verify_body(raw: bytes) -> dict[str, str | None]:
             raise Invalid("invalid_request", f"{name}: must be a string")
         if len(value) > _VERIFY_FIELDS[name]:
             raise Invalid("invalid_request", f"{name}: longer than {_VERIFY_FIELDS[name]}")
-    if body.get("ip") is not None and not _is_ip(body["ip"]):
+    if body.get("ip") is not None and parse_ip(body["ip"]) is None:
         raise Invalid("invalid_request", "ip: not an IPv4 or IPv6 address")
     if body.get("environment") not in (None, "live", "test"):
         raise Invalid("invalid_request", "environment: must be 'live' or 'test'")
     if body.get("dpop") and not (body.get("method") and body.get("url")):
         raise Invalid("invalid_request", "dpop: needs the request's method and url")
     return body
-
-
-@lru_cache(maxsize=4096)
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
 
 
 async def handle_verify(

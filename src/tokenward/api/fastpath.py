@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenward.api.errors import redact
 from tokenward.api.verification import handle_verify
+from tokenward.asgi import send_json
 from tokenward.clientip import scope_client_ip
 from tokenward.errors import TokenwardError
 
-_JSON = (b"content-type", b"application/json")
-_NO_STORE = (b"cache-control", b"no-store")
 _HEALTH = b'{"status":"ok"}'
 
 
@@ -37,7 +35,7 @@ class FastPath:
                 await self._verify(scope, receive, send)
                 return
             if path == "/healthz" and method == "GET":
-                await _respond(send, 200, _HEALTH, [])
+                await send_json(send, 200, _HEALTH)
                 return
         await self.app(scope, receive, send)
 
@@ -49,7 +47,7 @@ class FastPath:
         body = await _read_body(receive, self.max_body_bytes)
         if body is None:
             message = f"the body exceeds {self.max_body_bytes} bytes"
-            await _error(send, 413, "payload_too_large", message, [])
+            await send_json(send, 413, {"error": "payload_too_large", "message": message})
             return
         try:
             services = self.api.state.services
@@ -59,9 +57,9 @@ class FastPath:
             extra = []
             if exc.status == 401:
                 extra.append((b"www-authenticate", b'Bearer realm="tokenward"'))
-            await _respond(send, exc.status, orjson.dumps(redact(exc.body())), extra)
+            await send_json(send, exc.status, redact(exc.body()), extra)
             return
-        await _respond(send, status, orjson.dumps(result), [])
+        await send_json(send, status, result)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -79,15 +77,3 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
-
-
-async def _respond(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
-    headers = [_JSON, _NO_STORE, (b"content-length", str(len(body)).encode()), *extra]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _error(
-    send: Send, status: int, code: str, message: str, extra: list[tuple[bytes, bytes]]
-) -> None:
-    await _respond(send, status, orjson.dumps({"error": code, "message": message}), extra)

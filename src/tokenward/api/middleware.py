@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenward.asgi import send_json
 from tokenward.events import RequestContext, current_request, new_request_id
 from tokenward.logs import access_log
 
@@ -64,20 +64,8 @@ class _TooLarge(Exception):
 
 
 async def _reject(send: Send, max_bytes: int) -> None:
-    body = json.dumps(
-        {"error": "payload_too_large", "message": f"the body exceeds {max_bytes} bytes"}
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    message = f"the body exceeds {max_bytes} bytes"
+    await send_json(send, 413, {"error": "payload_too_large", "message": message})
 
 
 SECURITY_HEADERS = [

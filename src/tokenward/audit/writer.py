@@ -33,6 +33,7 @@ from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenward.asgi import send_json
 from tokenward.audit.records import (
     GENESIS,
     HASHED_FIELDS,
@@ -840,18 +841,5 @@ class DurableResponseMiddleware:
 
 
 async def _unavailable(send: Send) -> None:
-    body = json.dumps(
-        {"error": "audit_unavailable", "message": "the audit log cannot be written"}
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    body = {"error": "audit_unavailable", "message": "the audit log cannot be written"}
+    await send_json(send, 503, body)

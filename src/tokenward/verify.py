@@ -167,16 +167,22 @@ class Verifier:
             return Decision(False, Reason.IP_BLOCKED)
         # 1. A token this process has seen lately is in the cache under its keyed hash (a
         # hash match means the very string whose syntax was checked when it was cached).
-        entry = self._cached(credential)
+        # Only a string of a token's length and alphabet is hashed at all.
+        token_hash = (
+            self.hasher.hash(credential)
+            if len(credential) == TOKEN_LENGTH and credential.isascii()
+            else None
+        )
+        entry = self._fresh(token_hash) if token_hash is not None else None
         if entry is None:
-            # 2. Syntax and checksum (no store is touched for garbage), then keyed hash →
-            # store.
+            # 2. Syntax and checksum (no store is touched for garbage), then the store.
             try:
                 parse_token(credential)
             except TokenFormatError as exc:
                 return Decision(False, Reason(exc.reason))
+            assert token_hash is not None  # a well-formed token is ASCII of TOKEN_LENGTH
             try:
-                entry = await self._lookup(credential)
+                entry = await self._lookup(credential, token_hash)
             except Unavailable:
                 return Decision(False, Reason.UNAVAILABLE)
         if entry is None:
@@ -262,21 +268,16 @@ class Verifier:
         self._seen[record.id] = (now, ip)
         return Decision(True, Reason.OK, record, ratelimit, remaining)
 
-    def _cached(self, credential: str) -> _Entry | None:
-        if not self.cache_enabled or len(credential) != TOKEN_LENGTH or not credential.isascii():
-            return None
-        entry = self._cache.get(self.hasher.hash(credential))
+    def _fresh(self, token_hash: str) -> _Entry | None:
+        """The cached entry for ``token_hash`` while it is fresh (and the cache is on)."""
+        entry = self._cache.get(token_hash) if self.cache_enabled else None
         if entry is not None and entry.fresh_until > time.monotonic():
             self.hits += 1
             return entry
         return None
 
-    async def _lookup(self, credential: str) -> _Entry | None:
-        token_hash = self.hasher.hash(credential)
-        entry = self._cache.get(token_hash) if self.cache_enabled else None
-        if entry is not None and entry.fresh_until > time.monotonic():
-            self.hits += 1
-            return entry
+    async def _lookup(self, credential: str, token_hash: str) -> _Entry | None:
+        """The store's entry for a token the cache did not have fresh."""
         self.misses += 1
         # One store lookup per token at a time: concurrent misses (a cache entry expiring
         # under load) wait for the lookup in flight instead of each querying the store.

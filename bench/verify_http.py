@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
+from common import cpu_seconds
 
 
 def free_port() -> int:
@@ -37,21 +38,15 @@ def pinned(cpu: int, cmd: list[str]) -> list[str]:
     return cmd
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def wrk(
     url: str, duration: int, connections: int, script: Path | None = None, pid: int | None = None
 ) -> dict[str, float]:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]
     if script is not None:
         cmd[1:1] = ["-s", str(script)]
-    before = cpu_seconds(pid) if pid else 0.0
+    before = cpu_seconds([pid]) if pid else 0.0
     out = subprocess.run(pinned(1, cmd), capture_output=True, text=True, check=True).stdout
-    cpu = cpu_seconds(pid) - before if pid else 0.0
+    cpu = cpu_seconds([pid]) - before if pid else 0.0
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from tokenward.events import AccessEvent, AdminEvent, IdSource, SecurityEvent
-from tokenward.tokens.hashing import ServerKey, TokenHasher
+from tokenward.tokens.hashing import Hmac256, ServerKey, TokenHasher
 
 GENESIS = "0" * 64
 
@@ -264,6 +264,7 @@ class ChainKeys:
 
     current_id: str
     by_id: dict[str, bytes]
+    _macs: dict[str, Hmac256] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_hasher(cls, hasher: TokenHasher) -> ChainKeys:
@@ -273,8 +274,14 @@ class ChainKeys:
         return self.hash_canonical(key_id, prev_hash, canonical(values))
 
     def hash_canonical(self, key_id: str, prev_hash: str, body: bytes) -> str:
-        key = self.by_id[key_id]
-        return hmac.new(key, prev_hash.encode() + b"\x00" + body, "sha256").hexdigest()
+        return self.mac(key_id).hexdigest(prev_hash.encode() + b"\x00" + body)
+
+    def mac(self, key_id: str) -> Hmac256:
+        """The chain's HMAC under key ``key_id`` (its key schedule prepared once)."""
+        mac = self._macs.get(key_id)
+        if mac is None:
+            mac = self._macs[key_id] = Hmac256(self.by_id[key_id])
+        return mac
 
 
 def _derive(key: ServerKey) -> bytes:

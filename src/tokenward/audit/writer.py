@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import re
 import sqlite3
@@ -388,12 +387,12 @@ class AuditWriter:
         """Number and chain ``prepared`` rows after ``(seq, prev)``: the table rows, and the
         new head. One HMAC per row; nothing here can fail on the data."""
         key_id = self.keys.current_id
-        key = self.keys.by_id[key_id]
+        mac = self.keys.mac(key_id).hexdigest
         out: list[tuple[Any, ...]] = []
         prev_bytes = prev.encode()
         for canonical, stored in prepared:
             seq += 1
-            digest = hmac.new(key, prev_bytes + b"\x00" + canonical, "sha256").hexdigest()
+            digest = mac(prev_bytes + b"\x00" + canonical)
             out.append((seq, *stored, key_id, prev, digest))
             prev = digest
             prev_bytes = digest.encode()

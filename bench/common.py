@@ -98,11 +98,14 @@ def wrk(
     pids: list[int] | None = None,
     connections: str = CONNECTIONS,
     cpus: frozenset[int] | None = None,
+    script: str | None = None,
 ) -> Result:
     """Run wrk (on ``cpus``); with ``pids``, also the CPU those processes spent per request
-    (robust to a busy machine, unlike req/s)."""
+    (robust to a busy machine, unlike req/s). ``script``: a wrk Lua script (method, body)."""
     before = cpu_seconds(pids) if pids else 0.0
     args = [WRK, "-t1", f"-c{connections}", f"-d{DURATION}", "--latency"]
+    if script is not None:
+        args += ["-s", script]
     for key, value in (headers or {}).items():
         args += ["-H", f"{key}: {value}"]
     out = subprocess.run(
@@ -205,14 +208,19 @@ def tokenward(
     rate: str | None = None,
     redis: bool = False,
     cpus: frozenset[int] | None = None,
+    audit: bool = True,
+    admin_out: list[str] | None = None,
 ) -> Iterator[tuple[str, int]]:
-    """A tokenward bench server (see serve.py) in a child process; yields a valid token."""
+    """A tokenward bench server (see serve.py) in a child process; yields a valid token
+    (and appends the admin credential to ``admin_out``). ``audit=False``: see serve.py."""
     with tempfile.TemporaryDirectory() as tmp:
         token_file = Path(tmp) / "token"
         args = [sys.executable, str(ROOT / "bench" / "serve.py"), mode, str(port), str(token_file)]
         env = {"TOKENWARD_DATA_DIR": tmp, "TOKENWARD_SECRET_KEY": secrets.token_hex(32)}
         if config:
             env["TOKENWARD_GATEWAY_CONFIG"] = config
+        if not audit:
+            env["BENCH_AUDIT"] = "off"
         if rate:
             env["BENCH_RATE"] = rate
         if redis:
@@ -220,6 +228,8 @@ def tokenward(
                 "BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"
             )
         with process(args, port, env, cpus) as pid:
+            if admin_out is not None:
+                admin_out.append(token_file.with_suffix(".admin").read_text().strip())
             yield token_file.read_text().strip(), pid
 
 

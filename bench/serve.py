@@ -7,6 +7,10 @@
 * ``api``: the API app with ``/authz``, and ``/bare``, a 200 answered by a plain ASGI
   function in front of it, on the same uvicorn (the "bare endpoint, same stack" baseline);
 * ``gateway``: the built-in gateway (as ``tokenward serve --config`` runs it, on uvloop).
+
+The admin credential goes to TOKEN_FILE with the suffix ``.admin`` (for ``POST /v1/verify``).
+``BENCH_AUDIT=off`` takes the audit writer off the event bus: a diagnostic only (it breaks
+the rule that every decision is logged), to measure what the rest of a decision costs.
 """
 
 from __future__ import annotations
@@ -54,9 +58,13 @@ async def main(mode: str, port: int, token_file: Path) -> None:
         admin.record,
         TokenSpec(project="bench", scopes=["records:read"], rate_limit=[rate] if rate else []),
     )
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(issued.secret)
+    secrets = ((token_file.with_suffix(".admin"), admin.secret), (token_file, issued.secret))
+    for path, secret in secrets:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret)
+    if os.environ.get("BENCH_AUDIT") == "off" and services.audit is not None:
+        services.events.subscribers.remove(services.audit)
     assert services.enforcement is not None
     gc.collect()
     gc.freeze()  # as `tokenward serve --config` does

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import sqlite3
@@ -42,6 +41,7 @@ from common import (
     free_port,
     tokenward,
     write_policy,
+    write_verify_script,
     wrk,
 )
 
@@ -55,27 +55,20 @@ def http_round(audit: bool, tmp: str) -> dict[str, Result]:
         pid,
     ):
         base = f"http://127.0.0.1:{port}"
-        script = Path(tmp) / "verify.lua"
-        body = json.dumps({"token": token, "scope": "records:read"})
-        script.write_text(
-            'wrk.method = "POST"\n'
-            f"wrk.body = {json.dumps(body)}\n"
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            f'wrk.headers["Authorization"] = "Bearer {admin[0]}"\n'
-        )
+        script = write_verify_script(Path(tmp) / "verify.lua", token, admin[0])
         authz = {
             "Authorization": f"Bearer {token}",
             "X-Original-Method": "GET",
             "X-Original-URI": "/records/7",
         }
         wrk("warm-up", f"{base}/authz", authz, cpus=LOAD_CPUS)
-        wrk("warm-up", f"{base}/v1/verify", cpus=LOAD_CPUS, script=str(script))
+        wrk("warm-up", f"{base}/v1/verify", cpus=LOAD_CPUS, script=script)
         return {
             "bare": wrk("bare", f"{base}/bare", None, [pid], cpus=LOAD_CPUS),
             "healthz": wrk("healthz", f"{base}/healthz", None, [pid], cpus=LOAD_CPUS),
             "authz": wrk("authz", f"{base}/authz", authz, [pid], cpus=LOAD_CPUS),
             "verify": wrk(
-                "verify", f"{base}/v1/verify", None, [pid], cpus=LOAD_CPUS, script=str(script)
+                "verify", f"{base}/v1/verify", None, [pid], cpus=LOAD_CPUS, script=script
             ),
         }
 

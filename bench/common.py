@@ -11,6 +11,7 @@ that neither steals the other's core (BENCH_PIN=0 turns this off).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -231,6 +232,18 @@ def tokenward(
             if admin_out is not None:
                 admin_out.append(token_file.with_suffix(".admin").read_text().strip())
             yield token_file.read_text().strip(), pid
+
+
+def write_verify_script(path: Path, token: str, caller: str) -> str:
+    """A wrk script that posts ``POST /v1/verify`` for ``token`` as ``caller``."""
+    body = json.dumps({"token": token, "scope": "records:read"})
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(body)}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {caller}"\n'
+    )
+    return str(path)
 
 
 def write_policy(directory: str, upstream_port: int) -> str:

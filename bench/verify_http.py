@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import cpu_seconds
+from common import cpu_seconds, write_verify_script
 
 
 def free_port() -> int:
@@ -117,14 +117,8 @@ def main(duration: int, connections: int, audit_mode: str) -> None:
                 json={"project": "bench", "scopes": ["records:*"]},
             )
             token = created.json()["token"]
-            script = Path(tmp) / "verify.lua"
+            script = Path(write_verify_script(Path(tmp) / "verify.lua", token, admin))
             body = json.dumps({"token": token, "scope": "records:read"})
-            script.write_text(
-                'wrk.method = "POST"\n'
-                f"wrk.body = {json.dumps(body)}\n"
-                'wrk.headers["Content-Type"] = "application/json"\n'
-                f'wrk.headers["Authorization"] = "Bearer {admin}"\n'
-            )
             check = httpx.post(f"{base}/v1/verify", content=body, headers=auth).json()
             assert check["valid"], check
             wrk(f"{base}/healthz", 1, connections)  # warm up both paths

@@ -56,11 +56,7 @@ class Hmac256:
         return outer.digest()
 
     def hexdigest(self, data: bytes) -> str:
-        inner = self._inner.copy()
-        inner.update(data)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
+        return self.digest(data).hex()
 
 
 class TokenHasher:

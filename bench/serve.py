@@ -26,6 +26,7 @@ import uvicorn
 
 from tokenward.app import create_asgi, open_services
 from tokenward.gateway.proxy import Gateway
+from tokenward.server import uvicorn_options
 from tokenward.service import TokenSpec, issue_bootstrap_record
 from tokenward.settings import Settings
 
@@ -82,10 +83,7 @@ async def main(mode: str, port: int, token_file: Path) -> None:
         bare(create_asgi(settings, services=services)),
         host="127.0.0.1",
         port=port,
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-        lifespan="on",
+        **uvicorn_options(),  # as `tokenward serve` runs it
     )
     try:
         await uvicorn.Server(config).serve()

@@ -199,7 +199,7 @@ def serve(
 
     from tokenward.app import create_asgi
     from tokenward.logs import configure_logging
-    from tokenward.server import InsecureBind, check_bind, http_protocol, self_signed
+    from tokenward.server import InsecureBind, check_bind, self_signed, uvicorn_options
     from tokenward.settings import Settings
 
     settings = Settings.load(
@@ -256,16 +256,7 @@ def serve(
         highlight=False,
         soft_wrap=True,
     )
-    uvicorn_options: dict[str, Any] = dict(
-        http=http_protocol(),
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        lifespan="on",
-        ssl_certfile=str(tls_cert) if tls_cert else None,
-        ssl_keyfile=str(tls_key) if tls_key else None,
-    )
+    options = uvicorn_options(tls_cert, tls_key)
     import gc
 
     # Everything loaded so far lives as long as the process: keep it out of the cyclic
@@ -285,10 +276,10 @@ def serve(
             soft_wrap=True,
         )
         sys.stdout.flush()
-        run(serve_with_gateway(settings, **uvicorn_options))
+        run(serve_with_gateway(settings, **options))
         return
     sys.stdout.flush()  # the banner reaches a pipe or a log file before the first request
-    uvicorn.run(create_asgi(settings), host=host, port=port, **uvicorn_options)
+    uvicorn.run(create_asgi(settings), host=host, port=port, **options)
 
 
 # -- admin client side --------------------------------------------------------------------

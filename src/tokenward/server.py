@@ -139,6 +139,24 @@ class CorkedTransport:
         return getattr(self._transport, name)
 
 
+def uvicorn_options(tls_cert: Path | None = None, tls_key: Path | None = None) -> dict[str, Any]:
+    """How ``tokenward serve`` runs uvicorn (the benchmarks' servers run it the same way).
+
+    Client addresses behind a proxy are read by tokenward itself, from trusted proxies only
+    (``TOKENWARD_TRUSTED_PROXIES``), so uvicorn's own proxy-header handling is off.
+    """
+    return dict(
+        http=http_protocol(),
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        lifespan="on",
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+    )
+
+
 def http_protocol() -> type:
     """uvicorn's HTTP/1.1 protocol (httptools), with two changes.
 

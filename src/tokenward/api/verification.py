@@ -271,6 +271,7 @@ async def revoke(request: Request) -> JSONResponse:
     A client may always give up a token it holds: with no client credentials (a public
     client), or presenting the token itself as its credential. Any other token needs an
     ``admin:write`` credential (Bearer, client_secret_basic or client_secret_post).
+    Revoking a refresh token revokes the access tokens of its grant (its family) too.
     """
     form = await _form(request)
     services = request.app.state.services
@@ -293,6 +294,9 @@ async def revoke(request: Request) -> JSONResponse:
             # A canary answers "unknown" to its holder; its holder cannot switch it off either.
             if found.token is not None and found.reason != Reason.UNKNOWN:
                 await services.tokens.revoke_own(found.token, "revoked by its holder (RFC 7009)")
+                await _sessions(request).exchange.revoke_grant(
+                    found.token, actor_id=found.token.id, client_ip=client_ip(request)
+                )
         return JSONResponse({}, headers=NO_STORE)
     try:
         caller, _ = await _client(request, form, "admin:write")
@@ -307,4 +311,11 @@ async def revoke(request: Request) -> JSONResponse:
     decision = await services.verifier.verify(token_value, tenant=caller.project_id, consume=False)
     if decision.token is not None and decision.reason != Reason.UNKNOWN:
         await services.tokens.revoke_token(caller, decision.token.id, "revoked via RFC 7009")
+        await _sessions(request).exchange.revoke_grant(
+            decision.token, actor_id=caller.id, client_ip=client_ip(request)
+        )
     return JSONResponse({}, headers=NO_STORE)
+
+
+def _sessions(request: Request) -> Any:
+    return request.app.state.services.sessions

@@ -130,11 +130,22 @@ async def test_rfc7009_revoke_needs_admin_write_for_other_tokens(api, app_projec
     )
     assert response.status_code == 403 and response.json()["error"] == "insufficient_scope"
     assert target["token"] not in response.text
-    response = await api.post(
-        "/oauth/revoke", data={"token": target["token"]}, headers={"Authorization": ""}
-    )
-    assert response.status_code == 401 and "www-authenticate" in response.headers
     assert await is_valid(api, target["token"])
+
+
+async def test_a_public_client_revokes_the_token_it_presents(api, app_project):
+    # RFC 7009 with a public client: no client credentials; holding the token is the right
+    # to give it up (as presenting it as its own Bearer credential always was).
+    target = await new_token(api)
+    bystander = await new_token(api)
+    response = await api.post(
+        "/oauth/revoke",
+        data={"token": target["token"], "client_id": "my-app"},
+        headers={"Authorization": ""},
+    )
+    assert response.status_code == 200 and response.json() == {}
+    assert not await is_valid(api, target["token"])
+    assert await is_valid(api, bystander["token"])
 
 
 async def test_a_token_may_revoke_itself(api, app_project):

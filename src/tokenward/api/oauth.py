@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from tokenward.api.auth import AdminRead, AdminWrite, client_ip
 from tokenward.api.dpop import dpop_context
-from tokenward.oauth.exchange import TokenRequest, oauth_error
+from tokenward.oauth.exchange import GRANT_EXCHANGE, GRANT_REFRESH, TokenRequest, oauth_error
 from tokenward.oauth.policy import ProjectPolicy
 from tokenward.oauth.sessions import Sessions
 from tokenward.tokens.durations import parse_duration
@@ -31,7 +31,12 @@ _FIELDS = {
     "expires_in": 16,
     "audience": 256,
     "requested_token_type": 128,
+    # Client authentication (RFC 6749 §2.3.1), as OAuth libraries send it: accepted and
+    # ignored. tokenward registers no clients; the grant's own credential authenticates.
+    "client_id": 256,
+    "client_secret": 4096,
 }
+GRANT_TYPES = (GRANT_EXCHANGE, GRANT_REFRESH)
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 TOKEN_SCHEMA: dict[str, Any] = {
@@ -91,6 +96,12 @@ async def _token_fields(request: Request) -> dict[str, str]:
             raw["expires_in"] = str(raw["expires_in"])
     else:
         raise oauth_error("invalid_request", "use application/x-www-form-urlencoded")
+    grant_type = raw.get("grant_type")
+    if isinstance(grant_type, str) and grant_type and grant_type not in GRANT_TYPES:
+        # Before the parameters: another grant's own (code, username, …) are not ours to judge.
+        raise oauth_error(
+            "unsupported_grant_type", f"grant_type must be {GRANT_EXCHANGE} or {GRANT_REFRESH}"
+        )
     fields: dict[str, str] = {}
     for key, value in raw.items():
         if key not in _FIELDS:

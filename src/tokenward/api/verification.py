@@ -12,18 +12,17 @@ from fastapi.responses import JSONResponse
 
 from tokenward.api.access import emit_access
 from tokenward.api.auth import (
-    Verifying,
     authenticate,
     authenticate_credential,
-    bearer_token,
     client_ip,
 )
 from tokenward.api.errors import error_response
 from tokenward.clientip import parse_ip
-from tokenward.errors import BadRequest, Forbidden, Invalid
+from tokenward.errors import BadRequest, Forbidden, Invalid, TokenwardError, Unauthorized
+from tokenward.oauth.clientauth import ClientCredentials, client_credentials, invalid_client
 from tokenward.oauth.dpop import DPoPRequest
 from tokenward.tokens.format import TokenFormatError, bearer_credential, parse_token
-from tokenward.tokens.model import Reason
+from tokenward.tokens.model import Reason, TokenRecord
 
 router = APIRouter()
 
@@ -158,36 +157,93 @@ def _epoch(value: Any) -> int | None:
     return int(value.timestamp()) if value is not None else None
 
 
+NO_STORE = {"Cache-Control": "no-store"}
+#: RFC 7662/7009 parameters, and those of client authentication (RFC 6749 §2.3.1)
+_FORM_FIELDS = {"token", "token_type_hint", "client_id", "client_secret"}
+
+
+def _invalid_request(message: str) -> BadRequest:
+    return BadRequest("invalid_request", message, error_description=message)
+
+
 async def _form(request: Request) -> dict[str, str]:
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("application/x-www-form-urlencoded"):
-        raise Invalid(
-            "invalid_request",
-            "use application/x-www-form-urlencoded",
-            error_description="use application/x-www-form-urlencoded",
-        )
+        raise _invalid_request("use application/x-www-form-urlencoded")
     form = await request.form(max_files=0, max_fields=10)
-    values = {k: v for k, v in form.items() if isinstance(v, str)}
-    if not values.get("token"):
-        raise Invalid(
-            "invalid_request", "token: field required", error_description="token: field required"
+    return {k: v for k, v in form.items() if isinstance(v, str) and k in _FORM_FIELDS}
+
+
+def _token(form: dict[str, str]) -> str:
+    if not form.get("token"):
+        raise _invalid_request("token: field required")
+    if len(form["token"]) > 4096:
+        raise _invalid_request("token: too long")
+    return form["token"]
+
+
+async def _client(
+    request: Request, form: dict[str, str], *any_of: str
+) -> tuple[TokenRecord | None, ClientCredentials]:
+    """The authenticated client (``None`` for a public client) and how it authenticated.
+
+    A Bearer (or DPoP) credential goes through the same check as every admin call; the
+    client_secret_basic and client_secret_post secrets are tokenward credentials too, and a
+    ``client_id`` sent with them must be that credential's id (``tok_…``).
+    """
+    creds = client_credentials(request.headers.get("authorization"), form)
+    if creds.method == "none":
+        return None, creds
+    if creds.method == "bearer":
+        return await authenticate(request, *any_of), creds
+    try:
+        record = await authenticate_credential(
+            request.app.state.services,
+            creds.secret,
+            client_ip(request),
+            any_of,
+            method=request.method,
+            path=request.url.path,
         )
-    if len(values["token"]) > 4096:
-        raise Invalid("invalid_request", "token: too long", error_description="token: too long")
-    return values
+    except Unauthorized:
+        raise invalid_client("the client credentials are not valid") from None
+    if creds.client_id is not None and creds.client_id != record.id:
+        raise invalid_client("client_id is not the id of the credential in client_secret")
+    request.state.actor = record
+    return record, creds
+
+
+def _client_error(request: Request, exc: TokenwardError) -> JSONResponse:
+    """RFC 6749 §5.2: a client that tried Basic is challenged with Basic."""
+    response = error_response(exc.status, exc.code, exc.message, **exc.extra)
+    scheme = request.headers.get("authorization", "").strip().partition(" ")[0].lower()
+    if exc.status == 401 and scheme == "basic":
+        response.headers["WWW-Authenticate"] = 'Basic realm="tokenward"'
+    return response
 
 
 @router.post("/oauth/introspect", tags=["oauth"])
-async def introspect(request: Request, caller: Verifying) -> JSONResponse:
-    """RFC 7662: ``{"active": false}`` for anything that is not a currently valid token."""
+async def introspect(request: Request) -> JSONResponse:
+    """RFC 7662: ``{"active": false}`` for anything that is not a currently valid token.
+
+    The caller authenticates with a credential holding ``verify`` or ``admin:read``: as a
+    Bearer token, or as the client secret (client_secret_basic or client_secret_post).
+    """
     form = await _form(request)
+    try:
+        caller, _ = await _client(request, form, "verify", "admin:read")
+        if caller is None:
+            raise Unauthorized(
+                "missing_credential",
+                "authenticate with 'Authorization: Bearer <token>' or as an OAuth client",
+            )
+    except (Unauthorized, BadRequest) as exc:
+        return _client_error(request, exc)
+    token_value = _token(form)
     services = request.app.state.services
-    decision = await services.verifier.verify(
-        form["token"], tenant=caller.project_id, consume=False
-    )
-    headers = {"Cache-Control": "no-store"}
+    decision = await services.verifier.verify(token_value, tenant=caller.project_id, consume=False)
     if not decision.allowed or decision.token is None:
-        return JSONResponse({"active": False}, headers=headers)
+        return JSONResponse({"active": False}, headers=NO_STORE)
     token = decision.token
     body = {
         "active": True,
@@ -205,45 +261,61 @@ async def introspect(request: Request, caller: Verifying) -> JSONResponse:
         "project": token.project,
         "cnf": {"jkt": token.dpop_jkt} if token.dpop_jkt else None,
     }
-    return JSONResponse({k: v for k, v in body.items() if v is not None}, headers=headers)
+    return JSONResponse({k: v for k, v in body.items() if v is not None}, headers=NO_STORE)
 
 
 @router.post("/oauth/revoke", tags=["oauth"])
 async def revoke(request: Request) -> JSONResponse:
     """RFC 7009: revoke a token; answers 200 whether or not the token was known.
 
-    The caller authenticates with an ``admin:write`` credential, or presents the token
-    itself as its credential (a client may always give up its own token).
+    A client may always give up a token it holds: with no client credentials (a public
+    client), or presenting the token itself as its credential. Any other token needs an
+    ``admin:write`` credential (Bearer, client_secret_basic or client_secret_post).
+    Revoking a refresh token revokes the access tokens of its grant (its family) too.
     """
     form = await _form(request)
     services = request.app.state.services
-    own = bearer_token(request) == form["token"]
-    if own:
-        try:
-            parse_token(form["token"])
-        except TokenFormatError:
-            return JSONResponse({}, headers={"Cache-Control": "no-store"})
-        found = await services.verifier.verify(form["token"], consume=False, ip=client_ip(request))
-        # A canary answers "unknown" to its holder; its holder cannot switch it off either.
-        if found.token is not None and found.reason != Reason.UNKNOWN:
-            await services.tokens.revoke_own(found.token, "revoked by its holder (RFC 7009)")
-        return JSONResponse({}, headers={"Cache-Control": "no-store"})
     try:
-        caller = await authenticate(request, "admin:write")
-    except Forbidden:
-        return error_response(
-            403,
-            "insufficient_scope",
-            "revoking needs admin:write",
-            error_description="revoking needs admin:write",
-        )
+        creds = client_credentials(request.headers.get("authorization"), form)
+    except (BadRequest, Unauthorized) as exc:
+        return _client_error(request, exc)
+    token_value = _token(form)
     try:
-        parse_token(form["token"])
+        parse_token(token_value)
     except TokenFormatError:
-        return JSONResponse({}, headers={"Cache-Control": "no-store"})
-    decision = await services.verifier.verify(
-        form["token"], tenant=caller.project_id, consume=False
-    )
+        well_formed = False
+    else:
+        well_formed = True
+    if creds.method == "none" or creds.secret == token_value:
+        if well_formed:
+            found = await services.verifier.verify(
+                token_value, consume=False, ip=client_ip(request)
+            )
+            # A canary answers "unknown" to its holder; its holder cannot switch it off either.
+            if found.token is not None and found.reason != Reason.UNKNOWN:
+                await services.tokens.revoke_own(found.token, "revoked by its holder (RFC 7009)")
+                await _sessions(request).exchange.revoke_grant(
+                    found.token, actor_id=found.token.id, client_ip=client_ip(request)
+                )
+        return JSONResponse({}, headers=NO_STORE)
+    try:
+        caller, _ = await _client(request, form, "admin:write")
+    except Forbidden:
+        message = "revoking another token needs admin:write"
+        return error_response(403, "insufficient_scope", message, error_description=message)
+    except (Unauthorized, BadRequest) as exc:
+        return _client_error(request, exc)
+    assert caller is not None
+    if not well_formed:
+        return JSONResponse({}, headers=NO_STORE)
+    decision = await services.verifier.verify(token_value, tenant=caller.project_id, consume=False)
     if decision.token is not None and decision.reason != Reason.UNKNOWN:
         await services.tokens.revoke_token(caller, decision.token.id, "revoked via RFC 7009")
-    return JSONResponse({}, headers={"Cache-Control": "no-store"})
+        await _sessions(request).exchange.revoke_grant(
+            decision.token, actor_id=caller.id, client_ip=client_ip(request)
+        )
+    return JSONResponse({}, headers=NO_STORE)
+
+
+def _sessions(request: Request) -> Any:
+    return request.app.state.services.sessions

@@ -313,17 +313,46 @@ class TokenExchange:
         )
         return TokenResponse(access, new_refresh, now)
 
-    async def _reuse_detected(self, record: TokenRecord, req: TokenRequest, now: datetime) -> None:
-        family = record.family_id
-        revoked = (
-            await self.sessions.revoke_family(family, "refresh token reuse detected", now)
-            if family
-            else []
-        )
+    async def _revoke_family(self, family: str | None, reason: str, now: datetime) -> list[str]:
+        """Revoke every live token of ``family`` on every replica; the ids revoked."""
+        revoked = await self.sessions.revoke_family(family, reason, now) if family else []
         for token_id in revoked:
             self.verifier.invalidate(token_id)
             if self.tokens.on_change is not None:
                 await self.tokens.on_change(token_id)
+        return revoked
+
+    async def revoke_grant(
+        self, record: TokenRecord, *, actor_id: str | None, client_ip: str | None
+    ) -> list[str]:
+        """RFC 7009 §2.1: revoking a refresh token also revokes the access tokens of its
+        grant, i.e. its whole family. Other tokens: nothing more to do."""
+        if record.kind != TokenKind.REFRESH or not record.family_id:
+            return []
+        now = self.tokens.now
+        revoked = await self._revoke_family(record.family_id, "refresh token revoked", now)
+        ctx = current_request.get()
+        await self.events.admin(
+            AdminEvent(
+                at=now,
+                action="token.family_revoke",
+                actor_id=actor_id,
+                project_id=record.project_id,
+                token_id=record.id,
+                request_id=ctx.request_id if ctx else None,
+                client_ip=client_ip,
+                detail={
+                    "family_id": record.family_id,
+                    "revoked": revoked,
+                    "reason": "refresh_token_revoked",
+                },
+            )
+        )
+        return revoked
+
+    async def _reuse_detected(self, record: TokenRecord, req: TokenRequest, now: datetime) -> None:
+        family = record.family_id
+        revoked = await self._revoke_family(family, "refresh token reuse detected", now)
         ctx = current_request.get()
         await self.events.admin(
             AdminEvent(

@@ -199,3 +199,20 @@ async def test_introspection_of_an_ip_restricted_token_is_active(api, services):
     ).json()
     response = await api.post("/oauth/introspect", data={"token": created["token"]})
     assert response.json()["active"] is True
+
+
+@pytest.mark.parametrize("endpoint", ["/oauth/introspect", "/oauth/revoke"])
+async def test_a_repeated_form_parameter_is_refused(api, app_project, endpoint):
+    # RFC 6749 §3.1: parameters are sent at most once. Taking either copy would let a
+    # request mean two things; the second copy is refused, and neither value is echoed.
+    good = (await new_token(api))["token"]
+    response = await api.post(
+        endpoint,
+        content=f"token=tw_live_other&token={good}",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_request"
+    assert "more than once" in response.json()["message"]
+    assert good not in response.text
+    assert await is_valid(api, good)  # revocation did not take either copy

@@ -171,7 +171,14 @@ async def _form(request: Request) -> dict[str, str]:
     if not ctype.startswith("application/x-www-form-urlencoded"):
         raise _invalid_request("use application/x-www-form-urlencoded")
     form = await request.form(max_files=0, max_fields=10)
-    return {k: v for k, v in form.items() if isinstance(v, str) and k in _FORM_FIELDS}
+    fields: dict[str, str] = {}
+    for key, value in form.multi_items():
+        if key not in _FORM_FIELDS or not isinstance(value, str):
+            continue
+        if key in fields:  # RFC 6749 §3.1: a parameter must not be sent more than once
+            raise _invalid_request(f"{key}: given more than once")
+        fields[key] = value
+    return fields
 
 
 def _token(form: dict[str, str]) -> str:

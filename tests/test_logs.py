@@ -75,3 +75,41 @@ def test_off_writes_nothing(stderr):
     sink.request(path="/x")
     sink.flush()
     assert stderr.buffer.getvalue() == b""
+
+
+async def test_a_token_pasted_into_a_path_is_kept_out_of_the_logs(api, monkeypatch, stderr):
+    """A secret sent where an id belongs (``/v1/tokens/tw_live_…``) is redacted in the
+    access log line and in the audit event the request leaves; the rest of the path stays."""
+    from tokenward.logs import access_log
+
+    await api.post("/v1/projects", json={"name": "app"})
+    created = await api.post("/v1/tokens", json={"project": "app", "scopes": ["records:read"]})
+    secret = created.json()["token"]
+    monkeypatch.setattr(access_log, "stream", stderr)
+    monkeypatch.setattr(access_log, "enabled", True)
+    # Denied (a read-only credential may not revoke): the denial is an audited decision.
+    reader = await api.post("/v1/tokens", json={"project": "app", "scopes": ["admin:read"]})
+    response = await api.post(
+        f"/v1/tokens/{secret}/revoke",
+        json={},
+        headers={"Authorization": f"Bearer {reader.json()['token']}"},
+    )
+    assert response.status_code in (403, 404, 422) and secret not in response.text
+    await api.get(f"/v1/tokens/{secret}")
+    access_log.flush()
+    logged = stderr.buffer.getvalue().decode()
+    assert secret not in logged
+    assert f"/v1/tokens/{secret[:8]}[redacted]" in logged
+    events = (await api.get("/v1/audit", params={"limit": 500})).text
+    assert secret not in events
+    assert f"{secret[:8]}[redacted]" in events
+
+
+def test_redaction_keeps_text_without_tokens_as_it_is():
+    from tokenward.tokens.format import generate_token, redact_tokens
+
+    token = generate_token("test")
+    assert redact_tokens("/v1/tokens/tok_abc") == "/v1/tokens/tok_abc"
+    redacted = "tw_test_[redacted]"
+    assert redact_tokens(f"/a/{token}/b?x={token}") == f"/a/{redacted}/b?x={redacted}"
+    assert redact_tokens("tw_live_short") == "tw_live_short"

@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenward.asgi import send_json
 from tokenward.events import RequestContext, current_request, new_request_id
 from tokenward.logs import access_log
+from tokenward.tokens.format import redact_tokens
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -122,7 +123,7 @@ class RequestContextMiddleware:
                 access_log.request(
                     request_id=request_id,
                     method=scope["method"],
-                    path=path[:256],
+                    path=redact_tokens(path)[:256],
                     status=status,
                     duration_ms=round((time.perf_counter() - started) * 1000, 2),
                     client_ip=context.client_ip,

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from tokenward.events import AccessEvent, AdminEvent, IdSource, SecurityEvent
+from tokenward.tokens.format import redact_tokens
 from tokenward.tokens.hashing import Hmac256, ServerKey, TokenHasher
 
 GENESIS = "0" * 64
@@ -143,7 +144,7 @@ def access_row(event: AccessEvent) -> Row:
         principal,
         "access." + source,
         _clip(event.method, 16),
-        _clip(event.path, 512),
+        _clip(redact_tokens(event.path), 512) if event.path is not None else None,
         _clip(event.scope, 128),
         "allow" if decision.allowed else "deny",
         decision.reason.value,

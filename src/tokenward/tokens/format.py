@@ -28,6 +28,22 @@ TOKEN_PATTERN = re.compile(r"\btw_(?:live|test)_[0-9A-Za-z]{38}\b")
 _BASE62_SET = frozenset(BASE62)
 
 
+def redact_tokens(text: str) -> str:
+    """``text`` with every token-shaped string cut to its public prefix.
+
+    For what a server records about a request it did not choose, a URL path above all: a
+    client that pastes a secret where an id belongs (``/v1/tokens/tw_live_…``) must not
+    leave it in the access log or the audit chain.
+    """
+    if PREFIX not in text:  # the common case costs one substring search
+        return text
+    return TOKEN_PATTERN.sub(_redacted, text)
+
+
+def _redacted(match: re.Match[str]) -> str:
+    return match.group()[: len(PREFIX) + 5] + "[redacted]"
+
+
 class Environment(StrEnum):
     LIVE = "live"
     TEST = "test"

@@ -157,29 +157,85 @@ def uvicorn_options(tls_cert: Path | None = None, tls_key: Path | None = None) -
     )
 
 
+#: The most a request line and its headers may take on the API port (the gateway has its
+#: own bounds). Large enough for long DPoP proofs and identity tokens.
+MAX_HEAD_BYTES = 65536
+
+
 def http_protocol() -> type:
-    """uvicorn's HTTP/1.1 protocol (httptools), with two changes.
+    """uvicorn's HTTP/1.1 protocol (httptools), with three changes.
 
     * Its writes go through :class:`CorkedTransport`: a small answer leaves in one send.
     * A request it cannot parse (a bad request line, a malformed header) is answered before
       the application sees it; uvicorn does that with a plain-text 400, this one says the
       same as JSON, like every other error of tokenward's. Neither quotes the request back.
+    * A request line and headers longer than :data:`MAX_HEAD_BYTES` are refused with 431
+      (uvicorn sets no bound of its own with httptools: a client could send megabytes of
+      header, held in memory until the line ends).
     """
     import json
 
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-    body = json.dumps(
+    bad_request = json.dumps(
         {"error": "bad_request", "message": "the request is not valid HTTP/1.1"}
     ).encode()
+    too_large = json.dumps(
+        {
+            "error": "headers_too_large",
+            "message": f"the request line and headers exceed {MAX_HEAD_BYTES} bytes",
+        }
+    ).encode()
+    status_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
 
     class HttpProtocol(HttpToolsProtocol):
+        #: bytes received since the last request head ended (so: of the head in progress)
+        _head_bytes = 0
+        _heads = 0  # request heads parsed on this connection
+        _measure = False  # whether the head that ends next must be measured
+        _lingering = False
+
         def connection_made(self, transport: Any) -> None:
             corked: Any = CorkedTransport(transport, self.loop)  # a Transport, duck-typed
             super().connection_made(corked)
 
+        def data_received(self, data: bytes) -> None:
+            if self._lingering:
+                return  # refused: what the client still sends is read and dropped
+            heads = self._heads
+            # A head that ends in this chunk can only be too large if the bytes since the
+            # last head, this chunk included, are: then (only) it is measured exactly.
+            self._measure = self._head_bytes + len(data) > MAX_HEAD_BYTES
+            super().data_received(data)
+            # A head still incomplete after the chunk: its bytes so far count (held in
+            # memory by the parser until the line ends).
+            if heads == self._heads and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._refuse(status_431, too_large, linger=True)
+
+        def on_headers_complete(self) -> None:
+            self._heads += 1
+            self._head_bytes = 0
+            if self._measure:
+                size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+                if size > MAX_HEAD_BYTES:
+                    self._refuse(status_431, too_large, linger=True)
+                    raise ValueError("request head too large")  # stops the parser
+            super().on_headers_complete()
+
         def send_400_response(self, msg: str) -> None:
-            content = [STATUS_LINE[400]]
+            if not self._lingering and not self.transport.is_closing():  # not refused (431)
+                self._refuse(STATUS_LINE[400], bad_request)
+
+        def _refuse(self, status_line: bytes, body: bytes, linger: bool = False) -> None:
+            """Answer ``status_line`` with a JSON ``body`` and end the connection.
+
+            With ``linger``, for a client likely still sending: the answer goes out with
+            a half-close and what arrives next is dropped for a second before the
+            connection closes (closing at once would reset it, and the client might never
+            read why)."""
+            content = [status_line]
             for name, value in self.server_state.default_headers:
                 content.extend([name, b": ", value, b"\r\n"])
             content.extend(
@@ -193,6 +249,11 @@ def http_protocol() -> type:
                 ]
             )
             self.transport.write(b"".join(content))
-            self.transport.close()
+            if linger and self.transport.can_write_eof():
+                self._lingering = True
+                self.transport.write_eof()
+                self.loop.call_later(1.0, self.transport.close)
+            else:
+                self.transport.close()
 
     return HttpProtocol

@@ -458,3 +458,70 @@ async def test_every_answer_has_its_request_id_and_the_security_headers(api, ser
         assert r.headers["x-frame-options"] == "DENY"
         assert r.headers["referrer-policy"] == "no-referrer"
         assert r.headers["x-request-id"].startswith("req_")
+
+
+def test_an_oversized_request_head_is_refused_with_431(tmp_path):
+    """uvicorn sets no bound on headers with httptools; the API port refuses more than
+    ``MAX_HEAD_BYTES`` of request line and headers, sent at once or in pieces, and counts
+    each request of a kept-alive connection on its own (bodies do not count)."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.conftest import free_port, tokenward_cmd, wait_for_port
+    from tokenward.server import MAX_HEAD_BYTES
+
+    def exchange(conn: socket.socket, *parts: bytes) -> bytes:
+        for part in parts:
+            conn.sendall(part)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4 + int(
+            answer.split(b"content-length: ")[1].split(b"\r\n")[0]
+        ):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+    env = {**os.environ, "TOKENWARD_DATA_DIR": str(tmp_path)}
+    subprocess.run(tokenward_cmd("init", "--json"), env=env, capture_output=True, check=True)
+    port = free_port()
+    server = subprocess.Popen(
+        tokenward_cmd("serve", "--port", str(port)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=server)
+        big = b"X-Padding: " + b"a" * MAX_HEAD_BYTES + b"\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            answer = exchange(conn, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n")
+        head, _, body = answer.decode("latin-1").partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 431") and "application/json" in head
+        assert json.loads(body)["error"] == "headers_too_large"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            pieces = [b"GET /healthz HTTP/1.1\r\nHost: x\r\n"] + [
+                big[i : i + 4096] for i in range(0, len(big), 4096)
+            ]
+            assert exchange(conn, *pieces).startswith(b"HTTP/1.1 431")
+        # Just under the bound, many times on one connection, then a body larger than it.
+        ok = b"X-Padding: " + b"a" * (MAX_HEAD_BYTES // 2) + b"\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            for _ in range(4):
+                answer = exchange(conn, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + ok + b"\r\n")
+                assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            payload = json.dumps({"token": "x" * (MAX_HEAD_BYTES * 2)}).encode()
+            answer = exchange(
+                conn,
+                b"POST /v1/verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + b"Content-Length: "
+                + str(len(payload)).encode()
+                + b"\r\n\r\n"
+                + payload,
+            )
+            assert not answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -54,6 +54,10 @@ class Conflict(TokenwardError):
     status = 409
 
 
+class UnsupportedMediaType(TokenwardError):
+    status = 415
+
+
 class Invalid(TokenwardError):
     status = 422
 

@@ -525,3 +525,40 @@ def test_an_oversized_request_head_is_refused_with_431(tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+async def test_two_authorization_headers_are_refused_not_guessed_at(api, admin):
+    """Servers differ on which of two credentials counts (first, last, both joined): the
+    API refuses such a request on every route, the fast path included."""
+    import httpx
+
+    good = f"Bearer {admin.secret}"
+    for method, path, body in (
+        ("POST", "/v1/verify", {"token": "tw_live_x"}),
+        ("GET", "/v1/projects", None),
+        ("POST", "/oauth/introspect", None),
+    ):
+        for pair in ([good, "Bearer tw_live_other"], ["Bearer tw_live_other", good]):
+            headers = httpx.Headers([("authorization", value) for value in pair])
+            response = await api.request(method, path, json=body, headers=headers)
+            assert response.status_code == 400, (path, response.text)
+            assert response.json()["error"] == "invalid_request"
+            assert "more than one Authorization" in response.json()["message"]
+            assert admin.secret not in response.text
+            assert response.headers["x-request-id"]
+    assert (await api.get("/v1/projects")).status_code == 200  # one header: as always
+
+
+async def test_verify_reads_json_whatever_its_declared_type_but_says_when_it_is_not(api):
+    """``curl -d`` declares a form: a JSON body is read all the same. A body that is not
+    JSON, declared as something else, is the wrong format (415); declared JSON, it is
+    broken JSON (400)."""
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    response = await api.post("/v1/verify", content=b'{"token": "tw_live_x"}', headers=form)
+    assert response.status_code == 200 and response.json()["valid"] is False
+    response = await api.post("/v1/verify", content=b"token=tw_live_x", headers=form)
+    assert assert_clean_error(response, 415)["error"] == "unsupported_media_type"
+    response = await api.post(
+        "/v1/verify", content=b"token=tw_live_x", headers={"content-type": "application/json"}
+    )
+    assert assert_clean_error(response, 400)["error"] == "invalid_json"

@@ -40,10 +40,12 @@ class FastPath:
         await self.app(scope, receive, send)
 
     async def _verify(self, scope: Scope, receive: Receive, send: Send) -> None:
-        authorization = None
+        authorization = content_type = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
+            elif name == b"content-type":
+                content_type = value.decode("latin-1")
         body = await _read_body(receive, self.max_body_bytes)
         if body is None:
             message = f"the body exceeds {self.max_body_bytes} bytes"
@@ -52,7 +54,9 @@ class FastPath:
         try:
             services = self.api.state.services
             caller_ip = scope_client_ip(services.settings.trusted_proxies, scope)
-            status, result = await handle_verify(services, authorization, body, caller_ip)
+            status, result = await handle_verify(
+                services, authorization, body, caller_ip, content_type
+            )
         except TokenwardError as exc:
             extra = []
             if exc.status == 401:

@@ -97,7 +97,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        context = request_context_for(scope)
+        context, credentials = request_context_for(scope)
         request_id = context.request_id
         scope.setdefault("state", {})["request_id"] = request_id
         token = current_request.set(context)
@@ -115,7 +115,14 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, with_id)
+            if credentials > 1 and not scope["path"].startswith("/authz"):
+                # Which one would count? Servers and proxies differ (first, last, joined):
+                # a request that names two credentials is refused, not guessed at. (/authz
+                # answers for itself: a proxy turns a 400 from it into a 500.)
+                body = {"error": "invalid_request", "message": _TWO_CREDENTIALS}
+                await send_json(with_id, 400, body)
+            else:
+                await self.app(scope, receive, with_id)
         finally:
             current_request.reset(token)
             path = scope["path"]
@@ -133,14 +140,21 @@ class RequestContextMiddleware:
 _UNLOGGED = frozenset({"/metrics", "/healthz"})
 
 
-def request_context_for(scope: Scope) -> RequestContext:
-    """Request id (``X-Request-ID`` kept if sane, else a new one), peer IP and user agent."""
+_TWO_CREDENTIALS = "the request has more than one Authorization header"
+
+
+def request_context_for(scope: Scope) -> tuple[RequestContext, int]:
+    """Request id (``X-Request-ID`` kept if sane, else a new one), peer IP and user agent;
+    and how many ``Authorization`` headers the request has."""
     given = user_agent = None
+    credentials = 0
     for name, value in scope["headers"]:
-        if name == b"x-request-id":
+        if name == b"authorization":
+            credentials += 1
+        elif name == b"x-request-id":
             given = value.decode("latin-1")
         elif name == b"user-agent":
             user_agent = value.decode("latin-1")[:256]
     request_id = given if given and _REQUEST_ID.match(given) else new_request_id()
     client = scope.get("client")
-    return RequestContext(request_id, client[0] if client else None, user_agent)
+    return RequestContext(request_id, client[0] if client else None, user_agent), credentials

@@ -18,7 +18,14 @@ from tokenward.api.auth import (
 )
 from tokenward.api.errors import error_response
 from tokenward.clientip import parse_ip
-from tokenward.errors import BadRequest, Forbidden, Invalid, TokenwardError, Unauthorized
+from tokenward.errors import (
+    BadRequest,
+    Forbidden,
+    Invalid,
+    TokenwardError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from tokenward.oauth.clientauth import ClientCredentials, client_credentials, invalid_client
 from tokenward.oauth.dpop import DPoPRequest
 from tokenward.tokens.format import TokenFormatError, bearer_credential, parse_token
@@ -57,10 +64,16 @@ VERIFY_SCHEMA: dict[str, Any] = {
 }
 
 
-def _verify_body(raw: bytes) -> dict[str, str | None]:
+def _verify_body(raw: bytes, content_type: str | None = None) -> dict[str, str | None]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
+        # The body is read as JSON whatever its declared type (``curl -d`` says form); one
+        # that is declared as something else and is not JSON was sent in the wrong format.
+        if content_type and "json" not in content_type.lower():
+            raise UnsupportedMediaType(
+                "unsupported_media_type", "the body must be JSON (Content-Type: application/json)"
+            ) from None
         raise BadRequest("invalid_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Invalid("invalid_request", "the body must be a JSON object")
@@ -88,7 +101,11 @@ def _verify_body(raw: bytes) -> dict[str, str | None]:
 
 
 async def handle_verify(
-    services: Any, authorization: str | None, raw_body: bytes, peer_ip: str | None
+    services: Any,
+    authorization: str | None,
+    raw_body: bytes,
+    peer_ip: str | None,
+    content_type: str | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """``POST /v1/verify`` without a framework: status and body, or a TokenwardError.
 
@@ -104,7 +121,7 @@ async def handle_verify(
         path="/v1/verify",
         audit_allowed=False,
     )
-    body = _verify_body(raw_body)
+    body = _verify_body(raw_body, content_type)
     decision = await services.verifier.verify(
         body["token"] or "",
         scope=body.get("scope"),
@@ -149,6 +166,7 @@ async def verify(request: Request) -> JSONResponse:
         request.headers.get("authorization"),
         await request.body(),
         client_ip(request),
+        request.headers.get("content-type"),
     )
     return JSONResponse(body, status)
 

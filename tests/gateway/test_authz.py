@@ -344,3 +344,24 @@ async def test_dpop_bound_token_needs_a_fresh_proof_for_this_url(services, admin
             },
         )
         assert elsewhere.status_code == 401
+
+
+async def test_raw_bytes_and_invalid_escapes_in_the_original_uri_match_no_route(
+    services, admin, policy_text
+):
+    use_policy(services, policy_text)
+    issued = await make_token(services, admin)
+    async with await client_for(services) as c:
+        for uri in (
+            b"/records/users/\xff\xfe",
+            b"/records/\xc0\xae\xc0\xae/admin",
+            b"/records/\xc3\xa9",  # valid UTF-8, but raw: HTTP wants it percent-encoded
+            b"/records/users/%zz",
+            b"/records/users/%f",
+        ):
+            for header in (b"X-Original-URI", b"X-Forwarded-Uri"):
+                headers = [(b"Authorization", f"Bearer {issued.secret}".encode()), (header, uri)]
+                r = await c.get("/authz", headers=headers)
+                assert r.status_code == 403 and r.json()["error"] == "no_route", uri
+        r = await c.get("/authz", headers=nginx_headers(issued.secret, uri="/records/%C3%A9"))
+        assert r.status_code == 200

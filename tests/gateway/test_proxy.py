@@ -219,3 +219,32 @@ async def test_what_the_server_cannot_parse_is_json_and_never_quoted(services, a
             assert issued.secret not in answer
     logged = capsys.readouterr()
     assert issued.secret not in logged.out + logged.err
+
+
+async def test_invalid_escapes_and_raw_bytes_in_the_path_match_no_route(services, admin):
+    import asyncio
+
+    issued = await make_token(services, admin)
+    auth = {"Authorization": f"Bearer {issued.secret}"}
+    async with running_gateway(services) as (gw, sink):
+        for path in ("/records/users/%zz", "/records/users/%4", "/records/%g0/x"):
+            r = await gw.get(path, headers=auth)
+            assert r.status_code == 404 and r.json()["error"] == "no_route", path
+        port = gw.base_url.port
+        for raw in (
+            b"/records/users/\xff\xfe",
+            b"/records/\xc0\xae\xc0\xae/x",
+            b"/records/\xc3\xa9",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"GET " + raw + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Authorization: Bearer " + issued.secret.encode() + b"\r\n\r\n"
+            )
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            # The HTTP parser refuses them before any decision (a JSON 400).
+            assert answer.split(b" ", 2)[1] == b"400", (raw, answer[:200])
+            assert b"application/json" in answer and b"x-upstream" not in answer.lower()
+    assert not any(e.decision.allowed for e in sink.access_events)

@@ -53,21 +53,26 @@ _MESSAGES: dict[Reason, str] = {
 _MAX_BLOCKED = 100_000
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never let a value break a header line
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")  # a "%" not followed by two hex digits
 
 
 def canonical_path(raw: str) -> str | None:
     """The decoded path if it is canonical, else ``None`` (then no route can match).
 
-    Dot segments, empty segments, encoded slashes or backslashes and control characters are
-    refused rather than normalised: the upstream must see exactly the path that was matched,
-    and a path that different servers would read differently is an attack, not a typo.
+    Dot segments, empty segments, encoded slashes or backslashes, control characters, raw
+    non-ASCII bytes (HTTP wants them percent-encoded) and ``%`` not followed by two hex digits
+    are refused rather than normalised: the upstream must see exactly the path that was
+    matched, and a path that different servers would read differently is an attack, not a
+    typo.
     """
-    if not raw.startswith("/") or len(raw) > 4096:
+    if not raw.startswith("/") or len(raw) > 4096 or not raw.isascii():
         return None
     path = raw
     if "%" in raw:
         lowered = raw.lower()
         if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
+            return None
+        if _BAD_ESCAPE.search(raw):
             return None
         try:
             path = unquote(raw, errors="strict")

@@ -221,6 +221,49 @@ async def test_what_the_server_cannot_parse_is_json_and_never_quoted(services, a
     assert issued.secret not in logged.out + logged.err
 
 
+async def test_underscore_spellings_of_controlled_headers_are_not_forwarded(services, admin):
+    """CGI and WSGI servers fold ``_`` into ``-``: ``X_Tokenward_Principal`` would reach a
+    backend as ``HTTP_X_TOKENWARD_PRINCIPAL``, next to (or in place of) the real one."""
+    issued = await make_token(services, admin, principal="storefront")
+    spoofed = [
+        ("X_Tokenward_Principal", "admin"),
+        ("X_Tokenward_Scopes", "admin:*"),
+        ("x-tokenward_token-id", "tok_other"),
+        ("X_TOKENWARD_CLIENT_IP", "10.0.0.1"),
+        ("X_Forwarded_For", "10.0.0.1"),
+        ("X_Forwarded_Proto", "https"),
+        ("X-Forwarded_Host", "evil.example"),
+        ("X-Forwarded-Prefix", "/admin"),
+        ("X-Forwarded-Port", "1"),
+        ("Forwarded", "for=10.0.0.1;proto=https"),
+        ("X-Real-IP", "10.0.0.1"),
+        ("X_Real_IP", "10.0.0.1"),
+        ("X_Request_ID", "chosen-by-client"),
+        ("Proxy_Authorization", "Basic eDp5"),
+        ("Transfer_Encoding", "chunked"),
+    ]
+    async with running_gateway(services) as (gw, _sink):
+        r = await gw.get(
+            "/records/7",
+            headers=[
+                ("Authorization", f"Bearer {issued.secret}"),
+                *spoofed,
+                ("X_Custom_Thing", "kept"),
+            ],
+        )
+    assert r.status_code == 200, r.text
+    seen = r.json()["headers"]
+    assert seen["x-tokenward-principal"] == "storefront"
+    assert seen["x-tokenward-scopes"] == "records:read"
+    assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"] == "127.0.0.1:" + str(gw.base_url.port)
+    assert seen["x_custom_thing"] == "kept"  # underscores alone are no reason to drop
+    assert [n for n in seen if "_" in n] == ["x_custom_thing"]
+    for gone in ("forwarded", "x-real-ip", "x-forwarded-prefix", "x-forwarded-port"):
+        assert gone not in seen
+    assert "admin" not in seen["x-tokenward-principal"] + seen["x-tokenward-scopes"]
+
+
 async def test_invalid_escapes_and_raw_bytes_in_the_path_match_no_route(services, admin):
     import asyncio
 

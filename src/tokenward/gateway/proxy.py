@@ -2,8 +2,10 @@
 
 For an allowed request the method, raw path, query, headers and body go to the route's
 upstream over a pooled keep-alive connection; the response streams back. ``Authorization``,
-``DPoP``, hop-by-hop headers and every client-sent ``X-Tokenward-*`` header are removed, then
-the identity headers are added, so an upstream can trust them. Bodies are never buffered
+``DPoP``, hop-by-hop headers, ``Forwarded``, ``X-Real-IP`` and every client-sent
+``X-Tokenward-*`` and ``X-Forwarded-*`` header are removed, in any spelling that folds ``_``
+into ``-`` (CGI and WSGI servers read ``X_Tokenward_Principal`` as ``X-Tokenward-Principal``),
+then the identity headers are added, so an upstream can trust them. Bodies are never buffered
 whole: the request and response are bounded by ``max_request_bytes``/``max_response_bytes``
 while they stream; only a small answer that has fully arrived (or a short one of known length)
 goes back in one write. An upstream that refuses or drops the connection gives 502, one that
@@ -51,6 +53,8 @@ _REQUEST_ROLES: dict[bytes, int] = {
     b"content-length": _DROP,
     b"x-forwarded-proto": _DROP,
     b"x-forwarded-host": _DROP,
+    b"forwarded": _DROP,  # the gateway speaks X-Forwarded-*; a client's Forwarded would lie
+    b"x-real-ip": _DROP,
     # read by the gateway, not forwarded as sent
     b"authorization": _AUTHORIZATION,
     b"dpop": _DPOP,  # a proof is for tokenward, like the token it binds
@@ -75,6 +79,8 @@ _DROP_RESPONSE = frozenset(
         b"content-length",
     }
 )
+#: Client-sent headers with these prefixes are never forwarded: the gateway sets its own.
+_SET_BY_GATEWAY = (b"x-tokenward-", b"x-forwarded-")
 _REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 #: An answer of known length up to this size is read whole, then sent in one write.
 _SMALL_BODY = 64 * 1024
@@ -112,8 +118,15 @@ class _Sent:
             lower = name.lower()
             role = _REQUEST_ROLES.get(lower)
             if role is None:
-                if not lower.startswith(b"x-tokenward-"):
-                    forward += (name, _SEP, value, _CRLF)
+                if b"_" in lower:
+                    # CGI/WSGI read "_" as "-": X_Tokenward_Principal must not get through
+                    # as X-Tokenward-Principal, nor X_Forwarded_For as X-Forwarded-For.
+                    folded = lower.replace(b"_", b"-")
+                    if folded in _REQUEST_ROLES or folded.startswith(_SET_BY_GATEWAY):
+                        continue
+                elif lower.startswith(_SET_BY_GATEWAY):
+                    continue
+                forward += (name, _SEP, value, _CRLF)
             elif role == _AUTHORIZATION:
                 if authorization is None:
                     authorization = value.decode("latin-1")

@@ -47,8 +47,9 @@ _MESSAGES: dict[Reason, str] = {
     Reason.TOO_MANY_FAILURES: "too many failed authentications from this address; retry later",
     Reason.UNAVAILABLE: "a dependency is unavailable; access denied",
     Reason.NO_ROUTE: "no route allows this method and path",
-    Reason.AMBIGUOUS_REQUEST: "X-Original-* and X-Forwarded-* name different requests; "
-    "the proxy must remove the client's copy of the headers it does not set",
+    Reason.AMBIGUOUS_REQUEST: "X-Original-*, X-Forwarded-* or the request line name "
+    "different requests (or one of these headers repeats with another value); the proxy must "
+    "remove the client's copy of the headers it does not set",
 }
 _MAX_BLOCKED = 100_000
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never let a value break a header line

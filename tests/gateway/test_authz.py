@@ -448,3 +448,28 @@ async def test_raw_bytes_and_invalid_escapes_in_the_original_uri_match_no_route(
                 assert r.status_code == 403 and r.json()["error"] == "no_route", uri
         r = await c.get("/authz", headers=nginx_headers(issued.secret, uri="/records/%C3%A9"))
         assert r.status_code == 200
+
+
+async def test_more_than_one_authorization_header_is_refused(services, admin, policy_text):
+    sink = use_policy(services, policy_text)
+    issued = await make_token(services, admin)
+    other = await make_token(services, admin, scopes=["records:*"])
+    async with await client_for(services) as c:
+        for values in ((issued.secret, other.secret), (issued.secret, issued.secret)):
+            r = await c.get(
+                "/authz",
+                headers=[
+                    ("X-Original-URI", "/records/1"),
+                    *[("Authorization", f"Bearer {v}") for v in values],
+                ],
+            )
+            assert r.status_code == 401  # nginx passes only 2xx, 401 and 403
+            assert r.json()["error"] == "duplicate_authorization"
+            assert "more than one Authorization header" in r.json()["message"]
+            assert r.headers["x-tokenward-error"] == "duplicate_authorization"
+            assert 'error="invalid_request"' in r.headers["www-authenticate"]
+            assert "x-tokenward-principal" not in r.headers
+            for secret in (issued.secret, other.secret):
+                assert secret not in r.text and secret not in str(r.headers)
+    assert [e.decision.allowed for e in sink.access_events] == [False, False]
+    assert [e.decision.reason.value for e in sink.access_events] == ["malformed", "malformed"]

@@ -264,6 +264,24 @@ async def test_underscore_spellings_of_controlled_headers_are_not_forwarded(serv
     assert "admin" not in seen["x-tokenward-principal"] + seen["x-tokenward-scopes"]
 
 
+async def test_more_than_one_authorization_header_is_refused(services, admin):
+    issued = await make_token(services, admin)
+    other = await make_token(services, admin, scopes=["records:*"])
+    async with running_gateway(services) as (gw, sink):
+        for values in ((issued.secret, other.secret), (issued.secret, issued.secret)):
+            r = await gw.get(
+                "/records/7", headers=[("Authorization", f"Bearer {v}") for v in values]
+            )
+            assert r.status_code == 400, r.text
+            assert r.json()["error"] == "duplicate_authorization"
+            assert "x-upstream" not in r.headers
+            assert 'error="invalid_request"' in r.headers["www-authenticate"]
+            assert issued.secret not in r.text and other.secret not in r.text
+            assert issued.secret not in str(r.headers) and other.secret not in str(r.headers)
+    assert len(sink.access_events) == 2
+    assert not any(e.decision.allowed for e in sink.access_events)
+
+
 async def test_invalid_escapes_and_raw_bytes_in_the_path_match_no_route(services, admin):
     import asyncio
 

@@ -10,7 +10,9 @@ and the same URI, and none of these headers may come twice with different values
 same route policies as the gateway decide. Answers:
 
 * 200 with ``X-Tokenward-*`` identity headers (and ``RateLimit-*``): forward it;
-* 401 ``invalid_token`` / ``missing_credential`` with ``WWW-Authenticate`` (RFC 6750);
+* 401 ``invalid_token`` / ``missing_credential`` with ``WWW-Authenticate`` (RFC 6750), and
+  ``duplicate_authorization`` for more than one ``Authorization`` header (401, not 400:
+  nginx passes only 2xx/401/403);
 * 403 ``insufficient_scope``, ``ip_not_allowed``, ``wrong_project``, ``wrong_environment``,
   and ``no_route`` (403, not 404: nginx turns any answer but 2xx/401/403 into a 500);
 * 429 ``rate_limited`` / ``too_many_failures`` with ``Retry-After``; 503 ``unavailable``.
@@ -31,7 +33,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenward.events import current_request, new_request_id
-from tokenward.gateway.enforce import Enforcement, Outcome
+from tokenward.gateway.enforce import DUPLICATE_AUTHORIZATION, Enforcement, Outcome
 from tokenward.tokens.model import Reason
 from tokenward.verify import Decision
 
@@ -98,10 +100,10 @@ _READ: dict[bytes, int] = {
 async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     started = time.perf_counter()
     # One pass. The first Host counts; a header naming the original request must not come
-    # twice with different values.
+    # twice with different values, and Authorization not twice at all.
     values: list[bytes | None] = [None] * 12
     forwarded_for: list[str] = []
-    repeated = 0
+    repeated = authorizations = 0
     for name, value in scope["headers"]:
         slot = _READ.get(name)
         if slot is None:
@@ -112,6 +114,8 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
         seen = values[slot]
         if seen is None:
             values[slot] = value
+        elif slot == _AUTHORIZATION:
+            authorizations += 1
         elif slot <= _FORWARDED_METHOD and seen != value:
             repeated += 1
         elif slot != _HOST:
@@ -162,6 +166,9 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
         # Each proxy sets one source; another one, or a second value, came from the client.
         # Which one is genuine cannot be told here, so none is trusted.
         outcome = Outcome(Decision(False, Reason.AMBIGUOUS_REQUEST))
+    elif authorizations:
+        # Servers disagree on which of several counts (first, last, joined): refuse.
+        outcome = Outcome.refused(DUPLICATE_AUTHORIZATION)
     else:
         outcome = await enforcement.decide(
             method,
@@ -197,6 +204,8 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     status = outcome.status
     if status == 404:
         status = 403  # no_route
+    elif status == 400:
+        status = 401  # a malformed credential header
     # The code as a header too: nginx cannot read the body of an auth subrequest.
     headers.append((b"x-tokenward-error", outcome.error.encode()))
     await _respond(send, status, headers, outcome.body())

@@ -55,6 +55,12 @@ _MAX_BLOCKED = 100_000
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never let a value break a header line
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")  # a "%" not followed by two hex digits
+#: Requests refused before any decision: error code → message (audited as ``malformed``).
+DUPLICATE_AUTHORIZATION = "duplicate_authorization"
+_REFUSALS: dict[str, str] = {
+    DUPLICATE_AUTHORIZATION: "the request carries more than one Authorization header; "
+    "send exactly one",
+}
 
 
 def canonical_path(raw: str) -> str | None:
@@ -96,6 +102,13 @@ class Outcome:
     scope: str | None = None
     credential: str | None = None
     failures: RateResult | None = None  # set when the IP is blocked for failed attempts
+    refusal: str | None = None  # a request refused as malformed, before any decision
+
+    @classmethod
+    def refused(cls, code: str) -> Outcome:
+        """A request refused before any decision (``400``, RFC 6750 ``invalid_request``);
+        its audit event records ``malformed``."""
+        return cls(Decision(False, Reason.MALFORMED), refusal=code)
 
     @property
     def allowed(self) -> bool:
@@ -103,10 +116,12 @@ class Outcome:
 
     @property
     def status(self) -> int:
-        return self.decision.status
+        return 400 if self.refusal is not None else self.decision.status
 
     @property
     def error(self) -> str:
+        if self.refusal is not None:
+            return self.refusal
         reason = self.decision.reason
         if self.status == 401 and reason is not Reason.MISSING_CREDENTIAL:
             return "invalid_token"
@@ -114,6 +129,8 @@ class Outcome:
 
     @property
     def message(self) -> str:
+        if self.refusal is not None:
+            return _REFUSALS[self.refusal]
         return _MESSAGES.get(self.decision.reason, self.decision.reason.value)
 
     @property
@@ -152,6 +169,14 @@ class Outcome:
                 ("RateLimit-Limit", str(allowed.limit)),
                 ("RateLimit-Remaining", str(allowed.remaining)),
                 ("RateLimit-Reset", str(allowed.reset)),
+            ]
+        if self.refusal is not None:
+            return [
+                (
+                    "WWW-Authenticate",
+                    f'Bearer realm="tokenward", error="invalid_request", '
+                    f'error_description="{self.message}"',
+                )
             ]
         out: list[tuple[str, str]] = []
         rate = self.ratelimit

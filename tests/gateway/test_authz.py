@@ -344,3 +344,132 @@ async def test_dpop_bound_token_needs_a_fresh_proof_for_this_url(services, admin
             },
         )
         assert elsewhere.status_code == 401
+
+
+async def test_method_and_uri_are_chosen_per_field_and_every_source_must_agree(
+    services, admin, policy_text
+):
+    """The method came from the /authz request line (GET) while the proxy said DELETE."""
+    sink = use_policy(services, policy_text)
+    issued = await make_token(services, admin, scopes=["records:*"])
+    auth = {"Authorization": f"Bearer {issued.secret}"}
+    uri = "/records/users/7"
+    async with await client_for(services) as c:
+        # X-Original-URI without a method, the method in X-Forwarded-Method: DELETE counts.
+        r = await c.get(
+            "/authz",
+            headers={
+                **auth,
+                "X-Original-URI": uri,
+                "X-Forwarded-Method": "DELETE",
+                "X-Forwarded-Uri": uri,
+            },
+        )
+        assert r.status_code == 403 and r.json()["error"] == "no_route"  # no DELETE route
+        assert (sink.access_events[-1].method, sink.access_events[-1].path) == ("DELETE", uri)
+
+        ambiguous = [
+            # the nginx pair says GET, the Traefik/Caddy pair DELETE, for the same URI
+            {"X-Original-Method": "GET", "X-Original-URI": uri, "X-Forwarded-Method": "DELETE"},
+            # a method from one pair, the URI from the other, disagreeing on the method
+            {"X-Original-Method": "GET", "X-Forwarded-Method": "DELETE", "X-Forwarded-Uri": uri},
+            # the URIs disagree, no method at all
+            {"X-Original-URI": uri, "X-Forwarded-Uri": "/records/users/8"},
+        ]
+        for headers in ambiguous:
+            r = await c.get("/authz", headers={**auth, **headers})
+            assert r.status_code == 403 and r.json()["error"] == "ambiguous_request", headers
+        # Envoy: the request line below /authz is a source too.
+        for method, headers in [
+            ("DELETE", {"X-Forwarded-Method": "GET"}),
+            ("DELETE", {"X-Original-Method": "GET"}),
+            ("GET", {"X-Original-URI": "/records/users/8"}),
+            ("GET", {"X-Forwarded-Uri": "/records/users/8"}),
+        ]:
+            r = await c.request(method, f"/authz{uri}", headers={**auth, **headers})
+            assert r.status_code == 403 and r.json()["error"] == "ambiguous_request", headers
+        agreeing = {
+            "X-Original-Method": "get",
+            "X-Original-URI": uri,
+            "X-Forwarded-Method": "GET",
+            "X-Forwarded-Uri": uri,
+        }
+        assert (await c.get("/authz", headers={**auth, **agreeing})).status_code == 200
+        r = await c.get(f"/authz{uri}", headers={**auth, **agreeing})
+        assert r.status_code == 200
+        # Header names with underscores are other headers: tokenward does not read them.
+        r = await c.get(
+            "/authz", headers={**auth, "X-Original-URI": uri, "X_Original_Method": "DELETE"}
+        )
+        assert r.status_code == 200
+
+
+async def test_a_repeated_original_request_header_must_repeat_its_value(
+    services, admin, policy_text
+):
+    """Before, the last X-Original-URI won."""
+    use_policy(services, policy_text)
+    issued = await make_token(services, admin)
+    auth = ("Authorization", f"Bearer {issued.secret}")
+    async with await client_for(services) as c:
+        for name, first, second in [
+            ("X-Original-URI", "/records/1", "/admin"),
+            ("X-Original-URI", "/admin", "/records/1"),
+            ("X-Original-Method", "DELETE", "GET"),
+            ("X-Forwarded-Uri", "/admin", "/records/1"),
+            ("X-Forwarded-Method", "DELETE", "GET"),
+        ]:
+            pair = "X-Original-URI" if name.startswith("X-Original") else "X-Forwarded-Uri"
+            headers = [auth, (name, first), (name, second)]
+            if name != pair:
+                headers.append((pair, "/records/1"))
+            r = await c.get("/authz", headers=headers)
+            assert r.status_code == 403 and r.json()["error"] == "ambiguous_request", name
+        same = [auth, ("X-Original-URI", "/records/1"), ("X-Original-URI", "/records/1")]
+        assert (await c.get("/authz", headers=same)).status_code == 200
+
+
+async def test_raw_bytes_and_invalid_escapes_in_the_original_uri_match_no_route(
+    services, admin, policy_text
+):
+    use_policy(services, policy_text)
+    issued = await make_token(services, admin)
+    async with await client_for(services) as c:
+        for uri in (
+            b"/records/users/\xff\xfe",
+            b"/records/\xc0\xae\xc0\xae/admin",
+            b"/records/\xc3\xa9",  # valid UTF-8, but raw: HTTP wants it percent-encoded
+            b"/records/users/%zz",
+            b"/records/users/%f",
+        ):
+            for header in (b"X-Original-URI", b"X-Forwarded-Uri"):
+                headers = [(b"Authorization", f"Bearer {issued.secret}".encode()), (header, uri)]
+                r = await c.get("/authz", headers=headers)
+                assert r.status_code == 403 and r.json()["error"] == "no_route", uri
+        r = await c.get("/authz", headers=nginx_headers(issued.secret, uri="/records/%C3%A9"))
+        assert r.status_code == 200
+
+
+async def test_more_than_one_authorization_header_is_refused(services, admin, policy_text):
+    sink = use_policy(services, policy_text)
+    issued = await make_token(services, admin)
+    other = await make_token(services, admin, scopes=["records:*"])
+    async with await client_for(services) as c:
+        for values in ((issued.secret, other.secret), (issued.secret, issued.secret)):
+            r = await c.get(
+                "/authz",
+                headers=[
+                    ("X-Original-URI", "/records/1"),
+                    *[("Authorization", f"Bearer {v}") for v in values],
+                ],
+            )
+            assert r.status_code == 401  # nginx passes only 2xx, 401 and 403
+            assert r.json()["error"] == "duplicate_authorization"
+            assert "more than one Authorization header" in r.json()["message"]
+            assert r.headers["x-tokenward-error"] == "duplicate_authorization"
+            assert 'error="invalid_request"' in r.headers["www-authenticate"]
+            assert "x-tokenward-principal" not in r.headers
+            for secret in (issued.secret, other.secret):
+                assert secret not in r.text and secret not in str(r.headers)
+    assert [e.decision.allowed for e in sink.access_events] == [False, False]
+    assert [e.decision.reason.value for e in sink.access_events] == ["malformed", "malformed"]

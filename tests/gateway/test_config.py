@@ -122,6 +122,14 @@ def test_the_documented_example_is_valid():
         ("/records/a\\b", None),
         ("/records/%00", None),
         ("/records/%ff", None),
+        ("/records/%C3%A9", "/records/\u00e9"),
+        ("/records/\u00e9", None),  # raw non-ASCII: HTTP wants it percent-encoded
+        ("/records/users/\xff\xfe", None),  # raw bytes, as a header carries them (latin-1)
+        ("/records/\xc0\xae\xc0\xae/admin", None),
+        ("/records/users/%zz", None),  # not an escape: servers read it differently
+        ("/records/users/%4", None),
+        ("/records/%g0", None),
+        ("/records/100%", None),
         ("records", None),
     ],
 )
@@ -133,8 +141,14 @@ def _canonical_path_by_segments(raw: str) -> str | None:
     """The rule spelled out segment by segment (what the fast checks must equal)."""
     from urllib.parse import unquote
 
-    if not raw.startswith("/") or len(raw) > 4096:
+    if not raw.startswith("/") or len(raw) > 4096 or any(ord(c) > 127 for c in raw):
         return None
+    for i, c in enumerate(raw):
+        escape = raw[i + 1 : i + 3]
+        if c == "%" and not (
+            len(escape) == 2 and all(h in "0123456789abcdefABCDEF" for h in escape)
+        ):
+            return None
     lowered = raw.lower()
     if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
         return None
@@ -151,7 +165,23 @@ def _canonical_path_by_segments(raw: str) -> str | None:
     return path
 
 
-_PIECES = ["/", ".", "..", "a", "%2e", "%2E", "%", "%41", "\\", "é", "\x01"]
+_PIECES = [
+    "/",
+    ".",
+    "..",
+    "a",
+    "f",
+    "z",
+    "%2e",
+    "%2E",
+    "%",
+    "%41",
+    "%c3%a9",
+    "\\",
+    "é",
+    "\xff",
+    "\x01",
+]
 
 
 @given(st.lists(st.sampled_from(_PIECES)))

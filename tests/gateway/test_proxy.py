@@ -219,3 +219,93 @@ async def test_what_the_server_cannot_parse_is_json_and_never_quoted(services, a
             assert issued.secret not in answer
     logged = capsys.readouterr()
     assert issued.secret not in logged.out + logged.err
+
+
+async def test_underscore_spellings_of_controlled_headers_are_not_forwarded(services, admin):
+    """CGI and WSGI servers fold ``_`` into ``-``: ``X_Tokenward_Principal`` would reach a
+    backend as ``HTTP_X_TOKENWARD_PRINCIPAL``, next to (or in place of) the real one."""
+    issued = await make_token(services, admin, principal="storefront")
+    spoofed = [
+        ("X_Tokenward_Principal", "admin"),
+        ("X_Tokenward_Scopes", "admin:*"),
+        ("x-tokenward_token-id", "tok_other"),
+        ("X_TOKENWARD_CLIENT_IP", "10.0.0.1"),
+        ("X_Forwarded_For", "10.0.0.1"),
+        ("X_Forwarded_Proto", "https"),
+        ("X-Forwarded_Host", "evil.example"),
+        ("X-Forwarded-Prefix", "/admin"),
+        ("X-Forwarded-Port", "1"),
+        ("Forwarded", "for=10.0.0.1;proto=https"),
+        ("X-Real-IP", "10.0.0.1"),
+        ("X_Real_IP", "10.0.0.1"),
+        ("X_Request_ID", "chosen-by-client"),
+        ("Proxy_Authorization", "Basic eDp5"),
+        ("Transfer_Encoding", "chunked"),
+    ]
+    async with running_gateway(services) as (gw, _sink):
+        r = await gw.get(
+            "/records/7",
+            headers=[
+                ("Authorization", f"Bearer {issued.secret}"),
+                *spoofed,
+                ("X_Custom_Thing", "kept"),
+            ],
+        )
+    assert r.status_code == 200, r.text
+    seen = r.json()["headers"]
+    assert seen["x-tokenward-principal"] == "storefront"
+    assert seen["x-tokenward-scopes"] == "records:read"
+    assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"] == "127.0.0.1:" + str(gw.base_url.port)
+    assert seen["x_custom_thing"] == "kept"  # underscores alone are no reason to drop
+    assert [n for n in seen if "_" in n] == ["x_custom_thing"]
+    for gone in ("forwarded", "x-real-ip", "x-forwarded-prefix", "x-forwarded-port"):
+        assert gone not in seen
+    assert "admin" not in seen["x-tokenward-principal"] + seen["x-tokenward-scopes"]
+
+
+async def test_more_than_one_authorization_header_is_refused(services, admin):
+    issued = await make_token(services, admin)
+    other = await make_token(services, admin, scopes=["records:*"])
+    async with running_gateway(services) as (gw, sink):
+        for values in ((issued.secret, other.secret), (issued.secret, issued.secret)):
+            r = await gw.get(
+                "/records/7", headers=[("Authorization", f"Bearer {v}") for v in values]
+            )
+            assert r.status_code == 400, r.text
+            assert r.json()["error"] == "duplicate_authorization"
+            assert "x-upstream" not in r.headers
+            assert 'error="invalid_request"' in r.headers["www-authenticate"]
+            assert issued.secret not in r.text and other.secret not in r.text
+            assert issued.secret not in str(r.headers) and other.secret not in str(r.headers)
+    assert len(sink.access_events) == 2
+    assert not any(e.decision.allowed for e in sink.access_events)
+
+
+async def test_invalid_escapes_and_raw_bytes_in_the_path_match_no_route(services, admin):
+    import asyncio
+
+    issued = await make_token(services, admin)
+    auth = {"Authorization": f"Bearer {issued.secret}"}
+    async with running_gateway(services) as (gw, sink):
+        for path in ("/records/users/%zz", "/records/users/%4", "/records/%g0/x"):
+            r = await gw.get(path, headers=auth)
+            assert r.status_code == 404 and r.json()["error"] == "no_route", path
+        port = gw.base_url.port
+        for raw in (
+            b"/records/users/\xff\xfe",
+            b"/records/\xc0\xae\xc0\xae/x",
+            b"/records/\xc3\xa9",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"GET " + raw + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Authorization: Bearer " + issued.secret.encode() + b"\r\n\r\n"
+            )
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            # The HTTP parser refuses them before any decision (a JSON 400).
+            assert answer.split(b" ", 2)[1] == b"400", (raw, answer[:200])
+            assert b"application/json" in answer and b"x-upstream" not in answer.lower()
+    assert not any(e.decision.allowed for e in sink.access_events)

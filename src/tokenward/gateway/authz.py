@@ -1,13 +1,18 @@
 """``/authz``: the decision endpoint for nginx, Traefik, Caddy and Envoy.
 
-The proxy asks before it forwards a request. The original method and URI come from
-``X-Original-Method``/``X-Original-URI`` (nginx ``auth_request``), else
-``X-Forwarded-Method``/``X-Forwarded-Uri`` (Traefik ForwardAuth, Caddy ``forward_auth``),
-else the request line itself below ``/authz`` (Envoy ext_authz with ``path_prefix: /authz``).
-The same route policies as the gateway decide. Answers:
+The proxy asks before it forwards a request. The original method and URI each come from the
+first present of ``X-Original-Method``/``X-Original-URI`` (nginx ``auth_request``),
+``X-Forwarded-Method``/``X-Forwarded-Uri`` (Traefik ForwardAuth, Caddy ``forward_auth``) and
+the request line itself below ``/authz`` (Envoy ext_authz with ``path_prefix: /authz``); the
+method is ``GET`` when no source names one. Every present source must name the same method
+and the same URI, and none of these headers may come twice with different values: else 403
+``ambiguous_request`` (each proxy sets one source; another one came from the client). The
+same route policies as the gateway decide. Answers:
 
 * 200 with ``X-Tokenward-*`` identity headers (and ``RateLimit-*``): forward it;
-* 401 ``invalid_token`` / ``missing_credential`` with ``WWW-Authenticate`` (RFC 6750);
+* 401 ``invalid_token`` / ``missing_credential`` with ``WWW-Authenticate`` (RFC 6750), and
+  ``duplicate_authorization`` for more than one ``Authorization`` header (401, not 400:
+  nginx passes only 2xx/401/403);
 * 403 ``insufficient_scope``, ``ip_not_allowed``, ``wrong_project``, ``wrong_environment``,
   and ``no_route`` (403, not 404: nginx turns any answer but 2xx/401/403 into a 500);
 * 429 ``rate_limited`` / ``too_many_failures`` with ``Retry-After``; 503 ``unavailable``.
@@ -28,7 +33,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenward.events import current_request, new_request_id
-from tokenward.gateway.enforce import Enforcement, Outcome
+from tokenward.gateway.enforce import DUPLICATE_AUTHORIZATION, Enforcement, Outcome
 from tokenward.tokens.model import Reason
 from tokenward.verify import Decision
 
@@ -94,24 +99,27 @@ _READ: dict[bytes, int] = {
 
 async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     started = time.perf_counter()
-    # The last value of each header counts (the first Host), as before; proxies send one.
+    # One pass. The first Host counts; a header naming the original request must not come
+    # twice with different values, and Authorization not twice at all.
     values: list[bytes | None] = [None] * 12
     forwarded_for: list[str] = []
+    repeated = authorizations = 0
     for name, value in scope["headers"]:
         slot = _READ.get(name)
         if slot is None:
             continue
         if slot == _FORWARDED_FOR:
             forwarded_for.append(value.decode("latin-1"))
-        elif slot != _HOST or values[_HOST] is None:
+            continue
+        seen = values[slot]
+        if seen is None:
             values[slot] = value
-    authorization, uri, method, fwd_uri, fwd_method = (
-        _text(values[_AUTHORIZATION]),
-        _text(values[_ORIGINAL_URI]),
-        _text(values[_ORIGINAL_METHOD]),
-        _text(values[_FORWARDED_URI]),
-        _text(values[_FORWARDED_METHOD]),
-    )
+        elif slot == _AUTHORIZATION:
+            authorizations += 1
+        elif slot <= _FORWARDED_METHOD and seen != value:
+            repeated += 1
+        elif slot != _HOST:
+            values[slot] = value
     raw_agent = values[_USER_AGENT]
     user_agent = raw_agent[:256].decode("latin-1") if raw_agent is not None else None
     request_id = _text(values[_REQUEST_ID_HEADER])
@@ -119,42 +127,56 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     proto = _text(values[_FORWARDED_PROTO])
     forwarded_host = values[_FORWARDED_HOST]
     host = _text(forwarded_host if forwarded_host is not None else values[_HOST])
-    if uri is None and fwd_uri is not None:
-        uri, method = fwd_uri, fwd_method
-    if uri is None:
-        rest = scope["path"][len(PREFIX) :]
-        if not rest:
-            await _respond(
-                send,
-                400,
-                [],
-                {
-                    "error": "missing_original_uri",
-                    "message": "send X-Original-URI (nginx) or X-Forwarded-Uri (Traefik, "
-                    "Caddy), or call /authz/<path> (Envoy)",
-                },
-            )
-            return
+
+    # The request line names the original request only below /authz (Envoy).
+    rest = scope["path"][len(PREFIX) :]
+    line_uri = line_method = None
+    if rest:
         query = scope.get("query_string", b"")
         raw = scope.get("raw_path") or scope["path"].encode()
-        uri = raw.decode("latin-1")[len(PREFIX) :]
+        line_uri = raw.decode("latin-1")[len(PREFIX) :]
         if query:
-            uri += "?" + query.decode("latin-1")
-        method = scope["method"]
-    method = (method or "GET").upper()[:16]
+            line_uri += "?" + query.decode("latin-1")
+        line_method = scope["method"]
+    # Per field, the first present source wins; any other present source must agree.
+    uri, uri_agrees = _first(_text(values[_ORIGINAL_URI]), _text(values[_FORWARDED_URI]), line_uri)
+    method, method_agrees = _first(
+        _upper(values[_ORIGINAL_METHOD]), _upper(values[_FORWARDED_METHOD]), line_method
+    )
+    if uri is None:
+        await _respond(
+            send,
+            400,
+            [],
+            {
+                "error": "missing_original_uri",
+                "message": "send X-Original-URI (nginx) or X-Forwarded-Uri (Traefik, "
+                "Caddy), or call /authz/<path> (Envoy)",
+            },
+        )
+        return
+    method = (method or "GET")[:16]
     raw_path = uri.split("?", 1)[0]
     client = scope.get("client")
     client_ip = enforcement.resolver.resolve(client[0] if client else None, forwarded_for)
 
     # The URL the client called, for a DPoP proof's htu (TOKENWARD_PUBLIC_URL wins).
     url = f"{proto or 'http'}://{host}{raw_path}" if host else None
-    if _ambiguous(values[_ORIGINAL_URI], values[_ORIGINAL_METHOD], fwd_uri, fwd_method):
-        # Each proxy sets one pair; the other pair, if present, came from the client. Which
-        # one is genuine cannot be told here, so neither is trusted.
+    if repeated or not (uri_agrees and method_agrees):
+        # Each proxy sets one source; another one, or a second value, came from the client.
+        # Which one is genuine cannot be told here, so none is trusted.
         outcome = Outcome(Decision(False, Reason.AMBIGUOUS_REQUEST))
+    elif authorizations:
+        # Servers disagree on which of several counts (first, last, joined): refuse.
+        outcome = Outcome.refused(DUPLICATE_AUTHORIZATION)
     else:
         outcome = await enforcement.decide(
-            method, raw_path, authorization, client_ip, dpop_proof=dpop_proof, url=url
+            method,
+            raw_path,
+            _text(values[_AUTHORIZATION]),
+            client_ip,
+            dpop_proof=dpop_proof,
+            url=url,
         )
 
     outer = current_request.get()  # set when served by the full stack (create_asgi)
@@ -178,25 +200,31 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
     if outcome.allowed:
         await _respond(send, 200, headers, None)
         return
-    status = 403 if outcome.decision.reason is Reason.NO_ROUTE else outcome.status
+    # nginx's auth_request passes only 2xx, 401 and 403 (anything else becomes a 500).
+    status = outcome.status
+    if status == 404:
+        status = 403  # no_route
+    elif status == 400:
+        status = 401  # a malformed credential header
     # The code as a header too: nginx cannot read the body of an auth subrequest.
     headers.append((b"x-tokenward-error", outcome.error.encode()))
     await _respond(send, status, headers, outcome.body())
 
 
-def _ambiguous(
-    uri: bytes | None, method: bytes | None, fwd_uri: str | None, fwd_method: str | None
-) -> bool:
-    """Both pairs of original-request headers present, naming different requests."""
-    if uri is None or fwd_uri is None:
-        return False
-    if uri.decode("latin-1") != fwd_uri:
-        return True
-    return (
-        method is not None
-        and fwd_method is not None
-        and (method.decode("latin-1").upper() != fwd_method.upper())
-    )
+def _first(*sources: str | None) -> tuple[str | None, bool]:
+    """The first present source, and whether every present source agrees with it."""
+    chosen = None
+    for source in sources:
+        if source is not None:
+            if chosen is None:
+                chosen = source
+            elif source != chosen:
+                return chosen, False
+    return chosen, True
+
+
+def _upper(value: bytes | None) -> str | None:
+    return value.decode("latin-1").upper() if value is not None else None
 
 
 def _text(value: bytes | None) -> str | None:

@@ -47,27 +47,39 @@ _MESSAGES: dict[Reason, str] = {
     Reason.TOO_MANY_FAILURES: "too many failed authentications from this address; retry later",
     Reason.UNAVAILABLE: "a dependency is unavailable; access denied",
     Reason.NO_ROUTE: "no route allows this method and path",
-    Reason.AMBIGUOUS_REQUEST: "X-Original-* and X-Forwarded-* name different requests; "
-    "the proxy must remove the client's copy of the headers it does not set",
+    Reason.AMBIGUOUS_REQUEST: "X-Original-*, X-Forwarded-* or the request line name "
+    "different requests (or one of these headers repeats with another value); the proxy must "
+    "remove the client's copy of the headers it does not set",
 }
 _MAX_BLOCKED = 100_000
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # never let a value break a header line
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")  # a "%" not followed by two hex digits
+#: Requests refused before any decision: error code → message (audited as ``malformed``).
+DUPLICATE_AUTHORIZATION = "duplicate_authorization"
+_REFUSALS: dict[str, str] = {
+    DUPLICATE_AUTHORIZATION: "the request carries more than one Authorization header; "
+    "send exactly one",
+}
 
 
 def canonical_path(raw: str) -> str | None:
     """The decoded path if it is canonical, else ``None`` (then no route can match).
 
-    Dot segments, empty segments, encoded slashes or backslashes and control characters are
-    refused rather than normalised: the upstream must see exactly the path that was matched,
-    and a path that different servers would read differently is an attack, not a typo.
+    Dot segments, empty segments, encoded slashes or backslashes, control characters, raw
+    non-ASCII bytes (HTTP wants them percent-encoded) and ``%`` not followed by two hex digits
+    are refused rather than normalised: the upstream must see exactly the path that was
+    matched, and a path that different servers would read differently is an attack, not a
+    typo.
     """
-    if not raw.startswith("/") or len(raw) > 4096:
+    if not raw.startswith("/") or len(raw) > 4096 or not raw.isascii():
         return None
     path = raw
     if "%" in raw:
         lowered = raw.lower()
         if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
+            return None
+        if _BAD_ESCAPE.search(raw):
             return None
         try:
             path = unquote(raw, errors="strict")
@@ -90,6 +102,13 @@ class Outcome:
     scope: str | None = None
     credential: str | None = None
     failures: RateResult | None = None  # set when the IP is blocked for failed attempts
+    refusal: str | None = None  # a request refused as malformed, before any decision
+
+    @classmethod
+    def refused(cls, code: str) -> Outcome:
+        """A request refused before any decision (``400``, RFC 6750 ``invalid_request``);
+        its audit event records ``malformed``."""
+        return cls(Decision(False, Reason.MALFORMED), refusal=code)
 
     @property
     def allowed(self) -> bool:
@@ -97,10 +116,12 @@ class Outcome:
 
     @property
     def status(self) -> int:
-        return self.decision.status
+        return 400 if self.refusal is not None else self.decision.status
 
     @property
     def error(self) -> str:
+        if self.refusal is not None:
+            return self.refusal
         reason = self.decision.reason
         if self.status == 401 and reason is not Reason.MISSING_CREDENTIAL:
             return "invalid_token"
@@ -108,6 +129,8 @@ class Outcome:
 
     @property
     def message(self) -> str:
+        if self.refusal is not None:
+            return _REFUSALS[self.refusal]
         return _MESSAGES.get(self.decision.reason, self.decision.reason.value)
 
     @property
@@ -146,6 +169,14 @@ class Outcome:
                 ("RateLimit-Limit", str(allowed.limit)),
                 ("RateLimit-Remaining", str(allowed.remaining)),
                 ("RateLimit-Reset", str(allowed.reset)),
+            ]
+        if self.refusal is not None:
+            return [
+                (
+                    "WWW-Authenticate",
+                    f'Bearer realm="tokenward", error="invalid_request", '
+                    f'error_description="{self.message}"',
+                )
             ]
         out: list[tuple[str, str]] = []
         rate = self.ratelimit

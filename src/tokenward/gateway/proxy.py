@@ -2,8 +2,11 @@
 
 For an allowed request the method, raw path, query, headers and body go to the route's
 upstream over a pooled keep-alive connection; the response streams back. ``Authorization``,
-``DPoP``, hop-by-hop headers and every client-sent ``X-Tokenward-*`` header are removed, then
-the identity headers are added, so an upstream can trust them. Bodies are never buffered
+``DPoP``, hop-by-hop headers, ``Forwarded``, ``X-Real-IP`` and every client-sent
+``X-Tokenward-*`` and ``X-Forwarded-*`` header are removed, in any spelling that folds ``_``
+into ``-`` (CGI and WSGI servers read ``X_Tokenward_Principal`` as ``X-Tokenward-Principal``),
+then the identity headers are added, so an upstream can trust them. A request with more than
+one ``Authorization`` header is refused (400). Bodies are never buffered
 whole: the request and response are bounded by ``max_request_bytes``/``max_response_bytes``
 while they stream; only a small answer that has fully arrived (or a short one of known length)
 goes back in one write. An upstream that refuses or drops the connection gives 502, one that
@@ -32,7 +35,7 @@ from multidict import CIMultiDict
 
 from tokenward.events import new_request_id
 from tokenward.gateway.config import Upstream
-from tokenward.gateway.enforce import Enforcement, Outcome
+from tokenward.gateway.enforce import DUPLICATE_AUTHORIZATION, Enforcement, Outcome
 from tokenward.gateway.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
 
 # Roles of request headers the gateway reads or never forwards as sent (by lower-case name).
@@ -51,6 +54,8 @@ _REQUEST_ROLES: dict[bytes, int] = {
     b"content-length": _DROP,
     b"x-forwarded-proto": _DROP,
     b"x-forwarded-host": _DROP,
+    b"forwarded": _DROP,  # the gateway speaks X-Forwarded-*; a client's Forwarded would lie
+    b"x-real-ip": _DROP,
     # read by the gateway, not forwarded as sent
     b"authorization": _AUTHORIZATION,
     b"dpop": _DPOP,  # a proof is for tokenward, like the token it binds
@@ -75,6 +80,8 @@ _DROP_RESPONSE = frozenset(
         b"content-length",
     }
 )
+#: Client-sent headers with these prefixes are never forwarded: the gateway sets its own.
+_SET_BY_GATEWAY = (b"x-tokenward-", b"x-forwarded-")
 _REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 #: An answer of known length up to this size is read whole, then sent in one write.
 _SMALL_BODY = 64 * 1024
@@ -94,6 +101,7 @@ class _Sent:
 
     __slots__ = (
         "authorization",
+        "authorizations",
         "dpop_proof",
         "expect",
         "forward",
@@ -106,15 +114,24 @@ class _Sent:
     def __init__(self, raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
         forward: list[bytes] = []
         authorization = dpop_proof = user_agent = None
+        authorizations = 0
         request_id = host = expect = None
         forwarded_for: list[bytes] = []
         for name, value in raw_headers:
             lower = name.lower()
             role = _REQUEST_ROLES.get(lower)
             if role is None:
-                if not lower.startswith(b"x-tokenward-"):
-                    forward += (name, _SEP, value, _CRLF)
+                if b"_" in lower:
+                    # CGI/WSGI read "_" as "-": X_Tokenward_Principal must not get through
+                    # as X-Tokenward-Principal, nor X_Forwarded_For as X-Forwarded-For.
+                    folded = lower.replace(b"_", b"-")
+                    if folded in _REQUEST_ROLES or folded.startswith(_SET_BY_GATEWAY):
+                        continue
+                elif lower.startswith(_SET_BY_GATEWAY):
+                    continue
+                forward += (name, _SEP, value, _CRLF)
             elif role == _AUTHORIZATION:
+                authorizations += 1
                 if authorization is None:
                     authorization = value.decode("latin-1")
             elif role == _USER_AGENT:
@@ -134,6 +151,7 @@ class _Sent:
                 expect = value
         self.forward = forward
         self.authorization: str | None = authorization
+        self.authorizations = authorizations
         self.dpop_proof: str | None = dpop_proof
         self.user_agent: str | None = user_agent
         self.forwarded_for = forwarded_for
@@ -235,15 +253,19 @@ class Gateway:
             request.remote, [v.decode("latin-1") for v in sent.forwarded_for]
         )
         host = sent.host.decode("latin-1") if sent.host is not None else request.host
-        outcome = await enforcement.decide(
-            method,
-            raw_path,
-            sent.authorization,
-            client_ip,
-            proxied=True,
-            dpop_proof=sent.dpop_proof,
-            url=f"{self._scheme}://{host}{raw_path}",
-        )
+        if sent.authorizations > 1:
+            # Servers disagree on which of several counts (first, last, joined): refuse.
+            outcome = Outcome.refused(DUPLICATE_AUTHORIZATION)
+        else:
+            outcome = await enforcement.decide(
+                method,
+                raw_path,
+                sent.authorization,
+                client_ip,
+                proxied=True,
+                dpop_proof=sent.dpop_proof,
+                url=f"{self._scheme}://{host}{raw_path}",
+            )
         await enforcement.record(
             outcome,
             source="gateway",

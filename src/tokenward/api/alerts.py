@@ -7,21 +7,22 @@ import secrets
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from tokenward.anomaly.config import effective
 from tokenward.anomaly.engine import AnomalyEngine
 from tokenward.anomaly.store import GLOBAL, AlertFilter
 from tokenward.api.auth import AdminRead, AdminWrite
+from tokenward.api.schemas import IDENTIFIER, PRINTABLE, printable_parameters
 from tokenward.errors import Forbidden, Invalid, NotFound, Unavailable
 from tokenward.service import TokenService
 from tokenward.tokens.model import TokenRecord
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", dependencies=[Depends(printable_parameters)])
 
-Id = Annotated[str, Path(max_length=32)]
-Note = Annotated[str, StringConstraints(max_length=300)]
+Id = Annotated[str, Path(max_length=32, pattern=IDENTIFIER)]
+Note = Annotated[str, StringConstraints(max_length=300, pattern=PRINTABLE)]
 
 
 class _Closed(BaseModel):

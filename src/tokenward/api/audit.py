@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import AwareDatetime
 
 from tokenward.api.auth import AdminRead
+from tokenward.api.schemas import printable_parameters
 from tokenward.audit.chain import verify_chain
 from tokenward.audit.query import AuditFilter, export_jsonl, list_events
 from tokenward.audit.records import ChainKeys
@@ -16,7 +17,7 @@ from tokenward.errors import Forbidden
 from tokenward.service import TokenService
 from tokenward.tokens.model import TokenRecord
 
-router = APIRouter(prefix="/v1", tags=["audit"])
+router = APIRouter(prefix="/v1", tags=["audit"], dependencies=[Depends(printable_parameters)])
 
 Short = Annotated[str | None, Query(max_length=64)]
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Annotated, Literal
 
+from fastapi import Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from tokenward.errors import Invalid
 from tokenward.tokens.durations import parse_duration, parse_rates
 from tokenward.tokens.scopes import parse_scope
 
@@ -15,6 +18,25 @@ ProjectName = Annotated[
 ]
 #: No control characters in stored text: PostgreSQL cannot store NUL, and none belongs in a label.
 PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(value: str) -> bool:
+    """Whether ``value`` is free of control characters (what :data:`PRINTABLE` requires)."""
+    return _CONTROL.search(value) is None
+
+
+async def printable_parameters(request: Request) -> None:
+    """Router dependency: no query or path parameter (name or value) has a control character.
+
+    Values are checked again, field by field, by each route; this rule holds for all of
+    them, including any route added later.
+    """
+    for name, value in (*request.query_params.multi_items(), *request.path_params.items()):
+        if not printable(name) or not printable(str(value)):
+            raise Invalid("invalid_request", f"{name[:40]!r}: control characters are not allowed")
+
+
 #: A project name or id, a token id, a pagination cursor: what identifiers are made of.
 IDENTIFIER = r"^[A-Za-z0-9_-]+$"
 ShortText = Annotated[str, StringConstraints(max_length=128, pattern=PRINTABLE)]

@@ -7,9 +7,11 @@ The effective settings for a project are the defaults, updated by the global ove
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
+
+from tokenward.oauth.webhooks import check_webhook_url
 
 Severity = Literal["info", "warning", "critical"]
 
@@ -90,6 +92,17 @@ class SecurityEvents(Detector):
     cooldown_seconds: float = Field(0, ge=0, le=86_400)
 
 
+def _https_or_loopback(url: HttpUrl) -> HttpUrl:
+    """The rule of rotation webhooks: https, plain http to loopback only (alerts carry
+    token ids and client addresses; and no plain-http request to any host on the network,
+    such as a cloud metadata address)."""
+    check_webhook_url(str(url))
+    return url
+
+
+WebhookUrl = Annotated[HttpUrl, AfterValidator(_https_or_loopback)]
+
+
 class AnomalyConfig(_Closed):
     brute_force: BruteForce = Field(default_factory=BruteForce)
     leaked_token: LeakedToken = Field(default_factory=LeakedToken)
@@ -98,7 +111,9 @@ class AnomalyConfig(_Closed):
     scope_probing: ScopeProbing = Field(default_factory=ScopeProbing)
     canary: Canary = Field(default_factory=Canary)
     security_events: SecurityEvents = Field(default_factory=SecurityEvents)
-    webhook_url: HttpUrl | None = Field(None, description="Where alerts are POSTed.")
+    webhook_url: WebhookUrl | None = Field(
+        None, description="Where alerts are POSTed: https (plain http to loopback only)."
+    )
 
 
 DETECTORS = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from tokenward.api.auth import AdminRead, AdminWrite
@@ -15,12 +15,13 @@ from tokenward.api.schemas import (
     TokenCreate,
     TokenRevoke,
     TokenRotate,
+    printable_parameters,
 )
 from tokenward.service import Issued, TokenService, TokenSpec
 from tokenward.tokens.durations import parse_rates
 from tokenward.tokens.model import TokenState
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", dependencies=[Depends(printable_parameters)])
 
 #: The states the list can filter by (``active`` includes rotated-in-grace and not-yet-valid).
 ListedState = Literal["active", "expired", "revoked", "rotated"]
@@ -61,7 +62,10 @@ async def get_project(
 
 @router.patch("/projects/{name}", tags=["projects"])
 async def update_project(
-    name: str, body: ProjectUpdate, actor: AdminWrite, request: Request
+    name: Annotated[str, Path(max_length=64, pattern=IDENTIFIER)],
+    body: ProjectUpdate,
+    actor: AdminWrite,
+    request: Request,
 ) -> Any:
     """Set the project's IP allowlist (every token of it is then bound to those networks)."""
     project = await _service(request).set_project_ip_allowlist(actor, name, body.ip_allowlist)

@@ -7,21 +7,23 @@ import secrets
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from tokenward.anomaly.config import effective
 from tokenward.anomaly.engine import AnomalyEngine
 from tokenward.anomaly.store import GLOBAL, AlertFilter
-from tokenward.api.auth import AdminRead, AdminWrite
+from tokenward.api.auth import AdminRead, AdminWrite, client_ip
+from tokenward.api.schemas import IDENTIFIER, PRINTABLE, printable_parameters
+from tokenward.clientip import parse_ip
 from tokenward.errors import Forbidden, Invalid, NotFound, Unavailable
 from tokenward.service import TokenService
 from tokenward.tokens.model import TokenRecord
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", dependencies=[Depends(printable_parameters)])
 
-Id = Annotated[str, Path(max_length=32)]
-Note = Annotated[str, StringConstraints(max_length=300)]
+Id = Annotated[str, Path(max_length=32, pattern=IDENTIFIER)]
+Note = Annotated[str, StringConstraints(max_length=300, pattern=PRINTABLE)]
 
 
 class _Closed(BaseModel):
@@ -44,6 +46,40 @@ class BlockBody(_Closed):
     network: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     seconds: float = Field(3600, gt=0, le=30 * 86_400)
     reason: Note = "blocked by an admin"
+
+
+#: The widest network a manual block may cover, per IP version: a wider one (0.0.0.0/0, a /4)
+#: is a lockout of everyone, not a response to an incident.
+MIN_BLOCK_PREFIX = {4: 8, 6: 32}
+
+
+def _blockable(network: str, engine: AnomalyEngine, caller: str | None) -> str:
+    """``network`` normalised, or 422: not too wide, not one of the never-block networks
+    (``TOKENWARD_ANOMALY_NEVER_BLOCK``, loopback by default), not the caller's own address."""
+    try:
+        net = ipaddress.ip_network(network, strict=False)
+    except ValueError:
+        raise Invalid("invalid_cidr", "network must be an IP address or CIDR") from None
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(
+        ipaddress.IPv6Network("::ffff:0:0/96")
+    ):
+        raise Invalid("invalid_cidr", "write an IPv4-mapped network in its IPv4 form")
+    floor = MIN_BLOCK_PREFIX[net.version]
+    if net.prefixlen < floor:
+        raise Invalid(
+            "block_too_wide",
+            f"an IPv{net.version} block must be a /{floor} or narrower",
+        )
+    if engine.blocklist.protected(str(net)):
+        raise Invalid(
+            "network_never_blocked",
+            "the network overlaps TOKENWARD_ANOMALY_NEVER_BLOCK (loopback by default), "
+            "which is never blocked",
+        )
+    address = parse_ip(caller) if caller else None
+    if address is not None and address.version == net.version and address in net:
+        raise Invalid("block_includes_caller", "the network includes your own address")
+    return str(net)
 
 
 def _engine(request: Request) -> AnomalyEngine:
@@ -166,12 +202,10 @@ async def list_blocks(
 
 @router.post("/ip-blocks", status_code=201, tags=["alerts"])
 async def add_block(body: BlockBody, actor: AdminWrite, request: Request) -> Any:
+    """Refuse a network for ``seconds``; see :data:`MIN_BLOCK_PREFIX` and :func:`_blockable`."""
     _global_only(actor)
-    try:
-        network = str(ipaddress.ip_network(body.network, strict=False))
-    except ValueError:
-        raise Invalid("invalid_cidr", "network must be an IP address or CIDR") from None
     engine = _engine(request)
+    network = _blockable(body.network, engine, client_ip(request))
     now = engine.clock()
     block = await engine.store.add_block(
         network, body.reason, None, now, now + timedelta(seconds=body.seconds)

@@ -4,72 +4,103 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import AwareDatetime
 
 from tokenward.api.auth import AdminRead
+from tokenward.api.schemas import IDENTIFIER, PRINTABLE, printable_parameters
 from tokenward.audit.chain import verify_chain
 from tokenward.audit.query import AuditFilter, export_jsonl, list_events
 from tokenward.audit.records import ChainKeys
-from tokenward.errors import Forbidden
+from tokenward.clientip import parse_ip
+from tokenward.errors import Forbidden, Invalid
 from tokenward.service import TokenService
-from tokenward.tokens.model import TokenRecord
 
-router = APIRouter(prefix="/v1", tags=["audit"])
+router = APIRouter(prefix="/v1", tags=["audit"], dependencies=[Depends(printable_parameters)])
 
-Short = Annotated[str | None, Query(max_length=64)]
+Text = Annotated[str | None, Query(max_length=64, pattern=PRINTABLE)]
+Identifier = Annotated[str | None, Query(max_length=64, pattern=IDENTIFIER)]
+
+#: The filters of the list and of the export: one definition (:func:`audit_filters`).
+FILTER_PARAMETERS = frozenset(
+    {
+        "project",
+        "token",
+        "principal",
+        "actor",
+        "actor_id",
+        "decision",
+        "reason",
+        "ip",
+        "kind",
+        "action",
+        "request_id",
+        "fingerprint",
+        "since",
+        "until",
+    }
+)
+#: What only the list takes on top: its page.
+PAGE_PARAMETERS = frozenset({"limit", "cursor", "order"})
 
 
-async def audit_filter(
+def refuse_unknown(request: Request, allowed: frozenset[str]) -> None:
+    """422 for a query parameter the route does not know (a misspelt filter would
+    otherwise be ignored, and the answer would hold every event)."""
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        names = ", ".join(n[:40] for n in unknown[:5])
+        raise Invalid("invalid_request", f"unknown query parameter: {names}")
+
+
+async def audit_filters(
+    caller: AdminRead,
     request: Request,
-    actor: TokenRecord,
-    project: str | None,
-    **fields: Any,
-) -> AuditFilter:
-    """The filter asked for, narrowed to what ``actor`` may see (its project only)."""
-    service: TokenService = request.app.state.services.tokens
-    if project is not None:
-        project_ids: list[str] | None = [(await service.project_for(actor, project)).id]
-    elif actor.project_id is not None:
-        project_ids = [actor.project_id]
-    else:
-        project_ids = None
-    return AuditFilter(project_ids=project_ids, **fields)
-
-
-@router.get("/audit")
-async def list_audit(
-    actor: AdminRead,
-    request: Request,
-    project: Short = None,
-    token: Short = None,
-    principal: Annotated[str | None, Query(max_length=128)] = None,
-    actor_id: Short = None,
+    project: Identifier = None,
+    token: Identifier = None,
+    principal: Annotated[str | None, Query(max_length=128, pattern=PRINTABLE)] = None,
+    actor: Identifier = None,
+    actor_id: Annotated[
+        str | None, Query(max_length=64, pattern=IDENTIFIER, description="Old name of actor.")
+    ] = None,
     decision: Literal["allow", "deny"] | None = None,
-    reason: Short = None,
-    ip: Short = None,
+    reason: Text = None,
+    ip: Annotated[str | None, Query(max_length=64, description="A client IP address.")] = None,
     kind: Literal["access", "admin", "security"] | None = None,
-    action: Short = None,
-    request_id: Short = None,
-    fingerprint: Short = None,
+    action: Text = None,
+    request_id: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] = None,
+    fingerprint: Identifier = None,
     since: AwareDatetime | None = None,
     until: AwareDatetime | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=20)] = None,
-    order: Literal["desc", "asc"] = "desc",
-) -> Any:
-    """Audit events, newest first; follow ``next_cursor`` for the next page."""
-    filters = await audit_filter(
-        request,
-        actor,
-        project,
+) -> AuditFilter:
+    """The filter of ``GET /v1/audit`` and ``GET /v1/audit/export``, narrowed to what the
+    caller may see (a project-bound credential: its project only)."""
+    if actor is not None and actor_id is not None and actor != actor_id:
+        raise Invalid("invalid_request", "actor and actor_id disagree (actor_id is its old name)")
+    client_ip = None
+    if ip is not None:
+        address = parse_ip(ip)
+        if address is None:
+            raise Invalid("invalid_request", "ip: must be an IP address")
+        client_ip = str(address)
+    if since is not None and until is not None and since >= until:
+        raise Invalid("invalid_request", "since must be before until")
+    service: TokenService = request.app.state.services.tokens
+    if project is not None:
+        project_ids: list[str] | None = [(await service.project_for(caller, project)).id]
+    elif caller.project_id is not None:
+        project_ids = [caller.project_id]
+    else:
+        project_ids = None
+    return AuditFilter(
+        project_ids=project_ids,
         token_id=token,
         principal=principal,
-        actor_id=actor_id,
+        actor_id=actor if actor is not None else actor_id,
         decision=decision,
         reason=reason,
-        client_ip=ip,
+        client_ip=client_ip,
         kind=kind,
         action=action,
         request_id=request_id,
@@ -77,35 +108,31 @@ async def list_audit(
         since=since,
         until=until,
     )
+
+
+Filters = Annotated[AuditFilter, Depends(audit_filters)]
+
+
+@router.get("/audit")
+async def list_audit(
+    request: Request,
+    filters: Filters,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=20)] = None,
+    order: Literal["desc", "asc"] = "desc",
+) -> Any:
+    """Audit events, newest first; follow ``next_cursor`` for the next page."""
+    refuse_unknown(request, FILTER_PARAMETERS | PAGE_PARAMETERS)
     engine = request.app.state.services.engine
     page = await list_events(engine, filters, limit=limit, cursor=cursor, order=order)
     return {"events": [e.public() for e in page.events], "next_cursor": page.next_cursor}
 
 
 @router.get("/audit/export")
-async def export_audit(
-    actor: AdminRead,
-    request: Request,
-    project: Short = None,
-    token: Short = None,
-    decision: Literal["allow", "deny"] | None = None,
-    reason: Short = None,
-    ip: Short = None,
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
-) -> StreamingResponse:
-    """Every matching event, oldest first, as JSON lines (``application/x-ndjson``)."""
-    filters = await audit_filter(
-        request,
-        actor,
-        project,
-        token_id=token,
-        decision=decision,
-        reason=reason,
-        client_ip=ip,
-        since=since,
-        until=until,
-    )
+async def export_audit(request: Request, filters: Filters) -> StreamingResponse:
+    """Every event matching the same filters as the list, oldest first, as JSON lines
+    (``application/x-ndjson``)."""
+    refuse_unknown(request, FILTER_PARAMETERS)
     engine = request.app.state.services.engine
     return StreamingResponse(
         export_jsonl(engine, filters),

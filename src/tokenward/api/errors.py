@@ -1,6 +1,12 @@
 """Turn every failure into ``{"error": code, "message": text}`` with the right status.
 
 Validation messages name the field and the rule, never the value given (it may be a secret).
+
+Input is checked where it enters (schemas, query parameters, forms). As a safety net, a
+database *data* error (SQLSTATE class 22: a character the database cannot store, a number
+out of its range), which only a value from the request can cause, is answered 400
+``invalid_request`` instead of 500; it is logged as one line without the statement or its
+parameters (the engine hides parameters anyway).
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import DataError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenward.errors import TokenwardError
@@ -55,6 +62,30 @@ def error_response(status: int, code: str, message: str, **extra: object) -> JSO
     return JSONResponse(body, status, headers=headers)
 
 
+def is_data_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a database data error: SQLSTATE class 22, or
+    a value the driver could not encode for the database."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, DataError | UnicodeEncodeError):
+            return True
+        sqlstate = getattr(current, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith("22"):
+            return True
+        if isinstance(current, StatementError):
+            pending.append(current.orig)
+        pending.extend((current.__cause__, current.__context__))
+    return False
+
+
+DATA_ERROR_MESSAGE = "a value in the request cannot be stored (a character or number out of range)"
+
+
 def _describe(errors: list[Any]) -> tuple[str, list[dict[str, str]]]:
     details = []
     for err in errors:
@@ -86,6 +117,19 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.headers:
             response.headers.update(exc.headers)
         return response
+
+    @app.exception_handler(StatementError)
+    async def _database(request: Request, exc: StatementError) -> Response:
+        if not is_data_error(exc):
+            raise exc  # a real fault: the generic handler below answers 500
+        log.warning("database_data_error", path=request.url.path[:256])
+        if request.url.path.startswith("/dashboard/"):
+            from tokenward.dashboard.web import render
+
+            return render(
+                request, "error.html", 400, title="Not accepted", message=DATA_ERROR_MESSAGE + "."
+            )
+        return error_response(400, "invalid_request", DATA_ERROR_MESSAGE)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

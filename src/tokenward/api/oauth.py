@@ -7,19 +7,20 @@ import json
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from tokenward.api.auth import AdminRead, AdminWrite, client_ip
 from tokenward.api.dpop import dpop_context
+from tokenward.api.schemas import IDENTIFIER, PRINTABLE, printable, printable_parameters
 from tokenward.oauth.exchange import GRANT_EXCHANGE, GRANT_REFRESH, TokenRequest, oauth_error
 from tokenward.oauth.policy import ProjectPolicy
 from tokenward.oauth.sessions import Sessions
 from tokenward.tokens.durations import parse_duration
 from tokenward.tokens.scopes import parse_scope
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(printable_parameters)])
 
 MAX_FIELD = 16_384
 _FIELDS = {
@@ -110,6 +111,8 @@ async def _token_fields(request: Request) -> dict[str, str]:
             raise oauth_error("invalid_request", f"{key}: must be a string")
         if len(value) > _FIELDS[key]:
             raise oauth_error("invalid_request", f"{key}: longer than {_FIELDS[key]}")
+        if not printable(value):
+            raise oauth_error("invalid_request", f"{key}: control characters are not allowed")
         if value:
             fields[key] = value
     return fields
@@ -123,7 +126,7 @@ async def token(request: Request) -> JSONResponse:
         raise oauth_error("invalid_request", "grant_type is required")
     expires_in = None
     if "expires_in" in fields:
-        if not fields["expires_in"].isdigit():
+        if not (fields["expires_in"].isascii() and fields["expires_in"].isdigit()):
             raise oauth_error("invalid_request", "expires_in must be a number of seconds")
         expires_in = int(fields["expires_in"])
     scope = fields["scope"].split() if "scope" in fields else None
@@ -170,12 +173,14 @@ class PolicyBody(Closed):
 
 
 @router.get("/v1/projects/{project}/policy", tags=["projects"])
-async def get_policy(project: str, actor: AdminRead, request: Request) -> Any:
+async def get_policy(project: ProjectRef, actor: AdminRead, request: Request) -> Any:
     return (await _sessions(request).admin.get_policy(actor, project)).public()
 
 
 @router.put("/v1/projects/{project}/policy", tags=["projects"])
-async def set_policy(project: str, body: PolicyBody, actor: AdminWrite, request: Request) -> Any:
+async def set_policy(
+    project: ProjectRef, body: PolicyBody, actor: AdminWrite, request: Request
+) -> Any:
     policy = ProjectPolicy(
         max_token_lifetime=_seconds(body.max_token_lifetime),
         access_token_ttl=_seconds(body.access_token_ttl),
@@ -187,13 +192,14 @@ async def set_policy(project: str, body: PolicyBody, actor: AdminWrite, request:
 
 # -- admin: trust policies ------------------------------------------------------------------
 ClaimName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
-ClaimValue = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+ClaimValue = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=PRINTABLE)]
+ProjectRef = Annotated[str, Path(max_length=64, pattern=IDENTIFIER)]
 
 
 class TrustPolicyBody(Closed):
     name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
-    issuer: Annotated[str, StringConstraints(min_length=8, max_length=512)]
-    audience: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    issuer: Annotated[str, StringConstraints(min_length=8, max_length=512, pattern=PRINTABLE)]
+    audience: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=PRINTABLE)]
     claims: dict[ClaimName, ClaimValue] = Field(
         description="Required claims; values may be glob patterns (refs/tags/v*).",
         max_length=16,
@@ -223,7 +229,7 @@ class TrustPolicyBody(Closed):
 
 @router.post("/v1/projects/{project}/trust-policies", status_code=201, tags=["trust"])
 async def add_trust_policy(
-    project: str, body: TrustPolicyBody, actor: AdminWrite, request: Request
+    project: ProjectRef, body: TrustPolicyBody, actor: AdminWrite, request: Request
 ) -> Any:
     policy = await _sessions(request).admin.add_trust_policy(
         actor,
@@ -253,7 +259,10 @@ async def list_trust_policies(
 
 @router.delete("/v1/projects/{project}/trust-policies/{name}", tags=["trust"])
 async def remove_trust_policy(
-    project: str, name: Annotated[str, Path(max_length=64)], actor: AdminWrite, request: Request
+    project: ProjectRef,
+    name: Annotated[str, Path(max_length=64)],
+    actor: AdminWrite,
+    request: Request,
 ) -> Response:
     await _sessions(request).admin.remove_trust_policy(actor, project, name)
     return Response(status_code=204)
@@ -278,7 +287,7 @@ class RotationBody(Closed):
 
 @router.put("/v1/tokens/{token_id}/rotation", tags=["tokens"])
 async def set_rotation(
-    token_id: Annotated[str, Path(max_length=32)],
+    token_id: Annotated[str, Path(max_length=32, pattern=IDENTIFIER)],
     body: RotationBody,
     actor: AdminWrite,
     request: Request,
@@ -303,14 +312,18 @@ async def set_rotation(
 
 @router.get("/v1/tokens/{token_id}/rotation", tags=["tokens"])
 async def get_rotation(
-    token_id: Annotated[str, Path(max_length=32)], actor: AdminRead, request: Request
+    token_id: Annotated[str, Path(max_length=32, pattern=IDENTIFIER)],
+    actor: AdminRead,
+    request: Request,
 ) -> Any:
     return (await _sessions(request).admin.get_rotation(actor, token_id)).public()
 
 
 @router.delete("/v1/tokens/{token_id}/rotation", tags=["tokens"])
 async def remove_rotation(
-    token_id: Annotated[str, Path(max_length=32)], actor: AdminWrite, request: Request
+    token_id: Annotated[str, Path(max_length=32, pattern=IDENTIFIER)],
+    actor: AdminWrite,
+    request: Request,
 ) -> Response:
     await _sessions(request).admin.remove_rotation(actor, token_id)
     return Response(status_code=204)
@@ -324,7 +337,7 @@ class BindBody(Closed):
 
 @router.put("/v1/tokens/{token_id}/dpop", tags=["tokens"])
 async def bind_key(
-    token_id: Annotated[str, Path(max_length=32)],
+    token_id: Annotated[str, Path(max_length=32, pattern=IDENTIFIER)],
     body: BindBody,
     actor: AdminWrite,
     request: Request,

@@ -363,7 +363,7 @@ class Accounts:
             ).first()
         if row is None or row.totp_secret is None:
             return False
-        if code.replace(" ", "").isdigit():
+        if code.replace(" ", "").isascii() and code.replace(" ", "").isdigit():
             ok = await self._spend_totp(user, self.keys.decrypt(row.totp_secret), code)
         else:
             ok = await self._spend_recovery(user, code)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenward.anomaly.store import Alert, AlertFilter
+from tokenward.clientip import parse_ip
 from tokenward.dashboard.accounts import Role, User, actor_for
 from tokenward.dashboard.activity import Query
 from tokenward.dashboard.routes_alerting import alerting_context
@@ -19,6 +21,7 @@ from tokenward.dashboard.web import (
     form_list,
     form_text,
     page_headers,
+    query_values,
     redirect,
     render,
     require_owner,
@@ -28,6 +31,7 @@ from tokenward.dashboard.web import (
     url,
     user_names,
     visible_projects,
+    whole_number,
 )
 from tokenward.errors import TokenwardError
 from tokenward.events import AdminEvent
@@ -37,12 +41,25 @@ from tokenward.store.repository import Project
 router = APIRouter()
 
 
+#: The filters of the audit page, its feed and its export (name → longest value).
+AUDIT_PARAMETERS = {
+    "project": 64,
+    "kind": 16,
+    "decision": 8,
+    "token": 32,
+    "reason": 64,
+    "ip": 64,
+    "before": 18,
+    "after": 18,
+}
+
+
 async def _audit_query(
     request: Request, user: User, limit: int = 50
 ) -> tuple[Query, dict[str, str]]:
     """The feed query from the page's filters, confined to what ``user`` may see."""
-    names = ("project", "kind", "decision", "token", "reason", "ip", "before", "after")
-    p = {k: request.query_params.get(k, "").strip()[:64] for k in names}
+    given = query_values(request, AUDIT_PARAMETERS)
+    p = {k: given.get(k, "") for k in AUDIT_PARAMETERS}
     projects = await visible_projects(request, user)
     by_name = {pr.name: pr.id for pr in projects}
     if p["project"]:
@@ -57,15 +74,19 @@ async def _audit_query(
     if p["decision"] not in ("", "allow", "deny"):
         raise PageError(400, "Bad filter", "decision is allow or deny")
     for key in ("before", "after"):
-        if p[key] and (not p[key].isdigit() or len(p[key]) > 18):
+        if p[key] and (not whole_number(p[key]) or len(p[key]) > 18):
             raise PageError(400, "Bad filter", f"{key} must be a whole number")
+    if p["ip"] and parse_ip(p["ip"]) is None:
+        raise PageError(400, "Bad filter", "ip must be an IP address")
+    if p["token"] and not re.fullmatch(r"[A-Za-z0-9_-]+", p["token"]):
+        raise PageError(400, "Bad filter", "token must be a token id (tok_…)")
     q = Query(
         project_ids=allowed,
         token_id=p["token"] or None,
         kind=p["kind"] or None,
         decision=p["decision"] or None,
         reason=p["reason"] or None,
-        client_ip=p["ip"] or None,
+        client_ip=str(parse_ip(p["ip"])) if p["ip"] else None,
         before_seq=int(p["before"]) if p["before"] else None,
         after_seq=int(p["after"]) if p["after"] else None,
         limit=limit,
@@ -324,7 +345,7 @@ async def set_lifetime(request: Request, name: str) -> Response:
     form = await checked_form(request)
     require_owner(session.user)
     text = form_text(form, "max_days", 6)
-    if text and not text.isdigit():
+    if text and not whole_number(text):
         return await settings_response(request, 422, error="Days must be a whole number.")
     try:
         await services_of(request).tokens.set_lifetime_policy(

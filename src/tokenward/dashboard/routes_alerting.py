@@ -147,8 +147,10 @@ async def save_webhook(request: Request) -> Response:
     config = {**stored, "webhook_url": webhook_url}
     try:
         effective(config)
-    except ValidationError:
-        return await settings_response(request, 422, error="The webhook URL is not a valid URL.")
+    except ValidationError as exc:
+        reasons = [str(e.get("ctx", {}).get("error", "")) for e in exc.errors()]
+        reason = next((r for r in reasons if "https" in r), "it is not a valid URL")
+        return await settings_response(request, 422, error=f"Not saved: {reason}.")
     new_secret = None
     if webhook_url and (sealed is None or form_text(form, "new_secret", 4) == "on"):
         new_secret = "whsec_" + secrets.token_urlsafe(32)

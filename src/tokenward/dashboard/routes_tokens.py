@@ -14,9 +14,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 from starlette.datastructures import FormData
 
 from tokenward.anomaly.store import AlertFilter
+from tokenward.api.schemas import TokenSettings, printable
 from tokenward.dashboard import charts
 from tokenward.dashboard.accounts import User, actor_for
 from tokenward.dashboard.activity import Query
@@ -26,6 +28,7 @@ from tokenward.dashboard.web import (
     dash,
     ensure_step_up,
     form_list,
+    form_problems,
     form_text,
     project_for,
     redirect,
@@ -36,6 +39,7 @@ from tokenward.dashboard.web import (
     url,
     user_names,
     visible_projects,
+    whole_number,
 )
 from tokenward.errors import TokenwardError
 from tokenward.service import TokenChanges, TokenSpec, lifetime_days
@@ -219,8 +223,10 @@ def _params(request: Request) -> dict[str, str]:
         value = request.query_params.get(key, "").strip()[:limit]
         if value:
             out[key] = value
+    if not all(printable(v) for v in out.values()):
+        raise PageError(400, "Bad filter", "a filter contains control characters")
     for key in ("expiring", "unused", "page"):
-        if key in out and not out[key].isdigit():
+        if key in out and not whole_number(out[key]):
             raise PageError(400, "Bad filter", f"{key} must be a whole number")
     if out.get("state") and out["state"] not in {s.value for s in TokenState}:
         raise PageError(400, "Bad filter", "unknown state")
@@ -314,6 +320,14 @@ def _choices() -> dict[str, Any]:
     return {"expiry_presets": EXPIRY_PRESETS, "rotation_presets": ROTATION_PRESETS}
 
 
+def token_settings(**values: Any) -> TokenSettings:
+    """``values`` checked by the API's rules; :class:`ValueError` with a message for a person."""
+    try:
+        return TokenSettings.model_validate(values)
+    except ValidationError as exc:
+        raise ValueError(form_problems(exc)) from None
+
+
 def spec_from_form(form: FormData, project: Project, now: datetime) -> TokenSpec:
     """Read and check the create form; :class:`ValueError` with a message for a person."""
     scopes = validate_scopes(
@@ -338,12 +352,12 @@ def spec_from_form(form: FormData, project: Project, now: datetime) -> TokenSpec
         c for line in form_list(form, "ip_allowlist", 4096) for c in re.split(r"[\s,]+", line) if c
     ]
     rate = form_text(form, "rate_limit", 200)
-    uses_text = form_text(form, "uses", 12)
-    uses = None
-    if uses_text:
-        if not uses_text.isdigit() or int(uses_text) < 1:
-            raise ValueError("Uses must be a whole number of at least 1.")
-        uses = int(uses_text)
+    checked = token_settings(
+        name=form_text(form, "name", 256),
+        principal=form_text(form, "principal", 256) or None,
+        ip_allowlist=cidrs,
+        uses=form_text(form, "uses", 32) or None,
+    )
     metadata = {}
     rotation = form_text(form, "rotation", 8)
     if rotation:
@@ -353,13 +367,13 @@ def spec_from_form(form: FormData, project: Project, now: datetime) -> TokenSpec
         project=project.id,
         scopes=scopes,
         environment=environment,
-        name=form_text(form, "name", 128),
-        principal=form_text(form, "principal", 128) or None,
+        name=checked.name,
+        principal=checked.principal,
         expires_at=expires_at,
         ttl=ttl,
-        ip_allowlist=cidrs[:100],
+        ip_allowlist=checked.ip_allowlist,
         rate_limit=parse_rates(rate) if rate else [],
-        uses=uses,
+        uses=checked.uses,
         metadata=metadata,
     )
 
@@ -512,17 +526,19 @@ async def edit_token(request: Request, name: str, token_id: str) -> Response:
         day = form_text(form, "expires_on", 10)
         if day and (record.expires_at is None or day != record.expires_at.date().isoformat()):
             expires_at = datetime.combine(datetime.fromisoformat(day).date(), time(23, 59, 59), UTC)
-        uses_text = form_text(form, "uses", 12)
-        if uses_text and not uses_text.isdigit():
-            raise ValueError("Uses must be a whole number.")
+        checked = token_settings(
+            name=form_text(form, "name", 256),
+            ip_allowlist=_split(form, "ip_allowlist"),
+            uses=form_text(form, "uses", 32) or None,
+        )
         rate = form_text(form, "rate_limit", 200)
         changes = TokenChanges(
-            name=form_text(form, "name", 128),
+            name=checked.name,
             scopes=validate_scopes(_split(form, "scopes")),
             expires_at=expires_at,
-            ip_allowlist=_split(form, "ip_allowlist")[:100],
+            ip_allowlist=checked.ip_allowlist,
             rate_limit=parse_rates(rate) if rate else [],
-            uses=int(uses_text) if uses_text else None,
+            uses=checked.uses,
         )
         await services_of(request).tokens.update_token(
             actor_for(session.user, project.id), record.id, changes

@@ -145,7 +145,7 @@ def totp_uri(secret: str, login: str, issuer: str = "tokenward") -> str:
 def totp_step(secret: str, code: str, at: float, *, window: int = 1) -> int | None:
     """The time step a 6-digit ``code`` belongs to (within ±``window`` steps), or ``None``."""
     code = code.strip().replace(" ", "")
-    if len(code) != 6 or not code.isdigit():
+    if len(code) != 6 or not (code.isascii() and code.isdigit()):
         return None
     totp = pyotp.TOTP(secret)
     step = int(at // totp.interval)

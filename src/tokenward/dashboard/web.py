@@ -4,14 +4,18 @@ Security of every page rests here:
 
 * the session cookie is ``Secure; HttpOnly; SameSite=Strict`` and names a server-side session
   (only its keyed hash is stored), with idle and absolute timeouts;
-* every POST carries a CSRF token bound to the session (or, before sign-in, to a pre-session
-  cookie), and a cross-origin ``Origin`` is refused outright;
+* every POST carries exactly one CSRF token bound to the session (or, before sign-in, to a
+  pre-session cookie), and a cross-origin ``Origin`` is refused outright;
+* no form field or query parameter may carry a control character (other than a line break
+  or a tab in a form), and numbers are ASCII digits: what the database cannot store, or
+  Python reads differently than a person, is refused where it enters;
 * every page is sent with a strict Content-Security-Policy (no inline script or style) and
   ``Cache-Control: no-store``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +25,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 from starlette.datastructures import FormData
 
 from tokenward.anomaly.store import AnomalyStore
@@ -184,6 +189,8 @@ async def checked_form(request: Request) -> FormData:
     if origin not in (None, "null") and urlsplit(origin).netloc != request.headers.get("host"):
         raise PageError(403, "Refused", "This form was sent from another site.")
     form = await request.form()
+    if len(form.getlist("csrf")) > 1:
+        raise PageError(403, "Refused", "The form carries more than one security token.")
     presented = form.get("csrf")
     keys = dash(request).accounts.keys
     session_id = getattr(request.state, "session_id", None)
@@ -200,7 +207,53 @@ async def checked_form(request: Request) -> FormData:
             "Form expired or forged",
             "The form's security token is missing or wrong. Reload the page and try again.",
         )
+    for key, value in form.multi_items():
+        if _FORM_CONTROL.search(key) or (isinstance(value, str) and _FORM_CONTROL.search(value)):
+            raise PageError(
+                400, "Not accepted", "The form contains control characters: remove them."
+            )
     return form
+
+
+#: Control characters no form field may carry (tab and line breaks are typed by people).
+_FORM_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def whole_number(text: str) -> bool:
+    """ASCII digits only: ``"²".isdigit()`` and ``"١٢".isdigit()`` are true in Python."""
+    return text.isascii() and text.isdigit()
+
+
+def query_values(request: Request, names: dict[str, int]) -> dict[str, str]:
+    """The query parameters ``names`` (name → longest value), stripped; a 400 page for any
+    other parameter, a repeated one, a longer value or a control character."""
+    out: dict[str, str] = {}
+    for key, value in request.query_params.multi_items():
+        if key not in names:
+            raise PageError(400, "Bad filter", f"Unknown parameter {key[:40]!r}.")
+        if key in out:
+            raise PageError(400, "Bad filter", f"{key} is given more than once.")
+        if _CONTROL.search(value) or len(value) > names[key]:
+            raise PageError(400, "Bad filter", f"{key}: invalid value.")
+        out[key] = value.strip()
+    return out
+
+
+def form_problems(exc: ValidationError) -> str:
+    """A person's reading of a schema's refusal: the field and the rule, never the value."""
+    problems = []
+    for err in exc.errors()[:5]:
+        field = ".".join(str(p) for p in err.get("loc", ())) or "form"
+        kind = err.get("type", "")
+        if kind == "string_pattern_mismatch":
+            text = "must not contain control characters"
+        elif kind == "int_parsing":
+            text = "must be a whole number (digits 0-9)"
+        else:
+            text = str(err.get("msg", "invalid value"))
+        problems.append(f"{field.replace('_', ' ')}: {text}")
+    return "; ".join(problems) or "invalid value"
 
 
 def form_text(form: FormData, name: str, limit: int = 256) -> str:

@@ -22,6 +22,7 @@ import fnmatch
 import hashlib
 import ipaddress
 import json
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,6 +37,10 @@ from joserfc.jwk import KeySet
 from tokenward.errors import BadRequest, Unavailable
 from tokenward.oauth.store import SessionStore, TrustPolicy
 
+#: C0 controls and DEL: no claim needs them, and PostgreSQL cannot store NUL.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: The last second of year 9999: a later ``exp`` is no date.
+_LATEST = 253_402_300_799
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
 MAX_ID_TOKEN_BYTES = 16_384
 
@@ -57,6 +62,19 @@ def check_issuer_url(url: str) -> str:
         if not loopback:
             raise ValueError("issuer must use https (http is allowed on loopback only)")
     return url
+
+
+def _has_control_characters(value: Any) -> bool:
+    """Whether any string in ``value`` (keys included, at any depth) has a control character."""
+    if isinstance(value, str):
+        return _CONTROL.search(value) is not None
+    if isinstance(value, dict):
+        return any(
+            _has_control_characters(k) or _has_control_characters(v) for k, v in value.items()
+        )
+    if isinstance(value, list):
+        return any(_has_control_characters(v) for v in value)
+    return False
 
 
 def claim_matches(value: Any, pattern: str) -> bool:
@@ -105,6 +123,8 @@ class IdentityVerifier:
             raise invalid_grant("the identity token is not a compact JWT") from None
         if not isinstance(claims, dict) or not isinstance(claims.get("iss"), str):
             raise invalid_grant("the identity token has no issuer")
+        if _has_control_characters(claims):
+            raise invalid_grant("the identity token has control characters in its claims")
         if header.get("alg") not in ALGORITHMS:
             raise invalid_grant("the identity token must be signed with an asymmetric algorithm")
         issuer: str = claims["iss"]
@@ -160,6 +180,8 @@ class IdentityVerifier:
         exp = number("exp")
         if exp is None:
             raise invalid_grant("the identity token has no expiry (exp)")
+        if exp > _LATEST:
+            raise invalid_grant("the identity token's exp is out of range")
         if exp <= t - self.leeway:
             raise invalid_grant("the identity token has expired")
         nbf = number("nbf")

@@ -562,3 +562,23 @@ async def test_verify_reads_json_whatever_its_declared_type_but_says_when_it_is_
         "/v1/verify", content=b"token=tw_live_x", headers={"content-type": "application/json"}
     )
     assert assert_clean_error(response, 400)["error"] == "invalid_json"
+
+
+async def test_digits_that_are_not_ascii_or_too_many_are_refused_not_a_500(api):
+    """``"²".isdigit()`` is true in Python and ``int("²")`` raises: numbers are ASCII."""
+    response = await api.post(
+        "/v1/token",
+        data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "subject_token": "tw_live_x",
+            "expires_in": "²",
+        },
+    )
+    assert response.status_code == 400 and response.json()["error"] == "invalid_request"
+    for cursor in ("²", "1" * 40 + ".alt_x", "٣.alt_x"):
+        response = await api.get("/v1/alerts", params={"cursor": cursor})
+        assert_clean_error(response, 400, 422)
+    for cursor in ("²", "9" * 19):
+        response = await api.get("/v1/audit", params={"cursor": cursor})
+        assert_clean_error(response, 400, 422)

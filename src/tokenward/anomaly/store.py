@@ -148,7 +148,8 @@ def _cursor(alert: Alert) -> str:
 
 def _parse_cursor(cursor: str) -> tuple[datetime, str]:
     micros, _, alert_id = cursor.partition(".")
-    if not (micros.isascii() and micros.isdigit()) or not alert_id.startswith("alt_") or len(cursor) > 64:
+    digits = micros.isascii() and micros.isdigit() and len(micros) <= 16  # before year 2286
+    if not digits or not alert_id.startswith("alt_") or len(cursor) > 64:
         raise Invalid("invalid_cursor", "cursor must be a value returned as next_cursor")
     return datetime.fromtimestamp(int(micros) / 1_000_000, UTC), alert_id
 

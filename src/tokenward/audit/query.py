@@ -119,7 +119,7 @@ def _where(query: Select[Any], f: AuditFilter) -> Select[Any]:
 def parse_cursor(cursor: str | None) -> int | None:
     if cursor is None or cursor == "":
         return None
-    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 19:
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 19 or int(cursor) >= 2**63:
         raise Invalid("invalid_cursor", "cursor must be a value returned as next_cursor")
     return int(cursor)
 

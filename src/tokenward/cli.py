@@ -8,8 +8,11 @@ so it does not land in shell history or in the process list.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -18,13 +21,96 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
-from tokenward.client.admin import AdminAPIError, AdminClient
+from tokenward.client.admin import AdminAPIError, AdminClient, TokenSecretAsId
 from tokenward.dashboard.cli import user_app
 
+#: Set to 1 to see the traceback behind an ``error: …`` line.
+DEBUG_ENV = "TOKENWARD_DEBUG"
+
+
+class _Commands(TyperGroup):
+    """The command tree, with one handler for the errors an operator can meet and fix.
+
+    A missing file, a bad setting, a database or a port that cannot be reached end in one
+    ``error: …`` line (JSON with ``--json``) and an exit code, not in a traceback: the
+    traceback is printed only with ``TOKENWARD_DEBUG=1``. Anything else is a bug and keeps
+    its traceback.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        ctx.meta["tokenward.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            found = expected_error(exc)
+            if found is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            argv = ctx.meta.get("tokenward.argv", [])
+            as_json = "--json" in argv or "--output=json" in argv or _pair(argv, "--output", "json")
+            code, error, message = found
+            fail(message, code, as_json=as_json, error=error)
+
+
+def _pair(argv: list[str], option: str, value: str) -> bool:
+    return any(a == option and b == value for a, b in itertools.pairwise(argv))
+
+
+def expected_error(exc: BaseException) -> tuple[int, str, str] | None:
+    """(exit code, error code, one-line message) for an error an operator can fix, else None.
+
+    Messages never quote a setting's value (it may be a secret) nor a database statement.
+    """
+    from pydantic import ValidationError
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    from tokenward.errors import TokenwardError
+
+    if isinstance(exc, ValidationError):
+        return 2, "invalid_setting", settings_message(exc)
+    if isinstance(exc, TokenwardError):
+        return 1, exc.code, exc.message
+    if isinstance(exc, DBAPIError):
+        return 3, "database_error", f"database: {_one_line(exc.orig)}"
+    if isinstance(exc, SQLAlchemyError):
+        return 3, "database_error", f"database: {type(exc).__name__}"
+    if isinstance(exc, ssl.SSLError):
+        return 2, "tls_error", f"TLS: {exc.reason or _one_line(exc)}"
+    if isinstance(exc, socket.gaierror | ConnectionError | TimeoutError):
+        return 3, "connection_failed", f"cannot connect: {exc.strerror or _one_line(exc)}"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return 1, "os_error", f"{exc.strerror}{where}" if exc.strerror else _one_line(exc)
+    if isinstance(exc, UnicodeError):
+        return 2, "invalid_text", "text that is not valid here (check for non-ASCII characters)"
+    return None
+
+
+def _one_line(value: object) -> str:
+    text = " ".join(str(value).split())
+    return text or type(value).__name__
+
+
+def settings_message(exc: Any) -> str:
+    """A settings validation error, naming each variable and never echoing its value."""
+    problems = []
+    for item in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in item["loc"])
+        message = str(item["msg"]).removeprefix("Value error, ")
+        problems.append(f"TOKENWARD_{field.upper()}: {message}" if field else message)
+    return "invalid setting: " + "; ".join(problems)
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="tokenward: API tokens for Backend-as-a-Service apps.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -51,7 +137,7 @@ def fail(message: str, code: int = 1, *, as_json: bool = False, error: str = "er
     if as_json:
         print(json.dumps({"error": error, "message": message}), file=sys.stderr)
     else:
-        err.print(f"[red]error:[/red] {message}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -65,9 +151,20 @@ def emit_record(body: dict[str, Any], as_json: bool) -> None:
         emit_json(body)
         return
     table = Table("field", "value", show_header=False)
+    table.columns[1].overflow = "fold"
     for key, value in body.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+        add_row(table, key, json.dumps(value) if isinstance(value, list | dict) else value)
     out.print(table)
+
+
+def add_row(table: Table, *values: object) -> None:
+    """A table row of data, shown as it is: never read as Rich markup or emoji codes."""
+    table.add_row(*(value if isinstance(value, Text) else Text(str(value)) for value in values))
+
+
+def id_column(table: Table, header: str = "id") -> None:
+    """An id column that is never cut or wrapped: ids are copied from tables into commands."""
+    table.add_column(header, no_wrap=True, min_width=20)
 
 
 # -- server side --------------------------------------------------------------------------
@@ -106,7 +203,7 @@ def init(
                 }
             )
         else:
-            out.print(message)
+            out.print(message, highlight=False)
             _show_owner(result)
         return
     if as_json:
@@ -120,7 +217,7 @@ def init(
             }
         )
     else:
-        _show_admin_token(result.admin_token or "", result.token_id or "")
+        _show_admin_token(result.admin_token or "", result.token_id or "", reset=reset)
         _show_owner(result)
 
 
@@ -136,10 +233,11 @@ def _show_owner(result: Any, dashboard_url: str | None = None) -> None:
     where = f"\nSign in at {dashboard_url}" if dashboard_url else ""
     out.print(
         Panel.fit(
-            f"login:    [bold]{result.owner_login}[/bold]\n"
-            f"password: [bold]{result.owner_password}[/bold]\n\n"
+            f"login:    [bold]{escape(result.owner_login)}[/bold]\n"
+            f"password: [bold]{escape(result.owner_password)}[/bold]\n\n"
             "The first dashboard owner. The password is shown once: store it now.\n"
-            f"Two-factor sign-in (an authenticator app) is set up at the first login.{where}",
+            "Two-factor sign-in (an authenticator app) is set up at the first login."
+            + escape(where),
             title="dashboard owner",
             border_style="yellow",
         ),
@@ -153,11 +251,16 @@ def _safe_db(settings: Any) -> str:
     return make_url(settings.resolved_database_url).render_as_string(hide_password=True)
 
 
-def _show_admin_token(secret: str, token_id: str) -> None:
+def _show_admin_token(secret: str, token_id: str, *, reset: bool = False) -> None:
+    what = (
+        "A new admin credential: the previous bootstrap admin token is revoked."
+        if reset
+        else "This is the first admin credential."
+    )
     out.print(
         Panel.fit(
-            f"[bold]{secret}[/bold]\n\nid: {token_id}\n"
-            "This is the first admin credential. It is shown once: store it now.\n"
+            f"[bold]{escape(secret)}[/bold]\n\nid: {escape(token_id)}\n"
+            f"{what} It is shown once: store it now.\n"
             "Use it with:  export TOKENWARD_ADMIN_TOKEN=<the token above>",
             title="admin token",
             border_style="yellow",
@@ -166,11 +269,18 @@ def _show_admin_token(secret: str, token_id: str) -> None:
     )
 
 
+Port = Annotated[int, typer.Option(envvar="TOKENWARD_PORT", min=0, max=65535)]
+GatewayPort = Annotated[
+    int,
+    typer.Option(envvar="TOKENWARD_GATEWAY_PORT", min=0, max=65535, help="Port of the gateway."),
+]
+
+
 @app.command()
 def serve(
     data_dir: DataDir = Path(".tokenward"),
     host: Annotated[str, typer.Option(envvar="TOKENWARD_HOST")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="TOKENWARD_PORT")] = 8080,
+    port: Port = 8080,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate for HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for HTTPS.")] = None,
     tls_self_signed: Annotated[bool, typer.Option(help="Make a development certificate.")] = False,
@@ -190,11 +300,16 @@ def serve(
             help="Route policy file (TOML): serves the gateway and /authz decisions.",
         ),
     ] = None,
-    gateway_port: Annotated[
-        int, typer.Option(envvar="TOKENWARD_GATEWAY_PORT", help="Port of the gateway.")
-    ] = 8081,
+    gateway_port: GatewayPort = 8081,
 ) -> None:
-    """Run the server (admin API, verification API, /authz, /healthz; gateway with --config)."""
+    """Run the server (admin API, verification API, /authz, /healthz; gateway with --config).
+
+    Everything that can be checked is checked before the banner is printed: settings, the
+    route policy, the TLS files, the server key, the database and the port (bound here and
+    handed to uvicorn), so a banner means the server is really up.
+    """
+    import gc
+
     import uvicorn
 
     from tokenward.app import create_asgi
@@ -202,7 +317,7 @@ def serve(
     from tokenward.server import InsecureBind, check_bind, self_signed, uvicorn_options
     from tokenward.settings import Settings
 
-    settings = Settings.load(
+    settings = Settings.load(  # a bad setting ends in one line naming it (see _Commands)
         data_dir=data_dir,
         host=host,
         port=port,
@@ -211,11 +326,12 @@ def serve(
         gateway_port=gateway_port,
     )
     configure_logging(settings.log_level)
+    routes = 0
     if settings.gateway_config is not None:
         from tokenward.gateway import ConfigError, load_policy
 
         try:
-            policy = load_policy(settings.gateway_config)
+            routes = len(load_policy(settings.gateway_config).routes)
         except ConfigError as exc:
             fail(str(exc), 2)
     if (tls_cert is None) != (tls_key is None):
@@ -223,15 +339,37 @@ def serve(
     if tls_self_signed:
         tls_cert, tls_key, fingerprint = self_signed(settings.data_dir / "tls", host)
         out.print(
-            f"self-signed certificate {tls_cert}\nSHA-256 fingerprint: {fingerprint}",
-            highlight=False,
+            Text(f"self-signed certificate {tls_cert}\nSHA-256 fingerprint: {fingerprint}"),
             soft_wrap=True,  # a fingerprint or path split over lines cannot be copied
         )
+    if tls_cert is not None and tls_key is not None:
+        _check_tls(tls_cert, tls_key)
     tls = tls_cert is not None
     try:
         check_bind(host, tls, settings.allow_insecure_http)
     except InsecureBind as exc:
         fail(str(exc), 2)
+    if not init_first:
+        if settings.secret_key is None and not settings.key_file.exists():
+            fail(
+                f"{settings.data_dir} is not initialized: run 'tokenward init --data-dir "
+                f"{settings.data_dir}' first (or pass --init)",
+                2,
+            )
+        _check_ready(settings)
+    listener = _listen(host, settings.port)
+    port = listener.getsockname()[1]
+    gateway = None
+    if settings.gateway_config is not None:
+        # The gateway runner binds its own sockets: check both ports now, then let go.
+        gateway = _listen(host, settings.gateway_port)
+        settings = settings.model_copy(
+            update={"port": port, "gateway_port": gateway.getsockname()[1]}
+        )
+        listener.close()
+        gateway.close()
+    elif port != settings.port:
+        settings = settings.model_copy(update={"port": port})
     scheme = "https" if tls else "http"
     shown = f"[{host}]" if ":" in host else host
     base = f"{scheme}://{shown}:{port}"
@@ -242,44 +380,91 @@ def serve(
         if result.created:
             _show_admin_token(result.admin_token or "", result.token_id or "")
         _show_owner(result, f"{base}/dashboard/")
-    elif settings.secret_key is None and not settings.key_file.exists():
-        fail(
-            f"{settings.data_dir} is not initialized: run 'tokenward init --data-dir "
-            f"{settings.data_dir}' first (or pass --init)",
-            2,
-        )
-    out.print(
+    banner = (
         f"tokenward listening on {base}\n  dashboard: {base}/dashboard/\n"
         f"  API docs:  {base}/docs\n"
         f"  health:    {base}/healthz\n"
-        f"  CLI:       export TOKENWARD_URL={base} TOKENWARD_ADMIN_TOKEN=<admin token>",
-        highlight=False,
-        soft_wrap=True,
+        f"  CLI:       export TOKENWARD_URL={base} TOKENWARD_ADMIN_TOKEN=<admin token>"
     )
+    if gateway is not None:
+        banner += (
+            f"\n  gateway:   {scheme}://{shown}:{settings.gateway_port} "
+            f"({routes} routes from {settings.gateway_config})\n"
+            f"  authz:     {base}/authz"
+        )
+    out.print(Text(banner), soft_wrap=True)
+    sys.stdout.flush()  # the banner reaches a pipe or a log file before the first request
     options = uvicorn_options(tls_cert, tls_key)
-    import gc
-
     # Everything loaded so far lives as long as the process: keep it out of the cyclic
     # garbage collector's way (fewer, cheaper full collections under load). Each request
     # allocates a few hundred short-lived objects; a larger first generation lets most of
     # them die before a collection runs (measured: about 20% less CPU per audited decision).
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
-    if settings.gateway_config is not None:
+    if gateway is not None:
         from tokenward.gateway.serve import run, serve_with_gateway
 
-        out.print(
-            f"  gateway:   {scheme}://{shown}:{settings.gateway_port} "
-            f"({len(policy.routes)} routes from {settings.gateway_config})\n"
-            f"  authz:     {base}/authz",
-            highlight=False,
-            soft_wrap=True,
-        )
-        sys.stdout.flush()
         run(serve_with_gateway(settings, **options))
         return
-    sys.stdout.flush()  # the banner reaches a pipe or a log file before the first request
-    uvicorn.run(create_asgi(settings), host=host, port=port, **options)
+    server = uvicorn.Server(uvicorn.Config(create_asgi(settings), host=host, port=port, **options))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[listener])
+    if not server.started:
+        raise typer.Exit(3)  # as uvicorn.run does when the application cannot start
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound as uvicorn binds it; fail now if it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        fail(f"cannot listen on {host} port {port}: {exc.strerror or exc}", 3)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_tls(cert: Path, key: Path) -> None:
+    """Both files readable, and a certificate with its private key."""
+    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            fail(f"cannot read {option} {path}: {exc.strerror or exc}", 2)
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        fail(f"--tls-cert {cert} and --tls-key {key} do not load: {exc.reason or exc}", 2)
+
+
+def _check_ready(settings: Any) -> None:
+    """The server key loads and the database answers (else the server would fail at start)."""
+    from tokenward.settings import load_hasher
+    from tokenward.store.engine import create_engine
+
+    try:
+        load_hasher(settings)
+    except ValueError as exc:
+        fail(str(exc), 2)
+
+    async def probe() -> None:
+        engine = create_engine(settings.resolved_database_url)
+        try:
+            async with engine.connect():
+                pass
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:
+        if expected_error(exc) is None:
+            raise
+        reason = _one_line(getattr(exc, "orig", None) or exc)
+        fail(f"cannot use the database {_safe_db(settings)}: {reason}", 3, error="database_error")
 
 
 # -- admin client side --------------------------------------------------------------------
@@ -291,6 +476,14 @@ def client(as_json: bool = False) -> AdminClient:
             2,
             as_json=as_json,
             error="missing_credential",
+        )
+    if not (token.isascii() and token.isprintable()):
+        fail(  # it would fail in the Authorization header; never quote it
+            "TOKENWARD_ADMIN_TOKEN holds characters no token has (non-ASCII or control "
+            "characters): copy the admin token again",
+            2,
+            as_json=as_json,
+            error="bad_credential",
         )
     url = os.environ.get("TOKENWARD_URL", "http://127.0.0.1:8080")
     ca = os.environ.get("TOKENWARD_CA_CERT")
@@ -312,6 +505,8 @@ def call(as_json: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except AdminAPIError as exc:
         fail(exc.message, 1, as_json=as_json, error=exc.code)
+    except TokenSecretAsId as exc:
+        fail(str(exc), 2, as_json=as_json, error=exc.code)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # connection refused, TLS, timeout
         fail(
             f"cannot reach the server: {type(exc).__name__}",
@@ -336,7 +531,8 @@ def project_create(name: str, as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(project)
     else:
-        out.print(f"created project [bold]{project['name']}[/bold] ({project['id']})")
+        name, project_id = escape(project["name"]), escape(project["id"])
+        out.print(f"created project [bold]{name}[/bold] ({project_id})")
 
 
 @project_app.command("list")
@@ -347,9 +543,12 @@ def project_list(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(projects)
         return
-    table = Table("name", "id", "created")
+    table = Table("name")
+    table.columns[0].overflow = "fold"
+    id_column(table)
+    table.add_column("created", overflow="fold")
     for p in projects:
-        table.add_row(p["name"], p["id"], p["created_at"])
+        add_row(table, p["name"], p["id"], p["created_at"])
     out.print(table)
 
 
@@ -370,9 +569,10 @@ def project_allow_ip(
     if as_json:
         emit_json(project)
     elif project["ip_allowlist"]:
-        out.print(f"{project['name']}: tokens work only from {', '.join(project['ip_allowlist'])}")
+        networks = ", ".join(project["ip_allowlist"])
+        out.print(Text(f"{project['name']}: tokens work only from {networks}"))
     else:
-        out.print(f"{project['name']}: tokens work from any address")
+        out.print(Text(f"{project['name']}: tokens work from any address"))
 
 
 def _meta(pairs: list[str]) -> dict[str, str]:
@@ -388,7 +588,8 @@ def _meta(pairs: list[str]) -> dict[str, str]:
 def _show_secret(body: dict[str, Any], title: str) -> None:
     out.print(
         Panel.fit(
-            f"[bold]{body['token']}[/bold]\n\nid: {body['id']}\n{body['warning']}",
+            f"[bold]{escape(body['token'])}[/bold]\n\nid: {escape(body['id'])}\n"
+            f"{escape(body['warning'])}",
             title=title,
             border_style="yellow",
         ),
@@ -441,9 +642,13 @@ def token_create(
 
 
 def _token_table(items: list[dict[str, Any]]) -> Table:
-    table = Table("id", "project", "env", "name", "state", "scopes", "expires", "hint")
+    table = Table()
+    id_column(table)
+    for header in ("project", "env", "name", "state", "scopes", "expires", "hint"):
+        table.add_column(header, overflow="fold")
     for t in items:
-        table.add_row(
+        add_row(
+            table,
             t["id"],
             t["project"] or "-",
             t["environment"],
@@ -491,7 +696,7 @@ def token_revoke(
     if as_json:
         emit_json(body)
     else:
-        out.print(f"revoked {body['id']} at {body['revoked_at']}")
+        out.print(Text(f"revoked {body['id']} at {body['revoked_at']}"))
 
 
 @token_app.command("rotate")
@@ -516,9 +721,8 @@ def token_rotate(
         emit_json(body)
     else:
         _show_secret(body, "rotated: new token")
-        out.print(
-            f"the old token {body['previous']['id']} works until {body['previous']['grace_until']}"
-        )
+        previous = body["previous"]
+        out.print(Text(f"the old token {previous['id']} works until {previous['grace_until']}"))
 
 
 # Commands that live in their own modules (they import the helpers above).

@@ -15,9 +15,22 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from tokenward.cli import DataDir, JsonOpt, call, client, emit_json, emit_record, fail, out
+from tokenward.cli import (
+    DataDir,
+    JsonOpt,
+    add_row,
+    call,
+    client,
+    emit_json,
+    emit_record,
+    fail,
+    id_column,
+    out,
+)
 
 audit_app = typer.Typer(help="The audit log: list, follow, export, verify.", no_args_is_help=True)
 alerts_app = typer.Typer(help="Anomaly alerts: list, show, acknowledge.", no_args_is_help=True)
@@ -53,10 +66,16 @@ def _filters(**kw: Any) -> dict[str, Any]:
 
 
 def _event_table(events: list[dict[str, Any]]) -> Table:
-    table = Table("seq", "at", "action", "decision", "reason", "token", "principal", "ip", "req")
+    table = Table("seq")
+    for header in ("at", "action", "decision", "reason"):
+        table.add_column(header, overflow="fold")
+    id_column(table, "token")  # an id is never cut: it is copied into the next command
+    for header in ("principal", "ip", "req"):
+        table.add_column(header, overflow="fold")
     for e in events:
-        table.add_row(
-            str(e["seq"]),
+        add_row(
+            table,
+            e["seq"],
             e["at"][:23],
             e["action"],
             e["decision"] or "",
@@ -103,7 +122,7 @@ def audit_list(
         return
     out.print(_event_table(page["events"]))
     if page["next_cursor"]:
-        out.print(f"more: --cursor {page['next_cursor']}", highlight=False)
+        out.print(Text(f"more: --cursor {page['next_cursor']}"), soft_wrap=True)
 
 
 @audit_app.command("tail")
@@ -128,12 +147,12 @@ def audit_tail(
             if as_json:
                 print(json.dumps(e, separators=(",", ":")), flush=True)
             else:
-                out.print(
+                line = (
                     f"{e['at'][:23]} #{e['seq']} {e['action']} {e['decision'] or ''} "
                     f"{e['reason'] or ''} {e['token_id'] or e['fingerprint'] or '-'} "
-                    f"{e['client_ip'] or '-'} {e['request_id'] or ''}",
-                    highlight=False,
+                    f"{e['client_ip'] or '-'} {e['request_id'] or ''}"
                 )
+                out.print(Text(line), soft_wrap=True)
 
     with client(as_json) as c:
         page = call(as_json, c.audit_page, limit=lines, **params)
@@ -184,9 +203,12 @@ def audit_export(
     text = "".join(line + "\n" for line in stream if line)
     if output is None:
         print(text, end="")
-    else:
-        output.write_text(text)
-        out.print(f"wrote {text.count(chr(10))} events to {output}", highlight=False)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}", 1, error="os_error")
+    out.print(Text(f"wrote {text.count(chr(10))} events to {output}"))
 
 
 @audit_app.command("verify")
@@ -227,11 +249,12 @@ def audit_verify(
     elif report["ok"]:
         out.print(
             f"[green]ok[/green]: {report['checked']} events chained intact"
-            f" (from checkpoint {report['checkpoint_seq']})\nhead: {report['head']}",
+            f" (from checkpoint {report['checkpoint_seq']})\nhead: {escape(str(report['head']))}",
             highlight=False,
         )
     else:
-        out.print(f"[red]{report['problem']}[/red]: {report['message']}", highlight=False)
+        problem, message = escape(str(report["problem"])), escape(str(report["message"]))
+        out.print(f"[red]{problem}[/red]: {message}", highlight=False)
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -289,9 +312,13 @@ def alerts_list(
     if as_json:
         emit_json(page)
         return
-    table = Table("id", "at", "severity", "detector", "summary", "actions", "ack")
+    table = Table()
+    id_column(table)
+    for header in ("at", "severity", "detector", "summary", "actions", "ack"):
+        table.add_column(header, overflow="fold")
     for a in page["alerts"]:
-        table.add_row(
+        add_row(
+            table,
             a["id"],
             a["created_at"][:19],
             a["severity"],
@@ -323,7 +350,7 @@ def alerts_ack(
     if as_json:
         emit_json(body)
     else:
-        out.print(f"acknowledged {body['id']} by {body['acknowledged_by']}", highlight=False)
+        out.print(Text(f"acknowledged {body['id']} by {body['acknowledged_by']}"))
 
 
 def quarantine(
@@ -339,7 +366,7 @@ def quarantine(
     if as_json:
         emit_json(body)
     else:
-        out.print(f"quarantined {body['id']} at {body['quarantined_at']}", highlight=False)
+        out.print(Text(f"quarantined {body['id']} at {body['quarantined_at']}"))
 
 
 def release(
@@ -353,4 +380,4 @@ def release(
     if as_json:
         emit_json(body)
     else:
-        out.print(f"released {body['id']}: it works again", highlight=False)
+        out.print(Text(f"released {body['id']}: it works again"))

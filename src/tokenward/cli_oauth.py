@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from tokenward.cli import (
     JsonOpt,
     _show_secret,
+    add_row,
     app,
     call,
     client,
@@ -104,7 +107,12 @@ def token_exchange(
         if not identity:
             fail(f"{identity_env} is not set", 2, as_json=as_json, error="missing_credential")
     elif identity_file:
-        identity = identity_file.read_text().strip()
+        try:
+            identity = identity_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            decoding = isinstance(exc, UnicodeDecodeError)
+            reason = "not UTF-8 text" if decoding else getattr(exc, "strerror", None) or exc
+            fail(f"cannot read --identity-file {identity_file}: {reason}", 2, as_json=as_json)
     subject = identity or os.environ.get("TOKENWARD_API_KEY")
     if not subject:
         fail(
@@ -129,8 +137,8 @@ def token_exchange(
     expires_at = expires_at.split(".")[0] + "Z"
     if output is None:
         out.print(
-            f"[bold]{body['access_token']}[/bold]\n{body['token_type']} token, scope "
-            f"{body['scope']!r}, expires {expires_at}",
+            f"[bold]{escape(str(body['access_token']))}[/bold]\n"
+            + escape(f"{body['token_type']} token, scope {body['scope']!r}, expires {expires_at}"),
             highlight=False,
         )
         return
@@ -163,9 +171,11 @@ def token_auto_rotate(
         emit_json(body)
         return
     out.print(
-        f"{token_id} rotates every {period} (next {body['due_at']}); new tokens are POSTed to "
-        f"{body['webhook_url']}\nwebhook signing secret (shown once): "
-        f"[bold]{body['webhook_secret']}[/bold]",
+        escape(
+            f"{token_id} rotates every {period} (next {body['due_at']}); new tokens are POSTed "
+            f"to {body['webhook_url']}"
+        )
+        + f"\nwebhook signing secret (shown once): [bold]{escape(body['webhook_secret'])}[/bold]",
         highlight=False,
     )
 
@@ -206,7 +216,7 @@ def project_policy(
         return
     table = Table("policy", "value", show_header=False)
     for key, value in policy.items():
-        table.add_row(key, "-" if value is None else str(value))
+        add_row(table, key, "-" if value is None else value)
     out.print(table)
 
 
@@ -251,7 +261,10 @@ def trust_add(
     if as_json:
         emit_json(body)
     else:
-        out.print(f"trust policy [bold]{body['name']}[/bold] ({body['id']}) added to {project}")
+        out.print(
+            f"trust policy [bold]{escape(body['name'])}[/bold] "
+            + escape(f"({body['id']}) added to {project}")
+        )
 
 
 @trust_app.command("list")
@@ -266,8 +279,11 @@ def trust_list(
         emit_json(items)
         return
     table = Table("project", "name", "issuer", "audience", "claims", "scopes", "max ttl")
+    for column in table.columns:
+        column.overflow = "fold"
     for p in items:
-        table.add_row(
+        add_row(
+            table,
             p["project"],
             p["name"],
             p["issuer"],
@@ -291,7 +307,7 @@ def trust_remove(
     if as_json:
         emit_json({"removed": name, "project": project})
     else:
-        out.print(f"removed trust policy {name} from {project}")
+        out.print(Text(f"removed trust policy {name} from {project}"))
 
 
 __all__ = ["_show_secret", "emit_token"]

@@ -7,6 +7,41 @@ from typing import Any
 
 import httpx
 
+from tokenward.tokens.format import TOKEN_PATTERN, TokenFormatError, parse_token
+
+
+class TokenSecretAsId(ValueError):
+    """A token secret was given where an id or a name goes into the URL; nothing was sent.
+
+    A URL's path and query reach access logs and audit logs: a secret there is a second
+    leak. The message never contains the secret.
+    """
+
+    code = "token_secret_as_id"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "that is a token secret, not a token id; nothing was sent. Give the token's id "
+            "(tok_…): 'tokenward token list' shows it next to the secret's hint (its first "
+            "and last characters). If the secret leaked, revoke that id."
+        )
+
+
+def looks_like_secret(value: str) -> bool:
+    """Whether ``value`` is, holds or nearly is a token secret (a typo is still a secret)."""
+    try:
+        parse_token(value)
+    except TokenFormatError as exc:
+        if exc.reason == "bad_checksum":
+            return True
+    else:
+        return True
+    if TOKEN_PATTERN.search(value):
+        return True
+    # A cut secret is still part of a secret; project names (lowercase only) may look alike.
+    prefix = value[:8] in ("tw_live_", "tw_test_")
+    return prefix and any(c.isupper() for c in value[8:])
+
 
 class AdminAPIError(Exception):
     """The server answered with an error: ``status``, stable ``code``, human ``message``."""
@@ -40,6 +75,8 @@ class AdminClient:
         self._http.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send one request; ids and names in ``path`` or ``params`` must not be secrets."""
+        self.refuse_secrets(path, kwargs.get("params"))
         response = self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
@@ -51,6 +88,15 @@ class AdminClient:
         if response.status_code == 204:
             return None
         return response.json()
+
+    @staticmethod
+    def refuse_secrets(path: str, params: Any = None) -> None:
+        """Raise :class:`TokenSecretAsId`, before anything is sent, for a secret in the URL."""
+        parts = path.split("/")
+        if isinstance(params, dict):
+            parts.extend(str(value) for value in params.values())
+        if any(looks_like_secret(part) for part in parts):
+            raise TokenSecretAsId
 
     # -- projects
     def create_project(self, name: str) -> dict[str, Any]:
@@ -128,6 +174,7 @@ class AdminClient:
     def audit_export(self, **params: Any) -> Any:
         """Stream ``GET /v1/audit/export`` line by line (JSON lines)."""
         query = {k: v for k, v in params.items() if v is not None}
+        self.refuse_secrets("/v1/audit/export", query)
         with self._http.stream("GET", "/v1/audit/export", params=query) as response:
             if response.status_code >= 400:
                 response.read()

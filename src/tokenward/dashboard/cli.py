@@ -15,13 +15,15 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from tokenward.errors import TokenwardError
 
 user_app = typer.Typer(help="Dashboard users: add, list, remove, reset-mfa.", no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
+out = Console(emoji=False)  # logins and messages are data: never emoji codes or markup
+err = Console(stderr=True, emoji=False)
 T = TypeVar("T")
 
 DataDir = Annotated[
@@ -41,10 +43,11 @@ def _run(data_dir: Path, as_json: bool, action: Callable[[Any], Awaitable[T]]) -
 
     async def main() -> T:
         settings = Settings.load(data_dir=data_dir)
+        hasher = load_hasher(settings)  # first: an uninitialized data dir says so
         engine = create_engine(settings.resolved_database_url)
         try:
             await migrate(engine)
-            return await action(Accounts(engine, DashboardKeys(load_hasher(settings))))
+            return await action(Accounts(engine, DashboardKeys(hasher)))
         finally:
             await engine.dispose()
 
@@ -60,7 +63,7 @@ def _fail(code: str, message: str, as_json: bool) -> NoReturn:
     if as_json:
         print(json.dumps({"error": code, "message": message}))
     else:
-        err.print(f"[red]error:[/red] {message}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -119,8 +122,9 @@ def add(
         print(json.dumps({**user, "password": password}, indent=2))
     else:
         out.print(
-            f"added [bold]{user['login']}[/bold] ({user['role']})\n"
-            f"password: [bold]{password}[/bold]  (shown once; MFA is set up at first sign-in)",
+            f"added [bold]{escape(user['login'])}[/bold] ({escape(user['role'])})\n"
+            f"password: [bold]{escape(password)}[/bold]  (shown once; MFA is set up at first "
+            "sign-in)",
             highlight=False,
         )
 
@@ -137,15 +141,19 @@ def list_users(data_dir: DataDir = Path(".tokenward"), as_json: JsonOpt = False)
     if as_json:
         print(json.dumps(users, indent=2))
         return
-    table = Table("login", "role", "projects", "mfa", "id")
+    table = Table("login", "role", "projects", "mfa")
+    for column in table.columns:
+        column.overflow = "fold"
+    table.add_column("id", no_wrap=True, min_width=20)  # never cut: ids are copied
     for u in users:
-        table.add_row(
+        cells = (
             u["login"],
             u["role"],
             ", ".join(u["projects"]) or ("all" if u["role"] == "owner" else "-"),
             "yes" if u["mfa_enrolled"] else "no",
             u["id"],
         )
+        table.add_row(*(Text(cell) for cell in cells))  # data, never read as markup
     out.print(table)
 
 
@@ -160,7 +168,7 @@ def remove(login: str, data_dir: DataDir = Path(".tokenward"), as_json: JsonOpt 
     if as_json:
         print(json.dumps({"removed": login}))
     else:
-        out.print(f"removed {login}")
+        out.print(Text(f"removed {login}"))
 
 
 @user_app.command("reset-mfa")
@@ -174,7 +182,7 @@ def reset_mfa(login: str, data_dir: DataDir = Path(".tokenward"), as_json: JsonO
     if as_json:
         print(json.dumps({"mfa_reset": login}))
     else:
-        out.print(f"two-factor sign-in of {login} reset; they enrol again at next sign-in")
+        out.print(Text(f"two-factor sign-in of {login} reset; they enrol again at next sign-in"))
 
 
 @user_app.command("set-password")
@@ -191,4 +199,7 @@ def set_password(
     if as_json:
         print(json.dumps({"login": login, "password": password}))
     else:
-        out.print(f"new password of {login}: [bold]{password}[/bold] (shown once)", highlight=False)
+        out.print(
+            f"new password of {escape(login)}: [bold]{escape(password)}[/bold] (shown once)",
+            highlight=False,
+        )

@@ -361,13 +361,10 @@ def serve(
     port = listener.getsockname()[1]
     gateway = None
     if settings.gateway_config is not None:
-        # The gateway runner binds its own sockets: check both ports now, then let go.
         gateway = _listen(host, settings.gateway_port)
         settings = settings.model_copy(
             update={"port": port, "gateway_port": gateway.getsockname()[1]}
         )
-        listener.close()
-        gateway.close()
     elif port != settings.port:
         settings = settings.model_copy(update={"port": port})
     scheme = "https" if tls else "http"
@@ -404,7 +401,7 @@ def serve(
     if gateway is not None:
         from tokenward.gateway.serve import run, serve_with_gateway
 
-        run(serve_with_gateway(settings, **options))
+        run(serve_with_gateway(settings, api_socket=listener, gateway_socket=gateway, **options))
         return
     server = uvicorn.Server(uvicorn.Config(create_asgi(settings), host=host, port=port, **options))
     with contextlib.suppress(KeyboardInterrupt):

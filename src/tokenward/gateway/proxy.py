@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import ssl
 import time
 
@@ -216,12 +217,24 @@ class Gateway:
         """
         return _Server(self.handle, access_log=None, max_field_size=16384, auto_decompress=False)
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
-        """Listen on ``host:port`` (in the running event loop) until :meth:`aclose`."""
+    async def start(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """Listen on ``host:port``, or on ``sock`` already bound, (in the running event loop)
+        until :meth:`aclose`."""
         self._scheme = "https" if ssl_context is not None else "http"
         self._runner = web.ServerRunner(self.server(), handle_signals=False, shutdown_timeout=10)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
+        site: web.BaseSite = (
+            web.SockSite(self._runner, sock, ssl_context=ssl_context)
+            if sock is not None
+            else web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
+        )
+        await site.start()
 
     async def aclose(self) -> None:
         if self._runner is not None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import socket
 import ssl
 from collections.abc import Coroutine, Generator
 from typing import Any
@@ -37,8 +38,15 @@ def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext | None:
     return context
 
 
-async def serve_with_gateway(settings: Settings, **uvicorn_options: Any) -> None:
-    """Serve the API on ``settings.port`` and the gateway on ``settings.gateway_port``."""
+async def serve_with_gateway(
+    settings: Settings,
+    *,
+    api_socket: socket.socket | None = None,
+    gateway_socket: socket.socket | None = None,
+    **uvicorn_options: Any,
+) -> None:
+    """Serve the API on ``settings.port`` and the gateway on ``settings.gateway_port`` (or on
+    sockets the caller bound already: it can then tell a taken port before anything runs)."""
     from tokenward.app import create_asgi, open_services
     from tokenward.gateway.proxy import Gateway
 
@@ -69,8 +77,13 @@ async def serve_with_gateway(settings: Settings, **uvicorn_options: Any) -> None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
     try:
-        await gateway.start(settings.host, settings.gateway_port, _ssl_context(uvicorn_options))
-        await api.serve()
+        await gateway.start(
+            settings.host,
+            settings.gateway_port,
+            _ssl_context(uvicorn_options),
+            sock=gateway_socket,
+        )
+        await api.serve(sockets=[api_socket] if api_socket is not None else None)
         stop()  # the API stopped on its own (e.g. its port was taken): stop the gateway too
         await stopping.wait()
     finally:

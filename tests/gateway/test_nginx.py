@@ -85,7 +85,7 @@ async def test_nginx_auth_request_in_front_of_a_backend(services, admin, tmp_pat
         trusted_proxies="127.0.0.1/32",
         auth_failure_limit="100/minute",
     )
-    good = await make_token(services, admin, principal="storefront", rate_limit=["3/minute"])
+    good = await make_token(services, admin, principal="storefront", rate_limit=["4/minute"])
     walled = await make_token(services, admin, ip_allowlist=["10.0.0.0/8"])
     app = create_asgi(services=services)
     site = site_conf(tokenward_port, backend_port, nginx_port)
@@ -107,8 +107,8 @@ async def test_nginx_auth_request_in_front_of_a_backend(services, admin, tmp_pat
                 assert seen["headers"]["x-tokenward-principal"] == "storefront"
                 assert seen["headers"]["x-tokenward-token-id"] == good.record.id
                 assert seen["headers"]["x-tokenward-scopes"] == "records:read"
-                assert r.headers["ratelimit-limit"] == "3"
-                assert r.headers["ratelimit-remaining"] == "2"
+                assert r.headers["ratelimit-limit"] == "4"
+                assert r.headers["ratelimit-remaining"] == "3"
 
                 # nginx drops header names with underscores (underscores_in_headers off, set
                 # in the file): a CGI/WSGI backend would read X_Tokenward_Principal as
@@ -142,9 +142,29 @@ async def test_nginx_auth_request_in_front_of_a_backend(services, admin, tmp_pat
                 assert r.status_code == 400 and "x-upstream" not in r.headers
                 assert good.secret not in r.text and walled.secret not in r.text
 
+                # Every header tokenward sets for a backend is replaced, and the forgeable
+                # forms of the client's address go.
+                r = await c.get(
+                    "/records/7",
+                    headers={
+                        **auth,
+                        "X-Tokenward-Client-IP": "6.6.6.6",
+                        "X-Tokenward-Environment": "test",
+                        "X-Real-IP": "6.6.6.6",
+                        "Forwarded": "for=6.6.6.6",
+                    },
+                )
+                assert r.status_code == 200, r.text
+                seen = r.json()["headers"]
+                assert seen["x-tokenward-client-ip"] == "127.0.0.1"
+                assert seen["x-real-ip"] == "127.0.0.1"
+                assert seen["x-tokenward-environment"] == "live"
+                assert "forwarded" not in seen
+
                 r = await c.get("/records/7", headers={"Authorization": "Bearer tw_live_x"})
                 assert r.status_code == 401 and r.json()["error"] == "invalid_token"
                 assert 'error="invalid_token"' in r.headers["www-authenticate"]
+                assert len(r.headers.get_list("www-authenticate")) == 1
                 r = await c.get("/records/7")
                 assert r.status_code == 401 and r.json()["error"] == "missing_credential"
 
@@ -171,8 +191,45 @@ async def test_nginx_auth_request_in_front_of_a_backend(services, admin, tmp_pat
                 assert int(r.headers["retry-after"]) >= 1
 
     decisions = [(e.source, e.method, e.path, e.client_ip) for e in sink.access_events]
-    assert len(decisions) == 10  # one event per request, allowed or denied
+    assert len(decisions) == 11  # one event per request, allowed or denied
     assert decisions[0] == ("authz", "GET", "/records/7", "127.0.0.1")
+
+
+async def test_a_dpop_bound_token_through_nginx(services, admin, tmp_path):
+    """The proof names the URL the client called; the subrequest must carry that Host and
+    scheme (not the upstream's name), and a client's own X-Forwarded-Host must not count."""
+    from joserfc.jwk import ECKey
+
+    from tokenward.oauth.dpop import make_proof
+
+    backend_port, tokenward_port, nginx_port = free_port(), free_port(), free_port()
+    use_policy(
+        services,
+        POLICY.format(port=backend_port, dead_port=free_port()),
+        trusted_proxies="127.0.0.1/32",
+    )
+    key = ECKey.generate_key("P-256")
+    issued = await make_token(services, admin, dpop_jkt=key.thumbprint())
+    app = create_asgi(services=services)
+    async with upstream_server(backend_port), uvicorn_server(app, tokenward_port):
+        with nginx(tmp_path, site_conf(tokenward_port, backend_port, nginx_port), nginx_port):
+            base = f"http://127.0.0.1:{nginx_port}"
+            async with httpx.AsyncClient(base_url=base) as c:
+
+                def headers(url: str, **extra: str) -> dict[str, str]:
+                    proof = make_proof(key, "GET", url, access_token=issued.secret)
+                    return {"Authorization": f"DPoP {issued.secret}", "DPoP": proof, **extra}
+
+                r = await c.get("/records/1", headers=headers(f"{base}/records/1"))
+                assert r.status_code == 200, r.text
+                assert "dpop" not in r.json()["headers"]
+                # A proof for another host, with the client claiming that host: refused.
+                elsewhere = "http://elsewhere.example/records/1"
+                r = await c.get(
+                    "/records/1",
+                    headers=headers(elsewhere, **{"X-Forwarded-Host": "elsewhere.example"}),
+                )
+                assert r.status_code == 401, r.text
 
 
 async def test_nginx_fails_closed_when_tokenward_is_down(tmp_path):

@@ -156,3 +156,37 @@ async def test_api_key_bound_to_the_clients_key(live):
     owner = TokenwardAuth(live.url, api_key=key["token"], dpop=client_key)
     with httpx.Client(auth=owner) as http:
         assert http.get(live.url + "/v1/projects").status_code == 200
+
+
+async def test_the_asked_lifetime_holds_for_refreshed_tokens_too(live):
+    key = api_key(live)
+    now = [time.time()]
+    auth = TokenwardAuth(live.url, api_key=key["token"], lifetime=120, clock=lambda: now[0])
+    lifetimes = []
+    async with httpx.AsyncClient(auth=auth, base_url=live.url) as http:
+        for _ in range(3):
+            assert (await http.get("/v1/projects")).status_code == 200
+            lifetimes.append(auth._refresh_at - now[0])
+            now[0] += 120  # past the refresh point
+    assert auth.token_requests == 3
+    # Each token, the refreshed ones included, was asked for with 120 s (a default of 900
+    # would put the refresh point far beyond 120 s).
+    assert all(0 < left <= 120 for left in lifetimes), lifetimes
+
+
+def test_one_auth_serves_several_event_loops(live):
+    """An asyncio lock belongs to the loop that first waits on it: one auth object used by
+    one ``asyncio.run`` after another must not carry a lock from a loop that is gone."""
+    key = api_key(live)
+    now = [time.time()]
+    auth = TokenwardAuth(live.url, api_key=key["token"], lifetime=60, clock=lambda: now[0])
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(auth=auth, base_url=live.url) as http:
+            responses = await asyncio.gather(*[http.get("/v1/projects") for _ in range(8)])
+        return [r.status_code for r in responses]
+
+    for _ in range(4):
+        now[0] += 120  # every run starts with a refresh, with requests waiting on the lock
+        assert asyncio.run(burst()) == [200] * 8
+    assert auth.token_requests == 4

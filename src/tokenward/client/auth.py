@@ -30,6 +30,7 @@ import asyncio
 import random
 import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from typing import Any
 
@@ -89,7 +90,11 @@ class TokenwardAuth(httpx.Auth):
         self._token_type = "Bearer"  # noqa: S105 - a scheme name
         self._refresh_at = 0.0
         self._thread_lock = threading.Lock()
-        self._async_lock = asyncio.Lock()
+        #: one lock per event loop: an asyncio lock belongs to the loop that first waits on
+        #: it, and one auth object may serve several loops (``asyncio.run`` after another)
+        self._async_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
         #: how many token requests were sent (for observability and tests)
         self.token_requests = 0
 
@@ -110,7 +115,8 @@ class TokenwardAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        async with self._async_lock:
+        lock = self._async_lock()
+        async with lock:
             if self._stale():
                 response = yield self._token_request()
                 await response.aread()
@@ -121,7 +127,7 @@ class TokenwardAuth(httpx.Auth):
             used = self._access
         response = yield self._authorize(request)
         if response.status_code == 401:
-            async with self._async_lock:
+            async with lock:
                 if self._access == used:
                     self._access = None
                     response = yield self._token_request()
@@ -131,6 +137,13 @@ class TokenwardAuth(httpx.Auth):
                         await response.aread()
                     self._accept(response)
             yield self._authorize(request)
+
+    def _async_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._async_locks.get(loop)
+        if lock is None:
+            lock = self._async_locks[loop] = asyncio.Lock()
+        return lock
 
     def _sync_obtain(self) -> Generator[httpx.Request, httpx.Response]:
         response = yield self._token_request()
@@ -166,7 +179,7 @@ class TokenwardAuth(httpx.Auth):
                 form["audience"] = self.audience
         if self.scope:
             form["scope"] = self.scope
-        if self.lifetime and form["grant_type"] == GRANT_EXCHANGE:
+        if self.lifetime:  # asked for on every token, refreshed ones too
             form["expires_in"] = str(self.lifetime)
         headers = {"User-Agent": "tokenward-sdk", "Accept": "application/json"}
         if self.dpop_key is not None:

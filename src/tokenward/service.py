@@ -7,7 +7,9 @@ place, what the invariants demand:
   anything else looks like it does not exist (404, never 403, so ids cannot be probed);
 * scopes only narrow: a new or rotated token never holds a scope its creator lacks, nor
   outlives its creator;
-* every change is invalidated in the verifier's cache before it is acknowledged.
+* every change is invalidated in the verifier's cache before it is acknowledged;
+* revoking or quarantining a token revokes everything minted from it by a grant (exchange,
+  refresh), transitively, in the same operation: see :meth:`TokenService.revoke_descendants`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from tokenward.errors import Forbidden, Invalid, NotFound
 from tokenward.events import AdminEvent, EventBus, current_request
-from tokenward.store.repository import Project, TokenStore
+from tokenward.store.repository import GrantLink, Project, TokenStore
 from tokenward.tokens.durations import MAX_DURATION
 from tokenward.tokens.format import (
     Environment,
@@ -70,6 +72,8 @@ class TokenSpec:
     metadata: dict[str, str] = field(default_factory=dict)
     family_id: str | None = None
     dpop_jkt: str | None = None
+    #: set for a token minted by a grant (exchange, refresh): where it descends from
+    grant: GrantLink | None = None
 
 
 @dataclass(slots=True)
@@ -246,7 +250,7 @@ class TokenService:
             family_id=spec.family_id,
             dpop_jkt=spec.dpop_jkt,
         )
-        await self.store.insert_token(record, self.hasher.hash(secret))
+        await self.store.insert_token(record, self.hasher.hash(secret), spec.grant)
         await self._audit(
             "token.create",
             actor,
@@ -328,6 +332,7 @@ class TokenService:
         await self._audit(
             "token.revoke", actor, record.project_id, token_id, {"reason": record.revoked_reason}
         )
+        await self.revoke_descendants(actor, record, "origin_revoked")
         return record
 
     async def revoke_own(self, record: TokenRecord, reason: str) -> None:
@@ -335,6 +340,34 @@ class TokenService:
         await self.store.revoke(record.id, reason, self.now)
         await self._changed(record.id)
         await self._audit("token.revoke", record, record.project_id, record.id, {"reason": reason})
+        await self.revoke_descendants(record, record, "origin_revoked")
+
+    async def revoke_descendants(
+        self, actor: TokenRecord | None, origin: TokenRecord, reason: str
+    ) -> list[str]:
+        """Revoke every token minted from ``origin`` by a grant, transitively: the access and
+        refresh tokens exchanged from an API key, those refreshed from them, access tokens
+        narrowed from those. Each is dropped from the cache on every replica (the same fan-out
+        as a revocation) and one ``token.cascade_revoke`` event lists them all.
+
+        Descendants are revoked, not quarantined, even when ``origin`` is only quarantined:
+        they may be in the same wrong hands, releasing the key must not bring them back, and
+        a client gets new ones by exchanging the key again.
+        """
+        revoked = await self.store.revoke_descendants(
+            origin.id, f"{reason.replace('_', ' ')} ({origin.id})", self.now
+        )
+        for token_id in revoked:
+            await self._changed(token_id)
+        if revoked:
+            await self._audit(
+                "token.cascade_revoke",
+                actor,
+                origin.project_id,
+                origin.id,
+                {"revoked": revoked, "reason": reason},
+            )
+        return revoked
 
     async def rotate_token(
         self, actor: TokenRecord, token_id: str, grace: timedelta
@@ -411,6 +444,7 @@ class TokenService:
         await self._audit(
             "token.quarantine", actor, record.project_id, token_id, {"reason": reason}
         )
+        await self.revoke_descendants(actor, record, "origin_quarantined")
         return record
 
     async def release_token(self, actor: TokenRecord, token_id: str, note: str = "") -> TokenRecord:

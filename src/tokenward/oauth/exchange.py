@@ -11,6 +11,13 @@ Grants:
   same grant) and raises a ``refresh_token_reuse`` security event; a use within
   ``reuse_grace`` of the first one is taken as a concurrent legitimate refresh instead.
 
+Every minted token is linked to the credential that minted it and to the grant's origin
+(the API key at its root, see ``token_grants``): revoking or quarantining a token revokes
+what descends from it (:meth:`TokenService.revoke_descendants`), and a refresh is refused,
+and its family revoked, once the origin is no longer valid (revoked, quarantined, expired,
+rotated out after its grace). Both checks are also made after minting, so a revocation that
+races an exchange or a refresh cannot leave a minted token alive.
+
 Every token is minted through :class:`~tokenward.service.TokenService`, with the grant's
 credential as the actor, so scopes only narrow and lifetimes only shorten.
 """
@@ -37,6 +44,7 @@ from tokenward.oauth.identity import IdentityVerifier, invalid_grant
 from tokenward.oauth.policy import PolicyStore, ProjectPolicy
 from tokenward.oauth.store import SessionStore
 from tokenward.service import Issued, TokenService, TokenSpec
+from tokenward.store.repository import GrantLink
 from tokenward.tokens.format import TokenFormatError, new_public_id, parse_token
 from tokenward.tokens.model import Reason, TokenKind, TokenRecord, TokenState
 from tokenward.tokens.scopes import ScopeError, is_narrower, validate_scopes
@@ -188,13 +196,20 @@ class TokenExchange:
         expires_at = self._access_expiry(req, policy, now, None, subject.expires_at)
         family = subject.family_id if subject.kind == TokenKind.ACCESS else None
         family = family or new_public_id("fam")
-        access = await self._mint(subject, TokenKind.ACCESS, scopes, expires_at, family, jkt)
+        origin = subject.id
+        if subject.kind == TokenKind.ACCESS:
+            link = await self.tokens.store.grant_link(subject.id)
+            origin = (link.origin_id if link else None) or subject.id
+        access = await self._mint(
+            subject, TokenKind.ACCESS, scopes, expires_at, family, jkt, origin
+        )
         refresh = None
         if subject.kind == TokenKind.API_KEY:
             refresh_expiry = self._cap(now + timedelta(seconds=self.lifetimes.refresh), subject)
             refresh = await self._mint(
-                subject, TokenKind.REFRESH, scopes, refresh_expiry, family, jkt
+                subject, TokenKind.REFRESH, scopes, refresh_expiry, family, jkt, origin
             )
+        await self._recheck_origin(subject, family, origin, req, now)
         return TokenResponse(access, refresh, now, TYPE_ACCESS)
 
     # -- exchange a CI identity token -----------------------------------------------------
@@ -229,12 +244,12 @@ class TokenExchange:
         scopes = self._narrow(req.scope, trust.scopes)
         expires_at = self._access_expiry(req, policy, now, trust.max_ttl, None)
         family = new_public_id("fam")
-        access = await self._mint(actor, TokenKind.ACCESS, scopes, expires_at, family, jkt)
+        access = await self._mint(actor, TokenKind.ACCESS, scopes, expires_at, family, jkt, None)
         refresh = None
         if trust.refresh_ttl:
             refresh_expiry = now + timedelta(seconds=trust.refresh_ttl)
             refresh = await self._mint(
-                actor, TokenKind.REFRESH, scopes, refresh_expiry, family, jkt
+                actor, TokenKind.REFRESH, scopes, refresh_expiry, family, jkt, None
             )
         await self._access_event(Decision(True, Reason.OK, access.record), started)
         return TokenResponse(access, refresh, now, TYPE_ACCESS)
@@ -272,6 +287,13 @@ class TokenExchange:
             except DPoPError as exc:
                 await self._access_event(Decision(False, Reason(exc.reason), record), started)
                 raise oauth_error("invalid_dpop_proof", exc.message) from None
+        link = await self.tokens.store.grant_link(record.id)
+        origin = link.origin_id if link else None
+        problem = await self._origin_problem(origin, now)
+        if problem is not None:
+            await self._access_event(Decision(False, Reason(problem), record), started)
+            await self._origin_gone(record, origin, problem, req, now)
+            raise invalid_grant(f"the grant's origin is {problem}; its tokens are revoked")
         if record.replaced_by is None:
             try:
                 new_refresh, _ = await self.tokens.rotate_token(
@@ -284,7 +306,7 @@ class TokenExchange:
                 record = fresh
             else:
                 await self._access_event(Decision(True, Reason.OK, record), started)
-                return await self._after_refresh(req, record, new_refresh, now)
+                return await self._after_refresh(req, record, new_refresh, now, origin)
         if record.grace_until is not None and now < record.grace_until:
             # Two legitimate refreshes racing: the second gets its own pair in the family.
             assert record.expires_at is not None
@@ -295,23 +317,91 @@ class TokenExchange:
                 record.expires_at,
                 record.family_id,
                 record.dpop_jkt,
+                origin,
             )
             await self._access_event(Decision(True, Reason.OK, record), started)
-            return await self._after_refresh(req, record, new_refresh, now)
+            return await self._after_refresh(req, record, new_refresh, now, origin)
         await self._access_event(Decision(False, Reason.ROTATED, record), started)
         await self._reuse_detected(record, req, now)
         raise invalid_grant("the refresh token was already used; its family is revoked")
 
     async def _after_refresh(
-        self, req: TokenRequest, record: TokenRecord, new_refresh: Issued, now: datetime
+        self,
+        req: TokenRequest,
+        record: TokenRecord,
+        new_refresh: Issued,
+        now: datetime,
+        origin: str | None,
     ) -> TokenResponse:
         policy = await self._policy(record.project_id)
         scopes = self._narrow(req.scope, record.scopes)
         expires_at = self._access_expiry(req, policy, now, None, record.expires_at)
         access = await self._mint(
-            record, TokenKind.ACCESS, scopes, expires_at, record.family_id, record.dpop_jkt
+            record, TokenKind.ACCESS, scopes, expires_at, record.family_id, record.dpop_jkt, origin
         )
+        await self._recheck_origin(record, record.family_id, origin, req, now)
         return TokenResponse(access, new_refresh, now)
+
+    async def _origin_problem(self, origin: str | None, now: datetime) -> str | None:
+        """Why the grant's origin no longer backs it (a :class:`Reason` value), read from the
+        store, not the cache; ``None`` while it is valid or the grant has no origin token."""
+        if origin is None:
+            return None
+        record = await self.tokens.store.get_token(origin)
+        if record is None:
+            return Reason.UNKNOWN.value
+        if record.quarantined_at is not None:
+            return Reason.QUARANTINED.value
+        state = record.state(now)
+        if state in (TokenState.ACTIVE, TokenState.ROTATED_IN_GRACE):
+            return None
+        return state.value
+
+    async def _recheck_origin(
+        self,
+        actor: TokenRecord,
+        family: str | None,
+        origin: str | None,
+        req: TokenRequest,
+        now: datetime,
+    ) -> None:
+        """After minting: a revocation of the origin that ran meanwhile may have missed the
+        new tokens; then revoke their family here and refuse the grant."""
+        problem = await self._origin_problem(origin, now)
+        if problem is not None:
+            await self._origin_gone(actor, origin, problem, req, now, family)
+            raise invalid_grant(f"the grant's origin is {problem}; its tokens are revoked")
+
+    async def _origin_gone(
+        self,
+        record: TokenRecord,
+        origin: str | None,
+        problem: str,
+        req: TokenRequest,
+        now: datetime,
+        family: str | None = None,
+    ) -> None:
+        family = family or record.family_id
+        revoked = await self._revoke_family(family, f"grant origin {problem}", now)
+        ctx = current_request.get()
+        await self.events.admin(
+            AdminEvent(
+                at=now,
+                action="token.family_revoke",
+                actor_id=None,
+                project_id=record.project_id,
+                token_id=record.id,
+                request_id=ctx.request_id if ctx else None,
+                client_ip=req.client_ip,
+                detail={
+                    "family_id": family,
+                    "revoked": revoked,
+                    "reason": "origin_not_valid",
+                    "origin": origin,
+                    "origin_state": problem,
+                },
+            )
+        )
 
     async def _revoke_family(self, family: str | None, reason: str, now: datetime) -> list[str]:
         """Revoke every live token of ``family`` on every replica; the ids revoked."""
@@ -393,6 +483,7 @@ class TokenExchange:
         expires_at: datetime,
         family: str | None,
         jkt: str | None,
+        origin: str | None,
     ) -> Issued:
         metadata = {**actor.metadata, "grant_from": actor.id}
         spec = TokenSpec(
@@ -408,6 +499,7 @@ class TokenExchange:
             metadata={k: v for k, v in metadata.items() if k != "bootstrap"},
             family_id=family,
             dpop_jkt=jkt,
+            grant=GrantLink(actor.id, origin),
         )
         try:
             return await self.tokens.create_token(actor, spec)

@@ -51,3 +51,18 @@ token_rotations = Table(
     Column("enabled", Boolean, nullable=False, default=True),
     Index("ix_token_rotations_due_at", "due_at"),
 )
+
+#: one row per token minted by a grant (exchange, refresh): which credential minted it
+#: (``parent_id``: a token id, or a trust policy id for workload identity) and the long-lived
+#: token at the root of the grant (``origin_id``; ``None`` for workload identity). Revoking
+#: or quarantining a token revokes every row that descends from it (see
+#: ``TokenStore.revoke_descendants``); a refresh checks its origin is still valid.
+token_grants = Table(
+    "token_grants",
+    metadata,
+    Column("token_id", String(32), ForeignKey("tokens.id"), primary_key=True),
+    Column("parent_id", String(32), nullable=False),
+    Column("origin_id", String(32), nullable=True),
+    Index("ix_token_grants_parent_id", "parent_id"),
+    Index("ix_token_grants_origin_id", "origin_id"),
+)

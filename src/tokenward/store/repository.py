@@ -16,9 +16,20 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenward.errors import Conflict, NotFound
+from tokenward.oauth.tables import token_grants
 from tokenward.store.tables import projects, tokens
 from tokenward.tokens.format import new_public_id
 from tokenward.tokens.model import TokenRecord, TokenState
+
+
+@dataclass(slots=True, frozen=True)
+class GrantLink:
+    """Where a token minted by a grant comes from: the credential that minted it (a token id,
+    or a trust policy id) and the long-lived token at the root of the grant (``None`` for
+    workload identity)."""
+
+    parent_id: str
+    origin_id: str | None
 
 
 @dataclass(slots=True)
@@ -195,9 +206,52 @@ class TokenStore:
             )
 
     # -- tokens ---------------------------------------------------------------------------
-    async def insert_token(self, record: TokenRecord, token_hash: str) -> None:
+    async def insert_token(
+        self, record: TokenRecord, token_hash: str, grant: GrantLink | None = None
+    ) -> None:
+        """Store a new token and, for one minted by a grant, its link (same transaction, so a
+        minted token is never left without the link that lets its origin revoke it)."""
         async with self.engine.begin() as conn:
             await conn.execute(tokens.insert().values(**_token_values(record, token_hash)))
+            if grant is not None:
+                await conn.execute(
+                    token_grants.insert().values(
+                        token_id=record.id, parent_id=grant.parent_id, origin_id=grant.origin_id
+                    )
+                )
+
+    async def grant_link(self, token_id: str) -> GrantLink | None:
+        """The grant link of a token minted by exchange or refresh (``None``: not minted so)."""
+        g = token_grants.c
+        query = select(g.parent_id, g.origin_id).where(g.token_id == token_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else GrantLink(row[0], row[1])
+
+    async def revoke_descendants(self, token_id: str, reason: str, now: datetime) -> list[str]:
+        """Revoke every still-unrevoked token minted, directly or transitively, from
+        ``token_id`` (one recursive query on the indexed grant links); the ids revoked."""
+        g = token_grants.c
+        tree = (
+            select(g.token_id)
+            .where(or_(g.parent_id == token_id, g.origin_id == token_id))
+            .cte("descendants", recursive=True)
+        )
+        tree = tree.union(
+            select(token_grants.c.token_id).join(tree, token_grants.c.parent_id == tree.c.token_id)
+        )
+        live = select(tokens.c.id).where(
+            tokens.c.id.in_(select(tree.c.token_id)), tokens.c.revoked_at.is_(None)
+        )
+        async with self.engine.begin() as conn:
+            ids = sorted(r[0] for r in (await conn.execute(live)).all())
+            if ids:
+                await conn.execute(
+                    update(tokens)
+                    .where(tokens.c.id.in_(ids), tokens.c.revoked_at.is_(None))
+                    .values(revoked_at=now, revoked_reason=reason[:200])
+                )
+        return ids
 
     async def find_by_hash(self, hashes: Sequence[str]) -> tuple[TokenRecord, str] | None:
         """The token whose stored hash is one of ``hashes``, with the hash that matched."""
@@ -373,6 +427,18 @@ class TokenStore:
             ).scalar()
             successor.remaining_uses = left
             await conn.execute(tokens.insert().values(**_token_values(successor, successor_hash)))
+            # A rotated refresh token stays in its grant: it descends from its predecessor.
+            origin = (
+                await conn.execute(
+                    select(token_grants.c.origin_id).where(token_grants.c.token_id == old_id)
+                )
+            ).first()
+            if origin is not None:
+                await conn.execute(
+                    token_grants.insert().values(
+                        token_id=successor.id, parent_id=old_id, origin_id=origin[0]
+                    )
+                )
             result = await conn.execute(
                 update(tokens)
                 .where(

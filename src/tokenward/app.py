@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp
 
-from tokenward import __version__, dashboard
+from tokenward import __version__, dashboard, redisconn
 from tokenward.anomaly.blocklist import IPBlocklist
 from tokenward.anomaly.engine import AnomalyEngine
 from tokenward.anomaly.store import AnomalyStore, SecretBox
@@ -90,11 +90,18 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         await migrate(engine)
     store = TokenStore(engine)
     limiter = RateLimiter(settings.redis_url, namespace=settings.redis_prefix)
-    redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+    # Retries on a fresh connection: only for calls safe to repeat (see tokenward.redisconn).
+    redis = redisconn.connect(settings.redis_url) if settings.redis_url else None
     verifier = Verifier(store, hasher, limiter, cache_ttl=settings.cache_ttl)
     events = EventBus()
     enforcement = build_enforcement(settings, verifier, limiter, events, hasher)
-    fanout = make_fanout(verifier, engine, redis)
+    fanout = make_fanout(
+        verifier,
+        engine,
+        redis,
+        prefix=settings.redis_prefix,
+        subscriber=redisconn.connect(settings.redis_url, retries=0) if settings.redis_url else None,
+    )
     await fanout.start()
     tokens = TokenService(store, hasher, verifier, events, on_change=fanout.publish)
     sessions = build_sessions(settings, engine, tokens, events, redis)

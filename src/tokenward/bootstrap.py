@@ -48,7 +48,7 @@ async def initialize(settings: Settings, *, reset: bool = False) -> InitResult:
         now = utcnow()
         for token_id in existing:
             await store.revoke(token_id, "replaced by tokenward init --reset", now)
-        await announce(engine, settings.redis_url, existing)
+        await announce(engine, settings.redis_url, existing, settings.redis_prefix)
         issued = issue_bootstrap_record(hasher, now)
         await store.insert_token(issued.record, hasher.hash(issued.secret))
         return InitResult(True, issued.secret, issued.record.id, *owner)

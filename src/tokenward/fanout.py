@@ -8,27 +8,65 @@ publishes the token id; every replica subscribed drops it too. Transports:
 * in-process only with SQLite (one process serves one SQLite file).
 
 Fail-safe rule: while a replica is *not* subscribed (starting, connection lost), its verifier
-cache is switched off, so nothing it serves can be staler than the store. A lost publish
-(the broker blipped between commit and publish) is bounded by the cache TTL.
+cache is switched off, so nothing it serves can be staler than the store. The Redis
+subscriber pings its connection every :data:`PING_SECONDS` and counts it lost when no answer
+came for :data:`DEAD_AFTER_SECONDS`, so a silently dead subscription (no reset, no close)
+switches the cache off too. It counts itself subscribed only once Redis confirmed the
+subscription.
+
+A publish is retried on a fresh connection (redis-py's retry, then once more here after
+dropping the idle pooled connections). If it still fails, the change is committed already:
+the replica logs ``fanout_publish_failed`` at error level and keeps trying in the background
+for one cache TTL; the other replicas, if they stayed subscribed, serve the old state for at
+most the cache TTL (``TOKENWARD_CACHE_TTL``). That is the bound, documented in
+docs/architecture.md.
+
+Redis channel: ``<TOKENWARD_REDIS_PREFIX>invalidate``, so that deployments sharing one Redis
+do not see each other's invalidations; with the default prefix it stays
+``tokenward_invalidate``, the name every earlier release used, so a rolling upgrade needs
+nothing. A replica with another prefix also listens on ``tokenward_invalidate`` (for one
+release), to hear replicas not yet upgraded; an extra invalidation only drops a cache entry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenward.verify import Verifier
 
+#: the channel of earlier releases, and still of the default prefix
 CHANNEL = "tokenward_invalidate"
+DEFAULT_PREFIX = "tokenward:"
+#: the subscriber pings its connection this often, and counts it lost after this long silent
+PING_SECONDS = 1.0
+DEAD_AFTER_SECONDS = 3.0
+#: wait at most this long for Redis to confirm a subscription
+SUBSCRIBE_TIMEOUT = 2.0
+_PING = b"tokenward-fanout"
 log = structlog.get_logger("tokenward.fanout")
+
+
+def redis_channels(prefix: str = DEFAULT_PREFIX) -> tuple[str, tuple[str, ...]]:
+    """The channel to publish on and the channels to listen on, for ``TOKENWARD_REDIS_PREFIX``.
+
+    A trailing ``:`` is not doubled, as for the rate-limit keys.
+    """
+    if prefix in (DEFAULT_PREFIX, DEFAULT_PREFIX.rstrip(":")):
+        return CHANNEL, (CHANNEL,)
+    own = (prefix if prefix.endswith(":") else prefix + ":") + "invalidate"
+    return own, (own, CHANNEL)
 
 
 class Fanout:
@@ -87,34 +125,120 @@ class Fanout:
 
 
 class RedisFanout(Fanout):
-    def __init__(self, verifier: Verifier, redis: Redis, channel: str = CHANNEL) -> None:
+    """Redis pub/sub. ``redis`` publishes (a client that retries, see
+    :func:`tokenward.redisconn.connect`); ``subscriber``, which the fan-out owns and closes,
+    listens: it must not retry or reconnect by itself, or a gap would go unnoticed."""
+
+    def __init__(
+        self,
+        verifier: Verifier,
+        redis: Redis,
+        channel: str = CHANNEL,
+        *,
+        listen: tuple[str, ...] | None = None,
+        subscriber: Redis | None = None,
+    ) -> None:
         super().__init__(verifier)
         self.redis = redis
         self.channel = channel
+        self.listen_channels = listen if listen is not None else (channel,)
+        self.subscriber = subscriber
+        self.publish_failures = 0
+        self._retries: set[asyncio.Task[None]] = set()
 
     async def publish(self, token_id: str) -> None:
         self.verifier.invalidate(token_id)
         try:
+            await self._publish_once_more(token_id)
+        except Exception as exc:  # committed already: see the module's docstring
+            self.publish_failures += 1
+            log.error(
+                "fanout_publish_failed",
+                token_id=token_id,
+                error_type=type(exc).__name__,
+                stale_bound_seconds=self.verifier.cache_ttl,
+            )
+            task = asyncio.create_task(self._keep_publishing(token_id))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _publish_once_more(self, token_id: str) -> None:
+        try:
             await self.redis.publish(self.channel, token_id)
-        except Exception as exc:  # committed already; other replicas fall back on the TTL
-            log.error("fanout_publish_failed", token_id=token_id, error_type=type(exc).__name__)
+        except (RedisConnectionError, RedisTimeoutError):
+            # The other idle connections are likely dead too (a restart): drop them, retry.
+            with contextlib.suppress(Exception):
+                await self.redis.connection_pool.disconnect(inuse_connections=False)
+            await self.redis.publish(self.channel, token_id)
+
+    async def _keep_publishing(self, token_id: str) -> None:
+        """Past the cache TTL a late message changes nothing: every cache has expired it."""
+        deadline = time.monotonic() + self.verifier.cache_ttl
+        delay = 0.1
+        while time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            try:
+                await self.redis.publish(self.channel, token_id)
+            except Exception as exc:
+                log.debug("fanout_publish_retry_failed", error_type=type(exc).__name__)
+                continue
+            log.warning("fanout_publish_late", token_id=token_id)
+            return
 
     async def start(self) -> None:
         await self._start_supervised(self._listen)
 
+    async def stop(self) -> None:
+        for task in list(self._retries):
+            task.cancel()
+        await super().stop()
+        if self.subscriber is not None:
+            await self.subscriber.aclose()
+
     async def _listen(self) -> None:
-        pubsub = self.redis.pubsub()
+        pubsub = (self.subscriber or self.redis).pubsub()
         try:
-            await pubsub.subscribe(self.channel)
+            await pubsub.subscribe(*self.listen_channels)
+            await self._confirmed(pubsub)
             self._connected()
+            last_answer = last_ping = time.monotonic()
             while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is not None and message["type"] == "message":
-                    data = message["data"]
-                    self._received(data.decode() if isinstance(data, bytes) else str(data))
+                now = time.monotonic()
+                if now - last_answer > DEAD_AFTER_SECONDS:
+                    raise RedisConnectionError("fan-out subscription silent, counted lost")
+                if now - last_ping >= PING_SECONDS:
+                    await pubsub.ping(_PING)
+                    last_ping = now
+                message = await pubsub.get_message(timeout=PING_SECONDS / 4)
+                if message is None:
+                    continue
+                last_answer = time.monotonic()
+                self._handle(message)
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _confirmed(self, pubsub: Any) -> None:
+        """Wait until Redis confirmed every channel: before that a publish could be missed."""
+        deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
+        pending = {c.encode() for c in self.listen_channels}
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RedisTimeoutError("fan-out subscription not confirmed")
+            message = await pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            if message["type"] == "subscribe":
+                pending.discard(message["channel"])
+            else:
+                self._handle(message)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        if message["type"] == "message":
+            data = message["data"]
+            self._received(data.decode() if isinstance(data, bytes) else str(data))
 
 
 class PostgresFanout(Fanout):
@@ -165,23 +289,39 @@ class PostgresFanout(Fanout):
                 await conn.close(timeout=1)
 
 
-def make_fanout(verifier: Verifier, engine: AsyncEngine, redis: Redis | None) -> Fanout:
+def make_fanout(
+    verifier: Verifier,
+    engine: AsyncEngine,
+    redis: Redis | None,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    subscriber: Redis | None = None,
+) -> Fanout:
     if redis is not None:
-        return RedisFanout(verifier, redis)
+        channel, listen = redis_channels(prefix)
+        return RedisFanout(verifier, redis, channel, listen=listen, subscriber=subscriber)
     if engine.dialect.name == "postgresql":
         return PostgresFanout(verifier, engine)
     return Fanout(verifier)
 
 
-async def announce(engine: AsyncEngine, redis_url: str | None, token_ids: list[str]) -> None:
+async def announce(
+    engine: AsyncEngine,
+    redis_url: str | None,
+    token_ids: list[str],
+    prefix: str = DEFAULT_PREFIX,
+) -> None:
     """Tell running replicas that tokens changed, from outside a server (``init --reset``)."""
     if not token_ids:
         return
     if redis_url is not None:
-        client = Redis.from_url(redis_url)
+        from tokenward.redisconn import connect
+
+        client = connect(redis_url)
+        channel, _ = redis_channels(prefix)
         try:
             for token_id in token_ids:
-                await client.publish(CHANNEL, token_id)
+                await client.publish(channel, token_id)
         finally:
             await client.aclose()
     elif engine.dialect.name == "postgresql":

@@ -25,6 +25,7 @@ from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage
 from redis.asyncio import Redis
 
+from tokenward import redisconn
 from tokenward.errors import Unavailable
 
 
@@ -217,7 +218,10 @@ class RateLimiter:
         if redis_url is None:
             self._memory = MemoryStorage()
         else:
-            self._redis = Redis.from_url(redis_url.removeprefix("async+"))
+            # No retry of a sent command: the script counts a hit, and a retry after a lost
+            # reply would count it twice. A pooled connection the server closed is replaced
+            # before anything is written to it (see tokenward.redisconn).
+            self._redis = redisconn.connect(redis_url, retries=0)
             self._script = self._redis.register_script(SLIDING_WINDOWS_LUA)
         self._queue: list[tuple[_Call, asyncio.Future[RateResult]]] = []
         self._sender: asyncio.Task[None] | None = None

@@ -175,7 +175,16 @@ async def test_hung_database_with_a_durable_audit_log_answers_503_in_time(
         admin, token = await _setup(services)
         async with _client(services, admin) as client:
             assert (await client.get("/v1/tokens")).status_code == 200
+            body = {"token": token.secret}
+            assert (await client.post("/v1/verify", json=body)).status_code == 200  # cached
             proxy.freeze()
+            # Allowed from the cache: held until the writer gives up (a frozen connection is
+            # closed in the background; a connect cut off by the last attempt's bound may
+            # unwind for up to one connect bound more).
+            response, took = await _timed(client.post("/v1/verify", json=body))
+            assert response.status_code == 503  # type: ignore[attr-defined]
+            assert response.json()["error"] == "audit_unavailable"  # type: ignore[attr-defined]
+            assert took < 2 * BOUND + BOUND + SLACK
             # A verification the cache cannot answer: denied, and its event is not durable.
             services.verifier.clear()
             response, took = await _timed(client.post("/v1/verify", json={"token": token.secret}))
@@ -283,3 +292,18 @@ async def test_database_error_and_unexpected_error_are_answered_not_raised(servi
     finally:
         services.tokens.list_tokens = real
     assert (await api.get("/v1/tokens")).status_code == 200
+
+
+def test_sqlite_errors_are_classified_by_their_code():
+    import sqlite3
+
+    from tokenward.api.errors import is_unavailable_error
+
+    def wrapped(message: str, code: int) -> OperationalError:
+        orig = sqlite3.OperationalError(message)
+        orig.sqlite_errorcode = code  # type: ignore[attr-defined]
+        return OperationalError("SELECT 1", {}, orig)
+
+    assert is_unavailable_error(wrapped("database is locked", 5))
+    assert is_unavailable_error(wrapped("unable to open database file", 14))
+    assert not is_unavailable_error(wrapped("no such table: x", 1))

@@ -112,16 +112,38 @@ _UNAVAILABLE_TYPES = (
 )
 
 
-def is_unavailable_error(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it wraps) says the database cannot answer now: unreachable,
-    connection lost, a wait that ran out, a server refusing or shutting down."""
+#: SQLite's primary result codes of a database that cannot serve now: busy, locked, out of
+#: memory, I/O error, disk full, cannot open, lock protocol. (SQLite reports a missing table
+#: or a bad statement as an "operational" error too: those stay 500.)
+_UNAVAILABLE_SQLITE_CODES = frozenset({5, 6, 7, 10, 13, 14, 15})
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and everything it wraps (the driver's error, causes, contexts)."""
     seen: set[int] = set()
+    out: list[BaseException] = []
     pending: list[BaseException | None] = [exc]
     while pending:
         current = pending.pop()
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
+        out.append(current)
+        if isinstance(current, StatementError):
+            pending.append(current.orig)
+        pending.extend((current.__cause__, current.__context__))
+    return out
+
+
+def is_unavailable_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) says the database cannot answer now: unreachable,
+    connection lost, a wait that ran out, a server refusing or shutting down."""
+    chain = _chain(exc)
+    for current in chain:
+        code = getattr(current, "sqlite_errorcode", None)
+        if isinstance(code, int):  # SQLite says exactly what went wrong
+            return code & 0xFF in _UNAVAILABLE_SQLITE_CODES
+    for current in chain:
         if isinstance(current, _UNAVAILABLE_TYPES):
             return True
         if getattr(current, "connection_invalidated", False):
@@ -129,9 +151,6 @@ def is_unavailable_error(exc: BaseException) -> bool:
         sqlstate = getattr(current, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate[:2] in _UNAVAILABLE_SQLSTATES:
             return True
-        if isinstance(current, StatementError):
-            pending.append(current.orig)
-        pending.extend((current.__cause__, current.__context__))
     return False
 
 

@@ -557,6 +557,7 @@ class _PostgresSink(_Sink):
         self.engine = engine
         self.conn: AsyncConnection | None = None  # owns the driver connection below
         self.raw: Any = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def _connect(self) -> Any:
         conn = await self.engine.connect()
@@ -617,7 +618,9 @@ class _PostgresSink(_Sink):
                     writer.observe(len(rows), time.perf_counter() - t0)
                 return
             except Exception as exc:
-                await self._drop()
+                # Closed in the background: against a database that does not answer, the
+                # driver gives a close seconds of its own, which are not the requests' to wait.
+                self._discard()
                 if _permanent(exc):
                     raise _Permanent() from exc
                 if committing:
@@ -640,8 +643,15 @@ class _PostgresSink(_Sink):
             with contextlib.suppress(Exception):
                 await conn.close()
 
+    def _discard(self) -> None:
+        task = asyncio.create_task(self._drop())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         await self._drop()  # not back to the pool: the session carries the timeouts above
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 #: A no-op update takes the head row's lock: writers in every process append one at a time.

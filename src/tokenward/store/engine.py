@@ -20,7 +20,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 #: hangs (a silent network, a frozen proxy) must end in an error the caller can answer 503
 #: with, never in a request that waits forever.
 CONNECT_TIMEOUT = 5.0  # opening a connection (TCP, TLS, authentication)
-STATEMENT_TIMEOUT = 30.0  # one statement's round trip (an export page, a prune batch)
+STATEMENT_TIMEOUT = 15.0  # one statement's round trip (an export or a verify reads pages)
 POOL_TIMEOUT = 10.0  # waiting for a pooled connection while all are in use
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -29,6 +29,7 @@ from tokenward.tokens.model import STATE_REASONS, Reason, TokenKind, TokenRecord
 from tokenward.tokens.scopes import scopes_allow
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
 
 #: HTTP status that goes with each deny reason (RFC 6750: 401 for a bad token, 403 for scope).
 STATUS_BY_REASON: dict[Reason, int] = {
@@ -44,6 +45,40 @@ STATUS_BY_REASON: dict[Reason, int] = {
     Reason.NO_ROUTE: 404,
     Reason.TOO_MANY_FAILURES: 429,
 }
+
+
+#: Seconds a verification waits for the token store (a lookup, spending a use) before it
+#: is denied ``unavailable``: a cache miss against a database that hangs is answered 503
+#: within this bound, not when the driver gives up.
+STORE_TIMEOUT = 3.0
+
+
+async def bounded(awaitable: Awaitable[T], limit: float | None) -> T:
+    """``awaitable``'s result, or ``TimeoutError`` once ``limit`` seconds have passed.
+
+    Unlike ``asyncio.timeout``, the caller does not wait for the abandoned work to unwind:
+    a database call cancelled mid-query closes its connection on the way out, and the driver
+    gives that close its own seconds against a database that does not answer. That happens
+    in the background here, so the bound is the one the caller sees.
+    """
+    if limit is None:
+        return await awaitable
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=limit)
+    except BaseException:
+        task.cancel()
+        raise
+    if done:
+        return task.result()
+    task.cancel()
+    task.add_done_callback(_retrieve)
+    raise TimeoutError
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # marked seen: nobody awaits an abandoned call
 
 
 def utcnow() -> datetime:
@@ -119,8 +154,11 @@ class Verifier:
         cache_ttl: float = 5.0,
         cache_size: int = 100_000,
         clock: Callable[[], datetime] = utcnow,
+        store_timeout: float | None = None,
     ) -> None:
         self.store = store
+        #: seconds a store lookup may take before the decision is ``unavailable``
+        self.store_timeout = STORE_TIMEOUT if store_timeout is None else store_timeout
         self.hasher = hasher
         self.limiter = limiter
         self.cache_ttl = cache_ttl
@@ -318,10 +356,11 @@ class Verifier:
         self._hash_by_id[record.id] = token_hash
         return entry
 
-    @staticmethod
-    async def _guard(awaitable: Any) -> Any:
+    async def _guard(self, awaitable: Any) -> Any:
+        """``awaitable`` (a store call), bounded by ``store_timeout``: a store that fails or
+        does not answer in time is ``Unavailable`` (the decision is ``unavailable``)."""
         try:
-            return await awaitable
+            return await bounded(awaitable, self.store_timeout)
         except (TimeoutError, SQLAlchemyError, OSError) as exc:
             raise Unavailable("store_unavailable", "the token store is unavailable") from exc
 

@@ -7,6 +7,12 @@ database *data* error (SQLSTATE class 22: a character the database cannot store,
 out of its range), which only a value from the request can cause, is answered 400
 ``invalid_request`` instead of 500; it is logged as one line without the statement or its
 parameters (the engine hides parameters anyway).
+
+A database that cannot answer (refused or lost connection, a statement or pool wait that ran
+out, a server shutting down) is answered ``503 unavailable`` with ``Retry-After``, logged as
+one line naming the error type only. Any other unexpected error is answered with the JSON
+500 by the handler itself: nothing is re-raised to the server (which would log a traceback
+and may leave the connection unusable for the client's next request).
 """
 
 from __future__ import annotations
@@ -18,8 +24,16 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import DataError, StatementError
+from sqlalchemy.exc import (
+    DataError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+    StatementError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenward.errors import TokenwardError
 
@@ -83,6 +97,68 @@ def is_data_error(exc: BaseException) -> bool:
     return False
 
 
+#: SQLSTATE classes of a database that cannot serve now (not of a bad request): connection
+#: exception, transaction rollback (serialization, deadlock), insufficient resources, object
+#: not in prerequisite state (a database not accepting connections, a lock not available),
+#: operator intervention (shutdown, statement cancelled), system error.
+_UNAVAILABLE_SQLSTATES = ("08", "40", "53", "55", "57", "58")
+_UNAVAILABLE_TYPES = (
+    OperationalError,
+    InterfaceError,
+    DisconnectionError,
+    PoolTimeout,
+    TimeoutError,
+    OSError,
+)
+
+
+#: SQLite's primary result codes of a database that cannot serve now: busy, locked, out of
+#: memory, I/O error, disk full, cannot open, lock protocol. (SQLite reports a missing table
+#: or a bad statement as an "operational" error too: those stay 500.)
+_UNAVAILABLE_SQLITE_CODES = frozenset({5, 6, 7, 10, 13, 14, 15})
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and everything it wraps (the driver's error, causes, contexts)."""
+    seen: set[int] = set()
+    out: list[BaseException] = []
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        out.append(current)
+        if isinstance(current, StatementError):
+            pending.append(current.orig)
+        pending.extend((current.__cause__, current.__context__))
+    return out
+
+
+def is_unavailable_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) says the database cannot answer now: unreachable,
+    connection lost, a wait that ran out, a server refusing or shutting down."""
+    chain = _chain(exc)
+    for current in chain:
+        code = getattr(current, "sqlite_errorcode", None)
+        if isinstance(code, int):  # SQLite says exactly what went wrong
+            return code & 0xFF in _UNAVAILABLE_SQLITE_CODES
+    for current in chain:
+        if isinstance(current, _UNAVAILABLE_TYPES):
+            return True
+        if getattr(current, "connection_invalidated", False):
+            return True
+        sqlstate = getattr(current, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate[:2] in _UNAVAILABLE_SQLSTATES:
+            return True
+    return False
+
+
+#: Seconds a client is asked to wait before retrying after ``503 unavailable``.
+RETRY_AFTER_SECONDS = 5
+UNAVAILABLE_MESSAGE = "the database is unavailable; try again later"
+
+
 DATA_ERROR_MESSAGE = "a value in the request cannot be stored (a character or number out of range)"
 
 
@@ -99,6 +175,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TokenwardError)
     async def _tokenward(_request: Request, exc: TokenwardError) -> JSONResponse:
         response = error_response(exc.status, exc.code, exc.message, **exc.extra)
+        if exc.status == 503:
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -121,7 +199,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StatementError)
     async def _database(request: Request, exc: StatementError) -> Response:
         if not is_data_error(exc):
-            raise exc  # a real fault: the generic handler below answers 500
+            return _fault(request, exc)
         log.warning("database_data_error", path=request.url.path[:256])
         if request.url.path.startswith("/dashboard/"):
             from tokenward.dashboard.web import render
@@ -131,7 +209,63 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         return error_response(400, "invalid_request", DATA_ERROR_MESSAGE)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled_error", error_type=type(exc).__name__)
-        return error_response(500, "internal_error", "an unexpected error occurred")
+    @app.exception_handler(Exception)  # raised outside the layer below (a middleware's)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        return _fault(request, exc)
+
+    # Starlette's handler for Exception runs in its outermost layer, which answers and then
+    # re-raises to the server (a traceback in its log, and a connection the client may not
+    # be able to reuse). This layer, just outside the routes' own handlers, answers instead.
+    app.add_middleware(AnswerUnhandledMiddleware)
+
+
+class AnswerUnhandledMiddleware:
+    """Answers an exception no handler took (503 or the JSON 500) without re-raising it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:  # too late for another status: the server ends the response
+                raise
+            response = _fault(Request(scope, receive), exc)
+            await response(scope, receive, send)
+
+
+def _fault(request: Request, exc: BaseException) -> Response:
+    """The answer to an exception nobody handled: 503 when the database cannot answer, the
+    JSON 500 otherwise. One log line, with the error's type and no SQL."""
+    path = request.url.path[:256]
+    if is_unavailable_error(exc):
+        log.warning("database_unavailable", path=path, error_type=type(exc).__name__)
+        if path.startswith("/dashboard/"):
+            from tokenward.dashboard.web import render
+
+            page = render(
+                request,
+                "error.html",
+                503,
+                title="Unavailable",
+                message="The database is unavailable. Try again in a moment.",
+            )
+            page.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return page
+        response = error_response(503, "unavailable", UNAVAILABLE_MESSAGE)
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
+    log.error("unhandled_error", path=path, error_type=type(exc).__name__)
+    return error_response(500, "internal_error", "an unexpected error occurred")

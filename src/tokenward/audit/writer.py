@@ -9,7 +9,8 @@ a clean shutdown, which flushes) can lose what was queued.
 
 A full queue applies back-pressure (a new event waits for room); nothing is ever dropped.
 A database that stays down fails the waiting requests closed (503) after ``give_up_after``
-seconds.
+seconds; a response that is already a 503 (a denial: a dependency is down) waits at most
+``DENIAL_WAIT`` seconds for its events.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ from tokenward.errors import Unavailable
 from tokenward.events import AccessEvent, AdminEvent, SecurityEvent
 
 log = structlog.get_logger("tokenward.audit")
+
+#: Seconds a request waits (in sync mode) for its events before it is answered 503
+#: ``audit_unavailable``; every attempt to write, and every pause between attempts, fits in it.
+GIVE_UP_AFTER = 10.0
+#: Seconds a response that is already a ``503`` (a dependency is down: the decision is a
+#: denial) waits for its events before it is answered ``audit_unavailable``. It says "not
+#: now" either way; holding it the full ``GIVE_UP_AFTER`` would only make the client wait.
+DENIAL_WAIT = 2.0
 
 #: errors that retrying cannot fix (the data, not the database, is at fault)
 _PERMANENT_SQL = (DataError, IntegrityError, ProgrammingError)
@@ -139,7 +148,7 @@ class AuditWriter:
         mode: str = "sync",
         queue_size: int = 10_000,
         batch_size: int = 500,
-        give_up_after: float = 10.0,
+        give_up_after: float | None = None,
         linger: float = 0.0,
         observe: Callable[[int, float], None] | None = None,
     ) -> None:
@@ -150,7 +159,7 @@ class AuditWriter:
         self.mode = mode
         self.queue_size = queue_size
         self.batch_size = batch_size
-        self.give_up_after = give_up_after
+        self.give_up_after = GIVE_UP_AFTER if give_up_after is None else give_up_after
         self.linger = linger
         #: called with (events written, seconds the transaction took) after each batch
         self.observe = observe
@@ -496,10 +505,12 @@ class _SQLiteSink(_Sink):
                 waited = time.monotonic() - started
                 # In async mode nobody waits for an answer: keep trying (the full queue
                 # pushes back on new requests meanwhile) rather than lose events.
-                if writer.mode == "sync" and waited > writer.give_up_after:
+                if writer.mode == "sync" and waited >= writer.give_up_after:
                     raise _failed(len(rows), exc) from exc
                 if not busy:
                     log.warning("audit_write_retry", error=type(exc).__name__)
+                if writer.mode == "sync":  # the last pause ends with the promise
+                    delay = min(delay, writer.give_up_after - waited)
                 await asyncio.sleep(delay)
                 # Another process's write lock is held for milliseconds: retry soon. A
                 # failing database is given more time between tries.
@@ -546,6 +557,7 @@ class _PostgresSink(_Sink):
         self.engine = engine
         self.conn: AsyncConnection | None = None  # owns the driver connection below
         self.raw: Any = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def _connect(self) -> Any:
         conn = await self.engine.connect()
@@ -580,7 +592,7 @@ class _PostgresSink(_Sink):
                 # Every attempt is bounded, so a database that hangs (a lock, a silent
                 # network) fails the waiting requests within ``give_up_after`` too.
                 left = writer.give_up_after - (time.monotonic() - started)
-                async with asyncio.timeout(max(left, 0.5) if writer.mode == "sync" else 30.0):
+                async with asyncio.timeout(max(left, 0.05) if writer.mode == "sync" else 30.0):
                     raw = self.raw if self.raw is not None else await self._connect()
                     if uncertain is not None:
                         found = await raw.fetchval(_PG_FIND_EVENT, uncertain)
@@ -606,7 +618,9 @@ class _PostgresSink(_Sink):
                     writer.observe(len(rows), time.perf_counter() - t0)
                 return
             except Exception as exc:
-                await self._drop()
+                # Closed in the background: against a database that does not answer, the
+                # driver gives a close seconds of its own, which are not the requests' to wait.
+                self._discard()
                 if _permanent(exc):
                     raise _Permanent() from exc
                 if committing:
@@ -615,6 +629,9 @@ class _PostgresSink(_Sink):
                 if writer.mode == "sync" and waited >= writer.give_up_after:
                     raise _failed(len(rows), exc) from exc
                 log.warning("audit_write_retry", error=type(exc).__name__, waited=round(waited, 2))
+                # The last pause ends with the promise (then one more, short, attempt).
+                if writer.mode == "sync":
+                    delay = min(delay, writer.give_up_after - waited)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -626,8 +643,15 @@ class _PostgresSink(_Sink):
             with contextlib.suppress(Exception):
                 await conn.close()
 
+    def _discard(self) -> None:
+        task = asyncio.create_task(self._drop())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         await self._drop()  # not back to the pool: the session carries the timeouts above
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 #: A no-op update takes the head row's lock: writers in every process append one at a time.
@@ -822,8 +846,15 @@ class DurableResponseMiddleware:
                 waiting = list(pending)
                 pending.clear()
                 # Batches commit in queue order, so once the last one is settled so are all
-                # the earlier ones: one wait, then a look at each event.
-                await waiting[-1][0].wait()
+                # the earlier ones: one wait, then a look at each event. A response that is
+                # already a 503 waits less (an unsettled event counts as not written).
+                last = waiting[-1][0]
+                if message.get("status") == 503:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(DENIAL_WAIT):
+                            await last.wait()
+                else:
+                    await last.wait()
                 if any(batch.error_for(row) is not None for batch, row in waiting):
                     failed = True
                     await _unavailable(send)

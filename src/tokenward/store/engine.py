@@ -11,15 +11,37 @@ from alembic.config import Config
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+#: Bounds on every wait for PostgreSQL, in seconds (see docs/operations.md). A database that
+#: hangs (a silent network, a frozen proxy) must end in an error the caller can answer 503
+#: with, never in a request that waits forever.
+CONNECT_TIMEOUT = 5.0  # opening a connection (TCP, TLS, authentication)
+STATEMENT_TIMEOUT = 15.0  # one statement's round trip (an export or a verify reads pages)
+POOL_TIMEOUT = 10.0  # waiting for a pooled connection while all are in use
+
+
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    connect_timeout: float | None = None,
+    statement_timeout: float | None = None,
+    pool_timeout: float | None = None,
+) -> AsyncEngine:
     """An async engine for ``url`` (``sqlite+aiosqlite:///…`` or ``postgresql+asyncpg://…``).
 
     SQL parameters are hidden from error messages (``hide_parameters``): they are request
     data, and an error's text reaches logs.
+
+    On PostgreSQL every wait is bounded (the module's ``*_TIMEOUT`` unless given): opening a
+    connection, each statement (the driver's ``command_timeout``, measured at the client, so
+    it holds for a network that went silent too), and a pool checkout. A wait that runs out
+    raises ``TimeoutError`` (or SQLAlchemy's ``TimeoutError`` for the pool). SQLite waits on
+    another process's write lock for at most its busy timeout (30 s); reads never wait on it.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -35,12 +57,19 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
             cursor.close()
 
         return engine
+    if statement_timeout is None:
+        statement_timeout = STATEMENT_TIMEOUT
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
+        pool_timeout=POOL_TIMEOUT if pool_timeout is None else pool_timeout,
         hide_parameters=True,
+        connect_args={
+            "timeout": CONNECT_TIMEOUT if connect_timeout is None else connect_timeout,
+            "command_timeout": statement_timeout,
+        },
     )
 
 
@@ -56,9 +85,26 @@ def _upgrade(connection: Connection) -> None:
 
 
 async def migrate(engine: AsyncEngine) -> None:
-    """Apply every pending Alembic migration (run on start)."""
-    async with engine.begin() as conn:
-        await conn.run_sync(_upgrade)
+    """Apply every pending Alembic migration (run on start).
+
+    On PostgreSQL the migrations run on a connection of their own, without the statement
+    timeout of request paths: rebuilding an index of a large table may take minutes.
+    """
+    if engine.dialect.name != "postgresql":
+        async with engine.begin() as conn:
+            await conn.run_sync(_upgrade)
+        return
+    own = create_async_engine(
+        engine.url,
+        poolclass=NullPool,
+        hide_parameters=True,
+        connect_args={"timeout": CONNECT_TIMEOUT},
+    )
+    try:
+        async with own.begin() as conn:
+            await conn.run_sync(_upgrade)
+    finally:
+        await own.dispose()
 
 
 def sqlite_url(path: Path) -> str:

@@ -234,7 +234,7 @@ def audit_verify(
     settings = Settings.load(data_dir=data_dir)
 
     async def run() -> dict[str, Any]:
-        engine = create_engine(settings.resolved_database_url)
+        engine = create_engine(settings.resolved_database_url, bounded=False)
         try:
             report = await verify_chain(
                 engine, ChainKeys.from_hasher(load_hasher(settings)), anchor=parsed
@@ -275,7 +275,7 @@ def audit_prune(
     settings = Settings.load(data_dir=data_dir)
 
     async def run() -> dict[str, int]:
-        engine = create_engine(settings.resolved_database_url)
+        engine = create_engine(settings.resolved_database_url, bounded=False)
         try:
             result = await prune(engine, datetime.fromisoformat(before), datetime.now(UTC))
         finally:

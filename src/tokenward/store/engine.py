@@ -31,6 +31,7 @@ def create_engine(
     connect_timeout: float | None = None,
     statement_timeout: float | None = None,
     pool_timeout: float | None = None,
+    bounded: bool = True,
 ) -> AsyncEngine:
     """An async engine for ``url`` (``sqlite+aiosqlite:///…`` or ``postgresql+asyncpg://…``).
 
@@ -40,7 +41,9 @@ def create_engine(
     On PostgreSQL every wait is bounded (the module's ``*_TIMEOUT`` unless given): opening a
     connection, each statement (the driver's ``command_timeout``, measured at the client, so
     it holds for a network that went silent too), and a pool checkout. A wait that runs out
-    raises ``TimeoutError`` (or SQLAlchemy's ``TimeoutError`` for the pool). SQLite waits on
+    raises ``TimeoutError`` (or SQLAlchemy's ``TimeoutError`` for the pool). Maintenance
+    commands run next to the database (``audit verify``, ``audit prune``) pass
+    ``bounded=False``: one statement of theirs may rightly take minutes. SQLite waits on
     another process's write lock for at most its busy timeout (30 s); reads never wait on it.
     """
     parsed = make_url(url)
@@ -57,7 +60,7 @@ def create_engine(
             cursor.close()
 
         return engine
-    if statement_timeout is None:
+    if statement_timeout is None and bounded:
         statement_timeout = STATEMENT_TIMEOUT
     return create_async_engine(
         url,

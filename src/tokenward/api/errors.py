@@ -79,21 +79,12 @@ def error_response(status: int, code: str, message: str, **extra: object) -> JSO
 def is_data_error(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it wraps) is a database data error: SQLSTATE class 22, or
     a value the driver could not encode for the database."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in _chain(exc):
         if isinstance(current, DataError | UnicodeEncodeError):
             return True
         sqlstate = getattr(current, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate.startswith("22"):
             return True
-        if isinstance(current, StatementError):
-            pending.append(current.orig)
-        pending.extend((current.__cause__, current.__context__))
     return False
 
 

@@ -381,26 +381,16 @@ class TokenExchange:
         now: datetime,
         family: str | None = None,
     ) -> None:
-        family = family or record.family_id
-        revoked = await self._revoke_family(family, f"grant origin {problem}", now)
-        ctx = current_request.get()
-        await self.events.admin(
-            AdminEvent(
-                at=now,
-                action="token.family_revoke",
-                actor_id=None,
-                project_id=record.project_id,
-                token_id=record.id,
-                request_id=ctx.request_id if ctx else None,
-                client_ip=req.client_ip,
-                detail={
-                    "family_id": family,
-                    "revoked": revoked,
-                    "reason": "origin_not_valid",
-                    "origin": origin,
-                    "origin_state": problem,
-                },
-            )
+        await self._revoke_family_audited(
+            record,
+            family or record.family_id,
+            f"grant origin {problem}",
+            now,
+            actor_id=None,
+            client_ip=req.client_ip,
+            reason="origin_not_valid",
+            origin=origin,
+            origin_state=problem,
         )
 
     async def _revoke_family(self, family: str | None, reason: str, now: datetime) -> list[str]:
@@ -412,15 +402,20 @@ class TokenExchange:
                 await self.tokens.on_change(token_id)
         return revoked
 
-    async def revoke_grant(
-        self, record: TokenRecord, *, actor_id: str | None, client_ip: str | None
+    async def _revoke_family_audited(
+        self,
+        record: TokenRecord,
+        family: str | None,
+        why: str,
+        now: datetime,
+        *,
+        actor_id: str | None,
+        client_ip: str | None,
+        **detail: Any,
     ) -> list[str]:
-        """RFC 7009 §2.1: revoking a refresh token also revokes the access tokens of its
-        grant, i.e. its whole family. Other tokens: nothing more to do."""
-        if record.kind != TokenKind.REFRESH or not record.family_id:
-            return []
-        now = self.tokens.now
-        revoked = await self._revoke_family(record.family_id, "refresh token revoked", now)
+        """Revoke ``family`` (see :meth:`_revoke_family`) and record one
+        ``token.family_revoke`` event naming ``record``, with ``detail`` (its ``reason``)."""
+        revoked = await self._revoke_family(family, why, now)
         ctx = current_request.get()
         await self.events.admin(
             AdminEvent(
@@ -431,30 +426,38 @@ class TokenExchange:
                 token_id=record.id,
                 request_id=ctx.request_id if ctx else None,
                 client_ip=client_ip,
-                detail={
-                    "family_id": record.family_id,
-                    "revoked": revoked,
-                    "reason": "refresh_token_revoked",
-                },
+                detail={"family_id": family, "revoked": revoked, **detail},
             )
         )
         return revoked
 
+    async def revoke_grant(
+        self, record: TokenRecord, *, actor_id: str | None, client_ip: str | None
+    ) -> list[str]:
+        """RFC 7009 §2.1: revoking a refresh token also revokes the access tokens of its
+        grant, i.e. its whole family. Other tokens: nothing more to do."""
+        if record.kind != TokenKind.REFRESH or not record.family_id:
+            return []
+        return await self._revoke_family_audited(
+            record,
+            record.family_id,
+            "refresh token revoked",
+            self.tokens.now,
+            actor_id=actor_id,
+            client_ip=client_ip,
+            reason="refresh_token_revoked",
+        )
+
     async def _reuse_detected(self, record: TokenRecord, req: TokenRequest, now: datetime) -> None:
         family = record.family_id
-        revoked = await self._revoke_family(family, "refresh token reuse detected", now)
-        ctx = current_request.get()
-        await self.events.admin(
-            AdminEvent(
-                at=now,
-                action="token.family_revoke",
-                actor_id=None,
-                project_id=record.project_id,
-                token_id=record.id,
-                request_id=ctx.request_id if ctx else None,
-                client_ip=req.client_ip,
-                detail={"family_id": family, "revoked": revoked, "reason": "refresh_token_reuse"},
-            )
+        revoked = await self._revoke_family_audited(
+            record,
+            family,
+            "refresh token reuse detected",
+            now,
+            actor_id=None,
+            client_ip=req.client_ip,
+            reason="refresh_token_reuse",
         )
         await self.events.security(
             SecurityEvent(

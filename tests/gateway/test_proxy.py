@@ -309,3 +309,32 @@ async def test_invalid_escapes_and_raw_bytes_in_the_path_match_no_route(services
             assert answer.split(b" ", 2)[1] == b"400", (raw, answer[:200])
             assert b"application/json" in answer and b"x-upstream" not in answer.lower()
     assert not any(e.decision.allowed for e in sink.access_events)
+
+
+async def test_a_dependency_that_fails_mid_request_is_a_503_not_a_500(services, admin, monkeypatch):
+    """The audit log cannot be written (a database that hangs): the gateway fails closed
+    with 503 and Retry-After, as the API does, never a 500."""
+    from tokenward.errors import Unavailable
+
+    issued = await make_token(services, admin)
+
+    async def failing_record(*args, **kwargs):
+        raise Unavailable("audit_unavailable", "the audit log cannot be written")
+
+    async with running_gateway(services) as (gw, _):
+        monkeypatch.setattr(services.enforcement, "record", failing_record)
+        r = await gw.get("/records/1", headers={"Authorization": f"Bearer {issued.secret}"})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "audit_unavailable" and r.headers["retry-after"] == "5"
+    assert issued.secret not in r.text
+
+
+async def test_an_oversized_header_is_a_431(services, admin):
+    issued = await make_token(services, admin)
+    async with running_gateway(services) as (gw, _):
+        r = await gw.get(
+            "/records/1",
+            headers={"Authorization": f"Bearer {issued.secret}", "X-Big": "a" * 100_000},
+        )
+    assert r.status_code == 431 and r.json()["error"] == "headers_too_large"
+    assert issued.secret not in r.text

@@ -32,8 +32,10 @@ import time
 import structlog
 from aiohttp import web, web_protocol
 from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import LineTooLong
 from multidict import CIMultiDict
 
+from tokenward.errors import TokenwardError
 from tokenward.events import new_request_id
 from tokenward.gateway.config import Upstream
 from tokenward.gateway.enforce import DUPLICATE_AUTHORIZATION, Enforcement, Outcome
@@ -181,15 +183,31 @@ class _RequestHandler(web_protocol.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        log.warning("gateway_bad_request", status=status, error=type(exc).__name__)
-        if request.writer.output_size > 0:  # an answer has started: nothing more to say
-            raise ConnectionError("the response has started; the connection is closed")
-        if status < 500:
+        headers: dict[str, str] = {}
+        if isinstance(exc, TokenwardError):
+            # A dependency that failed mid-request (the audit log cannot be written, a
+            # database that does not answer): its own status, fail closed, as the API does.
+            status, body = exc.status, exc.body()
+            if status == 503:
+                headers["Retry-After"] = "5"
+        elif isinstance(exc, LineTooLong):
+            status = 431
+            body = {
+                "error": "headers_too_large",
+                "message": "a request line or header is longer than the gateway accepts",
+            }
+        elif status < 500:
             body = {"error": "bad_request", "message": "the request is not valid HTTP/1.1"}
         else:
             body = {"error": "internal_error", "message": "the gateway failed this request"}
+        log.warning("gateway_bad_request", status=status, error=type(exc).__name__)
+        if request.writer.output_size > 0:  # an answer has started: nothing more to say
+            raise ConnectionError("the response has started; the connection is closed")
         response = web.Response(
-            status=status, body=json.dumps(body).encode(), content_type="application/json"
+            status=status,
+            body=json.dumps(body).encode(),
+            content_type="application/json",
+            headers=headers,
         )
         response.force_close()
         return response

@@ -93,6 +93,8 @@ LOOKALIKES = [
     SECRET[:-1] + ("A" if SECRET[-1] != "A" else "B"),  # a typo: still a secret
     "tw_live_3kP9Zq",  # a cut secret: still part of one
     f"Bearer {SECRET}",
+    f"tok_{SECRET}",  # glued to an id's prefix
+    f"{SECRET}x",  # glued to more characters
 ]
 
 

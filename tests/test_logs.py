@@ -113,3 +113,8 @@ def test_redaction_keeps_text_without_tokens_as_it_is():
     redacted = "tw_test_[redacted]"
     assert redact_tokens(f"/a/{token}/b?x={token}") == f"/a/{redacted}/b?x={redacted}"
     assert redact_tokens("tw_live_short") == "tw_live_short"
+    # Glued to other characters, or with its underscores percent-encoded: still redacted.
+    glued = f"/v1/tokens/tok_{token}x/revoke"
+    assert token not in redact_tokens(glued) and "tw_test_[redacted]" in redact_tokens(glued)
+    encoded = token.replace("_", "%5F", 2)
+    assert redact_tokens(f"/records/{encoded}/1") == f"/records/{redacted}/1"

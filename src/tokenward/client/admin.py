@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from tokenward.tokens.format import TOKEN_PATTERN, TokenFormatError, parse_token
+from tokenward.tokens.format import TokenFormatError, holds_token, parse_token
 
 
 class TokenSecretAsId(ValueError):
@@ -36,7 +36,7 @@ def looks_like_secret(value: str) -> bool:
             return True
     else:
         return True
-    if TOKEN_PATTERN.search(value):
+    if holds_token(value):
         return True
     # A cut secret is still part of a secret; project names (lowercase only) may look alike.
     prefix = value[:8] in ("tw_live_", "tw_test_")

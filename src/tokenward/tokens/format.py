@@ -28,6 +28,18 @@ TOKEN_PATTERN = re.compile(r"\btw_(?:live|test)_[0-9A-Za-z]{38}\b")
 _BASE62_SET = frozenset(BASE62)
 
 
+#: A token's shape anywhere in text, for what must never be recorded: unlike
+#: :data:`TOKEN_PATTERN` (a scanner's, which wants word boundaries against false positives),
+#: it also finds a secret glued to other characters (``tok_tw_live_…``) or with its
+#: underscores percent-encoded, as a URL path may carry it.
+_EMBEDDED = re.compile(r"tw(?:_|%5[Ff])(live|test)(?:_|%5[Ff])[0-9A-Za-z]{38}")
+
+
+def holds_token(text: str) -> bool:
+    """Whether ``text`` holds something shaped like a token, anywhere in it."""
+    return ("tw" in text) and _EMBEDDED.search(text) is not None
+
+
 def redact_tokens(text: str) -> str:
     """``text`` with every token-shaped string cut to its public prefix.
 
@@ -35,13 +47,13 @@ def redact_tokens(text: str) -> str:
     client that pastes a secret where an id belongs (``/v1/tokens/tw_live_…``) must not
     leave it in the access log or the audit chain.
     """
-    if PREFIX not in text:  # the common case costs one substring search
+    if "tw" not in text:  # the common case costs one substring search
         return text
-    return TOKEN_PATTERN.sub(_redacted, text)
+    return _EMBEDDED.sub(_redacted, text)
 
 
 def _redacted(match: re.Match[str]) -> str:
-    return match.group()[: len(PREFIX) + 5] + "[redacted]"
+    return f"tw_{match.group(1)}_[redacted]"
 
 
 class Environment(StrEnum):

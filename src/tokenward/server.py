@@ -194,6 +194,7 @@ def http_protocol() -> type:
         _heads = 0  # request heads parsed on this connection
         _measure = False  # whether the head that ends next must be measured
         _lingering = False
+        _in_head = True  # between requests or inside a head (not inside a body)
 
         def connection_made(self, transport: Any) -> None:
             corked: Any = CorkedTransport(transport, self.loop)  # a Transport, duck-typed
@@ -202,20 +203,26 @@ def http_protocol() -> type:
         def data_received(self, data: bytes) -> None:
             if self._lingering:
                 return  # refused: what the client still sends is read and dropped
+            in_head = self._in_head
             heads = self._heads
             # A head that ends in this chunk can only be too large if the bytes since the
             # last head, this chunk included, are: then (only) it is measured exactly.
             self._measure = self._head_bytes + len(data) > MAX_HEAD_BYTES
             super().data_received(data)
-            # A head still incomplete after the chunk: its bytes so far count (held in
-            # memory by the parser until the line ends).
-            if heads == self._heads and not self.transport.is_closing():
+            # A head still incomplete after the chunk (one that was begun, not a body):
+            # its bytes so far count (held in memory by the parser until the line ends).
+            if in_head and heads == self._heads and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > MAX_HEAD_BYTES:
                     self._refuse(status_431, too_large, linger=True)
 
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head = True  # what comes next is the next request's head
+
         def on_headers_complete(self) -> None:
             self._heads += 1
+            self._in_head = False  # a body follows, if any: it never counts
             self._head_bytes = 0
             if self._measure:
                 size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)

@@ -181,3 +181,30 @@ async def test_migration_links_tokens_exchanged_before_it(api, services):
     assert {row.origin_id for row in after} == {key["id"]}
     await api.post(f"/v1/tokens/{key['id']}/revoke", json={"reason": "x"})
     assert (await reason(services, refreshed["access_token"])) is Reason.REVOKED
+
+
+async def test_a_client_revokes_the_tokens_issued_to_it_rfc_7009(api):
+    """RFC 7009 §2.1: an API key, authenticating as the OAuth client (its id and secret),
+    may revoke the tokens it was exchanged for, without ``admin:write``; not another key's."""
+    key = await api_key(api)
+    other = await api_key(api)
+    body, narrowed = await grant(api, key)
+    theirs = (await exchange(api, other["token"], scope="records:read")).json()
+    client = {"client_id": key["id"], "client_secret": key["token"]}
+    no_auth = {"Authorization": ""}
+
+    response = await api.post(
+        "/oauth/revoke", data={"token": theirs["access_token"], **client}, headers=no_auth
+    )
+    assert response.status_code == 403  # not granted from this client
+    assert (await api.post("/v1/verify", json={"token": theirs["access_token"]})).json()["valid"]
+
+    response = await api.post(
+        "/oauth/revoke", data={"token": body["refresh_token"], **client}, headers=no_auth
+    )
+    assert response.status_code == 200, response.text
+    assert (await refresh(api, body["refresh_token"])).json()["error"] == "invalid_grant"
+    for token in (body["access_token"], narrowed["access_token"]):  # its grant, and beyond
+        verdict = (await api.post("/v1/verify", json={"token": token})).json()
+        assert verdict["valid"] is False and verdict["reason"] == Reason.REVOKED
+    assert (await api.post("/v1/verify", json={"token": key["token"]})).json()["valid"]

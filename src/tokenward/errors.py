@@ -44,6 +44,8 @@ class Unauthorized(TokenwardError):
 
 class Forbidden(TokenwardError):
     status = 403
+    #: for a credential that is valid but lacks the scope: who it is (else ``None``)
+    caller: Any = None
 
 
 class NotFound(TokenwardError):

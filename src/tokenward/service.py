@@ -335,12 +335,16 @@ class TokenService:
         await self.revoke_descendants(actor, record, "origin_revoked")
         return record
 
-    async def revoke_own(self, record: TokenRecord, reason: str) -> None:
-        """A holder gives up its own token (RFC 7009 with the token as its own credential)."""
+    async def revoke_own(
+        self, record: TokenRecord, reason: str, actor: TokenRecord | None = None
+    ) -> None:
+        """A holder gives up its own token (RFC 7009 with the token as its own credential),
+        or ``actor`` one granted from it (RFC 7009 §2.1: a client's own tokens)."""
+        by = actor or record
         await self.store.revoke(record.id, reason, self.now)
         await self._changed(record.id)
-        await self._audit("token.revoke", record, record.project_id, record.id, {"reason": reason})
-        await self.revoke_descendants(record, record, "origin_revoked")
+        await self._audit("token.revoke", by, record.project_id, record.id, {"reason": reason})
+        await self.revoke_descendants(by, record, "origin_revoked")
 
     async def revoke_descendants(
         self, actor: TokenRecord | None, origin: TokenRecord, reason: str

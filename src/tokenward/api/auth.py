@@ -78,7 +78,10 @@ async def authenticate_credential(
     if decision.reason == Reason.IP_NOT_ALLOWED:
         raise Forbidden("ip_not_allowed", "the credential may not be used from this address")
     if decision.reason == Reason.INSUFFICIENT_SCOPE:
-        raise Forbidden("insufficient_scope", f"this call needs the scope {' or '.join(any_of)}")
+        needed = " or ".join(any_of)
+        refused = Forbidden("insufficient_scope", f"this call needs the scope {needed}")
+        refused.caller = record  # authenticated, only short of the scope (see /oauth/revoke)
+        raise refused
     if decision.reason in (Reason.DPOP_REQUIRED, Reason.INVALID_DPOP_PROOF):
         raise Unauthorized(decision.reason.value, "the credential needs a valid DPoP proof")
     raise Unauthorized("invalid_credential", f"the credential is not valid: {decision.reason}")

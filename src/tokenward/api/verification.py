@@ -325,7 +325,12 @@ async def revoke(request: Request) -> JSONResponse:
         return JSONResponse({}, headers=NO_STORE)
     try:
         caller, _ = await _client(request, form, "admin:write")
-    except Forbidden:
+    except Forbidden as refused:
+        # RFC 7009 §2.1: a client may revoke the tokens issued to it, i.e. those granted
+        # from its credential (an API key revoking what it was exchanged for).
+        own = refused.caller
+        if well_formed and own is not None and await _revoke_granted(request, own, token_value):
+            return JSONResponse({}, headers=NO_STORE)
         message = "revoking another token needs admin:write"
         return error_response(403, "insufficient_scope", message, error_description=message)
     except (Unauthorized, BadRequest) as exc:
@@ -340,6 +345,37 @@ async def revoke(request: Request) -> JSONResponse:
             decision.token, actor_id=caller.id, client_ip=client_ip(request)
         )
     return JSONResponse({}, headers=NO_STORE)
+
+
+async def _revoke_granted(request: Request, caller: TokenRecord, token_value: str) -> bool:
+    """Revoke the token ``token_value`` if it was granted from ``caller`` (directly, or from a
+    token granted from it); whether it was."""
+    services = request.app.state.services
+    found = await services.verifier.verify(token_value, tenant=caller.project_id, consume=False)
+    target = found.token
+    if target is None or found.reason == Reason.UNKNOWN:
+        return False
+    token_id: str | None = target.id
+    for _ in range(_GRANT_DEPTH):
+        link = await services.store.grant_link(token_id) if token_id else None
+        if link is None:
+            return False
+        if caller.id in (link.parent_id, link.origin_id):
+            break
+        token_id = link.parent_id
+    else:
+        return False
+    reason = f"revoked via RFC 7009 by {caller.id}, which it was granted from"
+    await services.tokens.revoke_own(target, reason, actor=caller)
+    await _sessions(request).exchange.revoke_grant(
+        target, actor_id=caller.id, client_ip=client_ip(request)
+    )
+    return True
+
+
+#: how far up the grant links a client's own tokens are looked for (exchange, refresh,
+#: narrowing: a few levels in practice)
+_GRANT_DEPTH = 16
 
 
 def _sessions(request: Request) -> Any:

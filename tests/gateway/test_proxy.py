@@ -188,8 +188,14 @@ async def test_dpop_bound_token_through_the_gateway(services, admin):
             headers={"Authorization": f"DPoP {issued.secret}", "DPoP": proof(url + "x")},
         )
         assert r.status_code == 401  # a proof for another URL
+        challenge = r.headers["www-authenticate"]
+        assert challenge.startswith("DPoP ") and 'error="invalid_dpop_proof"' in challenge
         r = await gw.get("/records/1", headers={"Authorization": f"Bearer {issued.secret}"})
         assert r.status_code == 401  # no proof at all
+        # RFC 9449 §7.1: challenged with the DPoP scheme and the algorithms accepted.
+        challenge = r.headers["www-authenticate"]
+        assert challenge.startswith("DPoP ") and 'error="invalid_token"' in challenge
+        assert 'algs="' in challenge and "ES256" in challenge
     assert [e.decision.allowed for e in sink.access_events] == [True, False, False]
 
 

@@ -20,6 +20,7 @@ from tokenward.errors import Unavailable
 from tokenward.events import AccessEvent, EventBus
 from tokenward.gateway.config import Policy, Route
 from tokenward.limits import RateLimiter, RateResult
+from tokenward.oauth.dpop import ALGORITHMS as DPOP_ALGORITHMS
 from tokenward.oauth.dpop import DPoPRequest
 from tokenward.tokens.format import bearer_credential
 from tokenward.tokens.hashing import TokenHasher
@@ -191,6 +192,20 @@ class Outcome:
         elif self.status == 401:
             if decision.reason is Reason.MISSING_CREDENTIAL:
                 out.append(("WWW-Authenticate", 'Bearer realm="tokenward"'))
+            elif decision.reason in _DPOP_REASONS:
+                # RFC 9449 §7.1: a DPoP-bound token is challenged with the DPoP scheme.
+                error = (
+                    "invalid_dpop_proof"
+                    if decision.reason is Reason.INVALID_DPOP_PROOF
+                    else ("invalid_token")
+                )
+                out.append(
+                    (
+                        "WWW-Authenticate",
+                        f'DPoP realm="tokenward", error="{error}", '
+                        f'error_description="{self.message}", algs="{_DPOP_ALGS}"',
+                    )
+                )
             else:
                 out.append(
                     (
@@ -208,6 +223,10 @@ class Outcome:
                 )
             )
         return out
+
+
+_DPOP_REASONS = (Reason.DPOP_REQUIRED, Reason.INVALID_DPOP_PROOF)
+_DPOP_ALGS = " ".join(DPOP_ALGORITHMS)
 
 
 class _Identity:

@@ -127,7 +127,7 @@ def test_serve_checks_before_the_banner(data_dir, tmp_path):
     for result in results:
         assert "listening on" not in result.stdout, (result.args, result.stdout)
         assert "Traceback" not in result.stderr, (result.args, result.stderr)
-    assert range_.returncode == 2 and "65535" in range_.stderr
+    one_line_error(range_, 2, "TOKENWARD_PORT", "65535")
     one_line_error(ttl, 2, "TOKENWARD_CACHE_TTL")
     one_line_error(proxies, 2, "TOKENWARD_TRUSTED_PROXIES", "'notacidr' is not an IPv4")
     one_line_error(tls, 2, "cannot read --tls-cert /nonexistent")

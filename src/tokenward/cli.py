@@ -269,10 +269,10 @@ def _show_admin_token(secret: str, token_id: str, *, reset: bool = False) -> Non
     )
 
 
-Port = Annotated[int, typer.Option(envvar="TOKENWARD_PORT", min=0, max=65535)]
+Port = Annotated[int, typer.Option(envvar="TOKENWARD_PORT")]
 GatewayPort = Annotated[
     int,
-    typer.Option(envvar="TOKENWARD_GATEWAY_PORT", min=0, max=65535, help="Port of the gateway."),
+    typer.Option(envvar="TOKENWARD_GATEWAY_PORT", help="Port of the gateway."),
 ]
 
 

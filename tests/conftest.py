@@ -8,6 +8,7 @@ and drops it at the end, so parallel runs never see each other's rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -85,6 +86,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path, database_url=database_url, secret_key=secrets.token_hex(32))
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(settings: Settings) -> AsyncIterator[tuple[Services, Services]]:
+    """Two replicas (services) on ``settings``' database, which starts empty."""
+    a = await open_services(settings)
+    await truncate_all(a)
+    b = await open_services(settings)
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def truncate_all(services: Services) -> None:

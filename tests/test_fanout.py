@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import REDIS_URL, truncate_all
+from tests.conftest import REDIS_URL, truncate_all, two_replicas
 from tokenward.app import open_services
 from tokenward.service import TokenSpec, issue_bootstrap_record
 from tokenward.tokens.model import Reason
@@ -19,14 +19,8 @@ async def replicas(request, pg_database, settings, tmp_path):
     if request.param == "redis":
         settings = settings.model_copy(update={"redis_url": REDIS_URL})
     settings = settings.model_copy(update={"database_url": pg_database, "cache_ttl": 300.0})
-    a = await open_services(settings)
-    await truncate_all(a)
-    b = await open_services(settings)
-    try:
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
+    async with two_replicas(settings) as pair:
+        yield pair
 
 
 async def test_revocation_reaches_the_other_replica(replicas):

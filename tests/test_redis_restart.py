@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import REDIS_URL, truncate_all
+from tests.conftest import REDIS_URL, two_replicas
 from tokenward import redisconn
 from tokenward.app import open_services
 from tokenward.errors import Unavailable
@@ -117,14 +117,8 @@ async def replicas(pg_database, settings, own_redis) -> AsyncIterator[tuple[Any,
     settings = settings.model_copy(
         update={"database_url": pg_database, "cache_ttl": 300.0, "redis_url": own_redis.url}
     )
-    a = await open_services(settings)
-    await truncate_all(a)
-    b = await open_services(settings)
-    try:
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
+    async with two_replicas(settings) as pair:
+        yield pair
 
 
 async def test_revoke_right_after_a_restart_reaches_the_other_replica(replicas, own_redis):

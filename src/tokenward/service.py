@@ -295,12 +295,7 @@ class TokenService:
         limit: int = 100,
         after: str | None = None,
     ) -> list[TokenRecord]:
-        if project is not None:
-            project_ids: list[str] | None = [(await self.project_for(actor, project)).id]
-        elif actor.project_id is not None:
-            project_ids = [actor.project_id]
-        else:
-            project_ids = None
+        project_ids = await self._visible_projects(actor, project)
         return await self.store.list_tokens(
             project_ids=project_ids, state=state, now=self.now, limit=limit, after=after
         )
@@ -309,13 +304,15 @@ class TokenService:
         self, actor: TokenRecord, *, project: str | None = None
     ) -> dict[str | None, dict[str, int]]:
         """Tokens per state, per project the actor may see (counted by the store)."""
-        if project is not None:
-            project_ids: list[str] | None = [(await self.project_for(actor, project)).id]
-        elif actor.project_id is not None:
-            project_ids = [actor.project_id]
-        else:
-            project_ids = None
+        project_ids = await self._visible_projects(actor, project)
         return await self.store.count_by_state(project_ids=project_ids, now=self.now)
+
+    async def _visible_projects(self, actor: TokenRecord, project: str | None) -> list[str] | None:
+        """The project ids a listing covers: ``project`` (if the actor may see it), else the
+        actor's own project, else every project (``None``)."""
+        if project is not None:
+            return [(await self.project_for(actor, project)).id]
+        return [actor.project_id] if actor.project_id is not None else None
 
     async def search_tokens(
         self, actor: TokenRecord, *, project: str, **filters: Any

@@ -33,7 +33,6 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenward.errors import TokenwardError
 
@@ -200,41 +199,9 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         return error_response(400, "invalid_request", DATA_ERROR_MESSAGE)
 
-    @app.exception_handler(Exception)  # raised outside the layer below (a middleware's)
+    @app.exception_handler(Exception)  # answered, then raised again: see middleware.py
     async def _unexpected(request: Request, exc: Exception) -> Response:
         return _fault(request, exc)
-
-    # Starlette's handler for Exception runs in its outermost layer, which answers and then
-    # re-raises to the server (a traceback in its log, and a connection the client may not
-    # be able to reuse). This layer, just outside the routes' own handlers, answers instead.
-    app.add_middleware(AnswerUnhandledMiddleware)
-
-
-class AnswerUnhandledMiddleware:
-    """Answers an exception no handler took (503 or the JSON 500) without re-raising it."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception as exc:
-            if started:  # too late for another status: the server ends the response
-                raise
-            response = _fault(Request(scope, receive), exc)
-            await response(scope, receive, send)
 
 
 def _fault(request: Request, exc: BaseException) -> Response:

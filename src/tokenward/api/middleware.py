@@ -101,7 +101,7 @@ class RequestContextMiddleware:
         request_id = context.request_id
         scope.setdefault("state", {})["request_id"] = request_id
         token = current_request.set(context)
-        status = 500
+        status = 0  # no answer yet
 
         async def with_id(message: Message) -> None:
             nonlocal status
@@ -123,6 +123,13 @@ class RequestContextMiddleware:
                 await send_json(with_id, 400, body)
             else:
                 await self.app(scope, receive, with_id)
+        except Exception:
+            if not status:
+                raise
+            # Answered already (the framework answers an exception its handlers did not
+            # take, then raises it again for the server to log): the answer stands, and the
+            # error was logged in one line where it was answered. Raised further, it would
+            # put a traceback in the server's log and end a connection that is still good.
         finally:
             current_request.reset(token)
             path = scope["path"]
@@ -131,7 +138,7 @@ class RequestContextMiddleware:
                     request_id=request_id,
                     method=scope["method"],
                     path=redact_tokens(path)[:256],
-                    status=status,
+                    status=status or 500,
                     duration_ms=round((time.perf_counter() - started) * 1000, 2),
                     client_ip=context.client_ip,
                 )

@@ -499,6 +499,9 @@ class TokenExchange:
             expires_at=expires_at,
             ip_allowlist=list(actor.ip_allowlist),
             rate_limit=list(actor.rate_limit),
+            # The subject's rate limit carries over as one budget, not as a copy: every token
+            # of the lineage counts on the subject's counter (its origin's, for a chain).
+            rate_limit_key=actor.rate_limit_counter,
             metadata={k: v for k, v in metadata.items() if k != "bootstrap"},
             family_id=family,
             dpop_jkt=jkt,

@@ -3,6 +3,7 @@ narrowing, refresh, rotation), counted in memory and in Redis, on SQLite and Pos
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import secrets
 from pathlib import Path
@@ -75,6 +76,17 @@ async def test_the_whole_lineage_shares_one_counter(api, services):
     for body in (narrowed, refreshed, again, from_successor):
         record = await services.store.get_token(body["token_id"])
         assert record.rate_limit_counter == key["id"]
+
+
+async def test_the_shared_budget_is_exact_under_concurrency(api, services):
+    """Many verifications at once, spread over a key's lineage, allow exactly its limit."""
+    key = await api_key(api, rate_limit="20/minute")
+    bodies = [(await exchange(api, key["token"])).json() for _ in range(3)]  # 3 hits
+    secrets_ = [key["token"], *(b["access_token"] for b in bodies)]
+    decisions = await asyncio.gather(
+        *(services.verifier.verify(secrets_[i % len(secrets_)]) for i in range(60))
+    )
+    assert sum(d.allowed for d in decisions) == 20 - 3
 
 
 async def test_other_keys_keep_their_own_budget(api, services):

@@ -175,6 +175,8 @@ async def test_racing_refreshes_within_grace_get_one_successor(api, services, ev
         assert refused["error"] == "invalid_grant" and "a moment ago" in refused["message"]
     assert await _family_size(services, first["token_id"]) == before + 2  # one pair
     assert not [e for e in events.security_events if e.kind == "refresh_token_reuse"]
+    refusals = [e for e in events.access_events if e.decision.reason.value == "already_refreshed"]
+    assert len(refusals) == 4  # audited as a race, not as a rotated (leaked) token
     # The family is untouched: the earlier access token and the one successor still work.
     assert (await services.verifier.verify(first["access_token"])).allowed
     assert (await services.verifier.verify(winner["access_token"])).allowed

@@ -313,7 +313,7 @@ class TokenExchange:
             # theft: the family lives on and no alarm is raised. But a spent refresh token
             # has exactly one successor, the one of its first use: nothing new is minted, so
             # racing presenters can never multiply the grant.
-            await self._access_event(Decision(False, Reason.ROTATED, record), started)
+            await self._access_event(Decision(False, Reason.ALREADY_REFRESHED, record), started)
             raise invalid_grant(
                 "the refresh token was used a moment ago; "
                 "use the refresh token of that answer or exchange the credential again"

@@ -51,6 +51,8 @@ class Reason(StrEnum):
     QUARANTINED = "quarantined"
     IP_BLOCKED = "ip_blocked"
     AMBIGUOUS_REQUEST = "ambiguous_request"
+    #: a spent refresh token presented again within the reuse grace: a race, not a leak
+    ALREADY_REFRESHED = "already_refreshed"
 
 
 @dataclass(slots=True)

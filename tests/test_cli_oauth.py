@@ -133,6 +133,8 @@ async def test_exchange_ci_identity(live, issuer, monkeypatch):
         live, *ci, "--project", "shop", "--audience", "deploy", CI_OIDC=issuer.token(jti="x1")
     )
     assert replay.exit_code == 0, replay.output
+    both = run(live, *ci, "--project", "shop", "--audience", "shop/deploy", CI_OIDC="x")
+    assert both.exit_code == 2 and "give its name only" in both.output
     again = run(live, *ci, "--audience", "shop/deploy", CI_OIDC=issuer.token(jti="x1"))
     assert again.exit_code == 1 and "already used" in again.output
     removed = run(live, "trust", "remove", "deploy", "--project", "shop")

@@ -114,6 +114,8 @@ async def test_identity_token_source(live, issuer):
     assert TokenwardAuth(live.url, identity_token="x", project="a", audience="b").audience == "a/b"
     with pytest.raises(ValueError, match="give project="):
         TokenwardAuth(live.url, identity_token=issuer.token)
+    with pytest.raises(ValueError, match="one of its policies"):
+        TokenwardAuth(live.url, identity_token="x", project="a", audience="b/c")
 
 
 async def test_refused_credential_raises(live):

@@ -129,9 +129,11 @@ def token_exchange(
             as_json=as_json,
             error="missing_credential",
         )
-    if project and audience and "/" not in audience:
+    if project and audience and ("/" in audience or audience.startswith("trp_")):
+        fail("--audience names a policy of --project: give its name only", 2, as_json=as_json)
+    if project and audience:
         audience = f"{project}/{audience}"
-    elif project and not audience:
+    elif project:
         audience = project
     if identity is not None and not audience:
         fail(

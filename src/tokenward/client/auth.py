@@ -80,7 +80,9 @@ class TokenwardAuth(httpx.Auth):
         self._identity = identity_token
         self.scope = " ".join([scope] if isinstance(scope, str) else scope) if scope else None
         self.lifetime = lifetime
-        if project and audience and "/" not in audience:
+        if project and audience:
+            if "/" in audience or audience.startswith("trp_"):
+                raise ValueError("with project=, audience= is the name of one of its policies")
             audience = f"{project}/{audience}"  # a trust policy of that project
         self.audience = audience or project
         if identity_token is not None and not self.audience:

@@ -68,6 +68,9 @@ class TokenSpec:
     not_before: datetime | None = None
     ip_allowlist: list[str] = field(default_factory=list)
     rate_limit: list[str] = field(default_factory=list)
+    #: the counter ``rate_limit`` is counted on (``None``: the new token's own id); a grant
+    #: passes its subject's, so a lineage shares one budget
+    rate_limit_key: str | None = None
     uses: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     family_id: str | None = None
@@ -243,6 +246,7 @@ class TokenService:
             expires_at=expires_at,
             ip_allowlist=normalize_cidrs(spec.ip_allowlist),
             rate_limit=list(spec.rate_limit),
+            rate_limit_key=spec.rate_limit_key,
             remaining_uses=spec.uses,
             hint=token_hint(secret),
             key_id=self.hasher.current.id,
@@ -410,6 +414,9 @@ class TokenService:
             expires_at=expires_at,
             ip_allowlist=list(old.ip_allowlist),
             rate_limit=list(old.rate_limit),
+            # One budget for a lineage: the successor counts on its predecessor's counter, so
+            # the two secrets working during the grace do not double the rate.
+            rate_limit_key=old.rate_limit_counter,
             remaining_uses=old.remaining_uses,
             rotated_from=old.id,
             hint=token_hint(secret),

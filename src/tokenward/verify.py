@@ -294,14 +294,16 @@ class Verifier:
             return Decision(True, Reason.OK, record, None, record.remaining_uses)
         if record.rate_limit:
             try:
-                ratelimit = await self.limiter.hit(record.id, tuple(record.rate_limit))
+                counter = record.rate_limit_counter  # shared by the token's lineage
+                ratelimit = await self.limiter.hit(counter, tuple(record.rate_limit))
             except Unavailable:
                 return Decision(False, Reason.UNAVAILABLE, record)
             if not ratelimit.allowed:
                 return Decision(False, Reason.RATE_LIMITED, record, ratelimit)
         if route_limit is not None:
             try:
-                route_rate = await self.limiter.hit(f"{route_limit[0]}:{record.id}", route_limit[1])
+                route_key = f"{route_limit[0]}:{record.rate_limit_counter}"
+                route_rate = await self.limiter.hit(route_key, route_limit[1])
             except Unavailable:
                 return Decision(False, Reason.UNAVAILABLE, record)
             if not route_rate.allowed:

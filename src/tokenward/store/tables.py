@@ -74,6 +74,9 @@ tokens = Table(
     Column("expires_at", UTCDateTime(), nullable=True),
     Column("ip_allowlist", JSON, nullable=False),
     Column("rate_limit", String(200), nullable=True),
+    #: the counter the rate limit is counted on (``NULL``: the token's own id); a token
+    #: minted by a grant or a rotation counts on its lineage's, so the budget is shared
+    Column("rate_limit_key", String(32), nullable=True),
     Column("remaining_uses", Integer, nullable=True),
     Column("rotated_from", String(32), nullable=True),
     Column("replaced_by", String(32), nullable=True),

@@ -2,10 +2,12 @@
 
 For an allowed request the method, raw path, query, headers and body go to the route's
 upstream over a pooled keep-alive connection; the response streams back. ``Authorization``,
-``DPoP``, hop-by-hop headers, ``Forwarded``, ``X-Real-IP`` and every client-sent
-``X-Tokenward-*`` and ``X-Forwarded-*`` header are removed, in any spelling that folds ``_``
-into ``-`` (CGI and WSGI servers read ``X_Tokenward_Principal`` as ``X-Tokenward-Principal``),
-then the identity headers are added, so an upstream can trust them. A request with more than
+``DPoP``, hop-by-hop headers, ``Forwarded``, ``X-Real-IP``, method overrides and every
+client-sent ``X-Tokenward-*`` and ``X-Forwarded-*`` header are removed, in any spelling that
+folds ``_`` into ``-`` (CGI and WSGI servers read ``X_Tokenward_Principal`` as
+``X-Tokenward-Principal``), then the identity headers and the gateway's own
+``X-Forwarded-*`` are added (a client's ``X-Forwarded-For`` chain is kept only from a trusted
+proxy), so an upstream can trust them. A request with more than
 one ``Authorization`` header is refused (400). Bodies are never buffered
 whole: the request and response are bounded by ``max_request_bytes``/``max_response_bytes``
 while they stream; only a small answer that has fully arrived (or a short one of known length)
@@ -59,6 +61,11 @@ _REQUEST_ROLES: dict[bytes, int] = {
     b"x-forwarded-host": _DROP,
     b"forwarded": _DROP,  # the gateway speaks X-Forwarded-*; a client's Forwarded would lie
     b"x-real-ip": _DROP,
+    # A method override would have the upstream serve another method than the one the
+    # route was decided on (a GET route reaching a DELETE handler): never forwarded.
+    b"x-http-method-override": _DROP,
+    b"x-http-method": _DROP,
+    b"x-method-override": _DROP,
     # read by the gateway, not forwarded as sent
     b"authorization": _AUTHORIZATION,
     b"dpop": _DPOP,  # a proof is for tokenward, like the token it binds
@@ -357,7 +364,10 @@ class Gateway:
             head += (b"X-Tokenward-Client-IP: ", client_ip.encode(), _CRLF)
         peer = request.remote
         if peer:
-            head += (b"X-Forwarded-For: ", b", ".join([*sent.forwarded_for, peer.encode()]), _CRLF)
+            # The client's own X-Forwarded-For is passed on only when a trusted proxy sent
+            # it; from anyone else it is a claim, and the upstream sees just the peer.
+            hops = sent.forwarded_for if self.enforcement.resolver.trusts(peer) else []
+            head += (b"X-Forwarded-For: ", b", ".join([*hops, peer.encode()]), _CRLF)
         head += (b"X-Forwarded-Proto: ", self._scheme.encode(), _CRLF)
         if sent.host is not None:
             head += (b"X-Forwarded-Host: ", sent.host, _CRLF)

@@ -17,6 +17,7 @@ from tokenward.api.auth import (
     client_ip,
 )
 from tokenward.api.errors import error_response
+from tokenward.api.middleware import MAX_JSON_DEPTH, json_nests_deeper, too_deep_message
 from tokenward.clientip import parse_ip
 from tokenward.errors import (
     BadRequest,
@@ -64,7 +65,11 @@ VERIFY_SCHEMA: dict[str, Any] = {
 }
 
 
-def _verify_body(raw: bytes, content_type: str | None = None) -> dict[str, str | None]:
+def _verify_body(
+    raw: bytes, content_type: str | None = None, max_depth: int = MAX_JSON_DEPTH
+) -> dict[str, str | None]:
+    if json_nests_deeper(raw, max_depth):  # read as JSON even when sent as a form
+        raise BadRequest("json_too_deep", too_deep_message(max_depth))
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -121,7 +126,7 @@ async def handle_verify(
         path="/v1/verify",
         audit_allowed=False,
     )
-    body = _verify_body(raw_body, content_type)
+    body = _verify_body(raw_body, content_type, services.settings.max_json_depth)
     decision = await services.verifier.verify(
         body["token"] or "",
         scope=body.get("scope"),

@@ -75,6 +75,15 @@ def error_response(status: int, code: str, message: str, **extra: object) -> JSO
     return JSONResponse(body, status, headers=headers)
 
 
+def refusal_in(exc: BaseException) -> TokenwardError | None:
+    """The :class:`TokenwardError` a column's type raised while ``exc``'s statement was
+    prepared (see ``tokenward.store.tables.TypedText``), if any."""
+    for current in _chain(exc):
+        if isinstance(current, TokenwardError):
+            return current
+    return None
+
+
 def is_data_error(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it wraps) is a database data error: SQLSTATE class 22, or
     a value the driver could not encode for the database."""
@@ -188,6 +197,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StatementError)
     async def _database(request: Request, exc: StatementError) -> Response:
+        refused = refusal_in(exc)
+        if refused is not None:  # a column refused a value (a token in a text field)
+            if request.url.path.startswith("/dashboard/"):
+                from tokenward.dashboard.web import render
+
+                return render(
+                    request,
+                    "error.html",
+                    refused.status,
+                    title="Not accepted",
+                    message=refused.message[:1].upper() + refused.message[1:] + ".",
+                )
+            return await _tokenward(request, refused)
         if not is_data_error(exc):
             return _fault(request, exc)
         log.warning("database_data_error", path=request.url.path[:256])

@@ -8,12 +8,9 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenward.asgi import send_json
-from tokenward.events import RequestContext, current_request, new_request_id
+from tokenward.events import RequestContext, current_request, recorded_header, request_id_from
 from tokenward.logs import access_log
 from tokenward.tokens.format import redact_tokens
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-
 
 #: How deeply a JSON request body may nest (objects and arrays), unless set otherwise.
 MAX_JSON_DEPTH = 32
@@ -216,7 +213,8 @@ _TWO_CREDENTIALS = "the request has more than one Authorization header"
 
 
 def request_context_for(scope: Scope) -> tuple[RequestContext, int]:
-    """Request id (``X-Request-ID`` kept if sane, else a new one), peer IP and user agent;
+    """Request id (``X-Request-ID`` kept if sane and free of tokens, else a new one), peer
+    IP and user agent (token-shaped strings cut out);
     and how many ``Authorization`` headers the request has."""
     given = user_agent = None
     credentials = 0
@@ -226,7 +224,7 @@ def request_context_for(scope: Scope) -> tuple[RequestContext, int]:
         elif name == b"x-request-id":
             given = value.decode("latin-1")
         elif name == b"user-agent":
-            user_agent = value.decode("latin-1")[:256]
-    request_id = given if given and _REQUEST_ID.match(given) else new_request_id()
+            user_agent = recorded_header(value)
+    request_id = request_id_from(given)
     client = scope.get("client")
     return RequestContext(request_id, client[0] if client else None, user_agent), credentials

@@ -26,6 +26,7 @@ from tokenward.errors import (
     TokenwardError,
     Unauthorized,
     UnsupportedMediaType,
+    refuse_pasted_tokens,
 )
 from tokenward.oauth.clientauth import ClientCredentials, client_credentials, invalid_client
 from tokenward.oauth.dpop import DPoPRequest
@@ -96,6 +97,11 @@ def _verify_body(
             raise Invalid("invalid_request", f"{name}: must be a string")
         if len(value) > _VERIFY_FIELDS[name]:
             raise Invalid("invalid_request", f"{name}: longer than {_VERIFY_FIELDS[name]}")
+    # What the caller typed besides the credential and its proof is recorded (the audit
+    # keeps the scope): a token in it is refused, as in every stored text.
+    refuse_pasted_tokens(
+        **{name: value for name, value in body.items() if name not in ("token", "dpop")}
+    )
     if body.get("ip") is not None and parse_ip(body["ip"]) is None:
         raise Invalid("invalid_request", "ip: not an IPv4 or IPv6 address")
     if body.get("environment") not in (None, "live", "test"):

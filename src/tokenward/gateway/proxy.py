@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 import ssl
 import time
@@ -38,7 +37,7 @@ from aiohttp.http_exceptions import LineTooLong
 from multidict import CIMultiDict
 
 from tokenward.errors import TokenwardError
-from tokenward.events import new_request_id
+from tokenward.events import recorded_header, request_id_from
 from tokenward.gateway.config import Upstream
 from tokenward.gateway.enforce import DUPLICATE_AUTHORIZATION, Enforcement, Outcome
 from tokenward.gateway.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
@@ -92,7 +91,6 @@ _DROP_RESPONSE = frozenset(
 )
 #: Client-sent headers with these prefixes are never forwarded: the gateway sets its own.
 _SET_BY_GATEWAY = (b"x-tokenward-", b"x-forwarded-")
-_REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 #: An answer of known length up to this size is read whole, then sent in one write.
 _SMALL_BODY = 64 * 1024
 #: Methods a dropped pooled connection may be retried with (idempotent, RFC 9110 §9.2.2).
@@ -147,7 +145,7 @@ class _Sent:
             elif role == _USER_AGENT:
                 forward += (name, _SEP, value, _CRLF)
                 if user_agent is None:
-                    user_agent = value[:256].decode("latin-1")
+                    user_agent = recorded_header(value)
             elif role == _FORWARDED_FOR:
                 forwarded_for.append(value)
             elif role == _REQUEST_ID:
@@ -281,10 +279,8 @@ class Gateway:
         method = request.method
         raw_path = request.raw_path.partition("?")[0]
         sent = _Sent(request.raw_headers)
-        request_id = (
-            sent.request_id.decode("ascii")
-            if sent.request_id is not None and _REQUEST_ID_FORM.fullmatch(sent.request_id)
-            else new_request_id()
+        request_id = request_id_from(
+            sent.request_id.decode("latin-1") if sent.request_id is not None else None
         )
         enforcement = self.enforcement
         client_ip = enforcement.resolver.resolve(

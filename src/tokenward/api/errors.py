@@ -172,7 +172,13 @@ def _describe(errors: list[Any]) -> tuple[str, list[dict[str, str]]]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TokenwardError)
-    async def _tokenward(_request: Request, exc: TokenwardError) -> JSONResponse:
+    async def _tokenward(request: Request, exc: TokenwardError) -> Response:
+        if request.url.path.startswith("/dashboard/") and exc.status < 500:
+            # A refusal a dashboard form did not show on its own page (a token in a note)
+            from tokenward.dashboard.web import render
+
+            message = exc.message[:1].upper() + exc.message[1:] + "."
+            return render(request, "error.html", exc.status, title="Not accepted", message=message)
         response = error_response(exc.status, exc.code, exc.message, **exc.extra)
         if exc.status == 503:
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
@@ -199,16 +205,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database(request: Request, exc: StatementError) -> Response:
         refused = refusal_in(exc)
         if refused is not None:  # a column refused a value (a token in a text field)
-            if request.url.path.startswith("/dashboard/"):
-                from tokenward.dashboard.web import render
-
-                return render(
-                    request,
-                    "error.html",
-                    refused.status,
-                    title="Not accepted",
-                    message=refused.message[:1].upper() + refused.message[1:] + ".",
-                )
             return await _tokenward(request, refused)
         if not is_data_error(exc):
             return _fault(request, exc)

@@ -90,6 +90,11 @@ def _verify_body(
         raise Invalid("invalid_request", f"unknown field(s): {', '.join(names)[:200]}")
     if "token" not in body:
         raise Invalid("invalid_request", "token: field required")
+    # What the caller typed besides the credential and its proof is recorded (the audit
+    # keeps the scope): a token in it is refused, as in every stored text.
+    refuse_pasted_tokens(
+        **{name: value for name, value in body.items() if name not in ("token", "dpop")}
+    )
     for name, value in body.items():
         if value is None and name != "token":
             continue
@@ -97,11 +102,6 @@ def _verify_body(
             raise Invalid("invalid_request", f"{name}: must be a string")
         if len(value) > _VERIFY_FIELDS[name]:
             raise Invalid("invalid_request", f"{name}: longer than {_VERIFY_FIELDS[name]}")
-    # What the caller typed besides the credential and its proof is recorded (the audit
-    # keeps the scope): a token in it is refused, as in every stored text.
-    refuse_pasted_tokens(
-        **{name: value for name, value in body.items() if name not in ("token", "dpop")}
-    )
     if body.get("ip") is not None and parse_ip(body["ip"]) is None:
         raise Invalid("invalid_request", "ip: not an IPv4 or IPv6 address")
     if body.get("environment") not in (None, "live", "test"):

@@ -26,7 +26,7 @@ class BodyLimitMiddleware:
     behind this layer, the framework's, the fast path's and a route's own, only ever sees
     a body within both bounds: a deeply nested document cannot reach a recursive parser
     (the standard library's gives up with ``RecursionError`` near 1,000 levels). A form is
-    not JSON: its brackets are data.
+    not JSON: its brackets are data; nor is a body ``/authz`` is sent, which it never reads.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> None:
@@ -66,7 +66,7 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if not form and json_nests_deeper(body, self.max_depth):
+        if not form and json_nests_deeper(body, self.max_depth) and not _unparsed(scope):
             await send_json(send, 400, too_deep_body(self.max_depth))
             return
         whole: Message = {"type": "http.request", "body": body, "more_body": False}
@@ -74,6 +74,13 @@ class BodyLimitMiddleware:
 
 
 _STRUCTURE = re.compile(rb'[\[\]{}"\\]')
+
+
+def _unparsed(scope: Scope) -> bool:
+    """``/authz`` never reads a body: one a proxy sends along (Envoy's ``with_request_body``)
+    is the upstream's to judge, and a 400 from /authz is a 500 to the proxy's client."""
+    path: str = scope["path"]
+    return path == "/authz" or path.startswith("/authz/")
 
 
 def json_nests_deeper(body: bytes, limit: int) -> bool:

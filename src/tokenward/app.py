@@ -263,7 +263,11 @@ def create_app(
     dashboard.install(app)
     if middleware:  # create_asgi puts the same stack around the fast path instead
         app.add_middleware(DurableResponseMiddleware)
-        app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+        app.add_middleware(
+            BodyLimitMiddleware,
+            max_bytes=settings.max_body_bytes,
+            max_depth=settings.max_json_depth,
+        )
         app.add_middleware(RequestContextMiddleware, log_requests=settings.access_log)
     return app
 
@@ -271,7 +275,8 @@ def create_app(
 def create_asgi(settings: Settings | None = None, services: Services | None = None) -> ASGIApp:
     """What the server runs, outermost first::
 
-        request id, security headers and access log → body bound → audit durability
+        request id, security headers and access log → body bounds (size, JSON depth)
+          → audit durability
           → fast path (POST /v1/verify, GET /healthz) → /authz → FastAPI (everything else)
 
     Every route, fast or not, gets the same request id, log line, security headers and the
@@ -281,5 +286,5 @@ def create_asgi(settings: Settings | None = None, services: Services | None = No
     settings = api.state.settings
     app: ASGIApp = FastPath(AuthzMiddleware(api, api), api, settings.max_body_bytes)
     app = DurableResponseMiddleware(app)
-    app = BodyLimitMiddleware(app, max_bytes=settings.max_body_bytes)
+    app = BodyLimitMiddleware(app, settings.max_body_bytes, settings.max_json_depth)
     return RequestContextMiddleware(app, log_requests=settings.access_log)

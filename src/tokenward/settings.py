@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body the API accepts, in bytes."
     )
+    max_json_depth: int = Field(
+        32,
+        ge=2,
+        le=256,
+        description="Deepest nesting of arrays and objects a JSON request body may have.",
+    )
     usage_flush_seconds: float = Field(
         5.0, gt=0, description="How often last-used times and IPs are written."
     )

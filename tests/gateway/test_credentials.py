@@ -140,7 +140,9 @@ async def gateway_with_provider(
         await runner.cleanup()
 
 
-async def test_the_provider_gets_the_key_and_never_the_token(services, admin, tmp_path, monkeypatch):
+async def test_the_provider_gets_the_key_and_never_the_token(
+    services, admin, tmp_path, monkeypatch
+):
     issued = await make_token(services, admin, scopes=["llm:invoke"])
     auth = {"Authorization": f"Bearer {issued.secret}"}
     with structlog.testing.capture_logs() as logs:

@@ -228,7 +228,9 @@ def test_parse_scope_accepts_only_well_formed_text(text):
     assert 1 <= len(segments) <= MAX_SEGMENTS and len(text) <= 128
     for s in segments:
         assert s == "*" or (
-            s.isascii() and s.replace("_", "a").replace(".", "a").replace("-", "a").isalnum()
+            s.isascii()
+            and not s.startswith("/")
+            and s.replace("_", "a").replace(".", "a").replace("-", "a").replace("/", "a").isalnum()
         )
 
 

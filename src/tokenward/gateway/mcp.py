@@ -29,6 +29,7 @@ through event by event; nothing is held but the event being read.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -342,6 +343,57 @@ def exchange(
     route, token = outcome.route, outcome.decision.token
     assert route is not None and route.mcp is not None and token is not None
     return Exchange(enforcement, route.mcp, token, request_id, client_ip, user_agent)
+
+
+#: Seconds between the checks of a token holding a server stream open (``GET``).
+STREAM_RECHECK = 1.0
+
+
+def watch_stream(
+    enforcement: Enforcement,
+    outcome: Outcome,
+    handler: asyncio.Task[Any],
+    *,
+    request_id: str,
+    client_ip: str | None,
+    user_agent: str | None,
+) -> asyncio.Task[None]:
+    """Check the token of an open server stream every :data:`STREAM_RECHECK` seconds; once
+    it is revoked, expired, quarantined or out of uses, audit that and end the stream (by
+    cancelling ``handler``, the request's task). Cancel the returned task when it ends."""
+    route, token, credential = outcome.route, outcome.decision.token, outcome.credential
+    assert route is not None and token is not None and credential is not None
+
+    async def check() -> None:
+        verifier = enforcement.verifier
+        while True:
+            await asyncio.sleep(STREAM_RECHECK)
+            decision = await verifier.verify(
+                credential,
+                scope=outcome.scope,
+                ip=client_ip,
+                project=route.project,
+                environment=route.environment,
+                consume=False,  # a check, not a use: no rate-limit hit, no use spent
+            )
+            if not decision.allowed:
+                await enforcement.events.access(
+                    AccessEvent(
+                        at=verifier.clock(),
+                        source="mcp",
+                        decision=Decision(False, decision.reason, decision.token or token),
+                        request_id=request_id,
+                        client_ip=client_ip,
+                        user_agent=user_agent,
+                        method="GET",
+                        path=route.path,
+                        scope=outcome.scope,
+                    )
+                )
+                handler.cancel()
+                return
+
+    return asyncio.ensure_future(check())
 
 
 def _target(method: str, params: object) -> str:

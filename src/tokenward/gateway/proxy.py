@@ -352,6 +352,18 @@ class Gateway:
                 return exchange.answer
             body, has_body, length = exchange.body, True, len(exchange.body or b"")
             filters.append(exchange)
+        watch = None
+        if route.mcp is not None and method == "GET":  # the server's stream: ends with the token
+            handler = asyncio.current_task()
+            assert handler is not None
+            watch = mcp.watch_stream(
+                enforcement,
+                outcome,
+                handler,
+                request_id=request_id,
+                client_ip=client_ip,
+                user_agent=sent.user_agent or None,
+            )
         if route.upstream.credential is not None:
             filters.append(route.upstream.credential.answer_mask())
         pool = self._pool(route.upstream)
@@ -363,6 +375,8 @@ class Gateway:
         finally:
             if exchange is not None:
                 await exchange.finish()
+            if watch is not None:
+                watch.cancel()
 
     def _head(
         self,

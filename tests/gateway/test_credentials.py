@@ -199,13 +199,16 @@ async def test_each_agent_token_has_its_own_budget(services, admin, tmp_path, mo
     once = await make_token(services, admin, scopes=["llm:invoke"], uses=1)
     async with gateway_with_provider(services, tmp_path, monkeypatch) as (gw, seen, _, _sink):
         auth = {"Authorization": f"Bearer {limited.secret}"}
-        codes = [(await gw.get("/llm/x", headers=auth)).status_code for _ in range(3)]
-        assert codes == [200, 200, 429]
+        answers = [await gw.get("/llm/x", headers=auth) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200, 200, 429]
+        assert int(answers[2].headers["retry-after"]) > 0
         auth = {"Authorization": f"Bearer {once.secret}"}
         assert (await gw.get("/llm/x", headers=auth)).status_code == 200
         r = await gw.get("/llm/x", headers=auth)
         assert r.status_code == 401 and r.json()["reason"] == "uses_exhausted"
     assert len(seen.seen) == 3  # denied requests never reach the provider
+    by_token = [e.decision.token.id for e in _sink.access_events if e.decision.token]
+    assert by_token.count(limited.record.id) == 3 and by_token.count(once.record.id) == 2
 
 
 def test_a_secret_written_in_the_policy_is_refused():

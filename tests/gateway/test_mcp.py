@@ -64,6 +64,10 @@ def files_server() -> MCPServer:
     def secret_prompt() -> str:
         return "hidden"
 
+    @server.resource("notes://today")
+    def notes() -> str:
+        return "the notes"
+
     return server
 
 
@@ -139,6 +143,8 @@ async def test_an_agent_calls_only_the_tools_its_token_names(services, admin, js
         assert "mcp:files:tools/call:delete_records" in denied.value.error.message
         with pytest.raises(MCPError):
             await client.get_prompt("secret_prompt")
+        # a URI holds ':': reading it needs mcp:files:resources/read:*, which AGENT lacks
+        assert (await client.list_resources()).resources == []
     allowed, refused, prompt = mcp_events(sink)
     assert (allowed.method, allowed.path, allowed.scope) == (
         "tools/call",
@@ -215,6 +221,8 @@ async def test_raw_json_rpc_through_the_session_flow(services, admin):
         r = await http.post(url, headers=headers, content=b"{not json")
         assert r.status_code == 400 and r.json()["error"]["code"] == -32700
         r = await http.post(url, headers=headers, json=[])
+        assert r.status_code == 400 and r.json()["error"]["code"] == -32600
+        r = await http.post(url, headers=headers, json=[_request(i, "ping") for i in range(65)])
         assert r.status_code == 400 and r.json()["error"]["code"] == -32600
         # the server's own stream of the session, and its end, pass through
         r = await http.delete(url, headers=headers)
@@ -322,6 +330,18 @@ async def test_denied_tool_calls_are_scope_probing(services, admin):
     )
     assert len(found) == 1
     assert "mcp:files:tools/call:delete_records" in found[0].evidence["scopes_tried"]
+
+
+async def test_a_token_for_every_resource_lists_and_reads_them(services, admin):
+    issued = await make_token(services, admin, scopes=[*AGENT, "mcp:files:resources/read:*"])
+    async with mcp_behind_gateway(services) as (url, sink), session(url, issued.secret) as c:
+        [listed] = (await c.list_resources()).resources
+        assert str(listed.uri) == "notes://today"
+        read = await c.read_resource("notes://today")
+        assert read.contents[0].text == "the notes"
+    [event] = mcp_events(sink)
+    assert (event.method, event.path) == ("resources/read", "notes://today")
+    assert event.scope == "mcp:files:resources/read:*"
 
 
 async def test_an_allowed_call_is_audited_with_its_duration(services, admin):

@@ -220,6 +220,11 @@ async def test_raw_json_rpc_through_the_session_flow(services, admin):
         assert r.json()["error"]["data"]["scope"] == "mcp:files:tools/call:delete_records"
         r = await http.post(url, headers=headers, content=b"{not json")
         assert r.status_code == 400 and r.json()["error"]["code"] == -32700
+        # a repeated key: parsers disagree on which counts, so the message is refused
+        repeated = b'{"jsonrpc":"2.0","id":9,"method":"tools/call","params":'
+        repeated += b'{"name":"search","name":"delete_records","arguments":{}}}'
+        r = await http.post(url, headers=headers, content=repeated)
+        assert r.status_code == 400 and r.json()["error"]["code"] == -32700
         r = await http.post(url, headers=headers, json=[])
         assert r.status_code == 400 and r.json()["error"]["code"] == -32600
         r = await http.post(url, headers=headers, json=[_request(i, "ping") for i in range(65)])

@@ -145,7 +145,7 @@ class Exchange:
     async def decide(self, raw: bytes) -> None:
         """Decide each message of ``raw``; set :attr:`body` or :attr:`answer`."""
         try:
-            parsed = json.loads(raw)
+            parsed = json.loads(raw, object_pairs_hook=_unique_keys)
         except (ValueError, UnicodeDecodeError):
             self.answer = _jsonrpc_answer(400, _error_message(None, -32700, "parse error"))
             return
@@ -394,6 +394,15 @@ def watch_stream(
                 return
 
     return asyncio.ensure_future(check())
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object without repeated keys: parsers disagree on which one counts (the first,
+    the last), so ``{"name": "search", "name": "delete_records"}`` is refused, not read."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a key is repeated")
+    return found
 
 
 def _target(method: str, params: object) -> str:

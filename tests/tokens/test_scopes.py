@@ -177,6 +177,8 @@ def test_scope_set_container_protocol():
         "records:*",
         "v1.2_x-y:read",
         "a" * 64 + ":" + "b" * 63,
+        "mcp:files:tools/call:search",  # MCP method names hold a '/'
+        "mcp:files:resources/read:*",
     ],
 )
 def test_parse_scope_accepts(scope):
@@ -198,7 +200,8 @@ def test_parse_scope_accepts(scope):
         "\nrecords:read",
         "records:r*",
         "records:**",
-        "records/read",
+        "/records:read",
+        "records:/read",
         "récords:read",
         "records:-read",
         "records:.read",
@@ -225,7 +228,9 @@ def test_parse_scope_accepts_only_well_formed_text(text):
     assert 1 <= len(segments) <= MAX_SEGMENTS and len(text) <= 128
     for s in segments:
         assert s == "*" or (
-            s.isascii() and s.replace("_", "a").replace(".", "a").replace("-", "a").isalnum()
+            s.isascii()
+            and not s.startswith("/")
+            and s.replace("_", "a").replace(".", "a").replace("-", "a").replace("/", "a").isalnum()
         )
 
 

@@ -17,6 +17,11 @@
     project = "shop"                # optional: only tokens of this project
     environment = "live"            # optional: only live (or test) tokens
     rate_limit = "10/second;1000/hour"  # optional: per token, on this route
+    mcp = "files"                   # optional: an MCP server; per-tool scopes (docs/agents.md)
+
+An upstream may carry the provider's credential, added to every request the gateway forwards
+(``credential_header`` or ``credential_query``, from ``credential_file`` or ``credential_env``;
+see :mod:`~tokenward.gateway.credentials`).
 
 Routes are tried in file order; the first whose method and path match decides. A request no
 route matches is denied. Every problem is reported with the file, the line and the key, and
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tokenward.gateway import credentials
 from tokenward.tokens.durations import DurationError, parse_rates
 from tokenward.tokens.scopes import ScopeError, parse_scope
 
@@ -62,6 +68,8 @@ class Upstream:
     connect_timeout: float
     timeout: float
     pool_size: int
+    #: the provider's credential the gateway adds to every request (never the client's)
+    credential: credentials.Credential | None = None
     #: scheme://host:port plus the URL's base path: a request path is appended to it
     prefix: str = field(init=False)
 
@@ -84,6 +92,8 @@ class Route:
     project: str | None = None
     environment: str | None = None
     rate_limit: tuple[str, ...] = ()
+    #: an MCP server's name: each JSON-RPC message is decided too (gateway/mcp.py)
+    mcp: str | None = None
     #: the path up to its first ``{name}``: a request path must start with it
     prefix: str = field(init=False)
     #: the route's limit as the verifier counts it (key, windows), if it has one
@@ -134,6 +144,7 @@ class Policy:
                     for route in self.routes
                     if (not route.methods or method in route.methods)
                     and not (proxied and route.upstream is None)
+                    and not (not proxied and route.mcp is not None)  # /authz cannot read bodies
                 )
         self._index = index
 
@@ -293,11 +304,13 @@ def parse_policy(text: str, source: str = "<config>") -> Policy:
     if not isinstance(raw_upstreams, list):
         raise r.fail("upstreams", None, None, "use [[upstreams]] tables")
     for i, raw in enumerate(raw_upstreams):
+        for key in credentials.INLINE_KEYS & (raw.keys() if isinstance(raw, dict) else set()):
+            raise r.fail("upstreams", i, key, credentials.INLINE_PROBLEM)
         u = r.table(
             raw,
             "upstreams",
             i,
-            {"name", "url", "connect_timeout", "timeout", "pool_size"},
+            {"name", "url", "connect_timeout", "timeout", "pool_size", *credentials.KEYS},
             {"name", "url"},
         )
         name = r.string(u, "upstreams", i, "name") or ""
@@ -317,6 +330,7 @@ def parse_policy(text: str, source: str = "<config>") -> Policy:
             connect_timeout=r.number(u, "upstreams", i, "connect_timeout", limits.connect_timeout),
             timeout=r.number(u, "upstreams", i, "timeout", limits.timeout),
             pool_size=int(r.number(u, "upstreams", i, "pool_size", limits.pool_size)),
+            credential=_credential(r, i, u),
         )
 
     routes: list[Route] = []
@@ -326,6 +340,16 @@ def parse_policy(text: str, source: str = "<config>") -> Policy:
     for i, raw in enumerate(raw_routes):
         routes.append(_route(r, i, raw, upstreams))
     return Policy(routes=routes, upstreams=upstreams, limits=limits, source=source)
+
+
+def _credential(r: _Reader, i: int, u: dict[str, Any]) -> credentials.Credential | None:
+    if not credentials.KEYS & u.keys():
+        return None
+    try:
+        return credentials.load_credential(u)
+    except credentials.CredentialError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise r.fail("upstreams", i, key, problem) from None
 
 
 def _route(r: _Reader, i: int, raw: Any, upstreams: dict[str, Upstream]) -> Route:
@@ -342,9 +366,17 @@ def _route(r: _Reader, i: int, raw: Any, upstreams: dict[str, Upstream]) -> Rout
             "project",
             "environment",
             "rate_limit",
+            "mcp",
         },
-        {"path", "methods", "scope"},
+        {"path"} if isinstance(raw, dict) and "mcp" in raw else {"path", "methods", "scope"},
     )
+    mcp_server = r.string(t, "routes", i, "mcp")
+    if mcp_server is not None:  # an MCP server route: GET, POST, DELETE; a base scope
+        if not _NAME.match(mcp_server):
+            raise r.fail("routes", i, "mcp", "letters, digits, '.', '_' and '-' only")
+        if "upstream" not in t:
+            raise r.fail("routes", i, "upstream", "an mcp route needs an upstream")
+        t = {"methods": ["GET", "POST", "DELETE"], "scope": f"mcp:{mcp_server}:connect", **t}
     path = r.string(t, "routes", i, "path") or ""
     if not path.startswith("/"):
         raise r.fail("routes", i, "path", "must start with '/'")
@@ -407,4 +439,5 @@ def _route(r: _Reader, i: int, raw: Any, upstreams: dict[str, Upstream]) -> Rout
         project=r.string(t, "routes", i, "project"),
         environment=environment,
         rate_limit=rate_limit,
+        mcp=mcp_server,
     )

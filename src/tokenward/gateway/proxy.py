@@ -29,6 +29,7 @@ import json
 import socket
 import ssl
 import time
+from typing import Protocol
 
 import structlog
 from aiohttp import web, web_protocol
@@ -38,6 +39,7 @@ from multidict import CIMultiDict
 
 from tokenward.errors import TokenwardError
 from tokenward.events import recorded_header, request_id_from
+from tokenward.gateway import mcp
 from tokenward.gateway.config import Upstream
 from tokenward.gateway.enforce import DUPLICATE_AUTHORIZATION, Enforcement, Outcome
 from tokenward.gateway.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
@@ -329,10 +331,55 @@ class Gateway:
                 # The decision is made: now the client may send the body.
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 request.writer.output_size = 0
-        assert outcome.route is not None and outcome.route.upstream is not None
-        pool = self._pool(outcome.route.upstream)
+        route = outcome.route
+        assert route is not None and route.upstream is not None
+        # Upstream secrets (credentials.py) and MCP servers (mcp.py): a body decided message
+        # by message, and filters on the answer.
+        body: bytes | None = None
+        filters: list[_BodyFilter] = []
+        exchange = None
+        if route.mcp is not None and method == "POST":
+            whole = await _read_whole(request, self.limits.max_request_bytes)
+            if whole is None:
+                return self._too_large(request_id)
+            exchange = mcp.exchange(
+                enforcement,
+                outcome,
+                request_id=request_id,
+                client_ip=client_ip,
+                user_agent=sent.user_agent or None,
+            )
+            await exchange.decide(whole)
+            if exchange.answer is not None:
+                exchange.answer.headers["X-Request-ID"] = request_id
+                return exchange.answer
+            body, has_body, length = exchange.body, True, len(exchange.body or b"")
+            filters.append(exchange)
+        watch = None
+        if route.mcp is not None and method == "GET":  # the server's stream: ends with the token
+            handler = asyncio.current_task()
+            assert handler is not None
+            watch = mcp.watch_stream(
+                enforcement,
+                outcome,
+                handler,
+                request_id=request_id,
+                client_ip=client_ip,
+                user_agent=sent.user_agent or None,
+            )
+        if route.upstream.credential is not None:
+            filters.append(route.upstream.credential.answer_mask())
+        pool = self._pool(route.upstream)
         head = self._head(request, sent, pool, outcome, client_ip, request_id, has_body, length)
-        return await self._forward(request, outcome, pool, head, has_body, length, request_id)
+        try:
+            return await self._forward(
+                request, outcome, pool, head, has_body, length, request_id, body, filters
+            )
+        finally:
+            if exchange is not None:
+                await exchange.finish()
+            if watch is not None:
+                watch.cancel()
 
     def _head(
         self,
@@ -346,14 +393,20 @@ class Gateway:
         length: int | None,
     ) -> bytes:
         """The request line and headers for the upstream, as one piece of bytes."""
+        target = request.raw_path.encode("utf-8", "surrogateescape")
+        forward = sent.forward
+        upstream = outcome.route.upstream if outcome.route is not None else None
+        credential = upstream.credential if upstream is not None else None
+        if credential is not None:  # the provider's key, never the client's (credentials.py)
+            forward, target = credential.apply(forward, target)
         head = [
             request.method.encode("ascii"),
             b" ",
             pool.base_path,
-            request.raw_path.encode("utf-8", "surrogateescape"),
+            target,
             b" HTTP/1.1\r\n",
             pool.host_line,
-            *sent.forward,
+            *forward,
             self.enforcement.identity_lines(outcome),
         ]
         if client_ip:
@@ -385,6 +438,8 @@ class Gateway:
         has_body: bool,
         length: int | None,
         request_id: str,
+        body: bytes | None = None,
+        filters: list[_BodyFilter] | None = None,
     ) -> web.StreamResponse:
         retry = not has_body and request.method in _RETRYABLE
         fresh = False
@@ -397,7 +452,7 @@ class Gateway:
                 return _upstream_unavailable(request_id)
             try:
                 return await self._exchange(
-                    request, outcome, conn, head, has_body, length, request_id
+                    request, outcome, conn, head, has_body, length, request_id, body, filters
                 )
             except UpstreamTimeout:
                 return _upstream_timeout(request_id)
@@ -421,13 +476,16 @@ class Gateway:
         has_body: bool,
         length: int | None,
         request_id: str,
+        body: bytes | None = None,
+        filters: list[_BodyFilter] | None = None,
     ) -> web.StreamResponse:
-        """One request and its answer on ``conn``; the caller releases the connection."""
+        """One request and its answer on ``conn``; the caller releases the connection.
+        ``body``: the request body as already read (else it streams from the client)."""
         timeout = conn.timeout
         head_only = request.method == "HEAD"
         sender: asyncio.Task[None] | None = None
-        if not has_body:
-            conn.begin(head, head_only=head_only, sent=True)
+        if not has_body or body is not None:
+            conn.begin(head + (body or b""), head_only=head_only, sent=True)
         else:
             first = request.content.read_nowait()
             whole = length is not None and len(first) == length
@@ -437,7 +495,7 @@ class Gateway:
                 sender = asyncio.ensure_future(self._send_body(request, conn, first, length))
         try:
             await conn.read_head(timeout)
-            return await self._respond(request, outcome, conn, request_id)
+            return await self._respond(request, outcome, conn, request_id, filters)
         finally:
             if sender is not None and not sender.done():
                 sender.cancel()
@@ -477,7 +535,12 @@ class Gateway:
             conn.fail(UpstreamError("the request body could not be read"))
 
     async def _respond(
-        self, request: web.BaseRequest, outcome: Outcome, conn: Connection, request_id: str
+        self,
+        request: web.BaseRequest,
+        outcome: Outcome,
+        conn: Connection,
+        request_id: str,
+        filters: list[_BodyFilter] | None = None,
     ) -> web.StreamResponse:
         limit = self.limits.max_response_bytes
         headers: CIMultiDict[str] = CIMultiDict()
@@ -501,11 +564,17 @@ class Gateway:
             headers[name_text] = value_text
         headers["X-Request-ID"] = request_id
         timeout = conn.timeout
+        status = conn.status
+        for each in filters or ():
+            status = each.start(status, headers)
         if not conn.complete and length is not None and length <= _SMALL_BODY:
             await conn.read_all(timeout)  # a short answer of known length: read it whole
         if conn.complete:
             # The whole answer is here: status, headers and body in one write.
             body = conn.take() or b""
+            if filters:
+                body = await _through(filters, body, end=True)
+                length = None  # the filters may have changed it
             if len(body) > limit:
                 return _error(
                     502,
@@ -517,9 +586,9 @@ class Gateway:
                 )
             if length is not None and not body:
                 headers["Content-Length"] = str(length)  # HEAD, 304: the length of the entity
-            return web.Response(status=conn.status, body=body, headers=headers)
-        response = web.StreamResponse(status=conn.status, headers=headers)
-        if length is not None:
+            return web.Response(status=status, body=body, headers=headers)
+        response = web.StreamResponse(status=status, headers=headers)
+        if length is not None and not filters:
             response.content_length = length
         await response.prepare(request)
         sent = 0
@@ -529,7 +598,15 @@ class Gateway:
                 if sent > limit:
                     # The status is out: the only honest signal left is a cut connection.
                     raise _BodyTooLarge
+                if filters:
+                    chunk = await _through(filters, chunk)
+                    if not chunk:
+                        continue
                 await response.write(chunk)
+            if filters:
+                rest = await _through(filters, b"", end=True)
+                if rest:
+                    await response.write(rest)
             await response.write_eof()
         except (UpstreamError, _BodyTooLarge):
             conn.fail(UpstreamError("the answer was cut"))
@@ -545,6 +622,37 @@ class Gateway:
         )
         response.force_close()  # the rest of the body is not read
         return response
+
+
+class _BodyFilter(Protocol):
+    """Sees an upstream answer on its way back (an MCP exchange, a credential mask)."""
+
+    def start(self, status: int, headers: CIMultiDict[str]) -> int: ...
+
+    async def feed(self, chunk: bytes) -> bytes: ...
+
+    async def end(self) -> bytes: ...
+
+
+async def _through(filters: list[_BodyFilter], data: bytes, *, end: bool = False) -> bytes:
+    """``data`` through each filter in turn (``end``: and what each still holds)."""
+    for each in filters:
+        data = await each.feed(data) if data else b""
+        if end:
+            data += await each.end()
+    return data
+
+
+async def _read_whole(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The request body, whole, if it has at most ``limit`` bytes (else ``None``)."""
+    parts: list[bytes] = []
+    size = 0
+    async for data in request.content.iter_any():
+        size += len(data)
+        if size > limit:
+            return None
+        parts.append(data)
+    return b"".join(parts)
 
 
 def _cut(request: web.BaseRequest) -> None:

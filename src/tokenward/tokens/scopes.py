@@ -15,7 +15,8 @@ from functools import lru_cache
 
 MAX_SCOPE_LENGTH = 128
 MAX_SEGMENTS = 4
-_SEGMENT = re.compile(r"\*|[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
+#: A segment may hold ``/`` after its first character, for names like MCP's ``tools/call``.
+_SEGMENT = re.compile(r"\*|[A-Za-z0-9_][A-Za-z0-9_./\-]{0,63}")
 
 WILDCARD = "*"
 
@@ -33,7 +34,8 @@ def parse_scope(scope: str) -> tuple[str, ...]:
     for segment in segments:
         if not _SEGMENT.fullmatch(segment):  # fullmatch: "$" would allow a final newline
             raise ScopeError(
-                "scope segments are letters, digits, '_', '.', '-' or a lone '*', separated by ':'"
+                "scope segments are letters, digits, '_', '.', '-', '/' (not first) or a lone '*', "
+                "separated by ':'"
             )
     return segments
 

@@ -111,6 +111,8 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         mode=settings.audit_mode,
         queue_size=settings.audit_queue_size,
         batch_size=settings.audit_batch_size,
+        checkpoint_every=settings.audit_checkpoint_seconds,
+        sqlite_synchronous=settings.audit_sqlite_synchronous,
     )
     events.subscribe(audit)
     metrics = None

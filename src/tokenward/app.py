@@ -181,7 +181,7 @@ async def _prune_audit_forever(services: Services) -> None:
         try:
             result = await prune(services.engine, now - timedelta(days=days), now)
             if result.pruned:
-                log.info("audit_pruned", events=result.pruned, checkpoint=result.checkpoint_seq)
+                log.info("audit_pruned", events=result.pruned, cuts=result.cuts)
         except Exception as exc:
             log.warning("audit_prune_failed", error=type(exc).__name__)
         await asyncio.sleep(3600)

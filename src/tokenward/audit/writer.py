@@ -122,7 +122,8 @@ _pending: ContextVar[Pending | None] = ContextVar("tokenward_audit_pending", def
 
 
 class AuditWriter:
-    """An event sink that appends every event to the hash-chained audit table.
+    """An event sink that appends every event to a hash chain of its own (``chain_id``,
+    drawn when it is made; decision 0021), and checkpoints that chain now and then.
 
     One writer task on the request loop takes whatever is queued and commits it as one
     batch, then settles the batch's one future. No threads: a writer thread would fight the

@@ -378,3 +378,18 @@ async def test_the_single_chain_of_earlier_releases_becomes_the_legacy_chain(fre
         assert count >= 6
     finally:
         await services.close()
+
+
+async def test_the_verify_api_reports_every_chain_and_takes_anchors(services, admin, api):
+    assert services.audit is not None
+    await api.post("/v1/projects", json={"name": "anchored"})
+    body = (await api.get("/v1/audit/verify")).json()
+    assert body["ok"] and [c["chain"] for c in body["chains"]] == [services.audit.chain_id]
+    [head] = body["heads"]
+    again = await api.get("/v1/audit/verify", params={"anchor": head})
+    assert again.status_code == 200 and again.json()["ok"]
+    chain, _, digest = head.split(":")
+    ahead = await api.get("/v1/audit/verify", params={"anchor": f"{chain}:999:{digest}"})
+    assert ahead.json()["problem"] == "truncated"
+    bad = await api.get("/v1/audit/verify", params={"anchor": "nonsense"})
+    assert bad.status_code == 422

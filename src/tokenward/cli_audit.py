@@ -295,8 +295,8 @@ def _print_verify(report: dict[str, Any]) -> None:
             f"[green]ok[/green]: {report['checked']} events in {chains} chain(s) chained intact",
             highlight=False,
         )
-        for head in report["heads"]:
-            out.print(f"head: {escape(head)}", highlight=False)
+        for head in report["heads"]:  # one line each, never wrapped: it is copied back
+            out.print(Text(f"head: {head}"), soft_wrap=True)
 
 
 @audit_app.command("prune")

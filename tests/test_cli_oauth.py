@@ -111,12 +111,16 @@ async def test_exchange_ci_identity(live, issuer, monkeypatch):
     assert json.loads(added.stdout)["claims"] == {"repository": "acme/*"}
     listed = run(live, "trust", "list", "--json")
     assert [p["name"] for p in json.loads(listed.stdout)] == ["deploy"]
+    unnamed = run(live, "token", "exchange", "--identity-env", "CI_OIDC", CI_OIDC=issuer.token())
+    assert unnamed.exit_code == 2 and "give --project" in unnamed.output
     result = run(
         live,
         "token",
         "exchange",
         "--identity-env",
         "CI_OIDC",
+        "--project",
+        "shop",
         "--output",
         "json",
         CI_OIDC=issuer.token(),
@@ -124,13 +128,14 @@ async def test_exchange_ci_identity(live, issuer, monkeypatch):
     assert result.exit_code == 0, result.output
     body = json.loads(result.stdout)
     assert body["scope"] == "records:read" and works(live, body["access_token"])
+    ci = ["token", "exchange", "--identity-env", "CI_OIDC"]
     replay = run(
-        live, "token", "exchange", "--identity-env", "CI_OIDC", CI_OIDC=issuer.token(jti="x1")
+        live, *ci, "--project", "shop", "--audience", "deploy", CI_OIDC=issuer.token(jti="x1")
     )
-    assert replay.exit_code == 0
-    again = run(
-        live, "token", "exchange", "--identity-env", "CI_OIDC", CI_OIDC=issuer.token(jti="x1")
-    )
+    assert replay.exit_code == 0, replay.output
+    both = run(live, *ci, "--project", "shop", "--audience", "shop/deploy", CI_OIDC="x")
+    assert both.exit_code == 2 and "give its name only" in both.output
+    again = run(live, *ci, "--audience", "shop/deploy", CI_OIDC=issuer.token(jti="x1"))
     assert again.exit_code == 1 and "already used" in again.output
     removed = run(live, "trust", "remove", "deploy", "--project", "shop")
     assert removed.exit_code == 0

@@ -108,9 +108,14 @@ async def test_identity_token_source(live, issuer):
             "scopes": ["admin:read"],
         },
     )
-    auth = TokenwardAuth(live.url, identity_token=issuer.token)
+    auth = TokenwardAuth(live.url, identity_token=issuer.token, project="shop")
     with httpx.Client(auth=auth, base_url=live.url) as http:
         assert http.get("/v1/projects").status_code == 200
+    assert TokenwardAuth(live.url, identity_token="x", project="a", audience="b").audience == "a/b"
+    with pytest.raises(ValueError, match="give project="):
+        TokenwardAuth(live.url, identity_token=issuer.token)
+    with pytest.raises(ValueError, match="one of its policies"):
+        TokenwardAuth(live.url, identity_token="x", project="a", audience="b/c")
 
 
 async def test_refused_credential_raises(live):

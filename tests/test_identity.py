@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
+import pytest
 from joserfc.jwk import ECKey, OctKey
 
 from tokenward.oauth.exchange import GRANT_EXCHANGE, TYPE_ID_TOKEN
@@ -29,7 +30,10 @@ async def trust(api, issuer, project="shop", **fields):
     return response.json()
 
 
-async def ci_exchange(api, id_token, **form):
+async def ci_exchange(api, id_token, audience="shop", **form):
+    """Exchange a CI identity token into the project ``audience`` names (None: none named)."""
+    if audience is not None:
+        form["audience"] = audience
     return await api.post(
         "/v1/token",
         data={
@@ -131,7 +135,7 @@ CLAIM_CASES = [
     ({"nbf": int(time.time()) + 600}, "not valid yet"),
     ({"iat": int(time.time()) + 600}, "future"),
     ({"jti": None}, "no jti"),
-    ({"iss": "https://unknown.example"}, "no trust policy accepts"),
+    ({"iss": "https://unknown.example"}, "accepts identity tokens of this issuer"),
 ]
 
 
@@ -180,13 +184,72 @@ async def test_scope_and_lifetime_are_bounded_by_the_policy(api, issuer):
     assert ok["expires_in"] <= 600 and "refresh_token" not in ok
 
 
-async def test_several_matching_policies_need_an_audience(api, issuer):
+async def test_several_matching_policies_of_a_project_need_a_name(api, issuer):
     await trust(api, issuer)
-    await trust(api, issuer, name="read-only", scopes=["records:read"])
+    read_only = await trust(api, issuer, name="read-only", scopes=["records:read"])
     ambiguous = await ci_exchange(api, issuer.token())
-    assert "several trust policies" in ambiguous.json()["message"]
-    chosen = await ci_exchange(api, issuer.token(), audience="read-only")
+    assert "several trust policies of this project" in ambiguous.json()["message"]
+    assert "audience=shop/<trust policy>" in ambiguous.json()["message"]
+    chosen = await ci_exchange(api, issuer.token(), audience="shop/read-only")
     assert chosen.status_code == 200 and chosen.json()["scope"] == "records:read"
+    by_id = await ci_exchange(api, issuer.token(), audience=read_only["id"])
+    assert by_id.status_code == 200 and by_id.json()["scope"] == "records:read"
+
+
+@pytest.mark.parametrize("first", ["victim", "intruder"])
+async def test_another_projects_trust_policy_never_interferes(api, services, issuer, first):
+    """Tenant isolation: a project's admin trusting the very same identities (same issuer,
+    audience and claims, or a ``*`` claim), created before or after, changes nothing for
+    another project's exchanges, which only ever look at their own project's policies."""
+    victim = {"project": "shop", "scopes": ["records:read"]}
+    intruders = [
+        {"project": "evil", "name": "deploy", "scopes": ["files:read"]},
+        {"project": "evil", "name": "any", "claims": {"repository": "*"}, "scopes": ["x:y"]},
+    ]
+    order = [victim, *intruders] if first == "victim" else [*intruders, victim]
+    for fields in order:
+        await trust(api, issuer, **fields)
+    for audience in ("shop", "shop/deploy"):
+        response = await ci_exchange(api, issuer.token(), audience=audience)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["scope"] == "records:read"
+        record = (await services.verifier.verify(body["access_token"])).token
+        assert record.project == "shop"
+    # Unnamed, the exchange is refused for want of a project, never judged against another
+    # project's policies ("several trust policies match" was the finding).
+    unnamed = (await ci_exchange(api, issuer.token(), audience=None)).json()
+    assert unnamed["error"] == "invalid_request" and "several" not in unnamed["message"]
+    # Another project's policy cannot be reached through this project's name.
+    for audience in ("shop/any", "shop/nope"):
+        response = await ci_exchange(api, issuer.token(), audience=audience)
+        assert response.status_code == 400 and response.json()["error"] == "invalid_grant"
+    # The other project gets its own tokens only when it is named (its admin's choice).
+    theirs = await ci_exchange(api, issuer.token(), audience="evil/deploy")
+    assert theirs.status_code == 200 and theirs.json()["scope"] == "files:read"
+
+
+async def test_an_identity_exchange_names_its_project(api, issuer, events):
+    await trust(api, issuer)
+    for audience in (None, ""):
+        unnamed = await ci_exchange(api, issuer.token(), audience=audience)
+        assert unnamed.status_code == 400, unnamed.text
+        assert unnamed.json()["error"] == "invalid_request"
+        assert "name the project" in unnamed.json()["message"]
+    for audience in ("shop/deploy/x", "shop/Deploy", "a b", "/deploy", "shop/"):
+        bad = await ci_exchange(api, issuer.token(), audience=audience)
+        assert bad.status_code == 400 and bad.json()["error"] == "invalid_request", audience
+        assert "audience must be" in bad.json()["message"]
+    # A project that does not exist and one without a policy for the issuer look the same.
+    await api.post("/v1/projects", json={"name": "other"})
+    answers = set()
+    for audience in ("nowhere", "other", "trp_" + "A" * 16):
+        response = await ci_exchange(api, issuer.token(), audience=audience)
+        assert response.status_code == 400 and response.json()["error"] == "invalid_grant"
+        answers.add(response.json()["message"])
+    assert answers == {"no trust policy of this project accepts identity tokens of this issuer"}
+    denied = [e for e in events.access_events if e.source == "token_endpoint"]
+    assert denied and not any(e.decision.allowed for e in denied)
 
 
 async def test_issuer_down_fails_closed(api, issuer):

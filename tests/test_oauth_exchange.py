@@ -161,14 +161,56 @@ async def test_refresh_rotates_and_reuse_revokes_the_family(api, services, event
     assert len(alerts[0].evidence["revoked_token_ids"]) == 6
 
 
-async def test_concurrent_refreshes_within_grace_both_succeed(api, services, events):
+async def test_racing_refreshes_within_grace_get_one_successor(api, services, events):
+    """Five presenters of one refresh token at once: one new pair, four refusals; the family
+    lives on (a race, not a theft) and no alarm is raised."""
     key = await api_key(api)
     first = (await exchange(api, key["token"])).json()
-    results = await asyncio.gather(*[refresh(api, first["refresh_token"]) for _ in range(3)])
-    assert [r.status_code for r in results] == [200, 200, 200], [r.text for r in results]
-    tokens = {r.json()["refresh_token"] for r in results}
-    assert len(tokens) == 3
+    before = await _family_size(services, first["token_id"])
+    results = await asyncio.gather(*[refresh(api, first["refresh_token"]) for _ in range(5)])
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200, 400, 400, 400, 400], [r.text for r in results]
+    [winner] = [r.json() for r in results if r.status_code == 200]
+    for refused in (r.json() for r in results if r.status_code == 400):
+        assert refused["error"] == "invalid_grant" and "a moment ago" in refused["message"]
+    assert await _family_size(services, first["token_id"]) == before + 2  # one pair
     assert not [e for e in events.security_events if e.kind == "refresh_token_reuse"]
+    refusals = [e for e in events.access_events if e.decision.reason.value == "already_refreshed"]
+    assert len(refusals) == 4  # audited as a race, not as a rotated (leaked) token
+    # The family is untouched: the earlier access token and the one successor still work.
+    assert (await services.verifier.verify(first["access_token"])).allowed
+    assert (await services.verifier.verify(winner["access_token"])).allowed
+    assert (await refresh(api, winner["refresh_token"])).status_code == 200
+
+
+async def test_refresh_reuse_within_grace_mints_nothing(api, services, events):
+    key = await api_key(api)
+    first = (await exchange(api, key["token"])).json()
+    assert (await refresh(api, first["refresh_token"])).status_code == 200
+    size = await _family_size(services, first["token_id"])
+    for _ in range(4):  # within the 10 s grace, one after the other
+        again = await refresh(api, first["refresh_token"])
+        assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
+    assert await _family_size(services, first["token_id"]) == size
+    assert not [e for e in events.security_events if e.kind == "refresh_token_reuse"]
+    # After the grace it is reuse: the family is revoked.
+    now = services.verifier.clock()
+    services.verifier.clock = lambda: now + timedelta(seconds=30)
+    late = await refresh(api, first["refresh_token"])
+    assert "family is revoked" in late.json()["message"]
+    assert len([e for e in events.security_events if e.kind == "refresh_token_reuse"]) == 1
+
+
+async def _family_size(services, token_id):
+    """How many tokens the family of ``token_id`` has."""
+    from sqlalchemy import func, select
+
+    from tokenward.store.tables import tokens
+
+    family = (await services.store.get_token(token_id)).family_id
+    async with services.engine.connect() as conn:
+        query = select(func.count()).select_from(tokens).where(tokens.c.family_id == family)
+        return (await conn.execute(query)).scalar()
 
 
 async def test_refresh_errors(api, services):

@@ -23,7 +23,7 @@ from tokenward.api import admin, health, oauth, observability, verification
 from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
 from tokenward.api.errors import install_error_handlers
-from tokenward.api.fastpath import FastPath
+from tokenward.api.fastpath import FastPath, HotPath
 from tokenward.api.middleware import (
     BodyLimitMiddleware,
     RequestContextMiddleware,
@@ -34,7 +34,6 @@ from tokenward.audit.writer import DurableResponseMiddleware
 from tokenward.events import EventBus
 from tokenward.fanout import Fanout, make_fanout
 from tokenward.gateway import Enforcement, build_enforcement
-from tokenward.gateway.authz import AuthzMiddleware
 from tokenward.limits import RateLimiter
 from tokenward.logs import access_log, configure_logging
 from tokenward.metrics import Metrics
@@ -265,7 +264,11 @@ def create_app(
     dashboard.install(app)
     if middleware:  # create_asgi puts the same stack around the fast path instead
         app.add_middleware(DurableResponseMiddleware)
-        app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+        app.add_middleware(
+            BodyLimitMiddleware,
+            max_bytes=settings.max_body_bytes,
+            max_depth=settings.max_json_depth,
+        )
         app.add_middleware(RequestContextMiddleware, log_requests=settings.access_log)
     return app
 
@@ -273,15 +276,24 @@ def create_app(
 def create_asgi(settings: Settings | None = None, services: Services | None = None) -> ASGIApp:
     """What the server runs, outermost first::
 
-        request id, security headers and access log → body bound → audit durability
-          → fast path (POST /v1/verify, GET /healthz) → /authz → FastAPI (everything else)
+        hot path: POST /v1/verify and /authz, each in one layer (api/fastpath.py)
+        everything else: request id, security headers and access log
+          → body bounds (size, JSON depth) → audit durability
+          → GET /healthz → FastAPI
 
-    Every route, fast or not, gets the same request id, log line, security headers and the
-    promise that its response starts only once its audit events are durable.
+    Every route, hot or not, gets the same request id, log line, security headers, body
+    bounds and the promise that its response starts only once its audit events are durable.
     """
     api = create_app(settings, services, middleware=False)
     settings = api.state.settings
-    app: ASGIApp = FastPath(AuthzMiddleware(api, api), api, settings.max_body_bytes)
+    app: ASGIApp = FastPath(api)
     app = DurableResponseMiddleware(app)
-    app = BodyLimitMiddleware(app, max_bytes=settings.max_body_bytes)
-    return RequestContextMiddleware(app, log_requests=settings.access_log)
+    app = BodyLimitMiddleware(app, settings.max_body_bytes, settings.max_json_depth)
+    app = RequestContextMiddleware(app, log_requests=settings.access_log)
+    return HotPath(
+        app,
+        api,
+        max_body_bytes=settings.max_body_bytes,
+        max_json_depth=settings.max_json_depth,
+        log_requests=settings.access_log,
+    )

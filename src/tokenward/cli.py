@@ -301,6 +301,14 @@ def serve(
         ),
     ] = None,
     gateway_port: GatewayPort = 8081,
+    workers: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TOKENWARD_WORKERS",
+            help="Server processes on the same ports: a number or 'auto' (one per core).",
+            show_default="1",
+        ),
+    ] = None,
 ) -> None:
     """Run the server (admin API, verification API, /authz, /healthz; gateway with --config).
 
@@ -324,8 +332,13 @@ def serve(
         allow_insecure_http=allow_insecure_http or None,
         gateway_config=config,
         gateway_port=gateway_port,
+        workers=workers,
     )
     configure_logging(settings.log_level)
+    processes = settings.worker_count
+    problem = settings.workers_problem()
+    if problem is not None:
+        fail(problem, 2)
     routes = 0
     if settings.gateway_config is not None:
         from tokenward.gateway import ConfigError, load_policy
@@ -383,6 +396,8 @@ def serve(
         f"  health:    {base}/healthz\n"
         f"  CLI:       export TOKENWARD_URL={base} TOKENWARD_ADMIN_TOKEN=<admin token>"
     )
+    if processes > 1:
+        banner += f"\n  workers:   {processes} processes"
     if gateway is not None:
         banner += (
             f"\n  gateway:   {scheme}://{shown}:{settings.gateway_port} "
@@ -401,13 +416,26 @@ def serve(
     if gateway is not None:
         from tokenward.gateway.serve import run, serve_with_gateway
 
-        run(serve_with_gateway(settings, api_socket=listener, gateway_socket=gateway, **options))
-        return
-    server = uvicorn.Server(uvicorn.Config(create_asgi(settings), host=host, port=port, **options))
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run(sockets=[listener])
-    if not server.started:
-        raise typer.Exit(3)  # as uvicorn.run does when the application cannot start
+        def serve_one() -> None:
+            run(
+                serve_with_gateway(settings, api_socket=listener, gateway_socket=gateway, **options)
+            )
+    else:
+
+        def serve_one() -> None:
+            server = uvicorn.Server(
+                uvicorn.Config(create_asgi(settings), host=host, port=port, **options)
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                server.run(sockets=[listener])
+            if not server.started:
+                raise typer.Exit(3)  # as uvicorn.run does when the application cannot start
+
+    if processes > 1:
+        from tokenward.server import run_workers
+
+        raise typer.Exit(run_workers(processes, serve_one))
+    serve_one()
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -86,8 +86,16 @@ def token_exchange(
         str | None,
         typer.Option(help="Fetch this GitHub Actions job's OIDC token for this audience."),
     ] = None,
+    project: Annotated[
+        str | None,
+        typer.Option(help="With a CI identity: the project the tokens are for (required)."),
+    ] = None,
     audience: Annotated[
-        str | None, typer.Option(help="Trust policy to use when several match.")
+        str | None,
+        typer.Option(
+            help="With a CI identity: the trust policy of --project to use when several match "
+            "(or, alone, project/policy or a trust policy id)."
+        ),
     ] = None,
     output: OutputOpt = None,
     env_name: EnvNameOpt = "TOKENWARD_TOKEN",
@@ -120,6 +128,19 @@ def token_exchange(
             2,
             as_json=as_json,
             error="missing_credential",
+        )
+    if project and audience and ("/" in audience or audience.startswith("trp_")):
+        fail("--audience names a policy of --project: give its name only", 2, as_json=as_json)
+    if project and audience:
+        audience = f"{project}/{audience}"
+    elif project:
+        audience = project
+    if identity is not None and not audience:
+        fail(
+            "a CI identity is exchanged into one project: give --project",
+            2,
+            as_json=as_json,
+            error="missing_project",
         )
     url = os.environ.get("TOKENWARD_URL", "http://127.0.0.1:8080")
     body = call(
@@ -223,7 +244,7 @@ def project_policy(
 @trust_app.command("add")
 def trust_add(
     project: Annotated[str, typer.Option(help="Project name.")],
-    name: Annotated[str, typer.Option(help="Policy name (used as 'audience' to pick it).")],
+    name: Annotated[str, typer.Option(help="Policy name (--audience picks it on exchange).")],
     issuer: Annotated[str, typer.Option(help="OIDC issuer URL (https).")],
     audience: Annotated[str, typer.Option(help="The 'aud' the identity token must carry.")],
     claim: Annotated[

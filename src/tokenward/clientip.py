@@ -64,6 +64,13 @@ class ClientIPResolver:
     def is_trusted(self, address: IPAddress) -> bool:
         return any(address in net for net in self.trusted if net.version == address.version)
 
+    def trusts(self, peer: str | None) -> bool:
+        """Whether ``peer`` (a socket peer as the server gives it) is a trusted proxy."""
+        if not self.trusted or peer is None:
+            return False
+        address = _address(peer)
+        return address is not None and self.is_trusted(address)
+
     def resolve(self, peer: str | None, forwarded_for: Iterable[str] = ()) -> str | None:
         if peer is None:
             return None

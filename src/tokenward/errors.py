@@ -14,11 +14,16 @@
 
 The API turns each into ``{"error": code, "message": message}`` with its status. Messages
 never contain a presented secret.
+
+A secret typed into a text that would be stored (a name, a reason, a note, a URL) is refused
+with ``400 token_in_field`` by :func:`refuse_pasted_tokens`, wherever it is typed.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
+
+from tokenward.tokens.format import texts_hold_token
 
 
 class TokenwardError(Exception):
@@ -70,3 +75,19 @@ class TooManyRequests(TokenwardError):
 
 class Unavailable(TokenwardError):
     status = 503
+
+
+def refuse_pasted_tokens(**fields: object) -> None:
+    """Refuse text that holds a token (``400 token_in_field``): a secret pasted into a name,
+    a reason, a note or a URL would be stored, logged and shown in clear.
+
+    Values may be text or JSON-like data (every string in it, keys included, is read);
+    a token is found glued to other text and through percent-encoding
+    (:func:`~tokenward.tokens.format.holds_token`). The message names the field, never
+    what was in it.
+    """
+    for name, value in fields.items():
+        if texts_hold_token(value):
+            raise BadRequest(
+                "token_in_field", f"{name} contains a tokenward token; tokens are never stored"
+            )

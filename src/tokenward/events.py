@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from tokenward.tokens.format import holds_token, redact_tokens
 from tokenward.verify import Decision
 
 
@@ -123,6 +125,28 @@ _REQUEST_IDS = IdSource("req_", 8)
 def new_request_id() -> str:
     """``req_``, 16 random hex digits per process, and a counter (8 hex digits or more)."""
     return f"{_REQUEST_IDS.prefix}{next(_REQUEST_IDS.counter):08x}"
+
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id_from(sent: str | None) -> str:
+    """The request id a client sent (``X-Request-ID``), if it is sane and holds no token
+    (it is logged, audited and echoed); else a new one."""
+    if sent and _SANE_REQUEST_ID.fullmatch(sent) and not holds_token(sent):
+        return sent
+    return new_request_id()
+
+
+def recorded_header(value: bytes | str | None, size: int = 256) -> str | None:
+    """A header's value as tokenward records it (user agent, …): at most ``size``
+    characters, with every token-shaped string cut out before it is cut to size."""
+    if value is None:
+        return None
+    text = value[: 4 * size]
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    return redact_tokens(text)[:size]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,14 @@ import atexit
 import json
 import logging
 import sys
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import structlog
+
+from tokenward.tokens.format import redact_all, redact_tokens
 
 
 class AccessLogSink:
@@ -41,6 +44,9 @@ class AccessLogSink:
         if not self.enabled:
             return
         stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        for name, value in fields.items():
+            if type(value) is str:
+                fields[name] = redact_tokens(value)
         entry = {"event": "request", "level": "info", "timestamp": stamp, **fields}
         try:
             self._buffer += orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
@@ -84,6 +90,19 @@ class AccessLogSink:
 access_log = AccessLogSink()
 
 
+def redact_event(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor: no token-shaped string in any value of a log line, however
+    it got there (one rule with what is stored, :func:`~tokenward.tokens.format.holds_token`)."""
+    for name, value in event.items():
+        if isinstance(value, str) and ("tw" in value or "%" in value):
+            event[name] = redact_tokens(value)
+        elif isinstance(value, dict | list | tuple):
+            event[name] = redact_all(value)
+    return event
+
+
 def configure_logging(level: str = "info") -> None:
     logging.basicConfig(
         format="%(message)s", stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO)
@@ -92,6 +111,7 @@ def configure_logging(level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            redact_event,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.JSONRenderer(),

@@ -5,13 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+log = structlog.get_logger("tokenward.server")
 
 
 class InsecureBind(ValueError):
@@ -264,3 +270,74 @@ def http_protocol() -> type:
                 self.transport.close()
 
     return HttpProtocol
+
+
+#: seconds a worker has to finish its requests and flush its audit events after SIGTERM
+WORKER_STOP_SECONDS = 30.0
+#: a worker that dies this soon after it started, this many times in a row, stops them all
+WORKER_EARLY_DEATH_SECONDS = 5.0
+WORKER_EARLY_DEATHS = 3
+
+
+def run_workers(count: int, serve_one: Callable[[], None]) -> int:
+    """Run ``serve_one`` in ``count`` forked processes on the sockets the caller bound, and
+    supervise them; the exit code for the command.
+
+    Each worker is a replica of its own (services, cache, audit chain), sharing the listening
+    sockets it inherits; the kernel hands each new connection to one of them. SIGINT or
+    SIGTERM is passed on to every worker, which stops gracefully (finishes its requests,
+    flushes its audit events); past :data:`WORKER_STOP_SECONDS` it is killed. A worker that
+    dies is started again; one that keeps dying at start stops the server (exit 3).
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    stopping = False
+    early_deaths = 0
+    workers: dict[int, tuple[Any, float]] = {}
+
+    def start(slot: int) -> None:
+        process = context.Process(target=_worker_main, args=(serve_one,), name=f"worker-{slot}")
+        process.start()
+        workers[slot] = (process, time.monotonic())
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for slot in range(count):
+            start(slot)
+        while not stopping:
+            time.sleep(0.2)
+            for slot, (process, started) in list(workers.items()):
+                if process.is_alive() or stopping:
+                    continue
+                early = time.monotonic() - started < WORKER_EARLY_DEATH_SECONDS
+                early_deaths = early_deaths + 1 if early else 0
+                log.error("worker_exited", worker=slot, pid=process.pid, code=process.exitcode)
+                if early_deaths >= WORKER_EARLY_DEATHS:
+                    log.error("workers_failing_at_start", deaths=early_deaths)
+                    stopping = True
+                    break
+                start(slot)
+        for process, _ in workers.values():
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        for process, _ in workers.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 3 if early_deaths >= WORKER_EARLY_DEATHS else 0
+
+
+def _worker_main(serve_one: Callable[[], None]) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)  # the server installs its own
+    serve_one()

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tokenward.errors import Forbidden, Invalid, NotFound
+from tokenward.errors import Forbidden, Invalid, NotFound, refuse_pasted_tokens
 from tokenward.events import AdminEvent, EventBus, current_request
 from tokenward.store.repository import GrantLink, Project, TokenStore
 from tokenward.tokens.durations import MAX_DURATION
 from tokenward.tokens.format import (
     Environment,
-    find_tokens,
     generate_token,
     new_public_id,
     token_hint,
@@ -68,6 +67,9 @@ class TokenSpec:
     not_before: datetime | None = None
     ip_allowlist: list[str] = field(default_factory=list)
     rate_limit: list[str] = field(default_factory=list)
+    #: the counter ``rate_limit`` is counted on (``None``: the new token's own id); a grant
+    #: passes its subject's, so a lineage shares one budget
+    rate_limit_key: str | None = None
     uses: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     family_id: str | None = None
@@ -107,15 +109,6 @@ def normalize_cidrs(cidrs: list[str]) -> list[str]:
                 "invalid_cidr", f"ip_allowlist[{index}] is not an IPv4 or IPv6 address or CIDR"
             ) from None
     return out
-
-
-def refuse_pasted_tokens(**fields: str) -> None:
-    """Refuse text that holds a token: a secret pasted into a label would be stored in clear."""
-    for name, text in fields.items():
-        if find_tokens(text):
-            raise Invalid(
-                "token_in_field", f"{name} contains a tokenward token; tokens are never stored"
-            )
 
 
 def _utc(value: datetime | None, name: str) -> datetime | None:
@@ -243,6 +236,7 @@ class TokenService:
             expires_at=expires_at,
             ip_allowlist=normalize_cidrs(spec.ip_allowlist),
             rate_limit=list(spec.rate_limit),
+            rate_limit_key=spec.rate_limit_key,
             remaining_uses=spec.uses,
             hint=token_hint(secret),
             key_id=self.hasher.current.id,
@@ -410,6 +404,9 @@ class TokenService:
             expires_at=expires_at,
             ip_allowlist=list(old.ip_allowlist),
             rate_limit=list(old.rate_limit),
+            # One budget for a lineage: the successor counts on its predecessor's counter, so
+            # the two secrets working during the grace do not double the rate.
+            rate_limit_key=old.rate_limit_counter,
             remaining_uses=old.remaining_uses,
             rotated_from=old.id,
             hint=token_hint(secret),
@@ -436,6 +433,7 @@ class TokenService:
         self, actor: TokenRecord | None, token_id: str, reason: str
     ) -> TokenRecord:
         """Suspend a token (reversibly); ``actor`` is ``None`` for anomaly handling."""
+        refuse_pasted_tokens(reason=reason)
         if actor is not None:
             await self.get_token(actor, token_id)
         record = await self.store.set_quarantine(token_id, self.now, reason[:300])
@@ -450,6 +448,7 @@ class TokenService:
 
     async def release_token(self, actor: TokenRecord, token_id: str, note: str = "") -> TokenRecord:
         """Lift a quarantine: the token works again."""
+        refuse_pasted_tokens(note=note)
         old = await self.get_token(actor, token_id)
         record = await self.store.set_quarantine(token_id, None, None)
         assert record is not None

@@ -20,6 +20,7 @@ from tokenward.tokens.hashing import MIN_KEY_BYTES, ServerKey, TokenHasher
 
 KEY_FILE_NAME = "secret.key"
 DB_FILE_NAME = "tokenward.db"
+MAX_WORKERS = 64
 
 
 class Settings(BaseSettings):
@@ -59,6 +60,12 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body the API accepts, in bytes."
+    )
+    max_json_depth: int = Field(
+        32,
+        ge=2,
+        le=256,
+        description="Deepest nesting of arrays and objects a JSON request body may have.",
     )
     usage_flush_seconds: float = Field(
         5.0, gt=0, description="How often last-used times and IPs are written."
@@ -136,6 +143,11 @@ class Settings(BaseSettings):
     gateway_port: int = Field(
         8081, ge=0, le=65535, description="Port of the built-in gateway (with a route policy file)."
     )
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="Server processes on the same ports: a number or auto (one per core); "
+        "more than 1 needs PostgreSQL and Redis.",
+    )
     trusted_proxies: str = Field(
         "",
         description="Comma-separated CIDRs of proxies whose X-Forwarded-For is believed; "
@@ -146,6 +158,16 @@ class Settings(BaseSettings):
         description="Failed authentications per client IP before it gets 429 (several windows: "
         "10/second;100/hour); empty to disable.",
     )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_in_range(cls, value: object) -> int | str:
+        if value == "auto":
+            return "auto"
+        text = str(value).strip()
+        if isinstance(value, int | str) and text.isdigit() and 1 <= int(text) <= MAX_WORKERS:
+            return int(text)
+        raise ValueError(f"must be auto or a number from 1 to {MAX_WORKERS}")
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -268,6 +290,35 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{self.data_dir / DB_FILE_NAME}"
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` as a number: ``auto`` is the cores this process may run on."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
+
+    def workers_problem(self) -> str | None:
+        """Why ``worker_count`` processes cannot share this configuration, or ``None``.
+
+        Workers are replicas on one machine: they share rate limits and revocations through
+        Redis and their state through a database every process can write at once.
+        """
+        if self.worker_count <= 1:
+            return None
+        missing = []
+        if not self.resolved_database_url.startswith("postgresql"):
+            missing.append("PostgreSQL (TOKENWARD_DATABASE_URL)")
+        if not self.redis_url:
+            missing.append("Redis (TOKENWARD_REDIS_URL)")
+        if not missing:
+            return None
+        return (
+            f"--workers {self.worker_count} needs {' and '.join(missing)}: on the embedded "
+            "default each process would keep its own rate-limit counters and revocation "
+            "cache, so limits would multiply and a revocation would not reach the others; "
+            "use one process, or PostgreSQL and Redis"
+        )
 
     @property
     def key_file(self) -> Path:

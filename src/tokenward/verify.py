@@ -51,6 +51,10 @@ STATUS_BY_REASON: dict[Reason, int] = {
 #: is denied ``unavailable``: a cache miss against a database that hangs is answered 503
 #: within this bound, not when the driver gives up.
 STORE_TIMEOUT = 3.0
+#: reads of one token a cache fill makes when the token keeps changing while it is read
+RELOADS = 3
+#: invalidations remembered for reads in flight before the oldest are forgotten
+EPOCH_HISTORY = 65_536
 
 
 async def bounded(awaitable: Awaitable[T], limit: float | None) -> T:
@@ -143,6 +147,13 @@ class Verifier:
     The cache is a safety net, not the source of truth: every change to a token (revoke,
     rotate) calls :meth:`invalidate` before the change is acknowledged, so a revoked token is
     never served from this process's cache after the revoke call returns.
+
+    A change wins over any store read that started before it. Each invalidation is numbered
+    (an *epoch*); a load remembers the epoch it started at and, when the token it read was
+    invalidated meanwhile (by id, by project or by a :meth:`clear`), reads the store again
+    instead of caching what may be the state from before the change. Without this, a read in
+    flight when the revoke (or the fan-out message) arrives would put the pre-revoke state in
+    the cache for a whole TTL (docs/decisions/0022-a-change-wins-over-a-read-in-flight.md).
     """
 
     def __init__(
@@ -167,9 +178,15 @@ class Verifier:
         self._cache: dict[str, _Entry] = {}
         self._hash_by_id: dict[str, str] = {}
         self._seen: dict[str, tuple[datetime, str | None]] = {}
-        #: switched off by the revocation fan-out while it is not subscribed (fail safe)
-        self.cache_enabled = True
+        self._cache_enabled = True
         self._loading: dict[str, asyncio.Future[_Entry | None]] = {}
+        #: invalidation epochs: the counter, and the last epoch of each token id, project and
+        #: clear (kept only while a load that started before them may still be in flight)
+        self._epoch = 0
+        self._changed: dict[str, int] = {}
+        self._project_changed: dict[str, int] = {}
+        self._cleared = 0
+        self._load_started: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
         #: checks proofs for DPoP-bound tokens (replaced by a Redis-backed one when configured)
@@ -277,14 +294,16 @@ class Verifier:
             return Decision(True, Reason.OK, record, None, record.remaining_uses)
         if record.rate_limit:
             try:
-                ratelimit = await self.limiter.hit(record.id, tuple(record.rate_limit))
+                counter = record.rate_limit_counter  # shared by the token's lineage
+                ratelimit = await self.limiter.hit(counter, tuple(record.rate_limit))
             except Unavailable:
                 return Decision(False, Reason.UNAVAILABLE, record)
             if not ratelimit.allowed:
                 return Decision(False, Reason.RATE_LIMITED, record, ratelimit)
         if route_limit is not None:
             try:
-                route_rate = await self.limiter.hit(f"{route_limit[0]}:{record.id}", route_limit[1])
+                route_key = f"{route_limit[0]}:{record.rate_limit_counter}"
+                route_rate = await self.limiter.hit(route_key, route_limit[1])
             except Unavailable:
                 return Decision(False, Reason.UNAVAILABLE, record)
             if not route_rate.allowed:
@@ -305,6 +324,21 @@ class Verifier:
             record.remaining_uses = remaining = left
         self._seen[record.id] = (now, ip)
         return Decision(True, Reason.OK, record, ratelimit, remaining)
+
+    @property
+    def cache_enabled(self) -> bool:
+        """Switched off by the revocation fan-out while it is not subscribed (fail safe).
+
+        Switching it back on forgets everything cached meanwhile: those entries were filled
+        while invalidations could be missed.
+        """
+        return self._cache_enabled
+
+    @cache_enabled.setter
+    def cache_enabled(self, enabled: bool) -> None:
+        if enabled and not self._cache_enabled:
+            self.clear()
+        self._cache_enabled = enabled
 
     def _fresh(self, token_hash: str) -> _Entry | None:
         """The cached entry for ``token_hash`` while it is fresh (and the cache is on)."""
@@ -338,23 +372,67 @@ class Verifier:
 
     async def _load(self, credential: str, token_hash: str) -> _Entry | None:
         hashes = [token_hash] if len(self.hasher.keys) == 1 else self.hasher.candidates(credential)
-        found = await self._guard(self.store.find_by_hash(hashes))
-        if found is None:
-            self._cache.pop(token_hash, None)
-            return None
-        record, _matched = found
-        entry = _Entry(
-            record,
-            parse_networks(record.ip_allowlist),
-            time.monotonic() + self.cache_ttl,
-            parse_networks(record.project_ip_allowlist),
-        )
+        for _ in range(RELOADS):
+            started = self._load_started[token_hash] = self._epoch
+            try:
+                found = await self._guard(self.store.find_by_hash(hashes))
+                changed = found is not None and self._changed_since(found[0], started)
+            finally:
+                del self._load_started[token_hash]
+                if not self._load_started:
+                    self._forget_epochs()
+            if found is None:
+                self._cache.pop(token_hash, None)
+                return None
+            record, _matched = found
+            entry = _Entry(
+                record,
+                parse_networks(record.ip_allowlist),
+                time.monotonic() + self.cache_ttl,
+                parse_networks(record.project_ip_allowlist),
+            )
+            if not changed:
+                break
+            # The token changed while it was read: what was read may be the state from
+            # before the change. Read again; a read that starts now sees the change.
+        else:
+            # Changed again during every read (a flood of changes to one token): answer with
+            # the newest read, but cache nothing from it.
+            return entry
+        if not self._cache_enabled:
+            return entry
         if len(self._cache) >= self.cache_size:
             oldest = next(iter(self._cache))
             self._hash_by_id.pop(self._cache.pop(oldest).record.id, None)
         self._cache[token_hash] = entry
         self._hash_by_id[record.id] = token_hash
         return entry
+
+    def _changed_since(self, record: TokenRecord, epoch: int) -> bool:
+        """Whether ``record`` was invalidated after ``epoch`` (by id, project or a clear)."""
+        if self._epoch == epoch:
+            return False
+        return (
+            self._cleared > epoch
+            or self._changed.get(record.id, 0) > epoch
+            or (
+                record.project_id is not None
+                and self._project_changed.get(record.project_id, 0) > epoch
+            )
+        )
+
+    def _next_epoch(self) -> int:
+        self._epoch += 1
+        if len(self._changed) + len(self._project_changed) > EPOCH_HISTORY:
+            oldest = min(self._load_started.values(), default=self._epoch)
+            self._changed = {k: v for k, v in self._changed.items() if v > oldest}
+            self._project_changed = {k: v for k, v in self._project_changed.items() if v > oldest}
+        return self._epoch
+
+    def _forget_epochs(self) -> None:
+        """No load is in flight: no read can predate an invalidation, so none is kept."""
+        self._changed.clear()
+        self._project_changed.clear()
 
     async def _guard(self, awaitable: Any) -> Any:
         """``awaitable`` (a store call), bounded by ``store_timeout``: a store that fails or
@@ -365,19 +443,26 @@ class Verifier:
             raise Unavailable("store_unavailable", "the token store is unavailable") from exc
 
     def invalidate(self, token_id: str) -> None:
-        """Forget a token's cached state (called on every change to it)."""
+        """Forget a token's cached state (called on every change to it), and make every read
+        of it still in flight read again."""
+        if self._load_started:
+            self._changed[token_id] = self._next_epoch()
         token_hash = self._hash_by_id.pop(token_id, None)
         if token_hash is not None:
             self._cache.pop(token_hash, None)
 
     def invalidate_project(self, project_id: str) -> None:
         """Forget the cached state of every token of a project (its settings changed)."""
+        if self._load_started:
+            self._project_changed[project_id] = self._next_epoch()
         for token_hash, entry in list(self._cache.items()):
             if entry.record.project_id == project_id:
                 self._cache.pop(token_hash, None)
                 self._hash_by_id.pop(entry.record.id, None)
 
     def clear(self) -> None:
+        """Forget every cached token, and make every read still in flight read again."""
+        self._cleared = self._next_epoch()
         self._cache.clear()
         self._hash_by_id.clear()
 

@@ -22,7 +22,7 @@ from tokenward.anomaly.tables import (
     token_networks,
     webhook_deliveries,
 )
-from tokenward.errors import Invalid
+from tokenward.errors import Invalid, refuse_pasted_tokens
 from tokenward.tokens.format import new_public_id
 from tokenward.tokens.hashing import TokenHasher
 
@@ -213,6 +213,7 @@ class AnomalyStore:
         return items, (_cursor(items[-1]) if len(rows) > limit and items else None)
 
     async def acknowledge(self, alert_id: str, by: str, note: str, at: datetime) -> Alert | None:
+        refuse_pasted_tokens(note=note)
         async with self.engine.begin() as conn:
             await conn.execute(
                 update(alerts)
@@ -268,6 +269,7 @@ class AnomalyStore:
     async def add_block(
         self, network: str, reason: str, alert_id: str | None, now: datetime, until: datetime
     ) -> IPBlock:
+        refuse_pasted_tokens(reason=reason)
         block = IPBlock(new_public_id("blk"), network, reason[:300], alert_id, now, until)
         async with self.engine.begin() as conn:
             await conn.execute(
@@ -315,6 +317,7 @@ class AnomalyStore:
     async def put_settings(
         self, scope: str, config: dict[str, Any], sealed_secret: str | None, now: datetime
     ) -> None:
+        refuse_pasted_tokens(settings=config)  # a webhook URL above all
         values = {"config": config, "webhook_secret": sealed_secret, "updated_at": now}
         async with self.engine.begin() as conn:
             result = await conn.execute(

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from sqlalchemy import JSON, Column, Index, Integer, String, Table, Text
 
-from tokenward.store.tables import UTCDateTime, metadata
+from tokenward.store.tables import (
+    RecordedJSON,
+    RecordedText,
+    TypedJSON,
+    TypedText,
+    UTCDateTime,
+    metadata,
+)
 
 alerts = Table(
     "alerts",
@@ -14,15 +21,15 @@ alerts = Table(
     Column("project_id", String(32), nullable=True),
     Column("detector", String(32), nullable=False),
     Column("severity", String(16), nullable=False),
-    Column("summary", String(300), nullable=False),
+    Column("summary", RecordedText(300), nullable=False),
     Column("token_id", String(32), nullable=True),
     Column("client_ip", String(64), nullable=True),
     Column("request_id", String(64), nullable=True),
-    Column("evidence", JSON, nullable=False),
+    Column("evidence", RecordedJSON, nullable=False),
     Column("actions", JSON, nullable=False),
     Column("acknowledged_at", UTCDateTime(), nullable=True),
     Column("acknowledged_by", String(64), nullable=True),
-    Column("ack_note", String(300), nullable=True),
+    Column("ack_note", TypedText(300, "note"), nullable=True),
     Index("ix_alerts_project_created", "project_id", "created_at"),
 )
 
@@ -32,11 +39,11 @@ webhook_deliveries = Table(
     Column("id", String(32), primary_key=True),
     Column("alert_id", String(32), nullable=False),
     Column("project_id", String(32), nullable=True),
-    Column("url", String(2048), nullable=False),
+    Column("url", RecordedText(2048), nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("at", UTCDateTime(), nullable=False),
     Column("status_code", Integer, nullable=True),
-    Column("error", String(300), nullable=True),
+    Column("error", RecordedText(300), nullable=True),
     Column("delivered", Integer, nullable=False),
     Index("ix_webhook_deliveries_alert", "alert_id"),
 )
@@ -46,7 +53,7 @@ ip_blocks = Table(
     metadata,
     Column("id", String(32), primary_key=True),
     Column("network", String(64), nullable=False),
-    Column("reason", String(300), nullable=False),
+    Column("reason", TypedText(300, "reason"), nullable=False),
     Column("alert_id", String(32), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),
@@ -59,7 +66,7 @@ anomaly_settings = Table(
     "anomaly_settings",
     metadata,
     Column("scope", String(32), primary_key=True),
-    Column("config", JSON, nullable=False),
+    Column("config", TypedJSON("settings"), nullable=False),
     Column("webhook_secret", Text, nullable=True),
     Column("updated_at", UTCDateTime(), nullable=False),
 )

@@ -75,6 +75,15 @@ def error_response(status: int, code: str, message: str, **extra: object) -> JSO
     return JSONResponse(body, status, headers=headers)
 
 
+def refusal_in(exc: BaseException) -> TokenwardError | None:
+    """The :class:`TokenwardError` a column's type raised while ``exc``'s statement was
+    prepared (see ``tokenward.store.tables.TypedText``), if any."""
+    for current in _chain(exc):
+        if isinstance(current, TokenwardError):
+            return current
+    return None
+
+
 def is_data_error(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it wraps) is a database data error: SQLSTATE class 22, or
     a value the driver could not encode for the database."""
@@ -163,7 +172,13 @@ def _describe(errors: list[Any]) -> tuple[str, list[dict[str, str]]]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TokenwardError)
-    async def _tokenward(_request: Request, exc: TokenwardError) -> JSONResponse:
+    async def _tokenward(request: Request, exc: TokenwardError) -> Response:
+        if request.url.path.startswith("/dashboard/") and exc.status < 500:
+            # A refusal a dashboard form did not show on its own page (a token in a note)
+            from tokenward.dashboard.web import render
+
+            message = exc.message[:1].upper() + exc.message[1:] + "."
+            return render(request, "error.html", exc.status, title="Not accepted", message=message)
         response = error_response(exc.status, exc.code, exc.message, **exc.extra)
         if exc.status == 503:
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
@@ -188,6 +203,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StatementError)
     async def _database(request: Request, exc: StatementError) -> Response:
+        refused = refusal_in(exc)
+        if refused is not None:  # a column refused a value (a token in a text field)
+            return await _tokenward(request, refused)
         if not is_data_error(exc):
             return _fault(request, exc)
         log.warning("database_data_error", path=request.url.path[:256])

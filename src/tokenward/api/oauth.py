@@ -61,7 +61,12 @@ TOKEN_SCHEMA: dict[str, Any] = {
                         "refresh_token": {"type": "string"},
                         "scope": {"type": "string", "description": "Space-separated scopes."},
                         "expires_in": {"type": "integer", "description": "Wanted lifetime."},
-                        "audience": {"type": "string", "description": "Trust policy name."},
+                        "audience": {
+                            "type": "string",
+                            "description": "With a CI identity token (required): the project "
+                            "the tokens are for (shop), one of its trust policies (shop/deploy) "
+                            "or a trust policy id.",
+                        },
                     },
                 }
             }

@@ -17,6 +17,7 @@ from tokenward.api.auth import (
     client_ip,
 )
 from tokenward.api.errors import error_response
+from tokenward.api.middleware import MAX_JSON_DEPTH, json_nests_deeper, too_deep_message
 from tokenward.clientip import parse_ip
 from tokenward.errors import (
     BadRequest,
@@ -25,6 +26,7 @@ from tokenward.errors import (
     TokenwardError,
     Unauthorized,
     UnsupportedMediaType,
+    refuse_pasted_tokens,
 )
 from tokenward.oauth.clientauth import ClientCredentials, client_credentials, invalid_client
 from tokenward.oauth.dpop import DPoPRequest
@@ -64,7 +66,11 @@ VERIFY_SCHEMA: dict[str, Any] = {
 }
 
 
-def _verify_body(raw: bytes, content_type: str | None = None) -> dict[str, str | None]:
+def _verify_body(
+    raw: bytes, content_type: str | None = None, max_depth: int = MAX_JSON_DEPTH
+) -> dict[str, str | None]:
+    if json_nests_deeper(raw, max_depth):  # read as JSON even when sent as a form
+        raise BadRequest("json_too_deep", too_deep_message(max_depth))
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -84,6 +90,11 @@ def _verify_body(raw: bytes, content_type: str | None = None) -> dict[str, str |
         raise Invalid("invalid_request", f"unknown field(s): {', '.join(names)[:200]}")
     if "token" not in body:
         raise Invalid("invalid_request", "token: field required")
+    # What the caller typed besides the credential and its proof is recorded (the audit
+    # keeps the scope): a token in it is refused, as in every stored text.
+    refuse_pasted_tokens(
+        **{name: value for name, value in body.items() if name not in ("token", "dpop")}
+    )
     for name, value in body.items():
         if value is None and name != "token":
             continue
@@ -121,7 +132,7 @@ async def handle_verify(
         path="/v1/verify",
         audit_allowed=False,
     )
-    body = _verify_body(raw_body, content_type)
+    body = _verify_body(raw_body, content_type, services.settings.max_json_depth)
     decision = await services.verifier.verify(
         body["token"] or "",
         scope=body.get("scope"),

@@ -108,10 +108,11 @@ _FIELDS = tuple(f.name for f in fields(AuditRecord))
 
 
 def _clip(value: str | None, size: int) -> str | None:
-    """At most ``size`` characters that every store accepts (no NUL, no lone surrogate)."""
+    """At most ``size`` characters that every store accepts (no NUL, no lone surrogate),
+    with every token-shaped string cut out first (so that clipping leaves no part of one)."""
     if value is None:
         return None
-    return _clean(value[:size])[:size]
+    return _clean(value[: 4 * size])[:size]
 
 
 def access_row(event: AccessEvent) -> Row:
@@ -147,7 +148,7 @@ def access_row(event: AccessEvent) -> Row:
         principal,
         "access." + source,
         _clip(event.method, 16),
-        _clip(redact_tokens(event.path), 512) if event.path is not None else None,
+        _clip(event.path, 512),
         _clip(event.scope, 128),
         "allow" if decision.allowed else "deny",
         decision.reason.value,
@@ -194,7 +195,7 @@ def normalize(detail: dict[str, Any]) -> dict[str, Any]:
     """Make ``detail`` plain JSON, so what is hashed is exactly what is stored and read.
 
     Strings (keys too) lose what no store takes: a NUL becomes the text ``\\x00``, a lone
-    surrogate the replacement character.
+    surrogate the replacement character; and a token-shaped string is cut to its prefix.
     """
     value: dict[str, Any] = _plain_json(json.loads(json.dumps(detail, default=str)))
     return value
@@ -211,6 +212,9 @@ def _plain_json(value: Any) -> Any:
 
 
 def _clean(text: str) -> str:
+    """``text`` as it may be recorded: no token in it (one rule for every recorded text,
+    :func:`~tokenward.tokens.format.redact_tokens`), no NUL, no lone surrogate."""
+    text = redact_tokens(text)
     if "\x00" in text:
         text = text.replace("\x00", "\\x00")
     if not text.isprintable():

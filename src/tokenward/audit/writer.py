@@ -23,7 +23,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any
 
@@ -544,34 +544,59 @@ class DurableResponseMiddleware:
             nonlocal failed
             if failed:
                 return
-            if message["type"] == "http.response.start" and pending:
-                waiting = list(pending)
-                pending.clear()
-                # Batches commit in queue order, so once the last one is settled so are all
-                # the earlier ones: one wait, then a look at each event. A response that is
-                # already a 503 waits less (an unsettled event counts as not written).
-                last = waiting[-1][0]
-                if message.get("status") == 503:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(DENIAL_WAIT):
-                            await last.wait()
-                else:
-                    await last.wait()
-                if any(batch.error_for(row) is not None for batch, row in waiting):
-                    failed = True
-                    await _unavailable(send)
-                    return
+            start = message["type"] == "http.response.start"
+            if start and pending and not await settle(pending, message["status"]):
+                failed = True
+                await _unavailable(send)
+                return
             await send(message)
 
         try:
             await self.app(scope, receive, durable_send)
         finally:
             _pending.reset(token)
-            if pending:  # events of a request that sent no response: still wait for them
-                futures = {id(batch): batch.future for batch, _ in pending}
-                await asyncio.shield(asyncio.gather(*futures.values(), return_exceptions=True))
+            await settle_leftovers(pending)
+
+
+def collect_events() -> tuple[Pending, Token[Pending | None]]:
+    """Start collecting the audit events of the request being served (until ``reset``)."""
+    pending: Pending = []
+    return pending, _pending.set(pending)
+
+
+def stop_collecting(token: Token[Pending | None]) -> None:
+    _pending.reset(token)
+
+
+async def settle(pending: Pending, status: int) -> bool:
+    """Wait until the request's events in ``pending`` are durable (and forget them);
+    ``False`` when one of them could not be written: the answer must then be a 503.
+
+    Batches commit in queue order, so once the last one is settled so are all the earlier
+    ones: one wait, then a look at each event. A response that is already a 503 waits less
+    (an unsettled event counts as not written).
+    """
+    waiting = list(pending)
+    pending.clear()
+    last = waiting[-1][0]
+    if status == 503:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DENIAL_WAIT):
+                await last.wait()
+    else:
+        await last.wait()
+    return not any(batch.error_for(row) is not None for batch, row in waiting)
+
+
+async def settle_leftovers(pending: Pending) -> None:
+    """Events of a request that sent no response: still wait for them."""
+    if pending:
+        futures = {id(batch): batch.future for batch, _ in pending}
+        await asyncio.shield(asyncio.gather(*futures.values(), return_exceptions=True))
+
+
+UNAVAILABLE_BODY = {"error": "audit_unavailable", "message": "the audit log cannot be written"}
 
 
 async def _unavailable(send: Send) -> None:
-    body = {"error": "audit_unavailable", "message": "the audit log cannot be written"}
-    await send_json(send, 503, body)
+    await send_json(send, 503, UNAVAILABLE_BODY)

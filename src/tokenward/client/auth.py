@@ -18,6 +18,8 @@ How it works (``httpx.Auth.auth_flow`` lets an auth yield extra requests):
 * one refresh at a time per ``TokenwardAuth`` (a thread lock for ``httpx.Client``, an asyncio
   lock for ``httpx.AsyncClient``), and each token is refreshed at a slightly random moment
   before its expiry, so many clients do not stampede the server together;
+* a CI identity token is exchanged into the ``project`` named (``audience`` picks one of
+  its trust policies, or names ``project/policy`` or a trust policy id by itself);
 * with ``dpop`` the tokens are bound to a key that never leaves the process, and every request
   carries a fresh proof (``Authorization: DPoP …`` + ``DPoP: …``);
 * a ``401`` answer (e.g. the token expired or was revoked meanwhile) makes it get a new token
@@ -66,6 +68,7 @@ class TokenwardAuth(httpx.Auth):
         scope: str | Sequence[str] | None = None,
         lifetime: int | None = None,
         audience: str | None = None,
+        project: str | None = None,
         dpop: bool | Any = False,
         refresh_margin: float = 60.0,
         clock: Callable[[], float] = time.time,
@@ -77,7 +80,16 @@ class TokenwardAuth(httpx.Auth):
         self._identity = identity_token
         self.scope = " ".join([scope] if isinstance(scope, str) else scope) if scope else None
         self.lifetime = lifetime
-        self.audience = audience
+        if project and audience:
+            if "/" in audience or audience.startswith("trp_"):
+                raise ValueError("with project=, audience= is the name of one of its policies")
+            audience = f"{project}/{audience}"  # a trust policy of that project
+        self.audience = audience or project
+        if identity_token is not None and not self.audience:
+            raise ValueError(
+                "a CI identity is exchanged into one project: give project= "
+                "(and audience= to pick one of its trust policies)"
+            )
         if dpop is True:
             from joserfc.jwk import ECKey
 

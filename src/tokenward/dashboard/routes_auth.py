@@ -25,6 +25,7 @@ from tokenward.dashboard.web import (
     url,
 )
 from tokenward.errors import TooManyRequests
+from tokenward.events import recorded_header
 
 router = APIRouter()
 
@@ -67,7 +68,7 @@ async def login(request: Request) -> Response:
             login=login_name,
         )
     session_id = await accounts.open_session(
-        user, client_ip(request), request.headers.get("user-agent")
+        user, client_ip(request), recorded_header(request.headers.get("user-agent"))
     )
     target = url("/login/mfa") if user.mfa_enrolled else url("/mfa/setup")
     response = redirect(target + "?next=" + next_url)

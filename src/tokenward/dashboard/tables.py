@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, ForeignKey, Index, String, Table
 
-from tokenward.store.tables import UTCDateTime, metadata
+from tokenward.store.tables import RecordedText, TypedText, UTCDateTime, metadata
 
 admin_users = Table(
     "admin_users",
     metadata,
     Column("id", String(32), primary_key=True),
-    Column("login", String(64), nullable=False, unique=True),
+    Column("login", TypedText(64, "login"), nullable=False, unique=True),
     Column("password_hash", String(255), nullable=False),
     Column("role", String(16), nullable=False),
     Column("totp_secret", String(255), nullable=True),  # AES-GCM sealed, see security.py
@@ -43,7 +43,7 @@ admin_sessions = Table(
     Column("mfa_at", UTCDateTime(), nullable=True),  # None: password only, second factor due
     Column("pending_totp", String(255), nullable=True),  # enrolment in progress, sealed
     Column("client_ip", String(64), nullable=True),
-    Column("user_agent", String(256), nullable=True),
+    Column("user_agent", RecordedText(256), nullable=True),
     Index("ix_admin_sessions_user_id", "user_id"),
 )
 

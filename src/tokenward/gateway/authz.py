@@ -26,19 +26,17 @@ serialisation beyond what it needs.
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokenward.events import current_request, new_request_id
+from tokenward.events import current_request, recorded_header, request_id_from
 from tokenward.gateway.enforce import DUPLICATE_AUTHORIZATION, Enforcement, Outcome
 from tokenward.tokens.model import Reason
 from tokenward.verify import Decision
 
 PREFIX = "/authz"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _NO_STORE = (b"cache-control", b"no-store")
 _JSON = (b"content-type", b"application/json")
 _EMPTY_ANSWER = (_NO_STORE, (b"content-length", b"0"))
@@ -121,7 +119,7 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
         elif slot != _HOST:
             values[slot] = value
     raw_agent = values[_USER_AGENT]
-    user_agent = raw_agent[:256].decode("latin-1") if raw_agent is not None else None
+    user_agent = recorded_header(raw_agent)
     request_id = _text(values[_REQUEST_ID_HEADER])
     dpop_proof = _text(values[_DPOP])
     proto = _text(values[_FORWARDED_PROTO])
@@ -180,10 +178,7 @@ async def authz(scope: Scope, send: Send, enforcement: Enforcement) -> None:
         )
 
     outer = current_request.get()  # set when served by the full stack (create_asgi)
-    if outer is not None:
-        request_id = outer.request_id
-    elif request_id is None or not _REQUEST_ID.match(request_id):
-        request_id = new_request_id()
+    request_id = outer.request_id if outer is not None else request_id_from(request_id)
     await enforcement.record(
         outcome,
         source="authz",

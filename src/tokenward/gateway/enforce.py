@@ -22,7 +22,7 @@ from tokenward.gateway.config import Policy, Route
 from tokenward.limits import RateLimiter, RateResult
 from tokenward.oauth.dpop import ALGORITHMS as DPOP_ALGORITHMS
 from tokenward.oauth.dpop import DPoPRequest
-from tokenward.tokens.format import bearer_credential
+from tokenward.tokens.format import bearer_credential, redact_tokens
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.verify import Decision, Verifier
@@ -401,7 +401,9 @@ class Enforcement:
                 client_ip=client_ip,
                 user_agent=user_agent,
                 method=method,
-                path=path[:2048],
+                # Every consumer (audit, detectors' evidence, alert webhooks) gets the path
+                # with a pasted secret cut out, percent-encoded or not.
+                path=redact_tokens(path[:8192])[:2048],
                 scope=outcome.scope,
                 latency_ms=(time.perf_counter() - started) * 1000,
                 fingerprint=fingerprint,

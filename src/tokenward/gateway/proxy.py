@@ -2,10 +2,12 @@
 
 For an allowed request the method, raw path, query, headers and body go to the route's
 upstream over a pooled keep-alive connection; the response streams back. ``Authorization``,
-``DPoP``, hop-by-hop headers, ``Forwarded``, ``X-Real-IP`` and every client-sent
-``X-Tokenward-*`` and ``X-Forwarded-*`` header are removed, in any spelling that folds ``_``
-into ``-`` (CGI and WSGI servers read ``X_Tokenward_Principal`` as ``X-Tokenward-Principal``),
-then the identity headers are added, so an upstream can trust them. A request with more than
+``DPoP``, hop-by-hop headers, ``Forwarded``, ``X-Real-IP``, method overrides and every
+client-sent ``X-Tokenward-*`` and ``X-Forwarded-*`` header are removed, in any spelling that
+folds ``_`` into ``-`` (CGI and WSGI servers read ``X_Tokenward_Principal`` as
+``X-Tokenward-Principal``), then the identity headers and the gateway's own
+``X-Forwarded-*`` are added (a client's ``X-Forwarded-For`` chain is kept only from a trusted
+proxy), so an upstream can trust them. A request with more than
 one ``Authorization`` header is refused (400). Bodies are never buffered
 whole: the request and response are bounded by ``max_request_bytes``/``max_response_bytes``
 while they stream; only a small answer that has fully arrived (or a short one of known length)
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 import ssl
 import time
@@ -36,7 +37,7 @@ from aiohttp.http_exceptions import LineTooLong
 from multidict import CIMultiDict
 
 from tokenward.errors import TokenwardError
-from tokenward.events import new_request_id
+from tokenward.events import recorded_header, request_id_from
 from tokenward.gateway.config import Upstream
 from tokenward.gateway.enforce import DUPLICATE_AUTHORIZATION, Enforcement, Outcome
 from tokenward.gateway.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
@@ -59,6 +60,11 @@ _REQUEST_ROLES: dict[bytes, int] = {
     b"x-forwarded-host": _DROP,
     b"forwarded": _DROP,  # the gateway speaks X-Forwarded-*; a client's Forwarded would lie
     b"x-real-ip": _DROP,
+    # A method override would have the upstream serve another method than the one the
+    # route was decided on (a GET route reaching a DELETE handler): never forwarded.
+    b"x-http-method-override": _DROP,
+    b"x-http-method": _DROP,
+    b"x-method-override": _DROP,
     # read by the gateway, not forwarded as sent
     b"authorization": _AUTHORIZATION,
     b"dpop": _DPOP,  # a proof is for tokenward, like the token it binds
@@ -85,7 +91,6 @@ _DROP_RESPONSE = frozenset(
 )
 #: Client-sent headers with these prefixes are never forwarded: the gateway sets its own.
 _SET_BY_GATEWAY = (b"x-tokenward-", b"x-forwarded-")
-_REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 #: An answer of known length up to this size is read whole, then sent in one write.
 _SMALL_BODY = 64 * 1024
 #: Methods a dropped pooled connection may be retried with (idempotent, RFC 9110 §9.2.2).
@@ -140,7 +145,7 @@ class _Sent:
             elif role == _USER_AGENT:
                 forward += (name, _SEP, value, _CRLF)
                 if user_agent is None:
-                    user_agent = value[:256].decode("latin-1")
+                    user_agent = recorded_header(value)
             elif role == _FORWARDED_FOR:
                 forwarded_for.append(value)
             elif role == _REQUEST_ID:
@@ -274,10 +279,8 @@ class Gateway:
         method = request.method
         raw_path = request.raw_path.partition("?")[0]
         sent = _Sent(request.raw_headers)
-        request_id = (
-            sent.request_id.decode("ascii")
-            if sent.request_id is not None and _REQUEST_ID_FORM.fullmatch(sent.request_id)
-            else new_request_id()
+        request_id = request_id_from(
+            sent.request_id.decode("latin-1") if sent.request_id is not None else None
         )
         enforcement = self.enforcement
         client_ip = enforcement.resolver.resolve(
@@ -357,7 +360,10 @@ class Gateway:
             head += (b"X-Tokenward-Client-IP: ", client_ip.encode(), _CRLF)
         peer = request.remote
         if peer:
-            head += (b"X-Forwarded-For: ", b", ".join([*sent.forwarded_for, peer.encode()]), _CRLF)
+            # The client's own X-Forwarded-For is passed on only when a trusted proxy sent
+            # it; from anyone else it is a claim, and the upstream sees just the peer.
+            hops = sent.forwarded_for if self.enforcement.resolver.trusts(peer) else []
+            head += (b"X-Forwarded-For: ", b", ".join([*hops, peer.encode()]), _CRLF)
         head += (b"X-Forwarded-Proto: ", self._scheme.encode(), _CRLF)
         if sent.host is not None:
             head += (b"X-Forwarded-Host: ", sent.host, _CRLF)

@@ -6,10 +6,11 @@ Grants:
   an access token) or a CI identity token (an OIDC ID token, see :mod:`.identity`) as
   ``subject_token``: answers a short-lived access token, narrowed to the requested scopes
   and lifetime, and (for an API key or a trust policy that allows it) a refresh token;
-* ``refresh_token``: the refresh token is rotated on every use. Presenting one that was
-  already used revokes its whole family (every access and refresh token descended from the
-  same grant) and raises a ``refresh_token_reuse`` security event; a use within
-  ``reuse_grace`` of the first one is taken as a concurrent legitimate refresh instead.
+* ``refresh_token``: the refresh token is rotated on every use, and has exactly one
+  successor. Presenting one that was already used revokes its whole family (every access
+  and refresh token descended from the same grant) and raises a ``refresh_token_reuse``
+  security event; a use within ``reuse_grace`` of the first one is taken as a concurrent
+  legitimate refresh instead: refused with ``invalid_grant``, nothing minted, nothing revoked.
 
 Every minted token is linked to the credential that minted it and to the grant's origin
 (the API key at its root, see ``token_grants``): revoking or quarantining a token revokes
@@ -308,19 +309,15 @@ class TokenExchange:
                 await self._access_event(Decision(True, Reason.OK, record), started)
                 return await self._after_refresh(req, record, new_refresh, now, origin)
         if record.grace_until is not None and now < record.grace_until:
-            # Two legitimate refreshes racing: the second gets its own pair in the family.
-            assert record.expires_at is not None
-            new_refresh = await self._mint(
-                record,
-                TokenKind.REFRESH,
-                list(record.scopes),
-                record.expires_at,
-                record.family_id,
-                record.dpop_jkt,
-                origin,
+            # Within the grace a second use is taken for a race of the same client, not for
+            # theft: the family lives on and no alarm is raised. But a spent refresh token
+            # has exactly one successor, the one of its first use: nothing new is minted, so
+            # racing presenters can never multiply the grant.
+            await self._access_event(Decision(False, Reason.ALREADY_REFRESHED, record), started)
+            raise invalid_grant(
+                "the refresh token was used a moment ago; "
+                "use the refresh token of that answer or exchange the credential again"
             )
-            await self._access_event(Decision(True, Reason.OK, record), started)
-            return await self._after_refresh(req, record, new_refresh, now, origin)
         await self._access_event(Decision(False, Reason.ROTATED, record), started)
         await self._reuse_detected(record, req, now)
         raise invalid_grant("the refresh token was already used; its family is revoked")
@@ -499,6 +496,9 @@ class TokenExchange:
             expires_at=expires_at,
             ip_allowlist=list(actor.ip_allowlist),
             rate_limit=list(actor.rate_limit),
+            # The subject's rate limit carries over as one budget, not as a copy: every token
+            # of the lineage counts on the subject's counter (its origin's, for a chain).
+            rate_limit_key=actor.rate_limit_counter,
             metadata={k: v for k, v in metadata.items() if k != "bootstrap"},
             family_id=family,
             dpop_jkt=jkt,

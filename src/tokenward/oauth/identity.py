@@ -3,15 +3,20 @@
 An admin registers a trust policy (issuer URL, audience, required claims such as the
 repository and the ref). A CI job posts its ID token to the token endpoint; this module:
 
-1. reads the unverified ``iss`` only to find the trust policies of that issuer (none: refused);
+1. takes the project the tokens are for from the request's ``audience`` (RFC 8693 §2.1, the
+   target service): ``shop``, ``shop/deploy`` (one of its trust policies) or a trust policy
+   id. Required: only the policies of that one project are ever looked at, so no other
+   project's policy can match, shadow or make ambiguous an exchange (tenant isolation); and
+   reads the unverified ``iss`` only to find that project's policies of that issuer (none:
+   refused, the same answer whether the project exists or not);
 2. fetches the issuer's keys (discovery document → ``jwks_uri``), caches them, and refetches
    when a token names a key id it does not know (the issuer rotated its keys), at most once
    per ``refetch_interval`` so garbage cannot make it hammer the issuer;
 3. verifies the signature (asymmetric algorithms only);
 4. checks the claims explicitly — ``iss``, ``aud``, ``exp``, ``nbf``, ``iat`` — because
    joserfc's decode verifies the signature and nothing else;
-5. picks the one policy whose audience and required claims match (values may be glob
-   patterns: ``refs/tags/v*``);
+5. picks the one policy of the project whose audience and required claims match (values
+   may be glob patterns: ``refs/tags/v*``);
 6. accepts each ``jti`` once (stored until the token expires).
 """
 
@@ -45,8 +50,43 @@ ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES
 MAX_ID_TOKEN_BYTES = 16_384
 
 
+#: A trust policy's public id (``new_public_id("trp")``); a policy *name* is lower case.
+_POLICY_ID = re.compile(r"^trp_[A-Za-z0-9]{16}$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_POLICY_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+TARGET_FORMS = "audience=<project>, <project>/<trust policy> or a trust policy id"
+
+
 def invalid_grant(message: str) -> BadRequest:
     return BadRequest("invalid_grant", message, error_description=message)
+
+
+def invalid_request(message: str) -> BadRequest:
+    return BadRequest("invalid_request", message, error_description=message)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where an identity exchange asks for tokens: a project (by name), optionally one of its
+    trust policies (by name); or one trust policy by its id, which implies its project."""
+
+    project: str | None = None
+    policy: str | None = None
+    policy_id: str | None = None
+
+    @classmethod
+    def parse(cls, audience: str | None) -> Target:
+        if not audience:
+            raise invalid_request(
+                "name the project the tokens are for: " + TARGET_FORMS + " (trust policies "
+                "of other projects may match the same identity)"
+            )
+        if _POLICY_ID.match(audience):
+            return cls(policy_id=audience)
+        project, slash, policy = audience.partition("/")
+        if not _NAME.match(project) or (slash and not _POLICY_NAME.match(policy)):
+            raise invalid_request(f"audience must be {TARGET_FORMS.removeprefix('audience=')}")
+        return cls(project=project, policy=policy or None)
 
 
 def check_issuer_url(url: str) -> str:
@@ -110,9 +150,10 @@ class IdentityVerifier:
         self.fetches = 0
 
     async def verify(
-        self, id_token: str, now: datetime, policy_name: str | None = None
+        self, id_token: str, now: datetime, audience: str | None
     ) -> tuple[TrustPolicy, dict[str, Any]]:
-        """The matching trust policy and the verified claims, or ``invalid_grant``."""
+        """The matching trust policy of the project named by ``audience`` (see
+        :class:`Target`) and the verified claims, or ``invalid_request`` / ``invalid_grant``."""
         if len(id_token) > MAX_ID_TOKEN_BYTES or id_token.count(".") != 2:
             raise invalid_grant("the identity token is not a compact JWT")
         try:
@@ -127,10 +168,20 @@ class IdentityVerifier:
             raise invalid_grant("the identity token has control characters in its claims")
         if header.get("alg") not in ALGORITHMS:
             raise invalid_grant("the identity token must be signed with an asymmetric algorithm")
+        target = Target.parse(audience)
         issuer: str = claims["iss"]
-        policies = await self.store.trust_policies(issuer=issuer)
+        policies = await self.store.trust_policies(
+            issuer=issuer,
+            project_name=target.project,
+            name=target.policy,
+            policy_id=target.policy_id,
+        )
         if not policies:
-            raise invalid_grant("no trust policy accepts identity tokens of this issuer")
+            # The same answer whether the project exists or not: nothing about another
+            # tenant is revealed.
+            raise invalid_grant(
+                "no trust policy of this project accepts identity tokens of this issuer"
+            )
         keys = await self._keyset(issuer, header.get("kid"))
         try:
             jws.deserialize_compact(id_token.encode(), keys, algorithms=list(ALGORITHMS))
@@ -147,13 +198,13 @@ class IdentityVerifier:
             for p in policies
             if p.audience in audiences
             and all(claim_matches(claims.get(k), v) for k, v in p.claims.items())
-            and (policy_name is None or policy_name in (p.name, p.id, f"{p.project}/{p.name}"))
         ]
         if not matching:
             raise invalid_grant("no trust policy matches this identity (audience or claims)")
-        if len(matching) > 1:
+        if len(matching) > 1:  # all of one project: its admin's own ambiguity
             raise invalid_grant(
-                "several trust policies match this identity; name one with 'audience'"
+                "several trust policies of this project match this identity; name one with "
+                f"audience={matching[0].project}/<trust policy>"
             )
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti:

@@ -164,11 +164,25 @@ class SessionStore:
             ) from None
 
     async def trust_policies(
-        self, project_ids: Sequence[str] | None = None, issuer: str | None = None
+        self,
+        project_ids: Sequence[str] | None = None,
+        issuer: str | None = None,
+        *,
+        project_name: str | None = None,
+        name: str | None = None,
+        policy_id: str | None = None,
     ) -> list[TrustPolicy]:
+        """Trust policies, filtered by every criterion given (a project by id or by name, a
+        policy by name or by id, the issuer)."""
         query = _SELECT_POLICY.order_by(projects.c.name, trust_policies.c.name)
         if project_ids is not None:
             query = query.where(trust_policies.c.project_id.in_(list(project_ids)))
+        if project_name is not None:
+            query = query.where(projects.c.name == project_name)
+        if name is not None:
+            query = query.where(trust_policies.c.name == name)
+        if policy_id is not None:
+            query = query.where(trust_policies.c.id == policy_id)
         if issuer is not None:
             query = query.where(trust_policies.c.issuer == issuer)
         async with self.engine.connect() as conn:

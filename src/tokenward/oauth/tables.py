@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Boolean, Column, ForeignKey, Index, Integer, String, Table, Text
+from sqlalchemy import Boolean, Column, ForeignKey, Index, Integer, String, Table, Text
 
-from tokenward.store.tables import UTCDateTime, metadata
+from tokenward.store.tables import RecordedText, TypedJSON, TypedText, UTCDateTime, metadata
 
 trust_policies = Table(
     "trust_policies",
     metadata,
     Column("id", String(32), primary_key=True),
     Column("project_id", String(32), ForeignKey("projects.id"), nullable=False),
-    Column("name", String(64), nullable=False),
-    Column("issuer", String(512), nullable=False),
-    Column("audience", String(256), nullable=False),
-    Column("claims", JSON, nullable=False),
-    Column("scopes", JSON, nullable=False),
+    Column("name", TypedText(64, "name"), nullable=False),
+    Column("issuer", TypedText(512, "issuer"), nullable=False),
+    Column("audience", TypedText(256, "audience"), nullable=False),
+    Column("claims", TypedJSON("claims"), nullable=False),
+    Column("scopes", TypedJSON("scopes"), nullable=False),
     Column("environment", String(8), nullable=False),
-    Column("principal_claim", String(64), nullable=False),
+    Column("principal_claim", TypedText(64, "principal_claim"), nullable=False),
     Column("max_ttl", Integer, nullable=False),
     Column("refresh_ttl", Integer, nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
@@ -42,12 +42,12 @@ token_rotations = Table(
     Column("token_id", String(32), ForeignKey("tokens.id"), primary_key=True),
     Column("grace", Integer, nullable=False),
     Column("quiet", Integer, nullable=True),
-    Column("webhook_url", String(2048), nullable=True),
+    Column("webhook_url", TypedText(2048, "webhook_url"), nullable=True),
     Column("webhook_secret", Text, nullable=True),
     Column("due_at", UTCDateTime(), nullable=False),
     Column("previous_id", String(32), nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
-    Column("last_error", String(200), nullable=True),
+    Column("last_error", RecordedText(200), nullable=True),
     Column("enabled", Boolean, nullable=False, default=True),
     Index("ix_token_rotations_due_at", "due_at"),
 )

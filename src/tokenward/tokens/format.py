@@ -15,6 +15,8 @@ import secrets
 import zlib
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
+from urllib.parse import unquote
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 BODY_LENGTH = 32
@@ -30,26 +32,76 @@ _BASE62_SET = frozenset(BASE62)
 
 #: A token's shape anywhere in text, for what must never be recorded: unlike
 #: :data:`TOKEN_PATTERN` (a scanner's, which wants word boundaries against false positives),
-#: it also finds a secret glued to other characters (``tok_tw_live_…``) or with its
-#: underscores percent-encoded, as a URL path may carry it.
-_EMBEDDED = re.compile(r"tw(?:_|%5[Ff])(live|test)(?:_|%5[Ff])[0-9A-Za-z]{38}")
+#: it also finds a secret glued to other characters (``tok_tw_live_…``) and, no checksum
+#: asked, a damaged one (a near-secret is a secret too).
+_EMBEDDED = re.compile(r"tw_(live|test)_[0-9A-Za-z]{38}")
+#: How many layers of percent-encoding are seen through (``%2574`` is ``t`` encoded twice).
+_DECODINGS = 3
+
+
+def _decoded(text: str) -> str:
+    """``text`` with its percent-encoding undone (as a URL path may carry a secret)."""
+    for _ in range(_DECODINGS):
+        if "%" not in text:
+            break
+        text = unquote(text, errors="replace")
+    return text
 
 
 def holds_token(text: str) -> bool:
-    """Whether ``text`` holds something shaped like a token, anywhere in it."""
-    return ("tw" in text) and _EMBEDDED.search(text) is not None
+    """Whether ``text`` holds something shaped like a token, anywhere in it, percent-encoded
+    or not.
+
+    The one rule for every text tokenward stores or logs: what a caller typed is refused
+    when this holds (``token_in_field``), what the server records about a request it did
+    not choose (a header, a path) goes through :func:`redact_tokens`.
+    """
+    if "%" in text:
+        text = _decoded(text)
+    return "tw_" in text and _EMBEDDED.search(text) is not None
 
 
 def redact_tokens(text: str) -> str:
     """``text`` with every token-shaped string cut to its public prefix.
 
-    For what a server records about a request it did not choose, a URL path above all: a
-    client that pastes a secret where an id belongs (``/v1/tokens/tw_live_…``) must not
-    leave it in the access log or the audit chain.
+    For what a server records about a request it did not choose, a URL path or a header
+    above all: a client that pastes a secret where an id belongs (``/v1/tokens/tw_live_…``,
+    percent-encoded or not) must not leave it in the access log or the audit chain. A text
+    whose secret only shows once decoded is recorded decoded, with the secret cut out.
     """
-    if "tw" not in text:  # the common case costs one substring search
+    if "tw" not in text and "%" not in text:  # the common case costs two substring searches
         return text
-    return _EMBEDDED.sub(_redacted, text)
+    if "tw_" in text:
+        text = _EMBEDDED.sub(_redacted, text)
+    if "%" in text:
+        decoded = _decoded(text)
+        if "tw_" in decoded and _EMBEDDED.search(decoded):
+            return _EMBEDDED.sub(_redacted, decoded)
+    return text
+
+
+def redact_all(value: Any) -> Any:
+    """``value`` (text, or JSON-like data) with :func:`redact_tokens` applied to every
+    string in it, keys included."""
+    if isinstance(value, str):
+        return redact_tokens(value)
+    if isinstance(value, dict):
+        return {redact_all(k): redact_all(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_all(v) for v in value]
+    return value
+
+
+def texts_hold_token(value: Any) -> bool:
+    """Whether any string in ``value`` (text, or JSON-like data, keys included) holds a
+    token (:func:`holds_token`)."""
+    if isinstance(value, str):
+        return holds_token(value)
+    if isinstance(value, dict):
+        return any(texts_hold_token(k) or texts_hold_token(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(texts_hold_token(v) for v in value)
+    return False
 
 
 def _redacted(match: re.Match[str]) -> str:

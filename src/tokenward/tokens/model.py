@@ -51,6 +51,8 @@ class Reason(StrEnum):
     QUARANTINED = "quarantined"
     IP_BLOCKED = "ip_blocked"
     AMBIGUOUS_REQUEST = "ambiguous_request"
+    #: a spent refresh token presented again within the reuse grace: a race, not a leak
+    ALREADY_REFRESHED = "already_refreshed"
 
 
 @dataclass(slots=True)
@@ -70,6 +72,8 @@ class TokenRecord:
     expires_at: datetime | None = None
     ip_allowlist: list[str] = field(default_factory=list)
     rate_limit: list[str] = field(default_factory=list)
+    #: the counter ``rate_limit`` is counted on, shared by a lineage (``None``: own id)
+    rate_limit_key: str | None = None
     remaining_uses: int | None = None
     rotated_from: str | None = None
     replaced_by: str | None = None
@@ -93,6 +97,12 @@ class TokenRecord:
     #: set while the token is suspended (by anomaly handling or an admin); reversible
     quarantined_at: datetime | None = None
     quarantine_reason: str | None = None
+
+    @property
+    def rate_limit_counter(self) -> str:
+        """The key the rate limit is counted on: the lineage's origin for a token minted by
+        exchange, refresh or rotation (one budget for all of them), else the token's id."""
+        return self.rate_limit_key or self.id
 
     def state(self, now: datetime) -> TokenState:
         """The token's state at ``now``: the order of checks is the order of precedence."""

@@ -149,25 +149,22 @@ def sqlite_share(db_path: Path, events: int, batch: int) -> float:
             "SELECT sql FROM sqlite_master WHERE tbl_name = 'audit_events' AND sql IS NOT NULL"
         ).fetchall()
         rows = src.execute(
-            "SELECT * FROM audit_events ORDER BY seq DESC LIMIT ?", (events,)
+            "SELECT * FROM audit_events ORDER BY at DESC LIMIT ?", (events,)
         ).fetchall()
         src.close()
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "wal_autocheckpoint=0"):
             copy.execute(f"PRAGMA {pragma}")
         for (sql,) in schema:
             copy.execute(sql)
-        copy.execute("CREATE TABLE head (id INTEGER PRIMARY KEY, seq INTEGER, hash TEXT)")
-        copy.execute("INSERT INTO head VALUES (1, 0, '')")
         marks = ", ".join("?" * len(rows[0]))
         insert = f"INSERT INTO audit_events VALUES ({marks})"
-        fresh = [(n, f"evt_copy{n:012x}", *row[2:]) for n, row in enumerate(reversed(rows), 1)]
+        # (chain_id, seq, id, …): one chain of the writer's own, no head row to move.
+        fresh = [("copy", n, f"evt_copy{n:012x}", *row[3:]) for n, row in enumerate(rows, 1)]
         started = time.process_time()
         for start in range(0, len(fresh), batch):
             chunk = fresh[start : start + batch]
             copy.execute("BEGIN IMMEDIATE")
-            copy.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
             copy.executemany(insert, chunk)
-            copy.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (chunk[-1][0], "x"))
             copy.execute("COMMIT")
         spent = time.process_time() - started
         copy.close()

@@ -167,7 +167,8 @@ async def test_verify_catches_deleted_newest_events(services):
     async with services.engine.begin() as conn:
         await conn.execute(delete(audit_events).where(audit_events.c.seq > 8))
     report = await verify_chain(services.engine, keys(services))
-    assert not report.ok and report.problem == "deleted" and report.first_bad_seq == 9
+    # The writer's checkpoint (taken with its first batch) recorded seq 10 as its head.
+    assert not report.ok and report.problem == "truncated" and report.first_bad_seq == 9
 
 
 async def test_verify_catches_reordered_events(services):
@@ -181,27 +182,29 @@ async def test_verify_catches_reordered_events(services):
 
 
 async def test_anchor_catches_a_rewound_head(services):
-    from tokenward.audit.tables import audit_head
+    """A chain's newest events cut off together with every checkpoint that saw them: only
+    an anchor kept elsewhere tells."""
+    from tokenward.audit.tables import audit_chain_checkpoints
 
     await write_n(services, 5)
-    head = (await verify_chain(services.engine, keys(services))).public()["head"]
-    seq, digest = head.split(":")
+    [head] = (await verify_chain(services.engine, keys(services))).public()["heads"]
+    chain, seq, digest = head.split(":")
     async with services.engine.begin() as conn:
-        row = (await conn.execute(select(audit_events).where(audit_events.c.seq == 3))).one()
         await conn.execute(delete(audit_events).where(audit_events.c.seq > 3))
-        await conn.execute(update(audit_head).values(seq=3, hash=row.hash))
+        await conn.execute(delete(audit_chain_checkpoints))
     assert (await verify_chain(services.engine, keys(services))).ok  # undetectable alone
-    report = await verify_chain(services.engine, keys(services), anchor=(int(seq), digest))
-    assert not report.ok and report.problem == "deleted" and report.first_bad_seq == 5
+    report = await verify_chain(services.engine, keys(services), anchor=(chain, int(seq), digest))
+    assert not report.ok and report.problem == "truncated" and report.first_bad_seq == 5
 
 
 async def test_prune_keeps_the_rest_verifiable_from_a_checkpoint(services):
     now = services.verifier.clock()
     await write_n(services, 10, now)
     result = await prune(services.engine, now + timedelta(seconds=4), now)
-    assert result.pruned == 4 and result.checkpoint_seq == 4
+    assert result.pruned == 4 and result.cuts == {services.audit.chain_id: 4}
     report = await verify_chain(services.engine, keys(services))
-    assert report.ok and report.checked == 6 and report.checkpoint_seq == 4
+    assert report.ok and report.checked == 6
+    assert report.chain(services.audit.chain_id).base_seq == 4
     await write_n(services, 2)  # the chain goes on after the prune
     assert (await verify_chain(services.engine, keys(services))).checked == 8
     async with services.engine.begin() as conn:
@@ -329,7 +332,7 @@ async def test_the_writer_reconnects_when_its_connection_is_killed(services):
             await conn.exec_driver_sql(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                " AND query LIKE '%audit_head%COMMIT'"
+                " AND application_name = 'tokenward-audit-writer'"
             )
         ).all()
     assert killed == [(True,)]  # the writer's own connection, and only it
@@ -341,18 +344,19 @@ async def test_the_writer_reconnects_when_its_connection_is_killed(services):
     assert (await verify_chain(services.engine, keys(services))).ok
 
 
-async def test_a_head_locked_elsewhere_fails_closed_in_time(services):
-    """PostgreSQL: a writer that cannot get the chain head answers 503 within its promise."""
+async def test_a_table_locked_elsewhere_fails_closed_in_time(services):
+    """PostgreSQL: a writer that cannot append (the events table locked, as a migration
+    would) answers 503 within its promise, and recovers."""
     if services.engine.dialect.name != "postgresql":
-        pytest.skip("a PostgreSQL connection and row lock; SQLite has neither")
+        pytest.skip("a PostgreSQL connection and table lock")
     from tokenward.errors import Unavailable
 
     now = services.verifier.clock()
     writer = AuditWriter(services.engine, keys(services), give_up_after=1)
-    await writer.submit(AuditRecord(at=now, kind="admin", action="first"))  # head row exists
+    await writer.submit(AuditRecord(at=now, kind="admin", action="first"))
     async with services.engine.connect() as holder:
         await holder.exec_driver_sql("BEGIN")
-        await holder.exec_driver_sql("UPDATE audit_head SET seq = seq WHERE id = 1")
+        await holder.exec_driver_sql("LOCK TABLE audit_events IN EXCLUSIVE MODE")
         started = asyncio.get_running_loop().time()
         try:
             await writer.submit(AuditRecord(at=now, kind="admin", action="blocked"))

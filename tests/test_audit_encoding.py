@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenward.audit.records import HASHED_FIELDS, canonical_row, iso, new_event_id
-from tokenward.audit.writer import _checkpoint
 from tokenward.events import new_request_id
 
 #: The reference encoding the chain is defined by (docs/audit.md).
@@ -61,17 +59,3 @@ def test_ids_are_unique_and_a_forked_child_draws_new_ones():
     os.waitpid(pid, 0)
     mine = [new_event_id(), new_request_id()]
     assert child[0][:16] != mine[0][:16] and child[1][:20] != mine[1][:20]
-
-
-def test_the_checkpoint_moves_the_log_into_the_database(tmp_path):
-    path = str(tmp_path / "a.db")
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA wal_autocheckpoint=0")
-    db.execute("CREATE TABLE t (x TEXT)")
-    db.executemany("INSERT INTO t VALUES (?)", [("x" * 500,)] * 200)
-    before = os.path.getsize(path)  # the rows are in the log only
-    _checkpoint(path)
-    assert os.path.getsize(path) > before + 50_000
-    db.close()
-    _checkpoint(str(tmp_path / "missing" / "b.db"))  # a database that cannot open: no error

@@ -105,7 +105,16 @@ def test_audit_and_alerts_cli(server):
 
     # The chain verifies next to the database, and catches an edit.
     ok = cli("audit", "verify", "--data-dir", str(data_dir), "--json")
-    assert ok.exit_code == 0 and json.loads(ok.output)["ok"]
+    report = json.loads(ok.output)
+    assert ok.exit_code == 0 and report["ok"]
+    [chain] = report["chains"]  # the one server's writer
+    assert chain["ok"] and chain["status"] == "open" and chain["checked"] == report["checked"]
+    text_report = cli("audit", "verify", "--data-dir", str(data_dir))
+    assert f"ok chain {chain['chain']} (open)" in text_report.output
+    assert f"head: {chain['head']}" in text_report.output
+    anchored = cli("audit", "verify", "--data-dir", str(data_dir), "--anchor", chain["head"])
+    assert anchored.exit_code == 0
+    assert cli("audit", "verify", "--data-dir", str(data_dir), "--anchor", "x").exit_code == 2
     with sqlite3.connect(data_dir / "tokenward.db") as db:
         db.execute("UPDATE audit_events SET decision = 'allow' WHERE reason = 'unknown'")
     broken = cli("audit", "verify", "--data-dir", str(data_dir))

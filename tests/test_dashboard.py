@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from tokenward.app import Services, create_app
+from tokenward.audit.query import parse_cursor
 from tokenward.dashboard.accounts import Accounts, Role, actor_for
 from tokenward.dashboard.tables import admin_sessions, admin_users
 from tokenward.dashboard.web import CSP, DashboardState
@@ -658,10 +659,11 @@ async def test_audit_pages_back_and_forth(dash, clock, accounts, services):
     for i in range(3):
         await make_token(services, f"p{i}")
     first = await p.get("/dashboard/audit?kind=admin")
-    seqs = [int(s) for s in re.findall(r'data-seq="(\d+)"', first.text)]
-    assert seqs == sorted(seqs, reverse=True) and len(seqs) >= 6
-    older = await p.get(f"/dashboard/audit?kind=admin&before={seqs[2]}")
-    rest = [int(s) for s in re.findall(r'data-seq="(\d+)"', older.text)]
-    assert rest == seqs[3:] and "← newest" in older.text
-    feed = await p.client.get(f"/dashboard/audit/feed?kind=admin&after={seqs[2]}")
-    assert [e["seq"] for e in feed.json()["entries"]] == sorted(seqs[:2])
+    cursors = re.findall(r'data-cursor="([0-9a-z.-]+)"', first.text)
+    positions = [parse_cursor(c) for c in cursors]
+    assert positions == sorted(positions, reverse=True) and len(cursors) >= 6  # newest first
+    older = await p.get(f"/dashboard/audit?kind=admin&before={cursors[2]}")
+    rest = re.findall(r'data-cursor="([0-9a-z.-]+)"', older.text)
+    assert rest == cursors[3:] and "← newest" in older.text
+    feed = await p.client.get(f"/dashboard/audit/feed?kind=admin&after={cursors[2]}")
+    assert [e["cursor"] for e in feed.json()["entries"]] == cursors[1::-1]  # oldest first

@@ -110,6 +110,8 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         mode=settings.audit_mode,
         queue_size=settings.audit_queue_size,
         batch_size=settings.audit_batch_size,
+        checkpoint_every=settings.audit_checkpoint_seconds,
+        sqlite_synchronous=settings.audit_sqlite_synchronous,
     )
     events.subscribe(audit)
     metrics = None
@@ -178,7 +180,7 @@ async def _prune_audit_forever(services: Services) -> None:
         try:
             result = await prune(services.engine, now - timedelta(days=days), now)
             if result.pruned:
-                log.info("audit_pruned", events=result.pruned, checkpoint=result.checkpoint_seq)
+                log.info("audit_pruned", events=result.pruned, cuts=result.cuts)
         except Exception as exc:
             log.warning("audit_prune_failed", error=type(exc).__name__)
         await asyncio.sleep(3600)

@@ -35,6 +35,10 @@ from tokenward.cli import (
 audit_app = typer.Typer(help="The audit log: list, follow, export, verify.", no_args_is_help=True)
 alerts_app = typer.Typer(help="Anomaly alerts: list, show, acknowledge.", no_args_is_help=True)
 
+#: Seconds the live tail stays behind the present, so that an event another writer commits a
+#: moment later than a newer one is not skipped (the log merges the writers' chains by time).
+TAIL_SETTLE = 1.0
+
 Project = Annotated[str | None, typer.Option(help="Only this project.")]
 TokenId = Annotated[str | None, typer.Option("--token", help="Only this token id.")]
 Principal = Annotated[str | None, typer.Option(help="Only this principal.")]
@@ -148,27 +152,40 @@ def audit_tail(
                 print(json.dumps(e, separators=(",", ":")), flush=True)
             else:
                 line = (
-                    f"{e['at'][:23]} #{e['seq']} {e['action']} {e['decision'] or ''} "
-                    f"{e['reason'] or ''} {e['token_id'] or e['fingerprint'] or '-'} "
+                    f"{e['at'][:23]} {e['chain'][:8]}#{e['seq']} {e['action']} "
+                    f"{e['decision'] or ''} {e['reason'] or ''} "
+                    f"{e['token_id'] or e['fingerprint'] or '-'} "
                     f"{e['client_ip'] or '-'} {e['request_id'] or ''}"
                 )
                 out.print(Text(line), soft_wrap=True)
+
+    def settled() -> str:
+        # Writers commit their chains independently: an event is shown once the events of
+        # every writer up to its time are written (well within the settling time).
+        return (datetime.now(UTC) - timedelta(seconds=TAIL_SETTLE)).isoformat()
 
     with client(as_json) as c:
         page = call(as_json, c.audit_page, limit=lines, **params)
         events = list(reversed(page["events"]))
         show(events)
-        last = events[-1]["seq"] if events else 0
+        last = events[-1]["cursor"] if events else None
         try:
             while follow:
                 time.sleep(interval)
                 while True:
+                    extra = {"cursor": last} if last else {}
                     page = call(
-                        as_json, c.audit_page, order="asc", cursor=str(last), limit=500, **params
+                        as_json,
+                        c.audit_page,
+                        order="asc",
+                        limit=500,
+                        until=settled(),
+                        **extra,
+                        **params,
                     )
                     show(page["events"])
                     if page["events"]:
-                        last = page["events"][-1]["seq"]
+                        last = page["events"][-1]["cursor"]
                     if not page["next_cursor"]:
                         break
         except KeyboardInterrupt:
@@ -215,29 +232,35 @@ def audit_export(
 def audit_verify(
     data_dir: DataDir = Path(".tokenward"),
     anchor: Annotated[
-        str | None, typer.Option(help="A head printed by an earlier verify (seq:hash).")
+        list[str] | None,
+        typer.Option(
+            help="A head printed by an earlier verify (chain:seq:hash; repeat for several)."
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Walk the hash chain in the database; exit 1 at the first edited/deleted/reordered event."""
-    from tokenward.audit.chain import verify_chain
+    """Walk every writer's hash chain and cross-check their checkpoints; exit 1 when an
+    event was edited, deleted or reordered, a chain truncated or removed."""
+    from tokenward.audit.chain import parse_anchor, verify_chain
     from tokenward.audit.records import ChainKeys
     from tokenward.settings import Settings, load_hasher
     from tokenward.store.engine import create_engine
 
-    parsed = None
-    if anchor is not None:
-        seq, _, digest = anchor.partition(":")
-        if not seq.isdigit() or len(digest) != 64:
-            fail("--anchor wants seq:hash as printed by a previous verify", 2, as_json=as_json)
-        parsed = (int(seq), digest)
+    anchors = []
+    for text in anchor or []:
+        parsed = parse_anchor(text)
+        if parsed is None:
+            fail(
+                "--anchor wants chain:seq:hash as printed by a previous verify", 2, as_json=as_json
+            )
+        anchors.append(parsed)
     settings = Settings.load(data_dir=data_dir)
 
     async def run() -> dict[str, Any]:
         engine = create_engine(settings.resolved_database_url, bounded=False)
         try:
             report = await verify_chain(
-                engine, ChainKeys.from_hasher(load_hasher(settings)), anchor=parsed
+                engine, ChainKeys.from_hasher(load_hasher(settings)), anchors=anchors
             )
         finally:
             await engine.dispose()
@@ -246,17 +269,34 @@ def audit_verify(
     report = asyncio.run(run())
     if as_json:
         emit_json(report)
-    elif report["ok"]:
-        out.print(
-            f"[green]ok[/green]: {report['checked']} events chained intact"
-            f" (from checkpoint {report['checkpoint_seq']})\nhead: {escape(str(report['head']))}",
-            highlight=False,
-        )
     else:
-        problem, message = escape(str(report["problem"])), escape(str(report["message"]))
-        out.print(f"[red]{problem}[/red]: {message}", highlight=False)
+        _print_verify(report)
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+def _print_verify(report: dict[str, Any]) -> None:
+    for chain in report["chains"]:
+        name = escape(str(chain["chain"]))
+        if not chain["ok"]:
+            problem, message = escape(str(chain["problem"])), escape(str(chain["message"]))
+            out.print(f"[red]{problem}[/red]: chain {name}: {message}", highlight=False)
+            continue
+        state = "closed" if chain["status"] == "closed" else "open"
+        tail = f", {chain['unverified']} after its last checkpoint" if chain["unverified"] else ""
+        base = f", from prune base {chain['base_seq']}" if chain["base_seq"] else ""
+        out.print(
+            f"[green]ok[/green] chain {name} ({state}): {chain['checked']} events{base}{tail}",
+            highlight=False,
+        )
+    if report["ok"]:
+        chains = len(report["chains"])
+        out.print(
+            f"[green]ok[/green]: {report['checked']} events in {chains} chain(s) chained intact",
+            highlight=False,
+        )
+        for head in report["heads"]:  # one line each, never wrapped: it is copied back
+            out.print(Text(f"head: {head}"), soft_wrap=True)
 
 
 @audit_app.command("prune")
@@ -274,19 +314,22 @@ def audit_prune(
     assert before is not None
     settings = Settings.load(data_dir=data_dir)
 
-    async def run() -> dict[str, int]:
+    async def run() -> dict[str, Any]:
         engine = create_engine(settings.resolved_database_url, bounded=False)
         try:
             result = await prune(engine, datetime.fromisoformat(before), datetime.now(UTC))
         finally:
             await engine.dispose()
-        return {"pruned": result.pruned, "checkpoint_seq": result.checkpoint_seq}
+        return {"pruned": result.pruned, "cuts": result.cuts}
 
     result = asyncio.run(run())
     if as_json:
         emit_json(result)
     else:
-        out.print(f"pruned {result['pruned']} events (checkpoint at {result['checkpoint_seq']})")
+        cuts = ", ".join(f"{chain} at {seq}" for chain, seq in sorted(result["cuts"].items()))
+        out.print(
+            Text(f"pruned {result['pruned']} events" + (f" (chains cut: {cuts})" if cuts else ""))
+        )
 
 
 @alerts_app.command("list")

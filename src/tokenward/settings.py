@@ -220,6 +220,18 @@ class Settings(BaseSettings):
     audit_retention_days: float = Field(
         0, ge=0, description="Prune audit events older than this many days (0: keep all)."
     )
+    audit_checkpoint_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds between two checkpoints of a writer's audit chain (each writer "
+        "records its chain's head; verify proves everything up to it).",
+    )
+    audit_sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
+        "NORMAL",
+        description="SQLite: NORMAL, an acknowledged audit event survives a crash of the "
+        "process; FULL, a power loss too (an fsync per commit).",
+    )
 
     anomaly_enabled: bool = Field(
         True, description="Run the anomaly detectors on every decision (alerts, responses)."

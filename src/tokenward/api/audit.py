@@ -10,7 +10,7 @@ from pydantic import AwareDatetime
 
 from tokenward.api.auth import AdminRead
 from tokenward.api.schemas import IDENTIFIER, PRINTABLE, printable_parameters
-from tokenward.audit.chain import verify_chain
+from tokenward.audit.chain import parse_anchor, verify_chain
 from tokenward.audit.query import AuditFilter, export_jsonl, list_events
 from tokenward.audit.records import ChainKeys
 from tokenward.clientip import parse_ip
@@ -118,7 +118,7 @@ async def list_audit(
     request: Request,
     filters: Filters,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=20)] = None,
+    cursor: Annotated[str | None, Query(max_length=72)] = None,
     order: Literal["desc", "asc"] = "desc",
 ) -> Any:
     """Audit events, newest first; follow ``next_cursor`` for the next page."""
@@ -145,18 +145,27 @@ async def export_audit(request: Request, filters: Filters) -> StreamingResponse:
 async def verify_audit(
     actor: AdminRead,
     request: Request,
-    anchor: Annotated[str | None, Query(max_length=90, pattern=r"^\d+:[0-9a-f]{64}$")] = None,
+    anchor: Annotated[
+        list[str] | None,
+        Query(
+            max_length=32,
+            description="chain:seq:hash printed by an earlier verify (seq:hash: the legacy chain).",
+        ),
+    ] = None,
 ) -> Any:
-    """Walk the hash chain (global admin credentials only: it spans every project)."""
+    """Walk every writer's hash chain and cross-check their checkpoints (global admin
+    credentials only: it spans every project)."""
     if actor.project_id is not None:
         raise Forbidden("forbidden", "only a global admin credential can verify the whole chain")
     services = request.app.state.services
-    parsed = None
-    if anchor is not None:
-        seq, _, digest = anchor.partition(":")
-        parsed = (int(seq), digest)
+    anchors = []
+    for text in anchor or []:
+        parsed = parse_anchor(text)
+        if parsed is None:
+            raise Invalid("invalid_request", "anchor: chain:seq:hash as a verify printed it")
+        anchors.append(parsed)
     await services.audit.flush()
     report = await verify_chain(
-        services.engine, ChainKeys.from_hasher(services.hasher), anchor=parsed
+        services.engine, ChainKeys.from_hasher(services.hasher), anchors=anchors
     )
     return report.public()

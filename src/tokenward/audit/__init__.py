@@ -1,9 +1,10 @@
 """The audit log: every decision and admin action, hash-chained, durable, queryable.
 
 * :mod:`.records` — what one event stores, and the keyed hash chaining events together;
-* :mod:`.writer` — the group-committing writer subscribed to the event bus;
-* :mod:`.query` — the read API (:func:`list_events`), export;
-* :mod:`.chain` — verification of the chain and retention with checkpoints.
+* :mod:`.writer` — the group-committing writer subscribed to the event bus, one chain each;
+* :mod:`.sinks` — where a writer appends (SQLite, PostgreSQL), its chain's checkpoints;
+* :mod:`.query` — the read API (:func:`list_events`), the chains merged in time order;
+* :mod:`.chain` — verification of every chain against the checkpoints, and retention.
 """
 
 from tokenward.audit.query import AuditEvent, AuditFilter, AuditPage, export_jsonl, list_events

@@ -1,23 +1,29 @@
 """Reading the audit log: filters, cursor pagination, JSON-lines export.
 
 :func:`list_events` is the read API of the audit log (the admin API, the CLI and the
-dashboard use it); its signature is stable.
+dashboard use it); its signature is stable. Every writer appends to a chain of its own, so
+the log is read in one order that merges them: ``(at, chain_id, seq)``, a total order (no
+two events share a chain and a seq) that every index of the table ends with. A cursor is
+that position, as text (``<at in µs since 1970>.<chain>.<seq>``): keyset pagination, stable
+while events arrive.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenward.audit.records import iso
 from tokenward.audit.tables import audit_events
 from tokenward.errors import Invalid
+from tokenward.store.tables import UTCDateTime
 
 Order = Literal["desc", "asc"]
 
@@ -52,11 +58,22 @@ class AuditEvent:
     seq: int
     values: dict[str, Any]
 
+    @property
+    def chain_id(self) -> str:
+        return str(self.values["chain_id"])
+
+    @property
+    def cursor(self) -> str:
+        """The event's place in the merged order, as a ``cursor`` takes it."""
+        return make_cursor(self.values["at"], self.chain_id, self.seq)
+
     def public(self) -> dict[str, Any]:
         v = self.values
         latency = v.get("latency_us")
         return {
+            "chain": v["chain_id"],
             "seq": self.seq,
+            "cursor": self.cursor,
             "id": v["id"],
             "at": iso(v["at"]),
             "kind": v["kind"],
@@ -116,12 +133,38 @@ def _where(query: Select[Any], f: AuditFilter) -> Select[Any]:
     return query
 
 
-def parse_cursor(cursor: str | None) -> int | None:
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CURSOR = re.compile(r"(\d{1,18})\.([A-Za-z0-9-]{1,32})\.(\d{1,18})")
+
+#: A position in the merged order: (at, chain_id, seq).
+Position = tuple[datetime, str, int]
+
+
+def make_cursor(at: datetime, chain_id: str, seq: int) -> str:
+    return f"{(at - _EPOCH) // timedelta(microseconds=1)}.{chain_id}.{seq}"
+
+
+def valid_cursor(text: str) -> bool:
+    return text.isascii() and _CURSOR.fullmatch(text) is not None
+
+
+def parse_cursor(cursor: str | None) -> Position | None:
     if cursor is None or cursor == "":
         return None
-    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 19 or int(cursor) >= 2**63:
+    match = _CURSOR.fullmatch(cursor) if cursor.isascii() else None
+    if match is None:
         raise Invalid("invalid_cursor", "cursor must be a value returned as next_cursor")
-    return int(cursor)
+    at = _EPOCH + timedelta(microseconds=int(match[1]))
+    return at, match[2], int(match[3])
+
+
+def _key() -> Any:
+    c = audit_events.c
+    return tuple_(c.at, c.chain_id, c.seq)
+
+
+def _position(at: datetime, chain_id: str, seq: int) -> Any:
+    return tuple_(literal(at, UTCDateTime()), literal(chain_id), literal(seq))
 
 
 async def list_events(
@@ -143,28 +186,19 @@ async def list_events(
     c = audit_events.c
     query = _where(select(audit_events), filters or AuditFilter())
     if order == "desc":
-        query = query.order_by(c.seq.desc())
+        query = query.order_by(c.at.desc(), c.chain_id.desc(), c.seq.desc())
         if after is not None:
-            query = query.where(c.seq < after)
+            query = query.where(_key() < _position(*after))
     else:
-        query = query.order_by(c.seq.asc())
+        query = query.order_by(c.at.asc(), c.chain_id.asc(), c.seq.asc())
         if after is not None:
-            query = query.where(c.seq > after)
+            query = query.where(_key() > _position(*after))
     query = query.limit(limit + 1)
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     events = [AuditEvent(int(r.seq), dict(r._mapping)) for r in rows[:limit]]
     more = len(rows) > limit
-    return AuditPage(events, str(events[-1].seq) if more and events else None)
-
-
-async def latest_seq(engine: AsyncEngine, filters: AuditFilter | None = None) -> int:
-    """The newest event's ``seq`` (0 when there is none): where ``tail -f`` starts."""
-    c = audit_events.c
-    query = _where(select(c.seq), filters or AuditFilter()).order_by(c.seq.desc()).limit(1)
-    async with engine.connect() as conn:
-        value = (await conn.execute(query)).scalar()
-    return int(value or 0)
+    return AuditPage(events, events[-1].cursor if more and events else None)
 
 
 async def export_jsonl(

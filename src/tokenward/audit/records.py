@@ -1,8 +1,10 @@
 """One audit record per event, and the keyed hash that chains records together.
 
-Each record's hash is ``HMAC-SHA256(chain_key, prev_hash ‖ canonical JSON of the record)``.
-The chain key is derived from the server key, so someone who can write to the database but
-does not hold the server key cannot recompute the chain after editing it.
+Each record's hash is ``HMAC-SHA256(chain_key, prev_hash ‖ 0x00 ‖ canonical JSON)``, where the
+canonical JSON is the array ``[chain_id, seq, *HASHED_FIELDS]`` (the events of the legacy
+chain, written before chains were per writer, hash the fields alone). The chain key is
+derived from the server key, so someone who can write to the database but does not hold
+the server key cannot recompute the chain after editing it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from tokenward.audit.tables import LEGACY_CHAIN
 from tokenward.events import AccessEvent, AdminEvent, IdSource, SecurityEvent
 from tokenward.tokens.format import redact_tokens
 from tokenward.tokens.hashing import Hmac256, ServerKey, TokenHasher
@@ -31,8 +34,8 @@ def new_event_id() -> str:
     return f"{_EVENT_IDS.prefix}{next(_EVENT_IDS.counter):010x}"
 
 
-#: The fields a record's hash covers, in a fixed order (``seq`` is not among them: the chain
-#: itself, through ``prev_hash``, fixes the order).
+#: The fields a record's hash covers, in a fixed order, after its chain id and ``seq`` (which
+#: the writer knows only when it seals the record into its chain).
 HASHED_FIELDS = (
     "id",
     "at",
@@ -258,9 +261,32 @@ def canonical_row(row: Row, at: str) -> bytes:
 
 
 def canonical(values: dict[str, Any]) -> bytes:
-    """The hashed form of a record given as a mapping (as the chain check reads it back)."""
+    """The hashed form of a record of the legacy chain, given as a mapping."""
     row = tuple(values.get(name) for name in HASHED_FIELDS)
     return canonical_row(row, iso(values["at"]))
+
+
+def chained(chain_id: str, seq: int, body: bytes) -> bytes:
+    """``body`` (a :func:`canonical_row` array) with ``chain_id`` and ``seq`` in front: the
+    bytes the reference encoder writes for ``[chain_id, seq, *fields]`` (a chain id is
+    ASCII letters, digits and ``-``: nothing to escape)."""
+    return b'["' + chain_id.encode() + b'",' + str(seq).encode() + b"," + body[1:]
+
+
+def checkpoint_body(values: dict[str, Any]) -> bytes:
+    """The hashed form of a chain checkpoint (see ``audit_chain_checkpoints``)."""
+    body = [
+        "checkpoint",
+        values["chain_id"],
+        int(values["n"]),
+        iso(values["at"]),
+        int(values["seq"]),
+        values["hash"],
+        bool(values["closed"]),
+        values["writer"],
+        values["witness"],
+    ]
+    return _ENCODE(body).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +302,17 @@ class ChainKeys:
         return cls(hasher.current.id, {k.id: _derive(k) for k in hasher.keys})
 
     def hash(self, key_id: str, prev_hash: str, values: dict[str, Any]) -> str:
-        return self.hash_canonical(key_id, prev_hash, canonical(values))
+        """The hash of a stored event (``values`` as read back, with its chain and seq)."""
+        body = canonical(values)
+        chain_id = values.get("chain_id")
+        if chain_id is not None and chain_id != LEGACY_CHAIN:
+            body = chained(chain_id, int(values["seq"]), body)
+        return self.hash_canonical(key_id, prev_hash, body)
+
+    def checkpoint_mac(self, key_id: str, values: dict[str, Any]) -> str:
+        """The MAC of a chain checkpoint, chained to the previous one (``prev_mac``)."""
+        body = checkpoint_body(values)
+        return self.mac(key_id).hexdigest(values["prev_mac"].encode() + b"\x01" + body)
 
     def hash_canonical(self, key_id: str, prev_hash: str, body: bytes) -> str:
         return self.mac(key_id).hexdigest(prev_hash.encode() + b"\x00" + body)

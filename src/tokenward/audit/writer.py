@@ -18,19 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
-import sqlite3
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from contextvars import ContextVar, Token
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import structlog
-from sqlalchemy import insert, select, update
-from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenward.asgi import send_json
@@ -47,11 +45,21 @@ from tokenward.audit.records import (
     iso,
     plain,
 )
-from tokenward.audit.tables import audit_events, audit_head
+from tokenward.audit.sinks import (
+    INSERT_COLUMNS,
+    Permanent,
+    Prepared,
+    Sink,
+    SQLiteSink,
+    failed,
+    log,
+    open_sink,
+)
 from tokenward.errors import Unavailable
 from tokenward.events import AccessEvent, AdminEvent, SecurityEvent
 
-log = structlog.get_logger("tokenward.audit")
+#: Seconds between two checkpoints of a writer's chain (while it writes; and one at close).
+CHECKPOINT_EVERY = 5.0
 
 #: Seconds a request waits (in sync mode) for its events before it is answered 503
 #: ``audit_unavailable``; every attempt to write, and every pause between attempts, fits in it.
@@ -60,23 +68,6 @@ GIVE_UP_AFTER = 10.0
 #: denial) waits for its events before it is answered ``audit_unavailable``. It says "not
 #: now" either way; holding it the full ``GIVE_UP_AFTER`` would only make the client wait.
 DENIAL_WAIT = 2.0
-
-#: errors that retrying cannot fix (the data, not the database, is at fault)
-_PERMANENT_SQL = (DataError, IntegrityError, ProgrammingError)
-_PERMANENT_SQLITE = (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.ProgrammingError)
-
-
-def _permanent(exc: BaseException) -> bool:
-    """Data, constraint or statement errors (SQLSTATE classes 22, 23, 42): not worth a retry."""
-    if isinstance(exc, _PERMANENT_SQL):
-        return True
-    orig = getattr(exc, "orig", None)
-    state = (
-        getattr(exc, "sqlstate", None)
-        or getattr(orig, "sqlstate", None)
-        or getattr(orig, "pgcode", None)
-    )
-    return isinstance(state, str) and state[:2] in ("22", "23", "42")
 
 
 class _Batch:
@@ -131,7 +122,8 @@ _pending: ContextVar[Pending | None] = ContextVar("tokenward_audit_pending", def
 
 
 class AuditWriter:
-    """An event sink that appends every event to the hash-chained audit table.
+    """An event sink that appends every event to a hash chain of its own (``chain_id``,
+    drawn when it is made; decision 0021), and checkpoints that chain now and then.
 
     One writer task on the request loop takes whatever is queued and commits it as one
     batch, then settles the batch's one future. No threads: a writer thread would fight the
@@ -151,9 +143,13 @@ class AuditWriter:
         give_up_after: float | None = None,
         linger: float = 0.0,
         observe: Callable[[int, float], None] | None = None,
+        checkpoint_every: float = CHECKPOINT_EVERY,
+        sqlite_synchronous: str = "NORMAL",
     ) -> None:
         if mode not in ("sync", "async"):
             raise ValueError("audit mode must be 'sync' or 'async'")
+        if sqlite_synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("the audit log's SQLite synchronous setting is NORMAL or FULL")
         self.engine = engine
         self.keys = keys
         self.mode = mode
@@ -163,6 +159,9 @@ class AuditWriter:
         self.linger = linger
         #: called with (events written, seconds the transaction took) after each batch
         self.observe = observe
+        self.checkpoint_every = checkpoint_every
+        self.sqlite_synchronous = sqlite_synchronous
+        self._new_chain()
         self.written = 0
         self._closed = False
         self._stopping = False
@@ -174,6 +173,15 @@ class AuditWriter:
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         self._batch: _Batch | None = None  # the batch new events join
+
+    def _new_chain(self) -> None:
+        """A chain of this writer's own: no other process ever writes its ``chain_id``."""
+        self._pid = os.getpid()
+        self.chain_id = secrets.token_hex(8)
+        self.writer_name = f"{socket.gethostname()[:100]} pid {self._pid}"
+        #: the chain's head as committed, (seq, hash); read from the database on connect
+        self.head: tuple[int, str] | None = None
+        self._mark = _Mark()
 
     # -- the event sink -------------------------------------------------------------------
     async def access(self, event: AccessEvent) -> None:
@@ -252,6 +260,8 @@ class AuditWriter:
 
     # -- the request-loop side ------------------------------------------------------------
     def _start(self) -> None:
+        if os.getpid() != self._pid:  # a forked worker: never the parent's chain
+            self._new_chain()
         self._space = asyncio.Event()
         self._space.set()
         self._idle = asyncio.Event()
@@ -295,11 +305,7 @@ class AuditWriter:
         asyncpg waits on sockets, so the loop serves requests between round trips).
         """
         assert self._wakeup is not None
-        sink: _Sink = (
-            _SQLiteSink(self)
-            if self.engine.dialect.name == "sqlite"
-            else _PostgresSink(self, self.engine)
-        )
+        sink = open_sink(self)
         try:
             while True:
                 await self._wakeup.wait()
@@ -311,18 +317,20 @@ class AuditWriter:
                 if batch is not None:
                     await self._write_batch(sink, batch)
                 if self._stopping and self._batch is None:
+                    if self.needs_closing:  # a clean close: the chain's final checkpoint
+                        await sink.checkpoint(closed=True)
                     return
         except BaseException as exc:
             # The writer is going away (cancelled, or a bug): nobody may wait on events
             # that no writer will take. The next event starts a new writer.
             orphan, self._batch = self._batch, None
             if orphan is not None:
-                self._settle(orphan, _failed(len(orphan.rows), exc))
+                self._settle(orphan, failed(len(orphan.rows), exc))
             raise
         finally:
             await sink.close()
 
-    async def _write_batch(self, sink: _Sink, batch: _Batch) -> None:
+    async def _write_batch(self, sink: Sink, batch: _Batch) -> None:
         """Write ``batch`` in chunks of ``batch_size``; a chunk that cannot be written fails
         its own events only (the others are durable and their requests are answered)."""
         rows = batch.rows
@@ -332,40 +340,40 @@ class AuditWriter:
                 try:
                     await self._write_rows(sink, batch, chunk)
                 except Exception as exc:
-                    error = exc if isinstance(exc, Unavailable) else _failed(len(chunk), exc)
+                    error = exc if isinstance(exc, Unavailable) else failed(len(chunk), exc)
                     for row in chunk:
                         batch.failed.setdefault(id(row), error)
         except BaseException as exc:  # cancelled mid-write: what is unsettled has failed
-            self._settle(batch, _failed(len(rows), exc))
+            self._settle(batch, failed(len(rows), exc))
             raise
         self._settle(batch, None)
 
-    async def _write_rows(self, sink: _Sink, batch: _Batch, rows: list[Row]) -> None:
+    async def _write_rows(self, sink: Sink, batch: _Batch, rows: list[Row]) -> None:
         """Write ``rows`` in one transaction. A row that cannot even be encoded fails on its
         own before any I/O; when the database refuses the data, the rows go one by one, so
         that one bad event does not take the others down (its request alone gets a 503)."""
-        sqlite = isinstance(sink, _SQLiteSink)
+        sqlite = isinstance(sink, SQLiteSink)
         prepared: list[_Prepared] = []
         kept: list[Row] = []
         for row in rows:
             try:
                 prepared.append(prepare(row, sqlite=sqlite))
             except Exception as exc:
-                batch.failed[id(row)] = _failed(1, exc)
+                batch.failed[id(row)] = failed(1, exc)
             else:
                 kept.append(row)
         await self._write_prepared(sink, batch, kept, prepared)
 
     async def _write_prepared(
-        self, sink: _Sink, batch: _Batch, rows: list[Row], prepared: list[_Prepared]
+        self, sink: Sink, batch: _Batch, rows: list[Row], prepared: list[_Prepared]
     ) -> None:
         if not prepared:
             return
         try:
             await sink.write(prepared)
-        except _Permanent as exc:
+        except Permanent as exc:
             if len(prepared) == 1:
-                batch.failed[id(rows[0])] = _failed(1, exc.__cause__ or exc)
+                batch.failed[id(rows[0])] = failed(1, exc.__cause__ or exc)
                 return
             for row, item in zip(rows, prepared, strict=True):
                 await self._write_prepared(sink, batch, [row], [item])
@@ -373,44 +381,102 @@ class AuditWriter:
         self.written += len(prepared)
 
     async def append(self, records: list[AuditRecord]) -> None:
-        """Append ``records`` now, on the caller's loop (tools, tests, imports)."""
-        async with self.engine.connect() as conn:
-            await self._append_on(conn, [r.row() for r in records])
-        self.written += len(records)
-
-    async def _append_on(self, conn: AsyncConnection, rows: list[Row]) -> None:
-        """Append ``rows`` to the chain in one transaction (the group commit)."""
-        started = time.perf_counter()
-        sqlite = conn.dialect.name == "sqlite"
-        prepared = [prepare(row, sqlite=sqlite) for row in rows]
-        async with conn.begin():
-            seq, prev = await _lock_head(conn)
-            sealed, head = self.seal(prepared, seq, prev)
-            await _insert_rows(conn, sealed, head)
-        if self.observe is not None:
-            self.observe(len(rows), time.perf_counter() - started)
+        """Append ``records`` now, in order, and wait until they are durable (tools, tests,
+        imports; in async mode, until they are written)."""
+        if self.mode == "async":
+            for record in records:
+                await self.submit(record)
+            await self.flush()
+            return
+        await asyncio.gather(*(self.submit(record) for record in records))
 
     def seal(
         self, prepared: list[_Prepared], seq: int, prev: str
     ) -> tuple[list[tuple[Any, ...]], tuple[int, str]]:
-        """Number and chain ``prepared`` rows after ``(seq, prev)``: the table rows, and the
-        new head. One HMAC per row; nothing here can fail on the data."""
+        """Number and chain ``prepared`` rows after ``(seq, prev)`` in this writer's chain:
+        the table rows, and the new head. One HMAC per row; nothing here can fail on the
+        data. The hashed text is ``[chain_id, seq, *fields]`` (see :func:`chained`)."""
         key_id = self.keys.current_id
         mac = self.keys.mac(key_id).hexdigest
+        chain = self.chain_id
+        lead = b'["' + chain.encode() + b'",'
         out: list[tuple[Any, ...]] = []
         prev_bytes = prev.encode()
         for canonical, stored in prepared:
             seq += 1
-            digest = mac(prev_bytes + b"\x00" + canonical)
-            out.append((seq, *stored, key_id, prev, digest))
+            digest = mac(prev_bytes + b"\x00" + lead + str(seq).encode() + b"," + canonical[1:])
+            out.append((chain, seq, *stored, key_id, prev, digest))
             prev = digest
             prev_bytes = digest.encode()
         return out, (seq, prev)
 
+    # -- the chain's head and checkpoints ---------------------------------------------------
+    def resync(self, head: Any, mark: Any) -> None:
+        """Take the chain's head and last checkpoint as the database holds them (on each
+        connect: only this writer writes them, so what is read is what it last committed)."""
+        self.head = (int(head[0]), str(head[1])) if head is not None else (0, GENESIS)
+        if mark is None:
+            self._mark = _Mark()
+        else:
+            self._mark = _Mark(int(mark[0]), str(mark[1]), int(mark[2]), time.monotonic())
+            self._mark.closed = bool(mark[3])
 
-#: A row made ready to store, all but its place in the chain: its canonical (hashed) text,
-#: and its stored values from ``id`` to ``detail``.
-_Prepared = tuple[bytes, tuple[Any, ...]]
+    def checkpoint_due(self) -> bool:
+        """Whether the chain has moved since its last checkpoint, ``checkpoint_every``
+        seconds ago (the first checkpoint comes with the chain's first batch)."""
+        head, mark = self.head, self._mark
+        if head is None or head[0] == mark.seq:
+            return False
+        return mark.n == 0 or time.monotonic() - mark.time >= self.checkpoint_every
+
+    def make_checkpoint(
+        self, witness: list[tuple[Any, ...]], *, closed: bool, now: datetime
+    ) -> dict[str, Any]:
+        """The next checkpoint of this chain: its head, and the newest checkpoint of each
+        other chain among ``witness`` rows (chain, n, seq, hash), under the chain key."""
+        head, mark = self.head, self._mark
+        assert head is not None
+        seen: dict[str, list[Any]] = {}
+        for chain, n, seq, digest in witness:
+            if chain != self.chain_id and (chain not in seen or int(n) > seen[chain][0]):
+                seen[chain] = [int(n), int(seq), str(digest)]
+        key_id = self.keys.current_id
+        values: dict[str, Any] = {
+            "chain_id": self.chain_id,
+            "n": mark.n + 1,
+            "at": now,
+            "seq": head[0],
+            "hash": head[1],
+            "closed": closed,
+            "writer": self.writer_name,
+            "witness": seen,
+            "key_id": key_id,
+            "prev_mac": mark.mac,
+        }
+        values["mac"] = self.keys.checkpoint_mac(key_id, values)
+        return values
+
+    def checkpoint_written(self, values: dict[str, Any]) -> None:
+        self._mark = _Mark(values["n"], values["mac"], values["seq"], time.monotonic())
+        self._mark.closed = bool(values["closed"])
+
+    @property
+    def needs_closing(self) -> bool:
+        """Whether the chain holds events and has no closing checkpoint yet."""
+        return self.head is not None and self.head[0] > 0 and not self._mark.closed
+
+
+class _Mark:
+    """This writer's last checkpoint: its number, MAC, the head it recorded, and when."""
+
+    __slots__ = ("closed", "mac", "n", "seq", "time")
+
+    def __init__(self, n: int = 0, mac: str = GENESIS, seq: int = 0, at: float = 0.0) -> None:
+        self.n, self.mac, self.seq, self.time = n, mac, seq, at
+        self.closed = False
+
+
+_Prepared = Prepared
 _INT64 = range(-(2**63), 2**63)
 
 
@@ -438,230 +504,8 @@ def prepare(row: Row, *, sqlite: bool) -> _Prepared:
 
 _DETAIL = HASHED_FIELDS.index("detail")
 _LATENCY = HASHED_FIELDS.index("latency_us")
-_INSERT_COLUMNS = tuple(c.name for c in audit_events.c)
-assert ("seq", *HASHED_FIELDS, "key_id", "prev_hash", "hash") == _INSERT_COLUMNS
+assert ("chain_id", "seq", *HASHED_FIELDS, "key_id", "prev_hash", "hash") == INSERT_COLUMNS
 _JSON = json.JSONEncoder(separators=(",", ":")).encode
-
-
-class _Permanent(Exception):
-    """The data, not the database, is at fault: a retry cannot help."""
-
-
-class _Sink:
-    """Where the writer task appends batches (one per database kind)."""
-
-    async def write(self, rows: list[_Prepared]) -> None:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        return None
-
-
-class _SQLiteSink(_Sink):
-    """Appends on the loop; checkpoints the write-ahead log on a thread.
-
-    SQLite's automatic checkpoint would run inside whichever commit crosses the log's size
-    threshold: copying the log into the database and syncing it, on the request loop
-    (measured: 74 µs per commit of 32 events without it, 322 µs with it, and a stall of up
-    to 17 ms when it runs). The writer's link turns it off, and after ``CHECKPOINT_ROWS``
-    events or ``CHECKPOINT_COMMITS`` commits, whichever comes first, a passive checkpoint
-    runs on a worker thread instead (SQLite releases the interpreter lock while it does I/O).
-    The log is cut back to ``journal_size_limit`` whenever it starts over.
-    """
-
-    CHECKPOINT_ROWS = 4000
-    CHECKPOINT_COMMITS = 200
-
-    def __init__(self, writer: AuditWriter) -> None:
-        self.writer = writer
-        self.path = writer.engine.url.database or ""
-        self.appender = _SQLiteAppender(self.path, writer)
-        self.commits = 0
-        self.rows = 0
-        self.checkpoint: asyncio.Task[None] | None = None
-
-    async def write(self, rows: list[_Prepared]) -> None:
-        writer = self.writer
-        started = time.monotonic()
-        delay = 0.002
-        while True:
-            try:
-                t0 = time.perf_counter()
-                self.appender.append(rows)
-                if writer.observe is not None:
-                    writer.observe(len(rows), time.perf_counter() - t0)
-                self.commits += 1
-                self.rows += len(rows)
-                if self.rows >= self.CHECKPOINT_ROWS or self.commits >= self.CHECKPOINT_COMMITS:
-                    self.rows = self.commits = 0
-                    self._start_checkpoint()
-                return
-            except _PERMANENT_SQLITE as exc:
-                raise _Permanent() from exc
-            except (sqlite3.Error, OSError) as exc:
-                busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
-                if not busy:
-                    self.appender.reset()
-                waited = time.monotonic() - started
-                # In async mode nobody waits for an answer: keep trying (the full queue
-                # pushes back on new requests meanwhile) rather than lose events.
-                if writer.mode == "sync" and waited >= writer.give_up_after:
-                    raise _failed(len(rows), exc) from exc
-                if not busy:
-                    log.warning("audit_write_retry", error=type(exc).__name__)
-                if writer.mode == "sync":  # the last pause ends with the promise
-                    delay = min(delay, writer.give_up_after - waited)
-                await asyncio.sleep(delay)
-                # Another process's write lock is held for milliseconds: retry soon. A
-                # failing database is given more time between tries.
-                delay = min(delay * 2, 0.02 if busy else 1.0)
-
-    def _start_checkpoint(self) -> None:
-        if self.checkpoint is None or self.checkpoint.done():
-            self.checkpoint = asyncio.create_task(asyncio.to_thread(_checkpoint, self.path))
-
-    async def close(self) -> None:
-        if self.checkpoint is not None:
-            with contextlib.suppress(Exception):
-                await self.checkpoint
-        self.appender.close()
-
-
-def _checkpoint(path: str) -> None:
-    """A passive checkpoint: copies what it can without waiting for readers or writers."""
-    try:
-        db = sqlite3.connect(path, timeout=0.1, isolation_level=None)
-    except sqlite3.Error:
-        return
-    try:
-        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-    except sqlite3.Error as exc:  # busy, or gone: the next round tries again
-        log.debug("audit_checkpoint_skipped", error=type(exc).__name__)
-    finally:
-        db.close()
-
-
-class _PostgresSink(_Sink):
-    """PostgreSQL through the driver's own connection, four round trips per batch.
-
-    One transaction per batch: lock and read the chain head; insert the sealed rows with one
-    prepared single-row statement, all rows pipelined in one round trip (``executemany``);
-    move the head and commit in one message. Measured against a multi-row ``INSERT`` through
-    SQLAlchemy, whose text (a placeholder per value) was built, sent and parsed anew for each
-    batch: 23 µs of CPU per event instead of 45, and batches commit a quarter sooner. (COPY
-    cost about as much CPU but two more round trips.)
-    """
-
-    def __init__(self, writer: AuditWriter, engine: AsyncEngine) -> None:
-        self.writer = writer
-        self.engine = engine
-        self.conn: AsyncConnection | None = None  # owns the driver connection below
-        self.raw: Any = None
-        self._closing: set[asyncio.Task[None]] = set()
-
-    async def _connect(self) -> Any:
-        conn = await self.engine.connect()
-        try:
-            async with conn.begin():
-                await _lock_head(conn)  # creates the head row on first use
-            raw = (await conn.get_raw_connection()).driver_connection
-            if raw is None:
-                raise RuntimeError("no driver connection")
-            # Bounded server-side too: a lock held elsewhere is not waited on past the
-            # promise, and a transaction of this writer cut off mid-way frees the head row.
-            limit = max(1, int(self.writer.give_up_after * 1000))
-            await raw.execute(
-                f"SET lock_timeout = {limit:d}; SET idle_in_transaction_session_timeout = 30000"
-            )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await conn.close()
-            raise
-        self.conn, self.raw = conn, raw
-        return raw
-
-    async def write(self, rows: list[_Prepared]) -> None:
-        writer = self.writer
-        started = time.monotonic()
-        delay = 0.05
-        #: the id of a batch whose COMMIT went out but whose answer never came back
-        uncertain: str | None = None
-        while True:
-            committing = False
-            try:
-                # Every attempt is bounded, so a database that hangs (a lock, a silent
-                # network) fails the waiting requests within ``give_up_after`` too.
-                left = writer.give_up_after - (time.monotonic() - started)
-                async with asyncio.timeout(max(left, 0.05) if writer.mode == "sync" else 30.0):
-                    raw = self.raw if self.raw is not None else await self._connect()
-                    if uncertain is not None:
-                        found = await raw.fetchval(_PG_FIND_EVENT, uncertain)
-                        if found:  # it was committed after all: written once, not twice
-                            return
-                        uncertain = None
-                    t0 = time.perf_counter()
-                    await raw.execute("BEGIN")
-                    head = await raw.fetchrow(_PG_LOCK_HEAD)
-                    if head is None:
-                        raise RuntimeError("the audit chain head is missing")
-                    sealed, (seq, prev) = writer.seal(rows, int(head[0]), str(head[1]))
-                    await raw.executemany(_PG_INSERT, sealed)
-                    # Moving the head and committing share one round trip (simple protocol:
-                    # the values are written in, an integer and a hex digest made here).
-                    if not _HEX64.fullmatch(prev):
-                        raise RuntimeError("a chain hash is not a hex digest")
-                    committing = True
-                    await raw.execute(
-                        f"UPDATE audit_head SET seq = {seq:d}, hash = '{prev}' WHERE id = 1; COMMIT"  # noqa: S608 (checked above)
-                    )
-                if writer.observe is not None:
-                    writer.observe(len(rows), time.perf_counter() - t0)
-                return
-            except Exception as exc:
-                # Closed in the background: against a database that does not answer, the
-                # driver gives a close seconds of its own, which are not the requests' to wait.
-                self._discard()
-                if _permanent(exc):
-                    raise _Permanent() from exc
-                if committing:
-                    uncertain = rows[0][1][0]  # the first event's id
-                waited = time.monotonic() - started
-                if writer.mode == "sync" and waited >= writer.give_up_after:
-                    raise _failed(len(rows), exc) from exc
-                log.warning("audit_write_retry", error=type(exc).__name__, waited=round(waited, 2))
-                # The last pause ends with the promise (then one more, short, attempt).
-                if writer.mode == "sync":
-                    delay = min(delay, writer.give_up_after - waited)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def _drop(self) -> None:
-        conn, self.conn, self.raw = self.conn, None, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.invalidate()  # the driver connection's state is unknown: not reused
-            with contextlib.suppress(Exception):
-                await conn.close()
-
-    def _discard(self) -> None:
-        task = asyncio.create_task(self._drop())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    async def close(self) -> None:
-        await self._drop()  # not back to the pool: the session carries the timeouts above
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
-
-
-#: A no-op update takes the head row's lock: writers in every process append one at a time.
-_PG_LOCK_HEAD = "UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, hash"
-_PG_FIND_EVENT = "SELECT 1 FROM audit_events WHERE id = $1"
-_PG_INSERT = (
-    f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 (no input)
-    f"VALUES ({', '.join(f'${n + 1}' for n in range(len(_INSERT_COLUMNS)))})"
-)
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def _expire(batch: _Batch) -> None:
@@ -675,148 +519,6 @@ def _expire(batch: _Batch) -> None:
         )
         batch.future.exception()
         batch.wake()
-
-
-def _failed(events: int, exc: BaseException) -> Unavailable:
-    log.error("audit_write_failed", events=events, error=type(exc).__name__)
-    return Unavailable("audit_unavailable", "the audit log cannot be written")
-
-
-class _SQLiteAppender:
-    """The same group commit as :meth:`AuditWriter._append_on`, on a plain sqlite3 link.
-
-    ``BEGIN IMMEDIATE`` takes the database's write lock first, which serialises appends
-    from several processes just as the head-row lock does on PostgreSQL. One prepared
-    single-row INSERT, run for every row (``executemany``): SQLite compiles it once.
-    """
-
-    def __init__(self, path: str, writer: AuditWriter) -> None:
-        self.path = path
-        self.writer = writer
-        self.db: sqlite3.Connection | None = None
-
-    def connect(self) -> sqlite3.Connection:
-        if self.db is None:
-            db = sqlite3.connect(
-                self.path, timeout=0, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA busy_timeout=0")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA wal_autocheckpoint=0")  # see _SQLiteSink
-            db.execute("PRAGMA journal_size_limit=67108864")
-            self.db = db
-        return self.db
-
-    def reset(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        db, self.db = self.db, None
-        if db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                db.close()
-
-    def append(self, rows: list[_Prepared]) -> None:
-        db = self.connect()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            head = db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-            if head is None:
-                head = db.execute(
-                    "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1"
-                ).fetchone() or (0, GENESIS)
-                db.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?)", head)
-            sealed, (seq, prev) = self.writer.seal(rows, int(head[0]), str(head[1]))
-            db.executemany(_SQLITE_INSERT, sealed)
-            db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
-
-
-_SQLITE_INSERT = (
-    f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 (no input)
-    f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))})"
-)
-
-#: rows per INSERT statement (columns x rows stays under every driver's parameter limit)
-_ROWS_PER_STATEMENT = 1000
-
-
-def _insert_statements(rows: list[tuple[Any, ...]]) -> list[tuple[str, tuple[Any, ...]]]:
-    """Multi-row INSERTs (PostgreSQL numbering) for sealed ``rows``: one statement for up to
-    a thousand rows, not one round trip per row."""
-    width = len(_INSERT_COLUMNS)
-    names = ", ".join(_INSERT_COLUMNS)
-    statements = []
-    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-        chunk = rows[start : start + _ROWS_PER_STATEMENT]
-        params = tuple(value for row in chunk for value in row)
-        marks = ", ".join(
-            "(" + ", ".join(f"${r * width + c + 1}" for c in range(width)) + ")"
-            for r in range(len(chunk))
-        )
-        sql = f"INSERT INTO audit_events ({names}) VALUES {marks}"  # noqa: S608 (no input)
-        statements.append((sql, params))
-    return statements
-
-
-async def _insert_rows(
-    conn: AsyncConnection, rows: list[tuple[Any, ...]], head: tuple[int, str]
-) -> None:
-    """Insert sealed ``rows`` and move the chain head to ``head`` (on PostgreSQL in one
-    round trip: the head update rides along with the last insert)."""
-    if conn.dialect.name == "sqlite":
-        for row in rows:
-            await conn.exec_driver_sql(_SQLITE_INSERT, row)
-        await conn.execute(
-            update(audit_head).where(audit_head.c.id == 1).values(seq=head[0], hash=head[1])
-        )
-        return
-    statements = _insert_statements(rows)
-    for sql, params in statements[:-1]:
-        await conn.exec_driver_sql(sql, params)
-    sql, params = statements[-1]
-    n = len(params)
-    await conn.exec_driver_sql(
-        f"WITH appended AS ({sql} RETURNING 1) "  # noqa: S608 (no input in the text)
-        f"UPDATE audit_head SET seq = ${n + 1}, hash = ${n + 2} WHERE id = 1",
-        (*params, head[0], head[1]),
-    )
-
-
-async def _lock_head(conn: AsyncConnection) -> tuple[int, str]:
-    """Lock the chain head for this transaction and read it (creating it on first use)."""
-    for _ in range(3):
-        # A no-op update takes the row lock (PostgreSQL) or the write lock (SQLite) first,
-        # so two writers, in one process or many, never append from the same head.
-        row = (
-            await conn.execute(
-                update(audit_head)
-                .where(audit_head.c.id == 1)
-                .values(seq=audit_head.c.seq)
-                .returning(audit_head.c.seq, audit_head.c.hash)
-            )
-        ).first()
-        if row is not None:
-            return int(row.seq), str(row.hash)
-        last = (
-            await conn.execute(
-                select(audit_events.c.seq, audit_events.c.hash)
-                .order_by(audit_events.c.seq.desc())
-                .limit(1)
-            )
-        ).first()
-        seq, digest = (int(last.seq), str(last.hash)) if last else (0, GENESIS)
-        try:
-            async with conn.begin_nested():
-                await conn.execute(insert(audit_head).values(id=1, seq=seq, hash=digest))
-        except IntegrityError:
-            continue  # another writer created it first: lock theirs
-    raise RuntimeError("could not lock the audit chain head")
 
 
 class DurableResponseMiddleware:

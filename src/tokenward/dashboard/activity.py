@@ -20,6 +20,8 @@ from tokenward.audit.query import AuditEvent, AuditFilter, export_jsonl, list_ev
 from tokenward.audit.tables import audit_events
 
 HOUR = timedelta(hours=1)
+#: Seconds the live tail stays behind the present (see :meth:`Activity.query`).
+TAIL_SETTLE = 1.0
 
 
 @dataclass(slots=True)
@@ -27,6 +29,7 @@ class Entry:
     """One row of a feed (never holds a secret)."""
 
     seq: int
+    cursor: str  # the entry's place in the merged order of the writers' chains
     at: datetime
     kind: str  # access | admin | security
     action: str
@@ -48,6 +51,7 @@ class Entry:
                 detail[name] = v[name]
         return cls(
             seq=event.seq,
+            cursor=event.cursor,
             at=v["at"],
             kind=v["kind"],
             action=v["action"],
@@ -69,6 +73,8 @@ class Entry:
     def public(self) -> dict[str, Any]:
         return {
             "seq": self.seq,
+            "chain": self.cursor.split(".")[1],
+            "cursor": self.cursor,
             "at": self.at.isoformat().replace("+00:00", "Z"),
             "kind": self.kind,
             "action": self.action,
@@ -94,8 +100,8 @@ class Query:
     reason: str | None = None
     client_ip: str | None = None
     actor_id: str | None = None
-    before_seq: int | None = None
-    after_seq: int | None = None
+    before: str | None = None  # a cursor: entries older than it
+    after: str | None = None  # a cursor: entries newer than it (the live tail)
     limit: int = 50
 
     def audit_filter(self) -> AuditFilter:
@@ -128,14 +134,17 @@ class Activity:
         self.engine = engine
 
     async def query(self, q: Query) -> list[Entry]:
-        """Newest first; ``after_seq`` (the live tail) returns what came after it."""
-        if q.after_seq is not None:
+        """Newest first; ``after`` (the live tail) returns what came after it, up to
+        ``TAIL_SETTLE`` seconds ago: the writers commit their chains independently, and an
+        event committed a moment after a newer one of another writer is not skipped."""
+        if q.after is not None:
+            filters = q.audit_filter()
+            filters.until = datetime.now(UTC) - timedelta(seconds=TAIL_SETTLE)
             page = await list_events(
-                self.engine, q.audit_filter(), limit=q.limit, cursor=str(q.after_seq), order="asc"
+                self.engine, filters, limit=q.limit, cursor=q.after, order="asc"
             )
             return [Entry.of(e) for e in reversed(page.events)]
-        cursor = str(q.before_seq) if q.before_seq is not None else None
-        page = await list_events(self.engine, q.audit_filter(), limit=q.limit, cursor=cursor)
+        page = await list_events(self.engine, q.audit_filter(), limit=q.limit, cursor=q.before)
         return [Entry.of(e) for e in page.events]
 
     def export(self, q: Query) -> AsyncIterator[str]:

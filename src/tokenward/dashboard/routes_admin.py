@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenward.anomaly.store import Alert, AlertFilter
+from tokenward.audit.query import make_cursor, valid_cursor
 from tokenward.clientip import parse_ip
 from tokenward.dashboard.accounts import Role, User, actor_for
 from tokenward.dashboard.activity import Query
@@ -49,8 +51,8 @@ AUDIT_PARAMETERS = {
     "token": 32,
     "reason": 64,
     "ip": 64,
-    "before": 18,
-    "after": 18,
+    "before": 72,
+    "after": 72,
 }
 
 
@@ -74,8 +76,8 @@ async def _audit_query(
     if p["decision"] not in ("", "allow", "deny"):
         raise PageError(400, "Bad filter", "decision is allow or deny")
     for key in ("before", "after"):
-        if p[key] and (not whole_number(p[key]) or len(p[key]) > 18):
-            raise PageError(400, "Bad filter", f"{key} must be a whole number")
+        if p[key] and not valid_cursor(p[key]):
+            raise PageError(400, "Bad filter", f"{key} must be a position the page gave")
     if p["ip"] and parse_ip(p["ip"]) is None:
         raise PageError(400, "Bad filter", "ip must be an IP address")
     if p["token"] and not re.fullmatch(r"[A-Za-z0-9_-]+", p["token"]):
@@ -87,8 +89,8 @@ async def _audit_query(
         decision=p["decision"] or None,
         reason=p["reason"] or None,
         client_ip=str(parse_ip(p["ip"])) if p["ip"] else None,
-        before_seq=int(p["before"]) if p["before"] else None,
-        after_seq=int(p["after"]) if p["after"] else None,
+        before=p["before"] or None,
+        after=p["after"] or None,
         limit=limit,
     )
     return q, {k: v for k, v in p.items() if v and k not in ("before", "after")}
@@ -112,8 +114,8 @@ async def audit_page(request: Request) -> Response:
         projects=projects,
         names=_names(projects),
         users=await user_names(request),
-        older=entries[-1].seq if len(entries) == q.limit else None,
-        newest=entries[0].seq if entries else 0,
+        older=entries[-1].cursor if len(entries) == q.limit else None,
+        newest=entries[0].cursor if entries else make_cursor(datetime.now(UTC), "0", 0),
     )
 
 
@@ -122,7 +124,7 @@ async def audit_feed(request: Request) -> Response:
     """Entries after ``after`` (the live tail), oldest first, as JSON."""
     session = await session_of(request)
     q, _ = await _audit_query(request, session.user, limit=200)
-    if q.after_seq is None:
+    if q.after is None:
         raise PageError(400, "Bad request", "after is required")
     entries = list(reversed(await dash(request).activity.query(q)))
     return page_headers(JSONResponse({"entries": [e.public() for e in entries]}))

@@ -38,7 +38,8 @@ document.addEventListener("submit", (event) => {
   const toggle = document.getElementById("live-tail");
   const body = document.querySelector("#trail tbody");
   if (!toggle || !body) return;
-  let after = Number(toggle.dataset.after || 0);
+  // A position in the log (time, chain, seq), as the page and the feed give it.
+  let after = toggle.dataset.after || "";
   let timer = null;
   const cell = (text, className) => {
     const td = document.createElement("td");
@@ -48,19 +49,19 @@ document.addEventListener("submit", (event) => {
   };
   async function poll() {
     const sep = toggle.dataset.feed.includes("?") ? "&" : "?";
-    const response = await fetch(toggle.dataset.feed + sep + "after=" + after, {
+    const response = await fetch(toggle.dataset.feed + sep + "after=" + encodeURIComponent(after), {
       credentials: "same-origin",
       headers: { Accept: "application/json" },
     });
     if (!response.ok) return;
     const data = await response.json();
     for (const e of data.entries) {
-      after = Math.max(after, e.seq);
+      after = e.cursor; // the entries come oldest first
       const empty = body.querySelector("tr.empty");
       if (empty) empty.remove();
       const tr = document.createElement("tr");
       tr.className = "fresh" + (e.decision === "deny" ? " deny" : "");
-      tr.dataset.seq = e.seq;
+      tr.dataset.cursor = e.cursor;
       tr.append(
         cell(e.at.replace("T", " ").slice(0, 19)),
         cell(e.action),

@@ -122,6 +122,7 @@ async def handle_verify(
         audit_allowed=False,
     )
     body = _verify_body(raw_body, content_type)
+    reported_by = _reported_by(caller, body.get("ip"), peer_ip)
     decision = await services.verifier.verify(
         body["token"] or "",
         scope=body.get("scope"),
@@ -144,6 +145,7 @@ async def handle_verify(
         path="/v1/verify",
         client_ip=body.get("ip"),
         actor_id=caller.id,
+        ip_reported_by=reported_by,
     )
     result = decision.as_dict()
     if decision.reason == Reason.UNKNOWN or decision.token is None:
@@ -152,6 +154,20 @@ async def handle_verify(
         result.update(error="unavailable", message="a dependency is unavailable; access denied")
         return 503, result
     return 200, result
+
+
+def _reported_by(caller: TokenRecord, ip: str | None, peer_ip: str | None) -> str | None:
+    """Whose word the body's ``ip`` is: the project of a project-bound caller, or ``None`` when
+    the server may act on it for everyone (a global caller, or the caller's own address).
+
+    The address decides this verification either way (allowlists, blocks); what it may
+    *trigger* (detector counts, blocks) stays in the caller's project (docs/anomaly.md).
+    """
+    if caller.project_id is None or ip is None:
+        return None
+    if peer_ip is not None and parse_ip(ip) == parse_ip(peer_ip):
+        return None
+    return caller.project_id
 
 
 @router.post("/v1/verify", tags=["verify"], openapi_extra=VERIFY_SCHEMA)

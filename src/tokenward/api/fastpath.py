@@ -17,7 +17,7 @@ from tokenward.api.errors import redact
 from tokenward.api.verification import handle_verify
 from tokenward.asgi import send_json
 from tokenward.clientip import scope_client_ip
-from tokenward.errors import TokenwardError
+from tokenward.errors import TokenwardError, TooManyRequests
 
 _HEALTH = b'{"status":"ok"}'
 
@@ -61,6 +61,8 @@ class FastPath:
             extra = []
             if exc.status == 401:
                 extra.append((b"www-authenticate", b'Bearer realm="tokenward"'))
+            elif isinstance(exc, TooManyRequests) and exc.retry_after is not None:
+                extra.append((b"retry-after", str(exc.retry_after).encode()))
             await send_json(send, exc.status, redact(exc.body()), extra)
             return
         await send_json(send, status, result)

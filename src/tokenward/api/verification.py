@@ -15,6 +15,7 @@ from tokenward.api.auth import (
     authenticate,
     authenticate_credential,
     client_ip,
+    refuse_failed_address,
 )
 from tokenward.api.errors import error_response
 from tokenward.clientip import parse_ip
@@ -328,6 +329,10 @@ async def revoke(request: Request) -> JSONResponse:
     else:
         well_formed = True
     if creds.method == "none" or creds.secret == token_value:
+        # the token is its own credential (a public client): the same failed-credential guard
+        await refuse_failed_address(
+            services, client_ip(request), "admin_auth", method="POST", path="/oauth/revoke"
+        )
         if well_formed:
             found = await services.verifier.verify(
                 token_value, consume=False, ip=client_ip(request)

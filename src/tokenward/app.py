@@ -32,6 +32,7 @@ from tokenward.audit import AuditWriter, ChainKeys
 from tokenward.audit.chain import prune
 from tokenward.audit.writer import DurableResponseMiddleware
 from tokenward.events import EventBus
+from tokenward.failures import FailureCounter, failures_of
 from tokenward.fanout import Fanout, make_fanout
 from tokenward.gateway import Enforcement, build_enforcement
 from tokenward.limits import RateLimiter
@@ -128,7 +129,7 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
             anomaly.webhooks.on_result = metrics.webhook_result
         await anomaly.refresh_blocks()
         events.subscribe(anomaly)
-    return Services(
+    services = Services(
         settings,
         engine,
         store,
@@ -145,6 +146,9 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         anomaly=anomaly,
         metrics=metrics,
     )
+    # Failed credentials count where their access event is made, for every entry point.
+    events.subscribe(FailureCounter(lambda: failures_of(services)))
+    return services
 
 
 def build_anomaly(

@@ -71,6 +71,8 @@ class Invalid(TokenwardError):
 
 class TooManyRequests(TokenwardError):
     status = 429
+    #: seconds for the ``Retry-After`` header, when known
+    retry_after: int | None = None
 
 
 class Unavailable(TokenwardError):

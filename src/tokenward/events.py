@@ -39,6 +39,9 @@ class AccessEvent:
     fingerprint: str | None = None
     #: who asked for the decision, when not the token's holder (the verify API's caller)
     actor_id: str | None = None
+    #: the project whose caller reported ``client_ip`` (the verify API's ``ip`` from a
+    #: project-bound caller): that word counts, and may block, in that project only
+    ip_reported_by: str | None = None
 
 
 @dataclass(slots=True)

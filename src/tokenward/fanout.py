@@ -15,11 +15,14 @@ switches the cache off too. It counts itself subscribed only once Redis confirme
 subscription.
 
 A publish is retried on a fresh connection (redis-py's retry, then once more here after
-dropping the idle pooled connections). If it still fails, the change is committed already:
-the replica logs ``fanout_publish_failed`` at error level and keeps trying in the background
-for one cache TTL; the other replicas, if they stayed subscribed, serve the old state for at
-most the cache TTL (``TOKENWARD_CACHE_TTL``). That is the bound, documented in
-docs/architecture.md.
+dropping the idle pooled connections). The change is committed already, so the call that made
+it waits for the publish at most :data:`PUBLISH_WAIT_SECONDS` (a frozen Redis answers nothing
+and a connect to it can hang with no timeout of the socket's firing): past that, or on an
+error, the replica logs ``fanout_publish_failed`` at error level and the message keeps being
+sent in the background for one cache TTL from the change. While such a message is pending, a
+further change does not wait at all (a cascade of revocations answers within one wait, not one
+per token). The other replicas, if they stayed subscribed, serve the old state for at most the
+cache TTL (``TOKENWARD_CACHE_TTL``). That is the bound, documented in docs/architecture.md.
 
 Redis channel: ``<TOKENWARD_REDIS_PREFIX>invalidate``, so that deployments sharing one Redis
 do not see each other's invalidations; with the default prefix it stays
@@ -54,6 +57,8 @@ PING_SECONDS = 1.0
 DEAD_AFTER_SECONDS = 3.0
 #: wait at most this long for Redis to confirm a subscription
 SUBSCRIBE_TIMEOUT = 2.0
+#: the call that changed a token waits at most this long for its publish (then: background)
+PUBLISH_WAIT_SECONDS = 1.0
 _PING = b"tokenward-fanout"
 log = structlog.get_logger("tokenward.fanout")
 
@@ -145,53 +150,92 @@ class RedisFanout(Fanout):
         self.subscriber = subscriber
         self.publish_failures = 0
         self._retries: set[asyncio.Task[None]] = set()
+        #: a publish missed its wait and nothing got through since: the next do not wait
+        self._stalled = False
 
     async def publish(self, token_id: str) -> None:
+        """Drop ``token_id`` here and tell every replica; never raises, never waits for long.
+
+        The outcome of the first attempt is a future that the sender resolves (``None``:
+        sent; otherwise the error's name) and that this call resolves itself when its wait is
+        over, so that the sender knows a later success is late.
+        """
         self.verifier.invalidate(token_id)
-        try:
-            await self._publish_once_more(token_id)
-        except Exception as exc:  # committed already: see the module's docstring
-            self.publish_failures += 1
-            log.error(
-                "fanout_publish_failed",
-                token_id=token_id,
-                error_type=type(exc).__name__,
-                stale_bound_seconds=self.verifier.cache_ttl,
-            )
-            task = asyncio.create_task(self._keep_publishing(token_id))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
+        first: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._deliver(token_id, first))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+        if not self._stalled:
+            await asyncio.wait({first}, timeout=PUBLISH_WAIT_SECONDS)
+        if not first.done():
+            first.set_result("PublishWaitExceeded")
+        error_type = first.result()
+        if error_type is None:
+            return
+        # committed already: see the module's docstring
+        self.publish_failures += 1
+        self._stalled = True
+        log.error(
+            "fanout_publish_failed",
+            token_id=token_id,
+            error_type=error_type,
+            stale_bound_seconds=self.verifier.cache_ttl,
+        )
+
+    async def _deliver(self, token_id: str, first: asyncio.Future[str | None]) -> None:
+        """Send until Redis took it, for one cache TTL from the change: past that a late message
+        changes nothing, every cache has expired the entry. Every attempt is bounded by the
+        time left, whatever the sockets' timeouts do."""
+        deadline = time.monotonic() + self.verifier.cache_ttl
+        attempt = self._publish_once_more
+        delay = 0.1
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(attempt(token_id), left)
+            except Exception as exc:
+                if not first.done():
+                    first.set_result(type(exc).__name__)
+                log.debug("fanout_publish_retry_failed", error_type=type(exc).__name__)
+            else:
+                self._stalled = False
+                if first.done():
+                    log.warning("fanout_publish_late", token_id=token_id)
+                else:
+                    first.set_result(None)
+                return
+            attempt = self._publish
+            if time.monotonic() + delay >= deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        log.error(
+            "fanout_publish_abandoned", token_id=token_id, after_seconds=self.verifier.cache_ttl
+        )
+
+    async def _publish(self, token_id: str) -> None:
+        await self.redis.publish(self.channel, token_id)
 
     async def _publish_once_more(self, token_id: str) -> None:
         try:
-            await self.redis.publish(self.channel, token_id)
+            await self._publish(token_id)
         except (RedisConnectionError, RedisTimeoutError):
             # The other idle connections are likely dead too (a restart): drop them, retry.
             with contextlib.suppress(Exception):
                 await self.redis.connection_pool.disconnect(inuse_connections=False)
-            await self.redis.publish(self.channel, token_id)
-
-    async def _keep_publishing(self, token_id: str) -> None:
-        """Past the cache TTL a late message changes nothing: every cache has expired it."""
-        deadline = time.monotonic() + self.verifier.cache_ttl
-        delay = 0.1
-        while time.monotonic() + delay < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-            try:
-                await self.redis.publish(self.channel, token_id)
-            except Exception as exc:
-                log.debug("fanout_publish_retry_failed", error_type=type(exc).__name__)
-                continue
-            log.warning("fanout_publish_late", token_id=token_id)
-            return
+            await self._publish(token_id)
 
     async def start(self) -> None:
         await self._start_supervised(self._listen)
 
     async def stop(self) -> None:
-        for task in list(self._retries):
+        pending = list(self._retries)
+        for task in pending:
             task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=PUBLISH_WAIT_SECONDS)
         await super().stop()
         if self.subscriber is not None:
             await self.subscriber.aclose()

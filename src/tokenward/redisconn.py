@@ -61,12 +61,14 @@ def _pool_check_kwargs() -> dict[str, Any]:
 def connect(url: str, *, retries: int = SAFE_RETRIES) -> Redis:
     """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``; an ``async+`` prefix
     is dropped). ``retries`` > 0 only for commands that are safe to run twice."""
+    url = url.removeprefix("async+")
     kwargs: dict[str, Any] = {
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_connect_timeout": CONNECT_TIMEOUT,
-        "socket_keepalive": True,
         **_pool_check_kwargs(),
     }
+    if not url.startswith("unix:"):  # TCP keepalive; a unix socket connection refuses it
+        kwargs["socket_keepalive"] = True
     if retries > 0:
         backoff = ExponentialWithJitterBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE)
         kwargs["retry"] = Retry(backoff, retries)
@@ -74,4 +76,4 @@ def connect(url: str, *, retries: int = SAFE_RETRIES) -> Redis:
         kwargs["health_check_interval"] = HEALTH_CHECK_SECONDS
     else:
         kwargs["retry"] = Retry(NoBackoff(), 0)
-    return Redis.from_url(url.removeprefix("async+"), **kwargs)
+    return Redis.from_url(url, **kwargs)

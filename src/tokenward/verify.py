@@ -192,7 +192,8 @@ class Verifier:
         #: checks proofs for DPoP-bound tokens (replaced by a Redis-backed one when configured)
         self.dpop = DPoPChecker()
         #: answers whether a client address is temporarily blocked (anomaly response)
-        self.is_blocked: Callable[[str], bool] | None = None
+        #: (address, project the verification is made for) -> refused?
+        self.is_blocked: Callable[[str, str | None], bool] | None = None
 
     async def verify(
         self,
@@ -218,7 +219,11 @@ class Verifier:
         ``dpop`` is the request's DPoP proof context (see :func:`tokenward.oauth.dpop_request`):
         a DPoP-bound token is allowed only with a fresh proof by its key.
         """
-        if ip is not None and self.is_blocked is not None and self.is_blocked(ip):
+        if (
+            ip is not None
+            and self.is_blocked is not None
+            and self.is_blocked(ip, tenant or project)
+        ):
             return Decision(False, Reason.IP_BLOCKED)
         # 1. A token this process has seen lately is in the cache under its keyed hash (a
         # hash match means the very string whose syntax was checked when it was cached).

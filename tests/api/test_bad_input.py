@@ -281,8 +281,11 @@ AUTHORIZATIONS = [
 ]
 
 
-async def test_missing_or_invalid_authorization_is_401(api, setup):
+async def test_missing_or_invalid_authorization_is_401(api, setup, services):
     api.headers.pop("Authorization", None)
+    # Every refusal here comes from one address: past the failed-credential limit it would be
+    # 429 (tests/test_failed_credentials.py); this test is about the 401s before that.
+    services.enforcement.failures.limit = ()
     for authorization in AUTHORIZATIONS:
         await _all_refuse(api, setup, authorization)
 

@@ -56,6 +56,9 @@ class Finding:
     request_id: str | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
     block_seconds: float | None = None
+    #: a block this finding makes is scoped to this project (its evidence is that project's
+    #: caller's word, see :attr:`tokenward.events.AccessEvent.ip_reported_by`)
+    block_project_id: str | None = None
 
 
 class Bounded(OrderedDict[K, V], Generic[K, V]):
@@ -88,10 +91,11 @@ def network_of(ip: str | None, v4_prefix: int, v6_prefix: int) -> str | None:
 def _base(event: AccessEvent) -> dict[str, Any]:
     token = event.decision.token
     return {
-        "project_id": token.project_id if token else None,
+        "project_id": token.project_id if token else event.ip_reported_by,
         "token_id": token.id if token else None,
         "client_ip": event.client_ip,
         "request_id": event.request_id,
+        "block_project_id": event.ip_reported_by,
     }
 
 
@@ -108,7 +112,9 @@ class BruteForceDetector:
         if network is None:
             return None
         now = event.at.timestamp()
-        window = self.windows.touch(network, deque)
+        # one project's reports never add up with another's, nor with the server's own
+        key = f"{event.ip_reported_by}:{network}" if event.ip_reported_by else network
+        window = self.windows.touch(key, deque)
         window.append((now, event.fingerprint))
         while window and window[0][0] <= now - cfg.window_seconds:
             window.popleft()
@@ -118,7 +124,7 @@ class BruteForceDetector:
         return Finding(
             self.name,
             cfg.severity,
-            network,
+            key,
             f"{len(window)} failed verifications from {network} in {cfg.window_seconds:g}s",
             list(cfg.actions),
             cfg.cooldown_seconds,

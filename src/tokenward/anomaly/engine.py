@@ -7,7 +7,8 @@ and cheap; only a finding costs I/O. A finding's response (per detector and proj
 * the alert is recorded (``GET /v1/alerts``), with the actions that were taken;
 * ``quarantine`` suspends the token at once (reversible by an admin, reason recorded);
 * ``block_ip`` refuses the client's network for ``block_seconds`` (never loopback, by
-  default, so a gateway in front cannot be locked out by the traffic it forwards);
+  default, so a gateway in front cannot be locked out by the traffic it forwards); in one
+  project only when the address was a project-bound caller's word (docs/anomaly.md);
 * ``webhook`` POSTs the alert, signed, retried in the background.
 
 A cooldown per detector and key (network, token) keeps one incident one alert. A failure
@@ -117,7 +118,7 @@ class AnomalyEngine:
     # -- the event sink -------------------------------------------------------------------
     async def access(self, event: AccessEvent) -> None:
         token = event.decision.token
-        settings = await self._settings_or_none(token.project_id if token else None)
+        settings = await self._settings_or_none(token.project_id if token else event.ip_reported_by)
         if settings is None:
             return
         cfg = settings.config
@@ -200,9 +201,11 @@ class AnomalyEngine:
                         alert.id,
                         self.clock(),
                         self.clock() + timedelta(seconds=seconds),
+                        project_id=finding.block_project_id,
                     )
                     self.blocklist.add(block)
-                    alert.actions.append(f"block_ip:{network}")
+                    scoped = f"@{finding.block_project_id}" if finding.block_project_id else ""
+                    alert.actions.append(f"block_ip:{network}{scoped}")
             if Action.WEBHOOK in finding.actions and settings.url and settings.secret:
                 alert.actions.append("webhook")
             await self.store.insert_alert(alert)

@@ -107,11 +107,14 @@ class IPBlock:
     created_at: datetime
     expires_at: datetime
     lifted_at: datetime | None = None
+    #: ``None``: refused everywhere; a project id: refused for that project's verifications
+    project_id: str | None = None
 
     def public(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "network": self.network,
+            "project_id": self.project_id,
             "reason": self.reason,
             "alert_id": self.alert_id,
             "created_at": _iso(self.created_at),
@@ -267,10 +270,19 @@ class AnomalyStore:
 
     # -- IP blocks ------------------------------------------------------------------------
     async def add_block(
-        self, network: str, reason: str, alert_id: str | None, now: datetime, until: datetime
+        self,
+        network: str,
+        reason: str,
+        alert_id: str | None,
+        now: datetime,
+        until: datetime,
+        *,
+        project_id: str | None = None,
     ) -> IPBlock:
         refuse_pasted_tokens(reason=reason)
-        block = IPBlock(new_public_id("blk"), network, reason[:300], alert_id, now, until)
+        block = IPBlock(
+            new_public_id("blk"), network, reason[:300], alert_id, now, until, None, project_id
+        )
         async with self.engine.begin() as conn:
             await conn.execute(
                 insert(ip_blocks).values(
@@ -280,6 +292,7 @@ class AnomalyStore:
                     alert_id=alert_id,
                     created_at=now,
                     expires_at=until,
+                    project_id=project_id,
                 )
             )
         return block
@@ -292,7 +305,16 @@ class AnomalyStore:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query.limit(10_000))).all()
         return [
-            IPBlock(r.id, r.network, r.reason, r.alert_id, r.created_at, r.expires_at, r.lifted_at)
+            IPBlock(
+                r.id,
+                r.network,
+                r.reason,
+                r.alert_id,
+                r.created_at,
+                r.expires_at,
+                r.lifted_at,
+                r.project_id,
+            )
             for r in rows
         ]
 

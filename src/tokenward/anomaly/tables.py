@@ -58,6 +58,8 @@ ip_blocks = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("lifted_at", UTCDateTime(), nullable=True),
+    #: NULL: refused everywhere; a project id: refused in that project only (see docs/anomaly.md)
+    Column("project_id", String(32), nullable=True),
     Index("ix_ip_blocks_expires", "expires_at"),
 )
 

@@ -49,6 +49,7 @@ async def emit_access(
     path: str | None = None,
     client_ip: str | None = None,
     actor_id: str | None = None,
+    ip_reported_by: str | None = None,
 ) -> None:
     """The same, for callers that have the services but no Starlette request."""
     ctx = current_request.get()
@@ -69,5 +70,6 @@ async def emit_access(
             latency_ms=(time.perf_counter() - started) * 1000,
             fingerprint=fingerprint,
             actor_id=actor_id,
+            ip_reported_by=ip_reported_by,
         )
     )

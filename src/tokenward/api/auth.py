@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from tokenward.api.access import emit_access
 from tokenward.clientip import resolver_for
 from tokenward.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
+from tokenward.failures import failures_of, too_many_failures
 from tokenward.tokens.format import bearer_credential
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.tokens.scopes import scopes_allow
@@ -29,6 +30,28 @@ def client_ip(request: Request) -> str | None:
     if not trusted:
         return peer
     return resolver_for(trusted).resolve(peer, request.headers.getlist("x-forwarded-for"))
+
+
+async def refuse_failed_address(
+    services: Any, ip: str | None, source: str, *, method: str, path: str
+) -> None:
+    """``429 too_many_failures`` for an address over the failed-credential limit, before any
+    lookup (as at the gateway, see :mod:`tokenward.failures`), with its access event."""
+    guard = failures_of(services)
+    blocked = guard.blocked_for(ip) if guard is not None else None
+    if blocked is None:
+        return
+    await emit_access(
+        services,
+        source,
+        Decision(False, Reason.TOO_MANY_FAILURES),
+        time.perf_counter(),
+        credential=None,
+        method=method,
+        path=path,
+        client_ip=ip,
+    )
+    raise too_many_failures(blocked)
 
 
 async def authenticate_credential(
@@ -53,6 +76,7 @@ async def authenticate_credential(
         )
     verifier: Verifier = services.verifier
     started = time.perf_counter()
+    await refuse_failed_address(services, ip, "admin_auth", method=method, path=path)
     decision = await verifier.verify(credential, ip=ip, dpop=dpop)
     record = decision.token
     held = record is not None and any(scopes_allow(record.scopes, s) for s in any_of)

@@ -34,7 +34,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenward.errors import TokenwardError
+from tokenward.errors import TokenwardError, TooManyRequests
 
 log = structlog.get_logger("tokenward.api")
 
@@ -182,6 +182,8 @@ def install_error_handlers(app: FastAPI) -> None:
         response = error_response(exc.status, exc.code, exc.message, **exc.extra)
         if exc.status == 503:
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        elif isinstance(exc, TooManyRequests) and exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
         return response
 
     @app.exception_handler(RequestValidationError)

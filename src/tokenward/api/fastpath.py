@@ -45,7 +45,7 @@ from tokenward.audit.writer import (
     stop_collecting,
 )
 from tokenward.clientip import scope_client_ip
-from tokenward.errors import TokenwardError
+from tokenward.errors import TokenwardError, TooManyRequests
 from tokenward.events import RequestContext, current_request, recorded_header, request_id_from
 from tokenward.gateway.authz import PREFIX, authz
 from tokenward.logs import access_log
@@ -198,7 +198,11 @@ class HotPath:
                 services, request.authorization, body, caller_ip, request.content_type
             )
         except TokenwardError as exc:
-            extra = [_CHALLENGE] if exc.status == 401 else []
+            extra = []
+            if exc.status == 401:
+                extra.append(_CHALLENGE)
+            elif isinstance(exc, TooManyRequests) and exc.retry_after is not None:
+                extra.append((b"retry-after", str(exc.retry_after).encode()))
             await send_json(send, exc.status, redact(exc.body()), extra)
             return
         await send_json(send, status, result)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from tokenward.api.auth import AdminRead, AdminWrite, client_ip
+from tokenward.api.auth import AdminRead, AdminWrite, client_ip, refuse_failed_address
 from tokenward.api.dpop import dpop_context
 from tokenward.api.schemas import IDENTIFIER, PRINTABLE, printable, printable_parameters
 from tokenward.oauth.exchange import GRANT_EXCHANGE, GRANT_REFRESH, TokenRequest, oauth_error
@@ -126,6 +126,14 @@ async def _token_fields(request: Request) -> dict[str, str]:
 @router.post("/v1/token", tags=["oauth"], openapi_extra=TOKEN_SCHEMA)
 async def token(request: Request) -> JSONResponse:
     """Exchange an API key, a refresh token or a CI identity token for a short-lived token."""
+    # the grant's token is the credential: the address is checked before any lookup
+    await refuse_failed_address(
+        request.app.state.services,
+        client_ip(request),
+        "token_endpoint",
+        method="POST",
+        path="/v1/token",
+    )
     fields = await _token_fields(request)
     if "grant_type" not in fields:
         raise oauth_error("invalid_request", "grant_type is required")

@@ -15,6 +15,7 @@ from tokenward.api.auth import (
     authenticate,
     authenticate_credential,
     client_ip,
+    refuse_failed_address,
 )
 from tokenward.api.errors import error_response
 from tokenward.api.middleware import MAX_JSON_DEPTH, json_nests_deeper, too_deep_message
@@ -133,6 +134,7 @@ async def handle_verify(
         audit_allowed=False,
     )
     body = _verify_body(raw_body, content_type, services.settings.max_json_depth)
+    reported_by = _reported_by(caller, body.get("ip"), peer_ip)
     decision = await services.verifier.verify(
         body["token"] or "",
         scope=body.get("scope"),
@@ -155,6 +157,7 @@ async def handle_verify(
         path="/v1/verify",
         client_ip=body.get("ip"),
         actor_id=caller.id,
+        ip_reported_by=reported_by,
     )
     result = decision.as_dict()
     if decision.reason == Reason.UNKNOWN or decision.token is None:
@@ -163,6 +166,20 @@ async def handle_verify(
         result.update(error="unavailable", message="a dependency is unavailable; access denied")
         return 503, result
     return 200, result
+
+
+def _reported_by(caller: TokenRecord, ip: str | None, peer_ip: str | None) -> str | None:
+    """Whose word the body's ``ip`` is: the project of a project-bound caller, or ``None`` when
+    the server may act on it for everyone (a global caller, or the caller's own address).
+
+    The address decides this verification either way (allowlists, blocks); what it may
+    *trigger* (detector counts, blocks) stays in the caller's project (docs/anomaly.md).
+    """
+    if caller.project_id is None or ip is None:
+        return None
+    if peer_ip is not None and parse_ip(ip) == parse_ip(peer_ip):
+        return None
+    return caller.project_id
 
 
 @router.post("/v1/verify", tags=["verify"], openapi_extra=VERIFY_SCHEMA)
@@ -323,6 +340,10 @@ async def revoke(request: Request) -> JSONResponse:
     else:
         well_formed = True
     if creds.method == "none" or creds.secret == token_value:
+        # the token is its own credential (a public client): the same failed-credential guard
+        await refuse_failed_address(
+            services, client_ip(request), "admin_auth", method="POST", path="/oauth/revoke"
+        )
         if well_formed:
             found = await services.verifier.verify(
                 token_value, consume=False, ip=client_ip(request)

@@ -9,15 +9,14 @@ rate limits, remaining uses) → count a failure for the IP when the credential 
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 from tokenward.clientip import ClientIPResolver
-from tokenward.errors import Unavailable
 from tokenward.events import AccessEvent, EventBus
+from tokenward.failures import FailedCredentials
 from tokenward.gateway.config import Policy, Route
 from tokenward.limits import RateLimiter, RateResult
 from tokenward.oauth.dpop import ALGORITHMS as DPOP_ALGORITHMS
@@ -26,9 +25,6 @@ from tokenward.tokens.format import bearer_credential, redact_tokens
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.verify import Decision, Verifier
-
-#: Presented credentials that are not tokens at all: what a guesser produces.
-FAILURE_REASONS = frozenset({Reason.MALFORMED, Reason.BAD_CHECKSUM, Reason.UNKNOWN})
 
 _MESSAGES: dict[Reason, str] = {
     Reason.MISSING_CREDENTIAL: "send a token as 'Authorization: Bearer <token>'",
@@ -264,8 +260,8 @@ class Enforcement:
         self.hasher = hasher
         self.resolver = resolver
         self.failure_limit = failure_limit
-        #: client IP → (monotonic time its block ends, the limit it exceeded)
-        self._blocked: dict[str, tuple[float, int]] = {}
+        #: the failed-credential limit of every entry point (see tokenward.failures)
+        self.failures = FailedCredentials(limiter, failure_limit)
         #: token id → its identity headers, built once per cached token record
         self._identity: dict[str, _Identity] = {}
 
@@ -310,10 +306,9 @@ class Enforcement:
         """Decide one request. ``dpop_proof`` is its ``DPoP`` header and ``url`` the URL the
         client called (scheme, host and path), which a DPoP proof's ``htu`` must name."""
         # 1. Brute-force guard: a blocked address gets 429 before any token lookup.
-        if self._blocked and client_ip:
-            blocked = self._blocked_for(client_ip)
-            if blocked is not None:
-                return Outcome(Decision(False, Reason.TOO_MANY_FAILURES), failures=blocked)
+        blocked = self.failures.blocked_for(client_ip)
+        if blocked is not None:
+            return Outcome(Decision(False, Reason.TOO_MANY_FAILURES), failures=blocked)
         # 2. Route: canonical path, method, the scope it needs. Unmatched is denied.
         path = canonical_path(raw_path)
         match = self.policy.match(method, path, proxied=proxied) if path is not None else None
@@ -341,40 +336,9 @@ class Enforcement:
             environment=route.environment,
             route_limit=route.limit,
         )
-        # 4. A credential that is no token at all counts against the address.
-        if decision.reason in FAILURE_REASONS and self.failure_limit and client_ip:
-            await self._count_failure(client_ip)
+        # 4. A credential that is no token at all counts against the address: its access
+        # event does (see record() and tokenward.failures.FailureCounter).
         return Outcome(decision, route, match.scope, credential)
-
-    async def _count_failure(self, client_ip: str) -> None:
-        """Count a failure (shared through Redis when configured); block the IP when full.
-
-        The block itself is kept in this process, so the guard costs a dict lookup, not a
-        round trip. Replicas share the count: each one blocks the address at its own next
-        failure once the shared window is full.
-        """
-        try:
-            result = await self.limiter.hit("authfail:" + client_ip, self.failure_limit)
-        except Unavailable:
-            return  # already a deny; the token lookups fail closed while the store is down
-        if result.allowed and result.remaining > 0:
-            return
-        if len(self._blocked) >= _MAX_BLOCKED:
-            now = time.monotonic()
-            self._blocked = {ip: e for ip, e in self._blocked.items() if e[0] > now}
-            while len(self._blocked) >= _MAX_BLOCKED:
-                self._blocked.pop(next(iter(self._blocked)))
-        self._blocked[client_ip] = (time.monotonic() + max(1, result.reset), result.limit)
-
-    def _blocked_for(self, client_ip: str) -> RateResult | None:
-        entry = self._blocked.get(client_ip)
-        if entry is None:
-            return None
-        left = entry[0] - time.monotonic()
-        if left <= 0:
-            del self._blocked[client_ip]
-            return None
-        return RateResult(False, entry[1], 0, math.ceil(left))
 
     async def record(
         self,

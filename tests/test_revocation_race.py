@@ -247,3 +247,20 @@ async def test_reads_raced_against_revokes_on_three_replicas(scaled_settings) ->
                     if decision.reason is not Reason.REVOKED:
                         stale.append((n, index))
         assert stale == [], f"replicas served revoked tokens after the revoke: {stale}"
+
+
+async def test_a_project_change_reaches_every_replica(scaled_settings) -> None:
+    """A project's IP allowlist binds its tokens on every replica at once, not after the
+    other replicas' cache TTL (300 s here)."""
+    async with _replicas(scaled_settings, 2) as (a, b):
+        admin = await _admin(a)
+        issued = await a.tokens.create_token(admin.record, TokenSpec(project="app", scopes=["x:y"]))
+        assert (await b.verifier.verify(issued.secret, ip="192.0.2.7")).allowed  # cached on B
+        await a.tokens.set_project_ip_allowlist(admin.record, "app", ["10.0.0.0/8"])
+        async with asyncio.timeout(2.0):
+            while True:
+                decision = await b.verifier.verify(issued.secret, ip="192.0.2.7")
+                if decision.reason is Reason.IP_NOT_ALLOWED:
+                    break
+                await asyncio.sleep(0.005)
+        assert (await b.verifier.verify(issued.secret, ip="10.1.2.3")).allowed

@@ -83,7 +83,7 @@ class Fanout:
         self.subscribed = asyncio.Event()
 
     async def publish(self, token_id: str) -> None:
-        self.verifier.invalidate(token_id)
+        self.verifier.apply_invalidation(token_id)
 
     async def start(self) -> None:
         self.subscribed.set()
@@ -97,7 +97,7 @@ class Fanout:
 
     # -- shared by the networked transports ----------------------------------------------
     def _received(self, token_id: str) -> None:
-        self.verifier.invalidate(token_id)
+        self.verifier.apply_invalidation(token_id)
 
     def _connected(self) -> None:
         self.verifier.cache_enabled = True
@@ -160,7 +160,7 @@ class RedisFanout(Fanout):
         sent; otherwise the error's name) and that this call resolves itself when its wait is
         over, so that the sender knows a later success is late.
         """
-        self.verifier.invalidate(token_id)
+        self.verifier.apply_invalidation(token_id)
         first: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(self._deliver(token_id, first))
         self._retries.add(task)
@@ -292,7 +292,7 @@ class PostgresFanout(Fanout):
         self.channel = channel
 
     async def publish(self, token_id: str) -> None:
-        self.verifier.invalidate(token_id)
+        self.verifier.apply_invalidation(token_id)
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(

@@ -33,7 +33,7 @@ from tokenward.tokens.format import (
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.tokens.model import TokenKind, TokenRecord, TokenState
 from tokenward.tokens.scopes import is_narrower, validate_scopes
-from tokenward.verify import Verifier
+from tokenward.verify import Verifier, project_message
 
 MAX_GRACE = timedelta(days=30)
 #: key in a project's settings: the longest lifetime of its new tokens, in days
@@ -168,6 +168,8 @@ class TokenService:
         project = await self.project_for(actor, name_or_id)
         updated = await self.store.set_project_ip_allowlist(project.id, normalize_cidrs(cidrs))
         self.verifier.invalidate_project(project.id)
+        if self.on_change is not None:  # and on every other replica (the fan-out)
+            await self.on_change(project_message(project.id))
         await self._audit(
             "project.update", actor, project.id, None, {"ip_allowlist": updated.ip_allowlist}
         )

@@ -85,6 +85,19 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()  # marked seen: nobody awaits an abandoned call
 
 
+#: an invalidation message naming a project (its settings changed) rather than a token id
+PROJECT_PREFIX = "project:"
+
+
+def project_message(project_id: str) -> str:
+    """The invalidation message (as the fan-out carries it) for every token of a project.
+
+    A replica of an earlier release reads it as an unknown token id and drops nothing, as
+    before: its cache TTL stays its bound for project changes.
+    """
+    return PROJECT_PREFIX + project_id
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -455,6 +468,13 @@ class Verifier:
         token_hash = self._hash_by_id.pop(token_id, None)
         if token_hash is not None:
             self._cache.pop(token_hash, None)
+
+    def apply_invalidation(self, message: str) -> None:
+        """Apply one invalidation message: a token id, or a :func:`project_message`."""
+        if message.startswith(PROJECT_PREFIX):
+            self.invalidate_project(message[len(PROJECT_PREFIX) :])
+        else:
+            self.invalidate(message)
 
     def invalidate_project(self, project_id: str) -> None:
         """Forget the cached state of every token of a project (its settings changed)."""

@@ -22,6 +22,7 @@ from tokenward.anomaly.webhooks import WebhookSender
 from tokenward.api import admin, health, oauth, observability, verification
 from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
+from tokenward.api.contract import install_contract, operation_id
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.fastpath import FastPath
 from tokenward.api.middleware import (
@@ -247,7 +248,9 @@ def create_app(
         version=__version__,
         summary="API tokens: issue, scope, time-limit, rotate, revoke and verify.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
+    install_contract(app)
     app.state.settings = settings
     if services is not None:
         app.state.services = services

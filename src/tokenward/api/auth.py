@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 
 from tokenward.api.access import emit_access
 from tokenward.clientip import resolver_for
-from tokenward.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
+from tokenward.errors import BadRequest, Forbidden, TooManyRequests, Unauthorized, Unavailable
 from tokenward.tokens.format import bearer_credential
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.tokens.scopes import scopes_allow
@@ -80,6 +80,7 @@ async def authenticate_credential(
     if decision.reason == Reason.INSUFFICIENT_SCOPE:
         needed = " or ".join(any_of)
         refused = Forbidden("insufficient_scope", f"this call needs the scope {needed}")
+        refused.scope = " ".join(any_of)  # the RFC 6750 challenge names it
         refused.caller = record  # authenticated, only short of the scope (see /oauth/revoke)
         raise refused
     if decision.reason in (Reason.DPOP_REQUIRED, Reason.INVALID_DPOP_PROOF):
@@ -93,6 +94,8 @@ async def authenticate(request: Request, *any_of: str) -> TokenRecord:
     ``Authorization: Bearer <token>``, or ``Authorization: DPoP <token>`` with a ``DPoP``
     proof header (RFC 9449).
     """
+    if len(request.headers.getlist("authorization")) > 1:  # which one would count?
+        raise BadRequest("invalid_authorization", "send one Authorization header")
     credential = bearer_token(request)
     dpop = None
     if credential is None or "dpop" in request.headers:

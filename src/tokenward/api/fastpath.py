@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokenward.api.errors import redact
+from tokenward.api.errors import challenge, redact
 from tokenward.api.verification import handle_verify
 from tokenward.asgi import send_json
 from tokenward.clientip import scope_client_ip
@@ -59,8 +59,9 @@ class FastPath:
             )
         except TokenwardError as exc:
             extra = []
-            if exc.status == 401:
-                extra.append((b"www-authenticate", b'Bearer realm="tokenward"'))
+            value = challenge(exc.status, exc.code, getattr(exc, "scope", None))
+            if value is not None:
+                extra.append((b"www-authenticate", value.encode()))
             await send_json(send, exc.status, redact(exc.body()), extra)
             return
         await send_json(send, status, result)

@@ -52,7 +52,7 @@ OPERATIONS: dict[str, Operation] = {
     "authorization_server_metadata": Operation(200, r.AuthorizationServerMetadata, auth="none"),
     "verify": Operation(200, r.VerifyResult),
     "introspect": Operation(200, r.Introspection, auth="client"),
-    "revoke": Operation(200, None, auth="client"),
+    "revoke": Operation(200, r.Revoked, auth="client"),
     "token": Operation(200, r.TokenResponse, (400, 401, 403, 429, 503), auth="none"),
     "list_projects": Operation(200, r.ProjectList),
     "create_project": Operation(201, r.Project, (409,)),

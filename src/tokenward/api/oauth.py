@@ -25,7 +25,15 @@ from tokenward.api.schemas import (
     printable,
     printable_parameters,
 )
-from tokenward.oauth.exchange import GRANT_EXCHANGE, GRANT_REFRESH, TokenRequest, oauth_error
+from tokenward.oauth.exchange import (
+    GRANT_EXCHANGE,
+    GRANT_REFRESH,
+    IDENTITY_TYPES,
+    TOKENWARD_TYPES,
+    TYPE_ACCESS,
+    TokenRequest,
+    oauth_error,
+)
 from tokenward.oauth.policy import ProjectPolicy
 from tokenward.oauth.sessions import Sessions
 from tokenward.tokens.durations import parse_duration
@@ -66,9 +74,17 @@ _GRANTS = [
         "additionalProperties": False,
         "properties": {
             "grant_type": {"type": "string", "enum": [GRANT_EXCHANGE]},
-            "subject_token": {"type": "string", "minLength": 1, "maxLength": MAX_FIELD},
-            "subject_token_type": {"type": "string", "minLength": 1, "maxLength": 128},
-            "requested_token_type": {"type": "string", "maxLength": 128, "pattern": _TEXT},
+            "subject_token": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_FIELD,
+                "pattern": _TEXT,
+            },
+            "subject_token_type": {
+                "type": "string",
+                "enum": [*TOKENWARD_TYPES, *IDENTITY_TYPES],
+            },
+            "requested_token_type": {"type": "string", "enum": [TYPE_ACCESS]},
             "audience": {"type": "string", "maxLength": 256, "pattern": _TEXT},
             **_COMMON,
         },
@@ -80,7 +96,12 @@ _GRANTS = [
         "additionalProperties": False,
         "properties": {
             "grant_type": {"type": "string", "enum": [GRANT_REFRESH]},
-            "refresh_token": {"type": "string", "minLength": 1, "maxLength": 4096},
+            "refresh_token": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 4096,
+                "pattern": _TEXT,
+            },
             **_COMMON,
         },
     },
@@ -119,8 +140,11 @@ async def _token_fields(request: Request) -> dict[str, str]:
             raise oauth_error("invalid_request", "the body must be a JSON object")
         if isinstance(raw.get("scope"), list):
             raw["scope"] = " ".join(str(s) for s in raw["scope"])
-        if isinstance(raw.get("expires_in"), int) and not isinstance(raw["expires_in"], bool):
-            raw["expires_in"] = str(raw["expires_in"])
+        lifetime = raw.get("expires_in")
+        if isinstance(lifetime, float) and lifetime.is_integer():  # 900.0 is a JSON integer
+            lifetime = int(lifetime)
+        if isinstance(lifetime, int) and not isinstance(lifetime, bool):
+            raw["expires_in"] = str(lifetime)
     else:
         raise oauth_error("invalid_request", "use application/x-www-form-urlencoded")
     grant_type = raw.get("grant_type")

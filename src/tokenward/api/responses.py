@@ -147,6 +147,10 @@ class TokenResponse(Open):
     refresh_token: str | None = None
 
 
+class Revoked(Open):
+    """RFC 7009 §2.2: an empty object, whether or not the token was known."""
+
+
 class ProjectPolicy(Open):
     max_token_lifetime: int | None = Field(description="Seconds.")
     access_token_ttl: int | None = Field(description="Seconds.")

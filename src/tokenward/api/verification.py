@@ -44,7 +44,7 @@ def _optional(max_length: int, **extra: Any) -> dict[str, Any]:
     return {"type": ["string", "null"], "maxLength": max_length, **extra}
 
 
-_FORM_TEXT = {"type": "string", "maxLength": 4096}
+_FORM_TEXT = {"type": "string"}  # read only with client_secret_post, as the credential
 #: RFC 7662 §2.1 / RFC 7009 §2.1 parameters, and client_secret_post (RFC 6749 §2.3.1)
 CLIENT_FORM_SCHEMA: dict[str, Any] = {
     "requestBody": {
@@ -54,11 +54,14 @@ CLIENT_FORM_SCHEMA: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["token"],
+                    # other parameters are ignored (RFC 6749 §3.2), up to ten in all
+                    "maxProperties": 10,
+                    "additionalProperties": {"type": "string"},
                     "properties": {
                         "token": {"type": "string", "minLength": 1, "maxLength": 4096},
-                        "token_type_hint": {
+                        "token_type_hint": {  # a hint only: every kind is looked up
                             "type": "string",
-                            "enum": ["access_token", "refresh_token"],
+                            "examples": ["access_token", "refresh_token"],
                         },
                         "client_id": _FORM_TEXT,
                         "client_secret": _FORM_TEXT,

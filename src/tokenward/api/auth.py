@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 
 from tokenward.api.access import emit_access
 from tokenward.clientip import resolver_for
-from tokenward.errors import BadRequest, Forbidden, TooManyRequests, Unauthorized, Unavailable
+from tokenward.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
 from tokenward.tokens.format import bearer_credential
 from tokenward.tokens.model import Reason, TokenRecord
 from tokenward.tokens.scopes import scopes_allow
@@ -94,8 +94,6 @@ async def authenticate(request: Request, *any_of: str) -> TokenRecord:
     ``Authorization: Bearer <token>``, or ``Authorization: DPoP <token>`` with a ``DPoP``
     proof header (RFC 9449).
     """
-    if len(request.headers.getlist("authorization")) > 1:  # which one would count?
-        raise BadRequest("invalid_authorization", "send one Authorization header")
     credential = bearer_token(request)
     dpop = None
     if credential is None or "dpop" in request.headers:

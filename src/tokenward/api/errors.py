@@ -68,8 +68,9 @@ def redact(value: Any) -> Any:
     return value
 
 
-#: 400 codes about the credential itself, challenged with RFC 6750's ``invalid_request``
-CREDENTIAL_REQUEST_CODES = frozenset({"invalid_authorization"})
+#: RFC 6750's challenge of a malformed credential request (two Authorization headers: the
+#: request layer refuses them, api/middleware.py)
+INVALID_REQUEST_CHALLENGE = 'Bearer realm="tokenward", error="invalid_request"'
 
 
 def challenge(status: int, code: str, scope: str | None = None) -> str | None:
@@ -77,8 +78,8 @@ def challenge(status: int, code: str, scope: str | None = None) -> str | None:
 
     No credential: the bare challenge (§3.1: no error code when none was presented). A
     credential that does not verify: ``invalid_token``. A valid one short of the scope:
-    ``insufficient_scope`` with the scope needed. A malformed credential request (two
-    Authorization headers): ``invalid_request``.
+    ``insufficient_scope`` with the scope needed. (A malformed credential request gets
+    :data:`INVALID_REQUEST_CHALLENGE`.)
     """
     if status == 401:
         if code == "missing_credential":
@@ -87,8 +88,6 @@ def challenge(status: int, code: str, scope: str | None = None) -> str | None:
     if status == 403 and code == "insufficient_scope":
         needed = f', scope="{scope}"' if scope else ""
         return f'Bearer realm="tokenward", error="insufficient_scope"{needed}'
-    if status == 400 and code in CREDENTIAL_REQUEST_CODES:
-        return 'Bearer realm="tokenward", error="invalid_request"'
     return None
 
 

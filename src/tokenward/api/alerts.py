@@ -146,7 +146,9 @@ async def list_alerts(
     token: Annotated[str | None, Query(max_length=32, pattern=IDENTIFIER)] = None,
     acknowledged: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=64, pattern=ALERT_CURSOR)] = None,
+    cursor: Annotated[  # the store checks it (invalid_cursor): the pattern is documented
+        str | None, Query(max_length=64, json_schema_extra={"pattern": ALERT_CURSOR})
+    ] = None,
 ) -> Any:
     """Alerts, newest first; follow ``next_cursor`` for the next page."""
     filters = AlertFilter(

@@ -128,7 +128,9 @@ async def list_audit(
     request: Request,
     filters: Filters,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=20, pattern=AUDIT_CURSOR)] = None,
+    cursor: Annotated[  # the query checks it (invalid_cursor): the pattern is documented
+        str | None, Query(max_length=20, json_schema_extra={"pattern": AUDIT_CURSOR})
+    ] = None,
     order: Literal["desc", "asc"] = "desc",
 ) -> Any:
     """Audit events, newest first; follow ``next_cursor`` for the next page."""

@@ -137,7 +137,8 @@ MAX_ALLOWLIST = 100
 #: A token's remaining uses: at least one, at most a billion.
 MAX_USES = 1_000_000_000
 IpAllowlist = Annotated[list[Cidr], Field(max_length=MAX_ALLOWLIST)]
-Uses = Annotated[int, Field(ge=1, le=MAX_USES), JSON_INTEGER]
+Uses = Annotated[int, Field(ge=1, le=MAX_USES)]  # a form's "11" too (the dashboard)
+JsonUses = Annotated[int, Field(ge=1, le=MAX_USES), JSON_INTEGER]  # the API's JSON: 11 only
 MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=PRINTABLE)]
 MetaValue = Annotated[str, StringConstraints(max_length=512, pattern=PRINTABLE)]
 
@@ -181,7 +182,7 @@ class TokenCreate(Closed):
     rate_limit: (
         Annotated[str, StringConstraints(max_length=200), documented(RATE_PATTERN)] | None
     ) = Field(None, description="One or more windows: 100/minute or 10/second;1000/hour.")
-    uses: Uses | None = None
+    uses: JsonUses | None = None
     metadata: dict[MetaKey, MetaValue] = Field(
         default_factory=dict, max_length=32, json_schema_extra={"additionalProperties": False}
     )

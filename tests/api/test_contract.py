@@ -16,6 +16,7 @@ Those answers are let through positive-data acceptance, and only those.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import threading
 from collections.abc import Iterator
@@ -40,12 +41,13 @@ RULES_NO_SCHEMA_STATES = frozenset(
         "invalid_grace",  # a rotation's grace shorter than its period
         "lifetime_exceeds_policy",  # the project's stored lifetime cap
         "invalid_expiry",  # expires_at in the future: against the clock
+        "invalid_not_before",  # not_before at most 3660 days from now: the clock too
     }
 )
 #: 400 codes of the token endpoint for a well-formed value that is no valid grant (§5.2)
 OAUTH_GRANT_ERRORS = frozenset({"invalid_grant", "invalid_scope", "invalid_target"})
-#: generated cases per operation and mode (positive, negative)
-EXAMPLES = 25
+#: generated cases per operation and mode (positive, negative); more for a deeper local run
+EXAMPLES = int(os.environ.get("TOKENWARD_TEST_CONTRACT_EXAMPLES", "25"))
 
 
 @dataclass

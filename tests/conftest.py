@@ -10,13 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
+import re
 import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -140,28 +145,194 @@ async def api(services: Services, admin: Issued) -> AsyncIterator[httpx.AsyncCli
         yield client
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A socket listening on a port the kernel chose (port 0, read back).
+
+    A server handed it (uvicorn ``server.run(sockets=[sock])``, aiohttp ``SockSite``,
+    ``asyncio.start_server(sock=)``) owns the port from the first instant: nothing else can
+    take it between choosing and binding, as it could with a port found free and released.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, 0))
+    sock.listen(128)
+    return sock
 
 
-def wait_for_port(
-    port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
+def port_of(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port where a connection is refused for as long as the block runs: bound by
+    this socket, never listened on (so refused), and no other process can bind it meanwhile."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield port_of(sock)
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test (see :func:`closed_port`)."""
+    with closed_port() as port:
+        yield port
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in fh.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])  # 0A: LISTEN
+    return inodes
+
+
+def owns_listener(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on ``port`` (Linux ``/proc``), so that a test
+    never mistakes another program that got the port for the server it started."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return False
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return True
+    return False
+
+
+ADDRESS_IN_USE = ("address already in use", "eaddrinuse")
+
+
+def start_on_some_port(
+    start: Callable[[int], subprocess.Popen[bytes]],
+    log: Callable[[], str],
+    attempts: int = 8,
+    timeout: float = 15.0,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a program that must be given a port number in its configuration and cannot
+    report the one it bound, nor take a socket we bound (nginx, Caddy 2.6, redis-server).
+
+    The port is a guess (bound to 0, read back, released), so another process may take it
+    first: when the program then exits saying the address is in use (``log()`` reads what it
+    wrote), it is started again on a new guess. It counts as up only once that very process
+    listens on the port (never a stranger who got there first).
+    """
+    for _ in range(attempts):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = port_of(probe)
+        proc = start(port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if owns_listener(proc.pid, port):
+                return proc, port
+            time.sleep(0.02)
+        else:
+            proc.kill()
+            proc.wait()
+            raise TimeoutError(f"the program never listened on {port}: {log()}")
+        said = log()
+        if not any(words in said.lower() for words in ADDRESS_IN_USE):
+            raise RuntimeError(f"the program exited with {proc.returncode}: {said}")
+    raise RuntimeError(f"no free port in {attempts} attempts")
 
 
 def tokenward_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "tokenward", *args]
+
+
+@dataclass
+class Served:
+    """A ``tokenward serve`` process, and what it printed up to the end of its banner."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    port: int
+    gateway_port: int | None
+    printed: str
+    lines: list[str] = field(default_factory=list)  # all of stdout, as it is read
+    reader: threading.Thread | None = None
+
+    def stdout(self, timeout: float = 20) -> str:
+        """All it printed, once it has exited."""
+        self.proc.wait(timeout)
+        if self.reader is not None:
+            self.reader.join(timeout)
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.reader is not None:
+            self.reader.join(timeout)
+
+
+def serve_tokenward(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stderr: Any = subprocess.DEVNULL,
+    timeout: float = 60.0,
+    gateway: bool | None = None,
+) -> Served:
+    """``tokenward serve ARGS --port 0`` (and ``--gateway-port 0`` with ``--config``): the
+    server binds port 0 itself, before it prints its banner, and the banner names the port
+    it got; it is read from there, so no port is ever chosen by the test and bound later."""
+    command = tokenward_cmd("serve", *args, "--port", "0")
+    gateway = "--config" in args if gateway is None else gateway
+    if gateway:
+        command += ["--gateway-port", "0"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    lines: list[str] = []
+    read: queue.Queue[str | None] = queue.Queue()
+
+    def drain() -> None:  # all along: the server never blocks on a full pipe
+        with stdout:
+            for line in stdout:
+                lines.append(line)
+                read.put(line)
+        read.put(None)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    last = "  authz:" if gateway else "  CLI:"
+    printed: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not (printed and printed[-1].startswith(last)):
+        try:
+            line = read.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            proc.kill()
+            raise TimeoutError(f"no banner within {timeout} s: {''.join(printed)}") from None
+        if line is None:
+            proc.wait()
+            raise RuntimeError(f"serve exited with {proc.returncode}: {''.join(printed)}")
+        printed.append(line)
+    text = "".join(printed)
+    url = re.search(r"tokenward listening on (\S+)", text)
+    assert url is not None, text
+    found = re.search(r"gateway: +\S+:(\d+) ", text)
+    return Served(
+        proc,
+        url.group(1),
+        int(url.group(1).rsplit(":", 1)[1]),
+        int(found.group(1)) if found else None,
+        text,
+        lines,
+        reader,
+    )
 
 
 @pytest.fixture
@@ -216,14 +387,13 @@ def live_overrides() -> dict[str, object]:
 
 @pytest.fixture
 async def live(tmp_path: Path, live_overrides: dict[str, object]) -> AsyncIterator[LiveServer]:
-    """A real tokenward server on a free loopback port (SQLite), with a project 'shop'."""
-    import threading
-
+    """A real tokenward server on a loopback port of its own (SQLite), with a project 'shop'."""
     import uvicorn
 
     from tokenward.bootstrap import initialize
 
-    port = free_port()
+    sock = listening_socket()
+    port = port_of(sock)
     settings = Settings(
         data_dir=tmp_path,
         secret_key=secrets.token_hex(32),
@@ -232,14 +402,14 @@ async def live(tmp_path: Path, live_overrides: dict[str, object]) -> AsyncIterat
         **live_overrides,
     )
     result = await initialize(settings)
-    config = uvicorn.Config(create_asgi(settings), host="127.0.0.1", port=port, log_level="error")
+    config = uvicorn.Config(create_asgi(settings), log_level="error")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    await asyncio.to_thread(wait_for_port, port)
     live = LiveServer(f"http://127.0.0.1:{port}", result.admin_token or "")
     live.admin.create_project("shop")
     yield live
     live.admin.__exit__()
     server.should_exit = True
     await asyncio.to_thread(thread.join, 10)
+    sock.close()

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from tests.conftest import free_port, tokenward_cmd, wait_for_port
+from tests.conftest import closed_port, serve_tokenward, tokenward_cmd
 from tokenward.store.engine import create_engine, migrate
 from tokenward.store.tables import metadata
 from tokenward.tokens.format import parse_token
@@ -34,7 +34,7 @@ class Server:
     env: dict[str, str]  # the server's environment, without the admin token
     admin_token: str
     admin_id: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[str]
 
     def cli_env(self, **extra: str) -> dict[str, str]:
         return {
@@ -106,17 +106,12 @@ def servers(tmp_path_factory, pg_database):
     for (kind, data_dir, env), init in zip(setups, inits, strict=True):
         info = ok_json(init)
         assert info["initialized"] is True
-        port = free_port()
-        proc = subprocess.Popen(
-            tokenward_cmd("serve", "--data-dir", str(data_dir), "--port", str(port)),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        served = serve_tokenward("--data-dir", str(data_dir), env=env, stderr=subprocess.PIPE)
+        proc = served.proc
         started.append(
             Server(
                 kind,
-                f"http://127.0.0.1:{port}",
+                served.url,
                 data_dir,
                 env,
                 info["admin_token"],
@@ -125,8 +120,6 @@ def servers(tmp_path_factory, pg_database):
             )
         )
     try:
-        for server in started:
-            wait_for_port(int(server.url.rsplit(":", 1)[1]), proc=server.proc)
         yield {s.kind: s for s in started}
     finally:
         for server in started:
@@ -137,7 +130,7 @@ def servers(tmp_path_factory, pg_database):
             except subprocess.TimeoutExpired:
                 server.proc.kill()
                 server.proc.wait()
-            stderr = server.proc.stderr.read().decode() if server.proc.stderr else ""
+            stderr = server.proc.stderr.read() if server.proc.stderr else ""
             server.proc.stderr and server.proc.stderr.close()
             assert "Traceback" not in stderr, stderr
             assert server.admin_token not in stderr
@@ -276,14 +269,15 @@ def test_cli_errors_and_init_again(servers, tmp_path):
     server = servers["sqlite"]
     env = server.cli_env()
     missing = {k: v for k, v in env.items() if k != "TOKENWARD_ADMIN_TOKEN"}
-    down = {**env, "TOKENWARD_URL": f"http://127.0.0.1:{free_port()}"}
     bad_ca = {**env, "TOKENWARD_CA_CERT": str(tmp_path / "nope.pem")}
-    again, *errors = run_many(
-        (server.env, ["init", "--data-dir", str(server.data_dir), "--json"]),
-        (missing, ["project", "list"]),
-        (down, ["project", "list"]),
-        (bad_ca, ["project", "list", "--json"]),
-    )
+    with closed_port() as nothing_there:
+        down = {**env, "TOKENWARD_URL": f"http://127.0.0.1:{nothing_there}"}
+        again, *errors = run_many(
+            (server.env, ["init", "--data-dir", str(server.data_dir), "--json"]),
+            (missing, ["project", "list"]),
+            (down, ["project", "list"]),
+            (bad_ca, ["project", "list", "--json"]),
+        )
     info = ok_json(again)
     assert info["initialized"] is False and "admin_token" not in info
     assert info["admin_token_id"] == server.admin_id

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import free_port, tokenward_cmd, wait_for_port
+from tests.conftest import serve_tokenward, tokenward_cmd
 from tokenward.cli import app
 from tokenward.tokens.format import generate_token
 
@@ -28,19 +28,11 @@ def running(tmp_path_factory):
         tokenward_cmd("init", "--json"), env=env, capture_output=True, check=True, timeout=60
     )
     admin = json.loads(init.stdout)["admin_token"]
-    port = free_port()
-    proc = subprocess.Popen(
-        tokenward_cmd("serve", "--port", str(port)),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    served = serve_tokenward(env=env)
     try:
-        wait_for_port(port, proc=proc)
-        yield tmp_path, f"http://127.0.0.1:{port}", admin
+        yield tmp_path, served.url, admin
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        served.stop(timeout=20)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, tokenward_cmd
+from tests.conftest import closed_port, tokenward_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -96,13 +96,13 @@ async def test_file_settings_and_credential_errors(tmp_path, live):
 
 def test_serve_checks_before_the_banner(data_dir, tmp_path):
     serve = ["serve", "--data-dir", str(data_dir)]
-    port = str(free_port())
+    port = "0"  # each of these stops before it binds; were one to bind, 0 clashes with nothing
     bad_policy = tmp_path / "bad.toml"
     bad_policy.write_text(BAD_POLICY)
     good_policy = tmp_path / "good.toml"
     good_policy.write_text(BAD_POLICY.replace('"nope"', '"records"'))
-    unreachable = f"postgresql+asyncpg://tw:sekrit-pw@127.0.0.1:{free_port()}/test"
-    with socket.socket() as busy:
+    with closed_port() as nothing_there, socket.socket() as busy:
+        unreachable = f"postgresql+asyncpg://tw:sekrit-pw@127.0.0.1:{nothing_there}/test"
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = str(busy.getsockname()[1])

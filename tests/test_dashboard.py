@@ -489,7 +489,6 @@ async def test_webhook_secret_shown_once_and_test_delivery_is_signed(dash, clock
     import http.server
     import threading
 
-    from tests.conftest import free_port
     from tokenward.anomaly.webhooks import SIGNATURE_HEADER, verify_signature
 
     received: list[tuple[dict, bytes]] = []
@@ -504,8 +503,8 @@ async def test_webhook_secret_shown_once_and_test_delivery_is_signed(dash, clock
         def log_message(self, *args):
             pass
 
-    port = free_port()
-    server = http.server.HTTPServer(("127.0.0.1", port), Receiver)
+    server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -21,7 +21,7 @@ import pyotp
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest import ROOT, free_port, tokenward_cmd, wait_for_port
+from tests.conftest import ROOT, serve_tokenward, tokenward_cmd
 
 CHROMIUM = "/usr/bin/chromium"
 #: The README's screenshots are refreshed with TOKENWARD_TEST_SCREENSHOTS=1; otherwise the
@@ -48,17 +48,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     # Step-up every time, so the prompt can be seen without waiting minutes.
     env |= {"TOKENWARD_DATA_DIR": str(data), "TOKENWARD_DASHBOARD_STEP_UP_SECONDS": "0"}
     init = run("init", env=env)
-    port = free_port()
     log = (data / "server.log").open("wb")
-    proc = subprocess.Popen(
-        tokenward_cmd("serve", "--port", str(port)), env=env, stdout=log, stderr=log
-    )
+    served = serve_tokenward(env=env, stderr=log)
     try:
-        wait_for_port(port, proc=proc)
-        yield {"url": f"http://127.0.0.1:{port}", "init": init, "env": env, "data": data}
+        yield {"url": served.url, "init": init, "env": env, "data": data}
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        served.stop()
         log.close()
 
 

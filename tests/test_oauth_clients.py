@@ -24,7 +24,6 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "The httpx module is deprecated", DeprecationWarning)
     from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuth2Client, OAuthError
 
-from tests.conftest import free_port
 from tests.gateway.support import uvicorn_server
 from tokenward.app import Services, create_asgi
 from tokenward.oauth.exchange import GRANT_EXCHANGE, TYPE_ACCESS
@@ -95,8 +94,7 @@ async def server(services: Services, admin: Issued) -> AsyncIterator[Server]:
     resource_server = await services.tokens.create_token(
         admin.record, TokenSpec(project="shop", scopes=["verify", "admin:write"])
     )
-    port = free_port()
-    async with uvicorn_server(create_asgi(services=services), port):
+    async with uvicorn_server(create_asgi(services=services)) as port:
         yield Server(f"http://127.0.0.1:{port}", services, api_key, resource_server)
 
 

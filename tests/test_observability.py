@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from tests.conftest import free_port, tokenward_cmd, wait_for_port
+from tests.conftest import serve_tokenward, tokenward_cmd
 from tokenward.tokens.format import generate_token
 
 
@@ -68,17 +68,11 @@ def test_sigterm_mid_load_loses_no_audit_event_and_logs_are_json(tmp_path):
         tokenward_cmd("init", "--json"), env=env, capture_output=True, check=True, timeout=60
     )
     admin = json.loads(init.stdout)["admin_token"]
-    port = free_port()
     log_file = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed below)
-    server = subprocess.Popen(
-        tokenward_cmd("serve", "--port", str(port)),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log_file,
-    )
+    served = serve_tokenward(env=env, stderr=log_file)
+    server, port = served.proc, served.port
     acked: list[str] = []
     try:
-        wait_for_port(port, proc=server)
         acked = asyncio.run(_load(port, admin, server))
         server.wait(timeout=30)
     finally:

@@ -12,16 +12,16 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import REDIS_URL, two_replicas
+from tests.conftest import REDIS_URL, owns_listener, start_on_some_port, two_replicas
 from tokenward import redisconn
 from tokenward.app import open_services
 from tokenward.errors import Unavailable
@@ -33,33 +33,42 @@ from tokenward.tokens.model import Reason
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class OwnRedis:
-    """A redis-server of this test's own, to kill, freeze and restart."""
+    """A redis-server of this test's own, to kill, freeze and restart.
 
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+    redis-server can neither take a socket bound for it nor report the port it bound: the
+    first start retries on "address already in use" (:func:`start_on_some_port`); a restart
+    needs the same port (the clients keep their URL) and fails plainly if it was taken."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.port = 0
+        self.url = ""
         self.process: subprocess.Popen[bytes] | None = None
 
+    def _spawn(self, port: int) -> subprocess.Popen[bytes]:
+        with self.log.open("wb") as out:
+            return subprocess.Popen(
+                ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        if not self.port:
+            self.process, self.port = start_on_some_port(self._spawn, self._said, timeout=5)
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+            return
+        self.process = self._spawn(self.port)
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if owns_listener(self.process.pid, self.port):
+                return
             time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+        raise RuntimeError(f"redis-server did not start again: {self._said()}")
+
+    def _said(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def kill(self) -> None:
         assert self.process is not None
@@ -88,8 +97,8 @@ class OwnRedis:
 
 
 @pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    server = OwnRedis()
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path / "redis.log")
     server.start()
     try:
         yield server

@@ -8,12 +8,11 @@ import os
 import re
 import ssl
 import subprocess
-import time
 
 import httpx
 import pytest
 
-from tests.conftest import free_port, tokenward_cmd, wait_for_port
+from tests.conftest import serve_tokenward, tokenward_cmd
 from tokenward.tokens.format import find_tokens
 
 pytestmark = pytest.mark.slow
@@ -25,19 +24,8 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def read_until(path, needle: str, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        content = path.read_text() if path.exists() else ""
-        if needle in content:
-            return content
-        time.sleep(0.05)
-    raise AssertionError(f"{needle!r} never printed; got {content!r}")
-
-
 def test_self_signed_tls_and_refusal_of_plain_http_off_loopback(tmp_path):
     data_dir = tmp_path / "data"
-    port = free_port()
     env = base_env()
     refusals = [
         subprocess.Popen(
@@ -56,22 +44,7 @@ def test_self_signed_tls_and_refusal_of_plain_http_off_loopback(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    log = tmp_path / "serve.out"
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            tokenward_cmd(
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(port),
-                "--tls-self-signed",
-                "--init",
-            ),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    served = None
     try:
         # Plain HTTP on a public address: refused, clearly, before anything listens.
         for proc in refusals:
@@ -82,8 +55,12 @@ def test_self_signed_tls_and_refusal_of_plain_http_off_loopback(tmp_path):
         stdout, stderr = half_tls.communicate(timeout=60)
         assert half_tls.returncode == 2 and "--tls-key" in stderr and "Traceback" not in stderr
 
-        wait_for_port(port, timeout=60, proc=server)
-        printed = read_until(log, f"https://127.0.0.1:{port}")
+        with open(tmp_path / "serve.err", "w") as err:
+            served = serve_tokenward(
+                "--data-dir", str(data_dir), "--tls-self-signed", "--init", env=env, stderr=err
+            )
+        port, printed = served.port, served.printed
+        assert served.url == f"https://127.0.0.1:{port}"
         cert = data_dir / "tls" / "cert.pem"
         assert (data_dir / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
         der = ssl.PEM_cert_to_DER_cert(cert.read_text())
@@ -121,12 +98,8 @@ def test_self_signed_tls_and_refusal_of_plain_http_off_loopback(tmp_path):
         assert cli.returncode == 0, cli.stderr
         assert json.loads(cli.stdout) == [] and "Warning" not in cli.stderr
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        if served is not None:
+            served.stop()
         for proc in [*refusals, half_tls]:
             if proc.poll() is None:
                 proc.kill()

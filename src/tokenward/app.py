@@ -22,6 +22,8 @@ from tokenward.anomaly.webhooks import WebhookSender
 from tokenward.api import admin, health, oauth, observability, verification
 from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
+from tokenward.api import docs as api_docs
+from tokenward.api.contract import install_contract, operation_id
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.fastpath import FastPath, HotPath
 from tokenward.api.middleware import (
@@ -252,7 +254,13 @@ def create_app(
         version=__version__,
         summary="API tokens: issue, scope, time-limit, rotate, revoke and verify.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+        # FastAPI's pages load their scripts from a CDN: /docs is served by api/docs.py
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
+    install_contract(app)
     app.state.settings = settings
     if services is not None:
         app.state.services = services
@@ -265,6 +273,7 @@ def create_app(
     app.include_router(audit_api.router)
     app.include_router(alerts_api.router)
     app.include_router(observability.router)
+    app.include_router(api_docs.router)
     dashboard.install(app)
     if middleware:  # create_asgi puts the same stack around the fast path instead
         app.add_middleware(DurableResponseMiddleware)

@@ -445,6 +445,7 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's backlog: connections made once the banner is out wait
     except OSError as exc:
         sock.close()
         fail(f"cannot listen on {host} port {port}: {exc.strerror or exc}", 3)

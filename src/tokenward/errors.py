@@ -51,6 +51,8 @@ class Forbidden(TokenwardError):
     status = 403
     #: for a credential that is valid but lacks the scope: who it is (else ``None``)
     caller: Any = None
+    #: the scope(s) it lacks, for the RFC 6750 challenge (else ``None``)
+    scope: str | None = None
 
 
 class NotFound(TokenwardError):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tokenward.errors import Forbidden, Invalid, NotFound, refuse_pasted_tokens
+from tokenward.errors import Conflict, Forbidden, Invalid, NotFound, refuse_pasted_tokens
 from tokenward.events import AdminEvent, EventBus, current_request
 from tokenward.store.repository import GrantLink, Project, TokenStore
 from tokenward.tokens.durations import MAX_DURATION
@@ -374,7 +374,7 @@ class TokenService:
             raise Invalid("invalid_grace", "grace must be between 0 and 30 days")
         old = await self.get_token(actor, token_id)
         if old.state(self.now) not in (TokenState.ACTIVE, TokenState.NOT_YET_VALID):
-            raise Invalid(
+            raise Conflict(
                 "token_not_rotatable", f"a token that is {old.state(self.now)} cannot be rotated"
             )
         if not is_narrower(old.scopes, actor.scopes):

@@ -414,20 +414,17 @@ def test_what_the_server_cannot_parse_is_json_and_never_quoted(tmp_path):
     import socket
     import subprocess
 
-    from tests.conftest import free_port, tokenward_cmd, wait_for_port
+    from tests.conftest import serve_tokenward, tokenward_cmd
 
     env = {**os.environ, "TOKENWARD_DATA_DIR": str(tmp_path)}
     init = subprocess.run(
         tokenward_cmd("init", "--json"), env=env, capture_output=True, check=True, timeout=60
     )
     secret = json.loads(init.stdout)["admin_token"]
-    port = free_port()
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed below)
-    server = subprocess.Popen(
-        tokenward_cmd("serve", "--port", str(port)), env=env, stdout=log, stderr=log
-    )
+    served = serve_tokenward(env=env, stderr=log)
+    server, port = served.proc, served.port
     try:
-        wait_for_port(port, proc=server)
         for bad in (f"Authorization: Bearer {secret}\x01", f"Content-Length: {secret}"):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
                 conn.sendall(f"POST /v1/verify HTTP/1.1\r\nHost: x\r\n{bad}\r\n\r\n".encode())
@@ -472,7 +469,7 @@ def test_an_oversized_request_head_is_refused_with_431(tmp_path):
     import subprocess
     import time
 
-    from tests.conftest import free_port, tokenward_cmd, wait_for_port
+    from tests.conftest import serve_tokenward, tokenward_cmd
     from tokenward.server import MAX_HEAD_BYTES
 
     def exchange(conn: socket.socket, *parts: bytes) -> bytes:
@@ -491,15 +488,9 @@ def test_an_oversized_request_head_is_refused_with_431(tmp_path):
 
     env = {**os.environ, "TOKENWARD_DATA_DIR": str(tmp_path)}
     subprocess.run(tokenward_cmd("init", "--json"), env=env, capture_output=True, check=True)
-    port = free_port()
-    server = subprocess.Popen(
-        tokenward_cmd("serve", "--port", str(port)),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    served = serve_tokenward(env=env)
+    server, port = served.proc, served.port
     try:
-        wait_for_port(port, proc=server)
         big = b"X-Padding: " + b"a" * MAX_HEAD_BYTES + b"\r\n"
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
             answer = exchange(conn, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n")

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import uvicorn
 from aiohttp import web
 
+from tests.conftest import listening_socket, port_of
 from tokenward.app import Services
 from tokenward.events import AccessEvent
 from tokenward.gateway import build_enforcement, parse_policy
@@ -137,33 +138,38 @@ async def _echo(request: web.Request) -> web.StreamResponse:
 
 
 @contextlib.asynccontextmanager
-async def upstream_server(port: int) -> AsyncIterator[None]:
+async def upstream_server() -> AsyncIterator[int]:
+    """The echoing upstream, on a loopback port of its own; yields the port."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", _echo)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    sock = listening_socket()
+    site = web.SockSite(runner, sock)
     await site.start()
     try:
-        yield
+        yield port_of(sock)
     finally:
         await runner.cleanup()
+        sock.close()
 
 
 @contextlib.asynccontextmanager
-async def uvicorn_server(app: object, port: int) -> AsyncIterator[None]:
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+async def uvicorn_server(app: object) -> AsyncIterator[int]:
+    """``app`` served by uvicorn on a loopback port of its own; yields the port."""
+    sock = listening_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     for _ in range(200):
         if server.started:
             break
         await asyncio.sleep(0.02)
     try:
-        yield
+        yield port_of(sock)
     finally:
         server.should_exit = True
         await task
+        sock.close()
 
 
 def body_json(response) -> dict:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port, wait_for_port
-from tests.gateway.support import POLICY, make_token, upstream_server, use_policy, uvicorn_server
+from tests.conftest import ROOT, start_on_some_port
+from tests.gateway.support import POLICY, make_token, use_policy, uvicorn_server
 from tokenward.app import create_asgi
 
 CADDY = shutil.which("caddy") or "/usr/bin/caddy"
@@ -43,9 +44,12 @@ def caddyfile(tokenward_port: int, backend_port: int, caddy_port: int) -> str:
 
 
 @contextlib.contextmanager
-def caddy(tmp_path: Path, site: str, port: int) -> Iterator[None]:
+def caddy(tmp_path: Path, site: Callable[[int], str]) -> Iterator[int]:
+    """Caddy with ``site(port)`` as its site; yields the port it listens on.
+
+    Caddy 2.6 cannot take a socket bound for it (``fd/N`` addresses came later) nor report
+    the port it bound, so the port is a guess, retried on "address already in use"."""
     config = tmp_path / "Caddyfile"
-    config.write_text(GLOBAL_OPTIONS.format(tmp=tmp_path) + site)
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(tmp_path / "home"),
@@ -53,19 +57,20 @@ def caddy(tmp_path: Path, site: str, port: int) -> Iterator[None]:
         "XDG_DATA_HOME": str(tmp_path / "data"),
     }
     log = tmp_path / "caddy.log"
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [CADDY, "run", "--config", str(config), "--adapter", "caddyfile"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        config.write_text(GLOBAL_OPTIONS.format(tmp=tmp_path) + site(port))
+        with log.open("wb") as stderr:
+            return subprocess.Popen(
+                [CADDY, "run", "--config", str(config), "--adapter", "caddyfile"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+
+    proc, port = start_on_some_port(start, lambda: log.read_text(errors="replace"))
     try:
-        try:
-            wait_for_port(port, timeout=10, proc=proc)
-        except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"caddy did not start: {log.read_text()}") from exc
-        yield
+        yield port
     finally:
         proc.terminate()
         try:
@@ -81,11 +86,12 @@ def database_url(request, tmp_path):
     return f"sqlite+aiosqlite:///{tmp_path / 'tokenward.db'}"
 
 
-async def test_caddy_forward_auth_in_front_of_a_backend(services, admin, tmp_path):
-    backend_port, tokenward_port, caddy_port = free_port(), free_port(), free_port()
+async def test_caddy_forward_auth_in_front_of_a_backend(
+    services, admin, tmp_path, backend_port, dead_port
+):
     sink = use_policy(
         services,
-        POLICY.format(port=backend_port, dead_port=free_port()),
+        POLICY.format(port=backend_port, dead_port=dead_port),
         trusted_proxies="127.0.0.1/32",
         auth_failure_limit="100/minute",
     )
@@ -93,12 +99,9 @@ async def test_caddy_forward_auth_in_front_of_a_backend(services, admin, tmp_pat
     writer = await make_token(services, admin, principal="importer", scopes=["records:write"])
     walled = await make_token(services, admin, ip_allowlist=["10.0.0.0/8"])
     app = create_asgi(services=services)
-    site = caddyfile(tokenward_port, backend_port, caddy_port)
-    async with (
-        upstream_server(backend_port),
-        uvicorn_server(app, tokenward_port),
-    ):
-        with caddy(tmp_path, site, caddy_port):
+    async with uvicorn_server(app) as tokenward_port:
+        site = functools.partial(caddyfile, tokenward_port, backend_port)
+        with caddy(tmp_path, site) as caddy_port:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{caddy_port}") as c:
                 auth = {"Authorization": f"Bearer {good.secret}"}
                 spoofed = {
@@ -211,12 +214,10 @@ async def test_caddy_forward_auth_in_front_of_a_backend(services, admin, tmp_pat
     assert decisions[3] == ("authz", "POST", "/records/7", "127.0.0.1")
 
 
-async def test_caddy_fails_closed_when_tokenward_is_down(tmp_path):
-    backend_port, caddy_port = free_port(), free_port()
-    site = caddyfile(free_port(), backend_port, caddy_port)
-    async with upstream_server(backend_port):
-        with caddy(tmp_path, site, caddy_port):
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{caddy_port}") as c:
-                r = await c.get("/records/1", headers={"Authorization": "Bearer x"})
+async def test_caddy_fails_closed_when_tokenward_is_down(tmp_path, backend_port, dead_port):
+    site = functools.partial(caddyfile, dead_port, backend_port)
+    with caddy(tmp_path, site) as caddy_port:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{caddy_port}") as c:
+            r = await c.get("/records/1", headers={"Authorization": "Bearer x"})
     # Caddy's own 502: the backend was not asked.
     assert r.status_code == 502 and "x-upstream" not in r.headers

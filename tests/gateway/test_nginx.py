@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port, wait_for_port
-from tests.gateway.support import POLICY, make_token, upstream_server, use_policy, uvicorn_server
+from tests.conftest import ROOT, start_on_some_port
+from tests.gateway.support import POLICY, make_token, use_policy, uvicorn_server
 from tokenward.app import create_asgi
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -49,17 +51,26 @@ def site_conf(tokenward_port: int, backend_port: int, nginx_port: int) -> str:
 
 
 @contextlib.contextmanager
-def nginx(tmp_path: Path, site: str, port: int):
-    (tmp_path / "site.conf").write_text(site)
+def nginx(tmp_path: Path, site: Callable[[int], str]) -> Iterator[int]:
+    """nginx with ``site(port)`` as its site; yields the port it listens on.
+
+    nginx cannot take a socket bound for it nor report the port it bound, so the port is a
+    guess, retried on "address already in use" (see :func:`start_on_some_port`)."""
     (tmp_path / "nginx.conf").write_text(MAIN_CONF.format(tmp=tmp_path))
-    proc = subprocess.Popen(
-        [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    stderr_path = tmp_path / "nginx.stderr"
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        (tmp_path / "site.conf").write_text(site(port))
+        with stderr_path.open("wb") as stderr:
+            return subprocess.Popen(
+                [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+
+    proc, port = start_on_some_port(start, lambda: stderr_path.read_text(errors="replace"))
     try:
-        wait_for_port(port, timeout=10, proc=proc)
-        yield
+        yield port
     finally:
         proc.terminate()
         try:
@@ -67,8 +78,6 @@ def nginx(tmp_path: Path, site: str, port: int):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 @pytest.fixture(params=["sqlite"])
@@ -77,23 +86,21 @@ def database_url(request, tmp_path):
     return f"sqlite+aiosqlite:///{tmp_path / 'tokenward.db'}"
 
 
-async def test_nginx_auth_request_in_front_of_a_backend(services, admin, tmp_path):
-    backend_port, tokenward_port, nginx_port = free_port(), free_port(), free_port()
+async def test_nginx_auth_request_in_front_of_a_backend(
+    services, admin, tmp_path, backend_port, dead_port
+):
     sink = use_policy(
         services,
-        POLICY.format(port=backend_port, dead_port=free_port()),
+        POLICY.format(port=backend_port, dead_port=dead_port),
         trusted_proxies="127.0.0.1/32",
         auth_failure_limit="100/minute",
     )
     good = await make_token(services, admin, principal="storefront", rate_limit=["4/minute"])
     walled = await make_token(services, admin, ip_allowlist=["10.0.0.0/8"])
     app = create_asgi(services=services)
-    site = site_conf(tokenward_port, backend_port, nginx_port)
-    async with (
-        upstream_server(backend_port),
-        uvicorn_server(app, tokenward_port),
-    ):
-        with nginx(tmp_path, site, nginx_port):
+    async with uvicorn_server(app) as tokenward_port:
+        site = functools.partial(site_conf, tokenward_port, backend_port)
+        with nginx(tmp_path, site) as nginx_port:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{nginx_port}") as c:
                 auth = {"Authorization": f"Bearer {good.secret}"}
                 r = await c.get(
@@ -195,24 +202,24 @@ async def test_nginx_auth_request_in_front_of_a_backend(services, admin, tmp_pat
     assert decisions[0] == ("authz", "GET", "/records/7", "127.0.0.1")
 
 
-async def test_a_dpop_bound_token_through_nginx(services, admin, tmp_path):
+async def test_a_dpop_bound_token_through_nginx(services, admin, tmp_path, backend_port, dead_port):
     """The proof names the URL the client called; the subrequest must carry that Host and
     scheme (not the upstream's name), and a client's own X-Forwarded-Host must not count."""
     from joserfc.jwk import ECKey
 
     from tokenward.oauth.dpop import make_proof
 
-    backend_port, tokenward_port, nginx_port = free_port(), free_port(), free_port()
     use_policy(
         services,
-        POLICY.format(port=backend_port, dead_port=free_port()),
+        POLICY.format(port=backend_port, dead_port=dead_port),
         trusted_proxies="127.0.0.1/32",
     )
     key = ECKey.generate_key("P-256")
     issued = await make_token(services, admin, dpop_jkt=key.thumbprint())
     app = create_asgi(services=services)
-    async with upstream_server(backend_port), uvicorn_server(app, tokenward_port):
-        with nginx(tmp_path, site_conf(tokenward_port, backend_port, nginx_port), nginx_port):
+    async with uvicorn_server(app) as tokenward_port:
+        site = functools.partial(site_conf, tokenward_port, backend_port)
+        with nginx(tmp_path, site) as nginx_port:
             base = f"http://127.0.0.1:{nginx_port}"
             async with httpx.AsyncClient(base_url=base) as c:
 
@@ -232,11 +239,9 @@ async def test_a_dpop_bound_token_through_nginx(services, admin, tmp_path):
                 assert r.status_code == 401, r.text
 
 
-async def test_nginx_fails_closed_when_tokenward_is_down(tmp_path):
-    backend_port, nginx_port = free_port(), free_port()
-    site = site_conf(free_port(), backend_port, nginx_port)
-    async with upstream_server(backend_port):
-        with nginx(tmp_path, site, nginx_port):
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{nginx_port}") as c:
-                r = await c.get("/records/1", headers={"Authorization": "Bearer x"})
+async def test_nginx_fails_closed_when_tokenward_is_down(tmp_path, backend_port, dead_port):
+    site = functools.partial(site_conf, dead_port, backend_port)
+    with nginx(tmp_path, site) as nginx_port:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{nginx_port}") as c:
+            r = await c.get("/records/1", headers={"Authorization": "Bearer x"})
     assert r.status_code == 503 and r.json()["error"] == "unavailable"

@@ -7,25 +7,28 @@ import contextlib
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import closed_port, listening_socket, port_of
 from tests.gateway.support import POLICY, make_token, upstream_server, use_policy
 from tokenward.gateway.proxy import Gateway
 
 
 @contextlib.asynccontextmanager
 async def running_gateway(services, **settings):
-    upstream_port, gateway_port = free_port(), free_port()
-    sink = use_policy(
-        services, POLICY.format(port=upstream_port, dead_port=free_port()), **settings
-    )
-    gateway = Gateway(services.enforcement)
-    async with upstream_server(upstream_port):
-        await gateway.start("127.0.0.1", gateway_port)
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway_port}") as client:
-                yield client, sink
-        finally:
-            await gateway.aclose()
+    sock = listening_socket()
+    with closed_port() as dead_port:
+        async with upstream_server() as upstream_port:
+            sink = use_policy(
+                services, POLICY.format(port=upstream_port, dead_port=dead_port), **settings
+            )
+            gateway = Gateway(services.enforcement)
+            await gateway.start("127.0.0.1", 0, sock=sock)
+            try:
+                base = f"http://127.0.0.1:{port_of(sock)}"
+                async with httpx.AsyncClient(base_url=base) as client:
+                    yield client, sink
+            finally:
+                await gateway.aclose()
+                sock.close()
 
 
 async def test_forwards_request_strips_secrets_and_adds_identity(services, admin):

@@ -9,7 +9,7 @@ import subprocess
 
 import httpx
 
-from tests.conftest import free_port, tokenward_cmd, wait_for_port
+from tests.conftest import closed_port, serve_tokenward, tokenward_cmd
 
 
 def run(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -26,29 +26,29 @@ def test_invalid_config_stops_the_start_with_file_line_and_key(tmp_path):
 
 
 def test_serve_with_config_runs_api_authz_and_gateway(tmp_path):
-    backend = free_port()
+    with closed_port() as backend:
+        _serve_with_config(tmp_path, backend)
+
+
+def _serve_with_config(tmp_path, backend: int) -> None:
     config = tmp_path / "tokenward.toml"
     config.write_text(
         f'[[upstreams]]\nname = "b"\nurl = "http://127.0.0.1:{backend}"\n\n'
         '[[routes]]\nupstream = "b"\npath = "/records/{rest:path}"\nmethods = ["GET"]\n'
         'scope = "records:read"\n'
     )
-    api_port, gateway_port = free_port(), free_port()
     env = {
         **os.environ,
         "TOKENWARD_DATA_DIR": str(tmp_path / "data"),
-        "TOKENWARD_PORT": str(api_port),
-        "TOKENWARD_GATEWAY_PORT": str(gateway_port),
         "TOKENWARD_GATEWAY_CONFIG": str(config),
     }
     init = run(env, "init", "--json")
     admin = json.loads(init.stdout)["admin_token"]
-    proc = subprocess.Popen(
-        tokenward_cmd("serve"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    err_file = tmp_path / "serve.err"
+    with err_file.open("w") as stderr:
+        served = serve_tokenward(env=env, stderr=stderr, gateway=True)
+    proc, api_port, gateway_port = served.proc, served.port, served.gateway_port
     try:
-        wait_for_port(api_port, proc=proc)
-        wait_for_port(gateway_port, proc=proc)
         cli_env = {
             **env,
             "TOKENWARD_URL": f"http://127.0.0.1:{api_port}",
@@ -77,7 +77,8 @@ def test_serve_with_config_runs_api_authz_and_gateway(tmp_path):
         assert r.status_code == 404 and r.json()["error"] == "no_route"
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        out = served.stdout()
+    err = err_file.read_text()
     assert proc.returncode == 0, err
-    assert f"gateway:   http://127.0.0.1:{gateway_port}" in out.decode()
-    assert token not in (out + err).decode()
+    assert f"gateway:   http://127.0.0.1:{gateway_port}" in out
+    assert token not in out + err

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import closed_port, listening_socket, port_of
 from tests.gateway.support import POLICY, make_token, use_policy
 from tokenward.gateway.proxy import Gateway
 from tokenward.server import self_signed
@@ -92,17 +92,20 @@ def answer(data: bytes, keep: bool = True) -> Script:
 async def gateway_before(
     services, upstream: RawUpstream, policy: str = POLICY, tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Gateway]]:
-    upstream_port, gateway_port = free_port(), free_port()
-    use_policy(services, policy.format(port=upstream_port, dead_port=free_port()))
-    server = await asyncio.start_server(upstream.serve, "127.0.0.1", upstream_port, ssl=tls)
-    gateway = Gateway(services.enforcement)
-    await gateway.start("127.0.0.1", gateway_port)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway_port}") as client:
-            yield client, gateway
-    finally:
-        await gateway.aclose()
-        server.close()
+    upstream_sock, gateway_sock = listening_socket(), listening_socket()
+    with closed_port() as dead_port:
+        use_policy(services, policy.format(port=port_of(upstream_sock), dead_port=dead_port))
+        server = await asyncio.start_server(upstream.serve, sock=upstream_sock, ssl=tls)
+        gateway = Gateway(services.enforcement)
+        await gateway.start("127.0.0.1", 0, sock=gateway_sock)
+        try:
+            base = f"http://127.0.0.1:{port_of(gateway_sock)}"
+            async with httpx.AsyncClient(base_url=base) as client:
+                yield client, gateway
+        finally:
+            await gateway.aclose()
+            server.close()
+            gateway_sock.close()
 
 
 @pytest.fixture
@@ -437,8 +440,9 @@ async def test_a_fresh_connection_makes_room_in_a_full_pool():
     from tokenward.gateway.upstream import UpstreamPool
 
     upstream = RawUpstream({"/x": answer(OK)})
-    port = free_port()
-    server = await asyncio.start_server(upstream.serve, "127.0.0.1", port)
+    sock = listening_socket()
+    port = port_of(sock)
+    server = await asyncio.start_server(upstream.serve, sock=sock)
     pool = UpstreamPool(Upstream("u", f"http://127.0.0.1:{port}", 0.5, 1.0, 1))
     try:
         for fresh in (False, True):

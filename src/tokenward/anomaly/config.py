@@ -63,7 +63,7 @@ class NewNetwork(Detector):
 class VolumeSpike(Detector):
     """A token's requests per interval far above its own EWMA baseline."""
 
-    interval_seconds: float = Field(60, gt=0, le=3600)
+    interval_seconds: float = Field(60, ge=1, le=3600)  # a bucket of the clock: never < 1 s
     alpha: float = Field(0.2, gt=0, lt=1, description="EWMA weight of the newest interval")
     deviations: float = Field(4.0, gt=0, le=100)
     min_count: int = Field(20, ge=1, description="Never alert below this many per interval")

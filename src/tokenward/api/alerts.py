@@ -10,11 +10,18 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from tokenward.anomaly.config import effective
+from tokenward.anomaly.config import AnomalyConfig, effective
 from tokenward.anomaly.engine import AnomalyEngine
 from tokenward.anomaly.store import GLOBAL, AlertFilter
 from tokenward.api.auth import AdminRead, AdminWrite, client_ip
-from tokenward.api.schemas import IDENTIFIER, PRINTABLE, printable_parameters
+from tokenward.api.schemas import (
+    ALERT_CURSOR,
+    BLOCK_PATTERN,
+    IDENTIFIER,
+    PRINTABLE,
+    documented,
+    printable_parameters,
+)
 from tokenward.clientip import parse_ip
 from tokenward.errors import Forbidden, Invalid, NotFound, Unavailable
 from tokenward.service import TokenService
@@ -43,7 +50,9 @@ class ReleaseBody(_Closed):
 
 
 class BlockBody(_Closed):
-    network: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    network: Annotated[
+        str, StringConstraints(min_length=1, max_length=64), documented(BLOCK_PATTERN)
+    ]
     seconds: float = Field(3600, gt=0, le=30 * 86_400)
     reason: Note = "blocked by an admin"
 
@@ -82,6 +91,25 @@ def _blockable(network: str, engine: AnomalyEngine, caller: str | None) -> str:
     return str(net)
 
 
+def _json_types(override: Any, defaults: Any, path: str = "") -> None:
+    """The overrides under JSON's own types, as documented: no ``true`` or ``"5"`` for a
+    number, no ``1`` for a boolean (:func:`effective` reads them leniently)."""
+    if not isinstance(override, dict) or not isinstance(defaults, dict):
+        return
+    for key, value in override.items():
+        default = defaults.get(key)
+        where = f"{path}{key}"
+        if isinstance(default, dict):
+            _json_types(value, default, where + ".")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise Invalid("invalid_settings", f"{where[:80]}: must be true or false")
+        elif isinstance(default, int | float) and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+        ):
+            raise Invalid("invalid_settings", f"{where[:80]}: must be a number")
+
+
 def _engine(request: Request) -> AnomalyEngine:
     engine: AnomalyEngine | None = request.app.state.services.anomaly
     if engine is None:
@@ -112,13 +140,15 @@ async def _visible_projects(
 async def list_alerts(
     actor: AdminRead,
     request: Request,
-    project: Annotated[str | None, Query(max_length=64)] = None,
-    detector: Annotated[str | None, Query(max_length=32)] = None,
+    project: Annotated[str | None, Query(max_length=64, pattern=IDENTIFIER)] = None,
+    detector: Annotated[str | None, Query(max_length=32, pattern=PRINTABLE)] = None,
     severity: Literal["info", "warning", "critical"] | None = None,
-    token: Annotated[str | None, Query(max_length=32)] = None,
+    token: Annotated[str | None, Query(max_length=32, pattern=IDENTIFIER)] = None,
     acknowledged: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[  # the store checks it (invalid_cursor): the pattern is documented
+        str | None, Query(max_length=64, json_schema_extra={"pattern": ALERT_CURSOR})
+    ] = None,
 ) -> Any:
     """Alerts, newest first; follow ``next_cursor`` for the next page."""
     filters = AlertFilter(
@@ -239,7 +269,7 @@ async def _scope(request: Request, actor: TokenRecord, project: str | None) -> s
 async def get_settings(
     actor: AdminRead,
     request: Request,
-    project: Annotated[str | None, Query(max_length=64)] = None,
+    project: Annotated[str | None, Query(max_length=64, pattern=IDENTIFIER)] = None,
 ) -> Any:
     """The effective detector settings of a project (or the global ones), and the overrides."""
     scope = await _scope(request, actor, project)
@@ -259,7 +289,7 @@ async def put_settings(
     actor: AdminWrite,
     request: Request,
     overrides: Annotated[dict[str, Any], Body()],
-    project: Annotated[str | None, Query(max_length=64)] = None,
+    project: Annotated[str | None, Query(max_length=64, pattern=IDENTIFIER)] = None,
     rotate_webhook_secret: bool = False,
 ) -> Any:
     """Replace the overrides of a project (or the global ones); validated before stored.
@@ -271,6 +301,7 @@ async def put_settings(
     engine = _engine(request)
     global_overrides = {} if scope == GLOBAL else (await engine.store.get_settings(GLOBAL))[0]
     try:
+        _json_types(overrides, AnomalyConfig().model_dump(mode="json"))
         effective(global_overrides, overrides)
     except ValidationError as exc:
         summary = "; ".join(

@@ -6,10 +6,16 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import AwareDatetime
 
 from tokenward.api.auth import AdminRead
-from tokenward.api.schemas import IDENTIFIER, PRINTABLE, printable_parameters
+from tokenward.api.schemas import (
+    AUDIT_CURSOR,
+    IDENTIFIER,
+    IP_PATTERN,
+    PRINTABLE,
+    Rfc3339,
+    printable_parameters,
+)
 from tokenward.audit.chain import parse_anchor, verify_chain
 from tokenward.audit.query import AuditFilter, export_jsonl, list_events
 from tokenward.audit.records import ChainKeys
@@ -18,6 +24,7 @@ from tokenward.errors import Forbidden, Invalid
 from tokenward.service import TokenService
 
 router = APIRouter(prefix="/v1", tags=["audit"], dependencies=[Depends(printable_parameters)])
+
 
 Text = Annotated[str | None, Query(max_length=64, pattern=PRINTABLE)]
 Identifier = Annotated[str | None, Query(max_length=64, pattern=IDENTIFIER)]
@@ -61,18 +68,21 @@ async def audit_filters(
     token: Identifier = None,
     principal: Annotated[str | None, Query(max_length=128, pattern=PRINTABLE)] = None,
     actor: Identifier = None,
-    actor_id: Annotated[
-        str | None, Query(max_length=64, pattern=IDENTIFIER, description="Old name of actor.")
+    actor_id: Annotated[  # the old name of actor: still read, no longer documented
+        str | None, Query(max_length=64, pattern=IDENTIFIER, include_in_schema=False)
     ] = None,
     decision: Literal["allow", "deny"] | None = None,
     reason: Text = None,
-    ip: Annotated[str | None, Query(max_length=64, description="A client IP address.")] = None,
+    ip: Annotated[
+        str | None,
+        Query(max_length=64, description="A client IP address.", pattern=IP_PATTERN),
+    ] = None,
     kind: Literal["access", "admin", "security"] | None = None,
     action: Text = None,
     request_id: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] = None,
     fingerprint: Identifier = None,
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
+    since: Rfc3339 | None = None,
+    until: Rfc3339 | None = None,
 ) -> AuditFilter:
     """The filter of ``GET /v1/audit`` and ``GET /v1/audit/export``, narrowed to what the
     caller may see (a project-bound credential: its project only)."""
@@ -85,7 +95,7 @@ async def audit_filters(
             raise Invalid("invalid_request", "ip: must be an IP address")
         client_ip = str(address)
     if since is not None and until is not None and since >= until:
-        raise Invalid("invalid_request", "since must be before until")
+        raise Invalid("invalid_time_range", "since must be before until")
     service: TokenService = request.app.state.services.tokens
     if project is not None:
         project_ids: list[str] | None = [(await service.project_for(caller, project)).id]
@@ -118,7 +128,9 @@ async def list_audit(
     request: Request,
     filters: Filters,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=72)] = None,
+    cursor: Annotated[  # the query checks it (invalid_cursor): the pattern is documented
+        str | None, Query(max_length=72, json_schema_extra={"pattern": AUDIT_CURSOR})
+    ] = None,
     order: Literal["desc", "asc"] = "desc",
 ) -> Any:
     """Audit events, newest first; follow ``next_cursor`` for the next page."""

@@ -104,6 +104,7 @@ async def authenticate_credential(
     if decision.reason == Reason.INSUFFICIENT_SCOPE:
         needed = " or ".join(any_of)
         refused = Forbidden("insufficient_scope", f"this call needs the scope {needed}")
+        refused.scope = " ".join(any_of)  # the RFC 6750 challenge names it
         refused.caller = record  # authenticated, only short of the scope (see /oauth/revoke)
         raise refused
     if decision.reason in (Reason.DPOP_REQUIRED, Reason.INVALID_DPOP_PROOF):

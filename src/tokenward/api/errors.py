@@ -33,6 +33,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tokenward.errors import TokenwardError, TooManyRequests
 
@@ -67,10 +68,36 @@ def redact(value: Any) -> Any:
     return value
 
 
-def error_response(status: int, code: str, message: str, **extra: object) -> JSONResponse:
-    headers = {"Cache-Control": "no-store"}
+#: RFC 6750's challenge of a malformed credential request (two Authorization headers: the
+#: request layer refuses them, api/middleware.py)
+INVALID_REQUEST_CHALLENGE = 'Bearer realm="tokenward", error="invalid_request"'
+
+
+def challenge(status: int, code: str, scope: str | None = None) -> str | None:
+    """The ``WWW-Authenticate`` challenge of an error answer (RFC 6750 §3), if any.
+
+    No credential: the bare challenge (§3.1: no error code when none was presented). A
+    credential that does not verify: ``invalid_token``. A valid one short of the scope:
+    ``insufficient_scope`` with the scope needed. (A malformed credential request gets
+    :data:`INVALID_REQUEST_CHALLENGE`.)
+    """
     if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="tokenward"'
+        if code == "missing_credential":
+            return 'Bearer realm="tokenward"'
+        return 'Bearer realm="tokenward", error="invalid_token"'
+    if status == 403 and code == "insufficient_scope":
+        needed = f', scope="{scope}"' if scope else ""
+        return f'Bearer realm="tokenward", error="insufficient_scope"{needed}'
+    return None
+
+
+def error_response(
+    status: int, code: str, message: str, *, scope: str | None = None, **extra: object
+) -> JSONResponse:
+    headers = {"Cache-Control": "no-store"}
+    value = challenge(status, code, scope)
+    if value is not None:
+        headers["WWW-Authenticate"] = value
     body = redact({"error": code, "message": message, **extra})
     return JSONResponse(body, status, headers=headers)
 
@@ -82,6 +109,20 @@ def refusal_in(exc: BaseException) -> TokenwardError | None:
         if isinstance(current, TokenwardError):
             return current
     return None
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method the routes of the request's path answer (the ``Allow`` of a 405): the
+    framework's own 405 names only the methods of the first route of the path it found."""
+    allowed = []
+    for method in _METHODS:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -179,7 +220,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
             message = exc.message[:1].upper() + exc.message[1:] + "."
             return render(request, "error.html", exc.status, title="Not accepted", message=message)
-        response = error_response(exc.status, exc.code, exc.message, **exc.extra)
+        response = error_response(
+            exc.status, exc.code, exc.message, scope=getattr(exc, "scope", None), **exc.extra
+        )
         if exc.status == 503:
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         elif isinstance(exc, TooManyRequests) and exc.retry_after is not None:
@@ -195,12 +238,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_request", summary or "invalid request", details=details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         response = error_response(exc.status_code, code, message)
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            response.headers["Allow"] = allowed_methods(request) or response.headers["Allow"]
         return response
 
     @app.exception_handler(StatementError)

@@ -28,7 +28,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenward.api.errors import redact
+from tokenward.api.errors import INVALID_REQUEST_CHALLENGE, challenge, redact
 from tokenward.api.middleware import (
     _TWO_CREDENTIALS,
     SECURITY_HEADERS,
@@ -52,7 +52,7 @@ from tokenward.logs import access_log
 from tokenward.tokens.format import redact_tokens
 
 _HEALTH = b'{"status":"ok"}'
-_CHALLENGE = (b"www-authenticate", b'Bearer realm="tokenward"')
+_INVALID_REQUEST = (b"www-authenticate", INVALID_REQUEST_CHALLENGE.encode())
 
 Handler = Callable[[Scope, Receive, Send, "_Request"], Awaitable[None]]
 
@@ -181,7 +181,8 @@ class HotPath:
     async def _verify(self, scope: Scope, receive: Receive, send: Send, request: _Request) -> None:
         if request.credentials > 1:
             # Which one would count? Servers and proxies differ: refused, not guessed at.
-            await send_json(send, 400, {"error": "invalid_request", "message": _TWO_CREDENTIALS})
+            refusal = {"error": "invalid_request", "message": _TWO_CREDENTIALS}
+            await send_json(send, 400, refusal, [_INVALID_REQUEST])
             return
         body = await self._read_body(request, receive)
         if body is None:
@@ -199,9 +200,10 @@ class HotPath:
             )
         except TokenwardError as exc:
             extra = []
-            if exc.status == 401:
-                extra.append(_CHALLENGE)
-            elif isinstance(exc, TooManyRequests) and exc.retry_after is not None:
+            value = challenge(exc.status, exc.code, getattr(exc, "scope", None))
+            if value is not None:
+                extra.append((b"www-authenticate", value.encode()))
+            if isinstance(exc, TooManyRequests) and exc.retry_after is not None:
                 extra.append((b"retry-after", str(exc.retry_after).encode()))
             await send_json(send, exc.status, redact(exc.body()), extra)
             return

@@ -7,6 +7,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenward.api.errors import INVALID_REQUEST_CHALLENGE
 from tokenward.asgi import send_json
 from tokenward.events import RequestContext, current_request, recorded_header, request_id_from
 from tokenward.logs import access_log
@@ -189,7 +190,8 @@ class RequestContextMiddleware:
                 # a request that names two credentials is refused, not guessed at. (/authz
                 # answers for itself: a proxy turns a 400 from it into a 500.)
                 body = {"error": "invalid_request", "message": _TWO_CREDENTIALS}
-                await send_json(with_id, 400, body)
+                challenge = [(b"www-authenticate", INVALID_REQUEST_CHALLENGE.encode())]
+                await send_json(with_id, 400, body, challenge)
             else:
                 await self.app(scope, receive, with_id)
         except Exception:

@@ -13,8 +13,27 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from tokenward.api.auth import AdminRead, AdminWrite, client_ip, refuse_failed_address
 from tokenward.api.dpop import dpop_context
-from tokenward.api.schemas import IDENTIFIER, PRINTABLE, printable, printable_parameters
-from tokenward.oauth.exchange import GRANT_EXCHANGE, GRANT_REFRESH, TokenRequest, oauth_error
+from tokenward.api.schemas import (
+    DAY_PATTERN,
+    HTTPS_URL_PATTERN,
+    IDENTIFIER,
+    JSON_INTEGER,
+    PRINTABLE,
+    Duration,
+    Scopes,
+    documented,
+    printable,
+    printable_parameters,
+)
+from tokenward.oauth.exchange import (
+    GRANT_EXCHANGE,
+    GRANT_REFRESH,
+    IDENTITY_TYPES,
+    TOKENWARD_TYPES,
+    TYPE_ACCESS,
+    TokenRequest,
+    oauth_error,
+)
 from tokenward.oauth.policy import ProjectPolicy
 from tokenward.oauth.sessions import Sessions
 from tokenward.tokens.durations import parse_duration
@@ -40,36 +59,65 @@ _FIELDS = {
 GRANT_TYPES = (GRANT_EXCHANGE, GRANT_REFRESH)
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
+_TEXT = "^[^\\x00-\\x1f\\x7f]*$"
+_COMMON = {
+    "scope": {"type": "string", "maxLength": 4096, "pattern": _TEXT, "description": "Scopes."},
+    "expires_in": {"type": "integer", "minimum": 1, "maximum": 10**15, "description": "Lifetime."},
+    "client_id": {"type": "string", "maxLength": 256, "pattern": _TEXT},
+    "client_secret": {"type": "string", "maxLength": 4096, "pattern": _TEXT},
+}
+_GRANTS = [
+    {
+        "title": "Token exchange (RFC 8693)",
+        "type": "object",
+        "required": ["grant_type", "subject_token", "subject_token_type"],
+        "additionalProperties": False,
+        "properties": {
+            "grant_type": {"type": "string", "enum": [GRANT_EXCHANGE]},
+            "subject_token": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_FIELD,
+                "pattern": _TEXT,
+            },
+            "subject_token_type": {
+                "type": "string",
+                "enum": [*TOKENWARD_TYPES, *IDENTITY_TYPES],
+            },
+            "requested_token_type": {"type": "string", "enum": [TYPE_ACCESS]},
+            "audience": {
+                "type": "string",
+                "maxLength": 256,
+                "pattern": _TEXT,
+                "description": "With a CI identity token (required): the project the tokens "
+                "are for (shop), one of its trust policies (shop/deploy) or a trust policy id.",
+            },
+            **_COMMON,
+        },
+    },
+    {
+        "title": "Refresh (RFC 6749 §6)",
+        "type": "object",
+        "required": ["grant_type", "refresh_token"],
+        "additionalProperties": False,
+        "properties": {
+            "grant_type": {"type": "string", "enum": [GRANT_REFRESH]},
+            "refresh_token": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 4096,
+                "pattern": _TEXT,
+            },
+            **_COMMON,
+        },
+    },
+]
 TOKEN_SCHEMA: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/x-www-form-urlencoded": {
-                "schema": {
-                    "type": "object",
-                    "required": ["grant_type"],
-                    "properties": {
-                        "grant_type": {
-                            "type": "string",
-                            "enum": [
-                                "urn:ietf:params:oauth:grant-type:token-exchange",
-                                "refresh_token",
-                            ],
-                        },
-                        "subject_token": {"type": "string"},
-                        "subject_token_type": {"type": "string"},
-                        "refresh_token": {"type": "string"},
-                        "scope": {"type": "string", "description": "Space-separated scopes."},
-                        "expires_in": {"type": "integer", "description": "Wanted lifetime."},
-                        "audience": {
-                            "type": "string",
-                            "description": "With a CI identity token (required): the project "
-                            "the tokens are for (shop), one of its trust policies (shop/deploy) "
-                            "or a trust policy id.",
-                        },
-                    },
-                }
-            }
+            media: {"schema": {"oneOf": _GRANTS}}
+            for media in ("application/x-www-form-urlencoded", "application/json")
         },
     }
 }
@@ -98,8 +146,11 @@ async def _token_fields(request: Request) -> dict[str, str]:
             raise oauth_error("invalid_request", "the body must be a JSON object")
         if isinstance(raw.get("scope"), list):
             raw["scope"] = " ".join(str(s) for s in raw["scope"])
-        if isinstance(raw.get("expires_in"), int) and not isinstance(raw["expires_in"], bool):
-            raw["expires_in"] = str(raw["expires_in"])
+        lifetime = raw.get("expires_in")
+        if isinstance(lifetime, float) and lifetime.is_integer():  # 900.0 is a JSON integer
+            lifetime = int(lifetime)
+        if isinstance(lifetime, int) and not isinstance(lifetime, bool):
+            raw["expires_in"] = str(lifetime)
     else:
         raise oauth_error("invalid_request", "use application/x-www-form-urlencoded")
     grant_type = raw.get("grant_type")
@@ -159,8 +210,40 @@ async def token(request: Request) -> JSONResponse:
     return JSONResponse(response.body(), headers=NO_STORE)
 
 
+@router.get("/.well-known/oauth-authorization-server", tags=["oauth"])
+async def authorization_server_metadata(request: Request) -> JSONResponse:
+    """RFC 8414: where the token, introspection and revocation endpoints are, and how a
+    client authenticates to each. The issuer is ``public_url`` when set (behind a proxy),
+    else the URL this request reached."""
+    from tokenward.oauth.dpop import ALGORITHMS
+
+    configured: str | None = request.app.state.services.settings.public_url
+    base = configured.rstrip("/") if configured else str(request.base_url).rstrip("/")
+    body = {
+        "issuer": base,
+        "token_endpoint": f"{base}/v1/token",
+        "introspection_endpoint": f"{base}/oauth/introspect",
+        "revocation_endpoint": f"{base}/oauth/revoke",
+        "grant_types_supported": list(GRANT_TYPES),
+        # The grant's own credential (the subject or refresh token) authenticates.
+        "token_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint_auth_methods_supported": [
+            "client_secret_basic",
+            "client_secret_post",
+        ],
+        # A client may always give up a token it holds, without credentials (RFC 7009 §2.1).
+        "revocation_endpoint_auth_methods_supported": [
+            "none",
+            "client_secret_basic",
+            "client_secret_post",
+        ],
+        "response_types_supported": [],  # no authorization endpoint
+        "dpop_signing_alg_values_supported": list(ALGORITHMS),
+    }
+    return JSONResponse(body, headers={"Cache-Control": "public, max-age=300"})
+
+
 # -- admin: project policy ------------------------------------------------------------------
-Duration = Annotated[str, StringConstraints(max_length=32)]
 
 
 def _seconds(value: str | None) -> int | None:
@@ -174,8 +257,8 @@ class Closed(BaseModel):
 class PolicyBody(Closed):
     max_token_lifetime: Duration | None = Field(None, description="Cap on any token: 90d.")
     access_token_ttl: Duration | None = Field(None, description="Longest access token: 15m.")
-    require_dpop: bool = False
-    expiry_warning_days: int | None = Field(None, ge=0, le=365)
+    require_dpop: bool = Field(False, strict=True)
+    expiry_warning_days: Annotated[int, Field(ge=0, le=365), JSON_INTEGER] | None = None
 
     @field_validator("max_token_lifetime", "access_token_ttl")
     @classmethod
@@ -207,23 +290,30 @@ async def set_policy(
 ClaimName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 ClaimValue = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=PRINTABLE)]
 ProjectRef = Annotated[str, Path(max_length=64, pattern=IDENTIFIER)]
+ProjectQuery = Annotated[str | None, Query(max_length=64, pattern=IDENTIFIER)]
+TrustName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+DayDuration = Annotated[str, StringConstraints(max_length=32), documented(DAY_PATTERN)]
 
 
 class TrustPolicyBody(Closed):
-    name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
-    issuer: Annotated[str, StringConstraints(min_length=8, max_length=512, pattern=PRINTABLE)]
+    name: TrustName
+    issuer: Annotated[
+        str,
+        StringConstraints(min_length=8, max_length=512, pattern=PRINTABLE),
+        documented(HTTPS_URL_PATTERN),
+    ]
     audience: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=PRINTABLE)]
     claims: dict[ClaimName, ClaimValue] = Field(
         description="Required claims; values may be glob patterns (refs/tags/v*).",
         max_length=16,
+        # at least one (the service checks: claims_required); no key outside the pattern
+        json_schema_extra={"minProperties": 1, "additionalProperties": False},
     )
-    scopes: list[Annotated[str, StringConstraints(max_length=128)]] = Field(
-        min_length=1, max_length=64
-    )
+    scopes: Scopes
     environment: Literal["live", "test"] = "live"
     principal_claim: ClaimName = "sub"
-    max_ttl: Duration = Field("15m", description="Longest access token for this identity.")
-    refresh_ttl: Duration | None = Field(None, description="Refresh tokens, if any: 1h.")
+    max_ttl: DayDuration = Field("15m", description="Longest access token for this identity.")
+    refresh_ttl: DayDuration | None = Field(None, description="Refresh tokens, if any: 1h.")
 
     @field_validator("scopes")
     @classmethod
@@ -264,7 +354,7 @@ async def add_trust_policy(
 async def list_trust_policies(
     actor: AdminRead,
     request: Request,
-    project: Annotated[str | None, Query(max_length=64)] = None,
+    project: ProjectQuery = None,
 ) -> Any:
     policies = await _sessions(request).admin.list_trust_policies(actor, project)
     return {"trust_policies": [p.public() for p in policies]}
@@ -273,7 +363,7 @@ async def list_trust_policies(
 @router.delete("/v1/projects/{project}/trust-policies/{name}", tags=["trust"])
 async def remove_trust_policy(
     project: ProjectRef,
-    name: Annotated[str, Path(max_length=64)],
+    name: Annotated[str, Path(max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")],
     actor: AdminWrite,
     request: Request,
 ) -> Response:
@@ -288,7 +378,11 @@ class RotationBody(Closed):
     quiet: Duration | None = Field(
         None, description="Retire the predecessor early after this long without traffic."
     )
-    webhook_url: Annotated[str, StringConstraints(min_length=8, max_length=2048)]
+    webhook_url: Annotated[
+        str,
+        StringConstraints(min_length=8, max_length=2048),
+        documented(HTTPS_URL_PATTERN, "https (plain http to loopback only)."),
+    ]
 
     @field_validator("period", "grace", "quiet")
     @classmethod

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
-from typing import Annotated, Literal
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from tokenward.errors import Invalid
 from tokenward.tokens.durations import parse_duration, parse_rates
@@ -37,16 +45,100 @@ async def printable_parameters(request: Request) -> None:
             raise Invalid("invalid_request", f"{name[:40]!r}: control characters are not allowed")
 
 
+def _json_integer(value: object) -> object:
+    """A JSON integer (``3`` or ``3.0``), never ``true`` or ``"3"``, which pydantic reads too."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be an integer")
+    return value
+
+
+#: (bounds go before it, ``Annotated[int, Field(ge=…), JSON_INTEGER]``, or the document loses them)
+JSON_INTEGER = BeforeValidator(_json_integer)
+
+
 #: A project name or id, a token id, a pagination cursor: what identifiers are made of.
 IDENTIFIER = r"^[A-Za-z0-9_-]+$"
+
+# Rules the code checks with a parser, written as patterns for the OpenAPI document only
+# (``json_schema_extra``: the parsers stay the check, with their own error messages). Each
+# pattern admits only values the parser accepts, so a request valid by the document is
+# never refused for its form; a few accepted spellings are left out where a pattern cannot
+# say them (compressed IPv6 beyond "::", durations of more than three parts).
+_SEGMENT = r"(?:\*|[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})"
+SCOPE_PATTERN = rf"^{_SEGMENT}(?::{_SEGMENT}){{0,3}}$"
+#: 1 to 3 parts, none zero, each small enough that the sum stays under the 3660-day cap
+DURATION_PATTERN = r"^(?:[1-9][0-9]?w|[1-9][0-9]{0,2}[dhms]){1,3}$"
+#: a duration of at most 30 days, or 0 for none
+GRACE_PATTERN = (
+    r"^(?:0s?|[1-4]w|(?:[1-9]|[12][0-9]|30)d|[1-9][0-9]?h|[1-6][0-9]{2}h"
+    r"|[1-9][0-9]{0,3}m|[1-9][0-9]{0,5}s)$"
+)
+Grace = Annotated[
+    str, StringConstraints(max_length=32), Field(json_schema_extra={"pattern": GRACE_PATTERN})
+]
+#: at most one day (trust policies' token lifetimes)
+DAY_PATTERN = r"^(?:1d|[1-9]h|1[0-9]h|2[0-3]h|[1-9][0-9]{0,2}m|[1-9][0-9]{0,3}s)$"
+_RATE_PART = r"[1-9][0-9]{0,8}/(?:second|minute|hour|day|month|year)"
+RATE_PATTERN = rf"^{_RATE_PART}(?:;{_RATE_PART}){{0,7}}$"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_V4 = rf"(?:{_OCTET}\.){{3}}{_OCTET}"
+_V6 = r"(?:(?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}|::(?:[0-9a-f]{1,4})?)"
+IP_PATTERN = rf"^(?:{_V4}|{_V6})$"
+CIDR_PATTERN = (
+    rf"^(?:{_V4}(?:/(?:3[0-2]|[12]?[0-9]))?|{_V6}(?:/(?:12[0-8]|1[01][0-9]|[1-9]?[0-9]))?)$"
+)
+
+
+#: an https URL without query, as webhook and issuer URLs must be (plain http to loopback
+#: is accepted too, for development, and left out here)
+HTTPS_URL_PATTERN = r"^https://[a-z0-9](?:[a-z0-9.-]{0,60}[a-z0-9])?(?::[1-9][0-9]{0,3})?(?:/[A-Za-z0-9._~/-]{0,200})?$"
+_FIRST_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[3-9][0-9]|12[89]|12[0-6]|1[01][0-9]|[1-9][0-9]?)"
+#: a manual IP block: a /8 (IPv4) or /32 (IPv6) or narrower, never loopback (the default
+#: TOKENWARD_ANOMALY_NEVER_BLOCK), never an IPv4-mapped IPv6 form
+BLOCK_PATTERN = (
+    rf"^(?:{_FIRST_OCTET}(?:\.{_OCTET}){{3}}(?:/(?:3[0-2]|[12][0-9]|[89]))?"
+    r"|[1-9a-f][0-9a-f]{0,3}(?::[0-9a-f]{1,4}){7}(?:/(?:12[0-8]|1[01][0-9]|[4-9][0-9]|3[2-9]))?)$"
+)
+#: a cursor of GET /v1/audit (what next_cursor returns)
+AUDIT_CURSOR = r"^(?:[0-9]{1,18}\.[A-Za-z0-9-]{1,32}\.[0-9]{1,18})?$"
+#: a cursor of GET /v1/alerts (what next_cursor returns)
+ALERT_CURSOR = r"^[0-9]{1,16}\.alt_[A-Za-z0-9_-]{1,40}$"
+
+
+def _rfc3339(value: object) -> object:
+    """Only an RFC 3339 date-time, as documented (not the Unix timestamps pydantic reads)."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 date-time such as 2026-01-31T12:00:00Z")
+    return value
+
+
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+
+
+def documented(pattern: str, description: str | None = None) -> Any:
+    """The OpenAPI ``pattern`` of a field a parser checks (see above)."""
+    extra: dict[str, Any] = {"pattern": pattern}
+    return Field(json_schema_extra=extra, description=description)
+
+
+Scope = Annotated[str, StringConstraints(max_length=128), documented(SCOPE_PATTERN)]
+Scopes = Annotated[list[Scope], Field(min_length=1, max_length=64)]
+Duration = Annotated[str, StringConstraints(max_length=32), documented(DURATION_PATTERN)]
 ShortText = Annotated[str, StringConstraints(max_length=128, pattern=PRINTABLE)]
-Cidr = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Cidr = Annotated[str, StringConstraints(min_length=1, max_length=64), documented(CIDR_PATTERN)]
 #: At most this many networks in an IP allowlist.
 MAX_ALLOWLIST = 100
 #: A token's remaining uses: at least one, at most a billion.
 MAX_USES = 1_000_000_000
 IpAllowlist = Annotated[list[Cidr], Field(max_length=MAX_ALLOWLIST)]
-Uses = Annotated[int, Field(ge=1, le=MAX_USES)]
+Uses = Annotated[int, Field(ge=1, le=MAX_USES)]  # a form's "11" too (the dashboard)
+JsonUses = Annotated[int, Field(ge=1, le=MAX_USES), JSON_INTEGER]  # the API's JSON: 11 only
 MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=PRINTABLE)]
 MetaValue = Annotated[str, StringConstraints(max_length=512, pattern=PRINTABLE)]
 
@@ -66,25 +158,34 @@ class ProjectUpdate(Closed):
 
 
 class TokenCreate(Closed):
+    model_config = ConfigDict(
+        extra="forbid",
+        # ttl and expires_at are two ways to say one thing: not both
+        json_schema_extra={
+            "not": {
+                "required": ["ttl", "expires_at"],
+                "properties": {"ttl": {"type": "string"}, "expires_at": {"type": "string"}},
+            }
+        },
+    )
+
     project: Annotated[str, StringConstraints(max_length=64, pattern=IDENTIFIER)] | None = None
     environment: Literal["live", "test"] = "live"
-    scopes: list[Annotated[str, StringConstraints(max_length=128)]] = Field(
-        min_length=1, max_length=64
-    )
+    scopes: Scopes
     name: ShortText = ""
     principal: ShortText | None = None
     kind: Literal["api_key", "canary"] = "api_key"
-    ttl: Annotated[str, StringConstraints(max_length=32)] | None = Field(
-        None, description="Lifetime such as 90d, 12h, 15m."
-    )
-    expires_at: AwareDatetime | None = None
-    not_before: AwareDatetime | None = None
+    ttl: Duration | None = Field(None, description="Lifetime such as 90d, 12h, 15m.")
+    expires_at: Rfc3339 | None = None
+    not_before: Rfc3339 | None = None
     ip_allowlist: IpAllowlist = Field(default_factory=list)
-    rate_limit: Annotated[str, StringConstraints(max_length=200)] | None = Field(
-        None, description="One or more windows: 100/minute or 10/second;1000/hour."
+    rate_limit: (
+        Annotated[str, StringConstraints(max_length=200), documented(RATE_PATTERN)] | None
+    ) = Field(None, description="One or more windows: 100/minute or 10/second;1000/hour.")
+    uses: JsonUses | None = None
+    metadata: dict[MetaKey, MetaValue] = Field(
+        default_factory=dict, max_length=32, json_schema_extra={"additionalProperties": False}
     )
-    uses: Uses | None = None
-    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=32)
 
     @field_validator("scopes")
     @classmethod
@@ -126,9 +227,7 @@ class TokenRevoke(Closed):
 
 
 class TokenRotate(Closed):
-    grace: Annotated[str, StringConstraints(max_length=32)] = Field(
-        "1h", description="How long the old token keeps working (0 for no overlap)."
-    )
+    grace: Grace = Field("1h", description="How long the old token keeps working (0 for none).")
 
     @field_validator("grace")
     @classmethod

@@ -19,6 +19,7 @@ from tokenward.api.auth import (
 )
 from tokenward.api.errors import error_response
 from tokenward.api.middleware import MAX_JSON_DEPTH, json_nests_deeper, too_deep_message
+from tokenward.api.schemas import IP_PATTERN
 from tokenward.clientip import parse_ip
 from tokenward.errors import (
     BadRequest,
@@ -41,6 +42,38 @@ _VERIFY_FIELDS = {"token": 4096, "scope": 128, "ip": 64, "project": 64, "environ
 #: DPoP (RFC 9449): the proof the resource server received, with its request's method and URL
 _VERIFY_FIELDS.update({"dpop": 8192, "method": 16, "url": 2048})
 
+
+def _optional(max_length: int, **extra: Any) -> dict[str, Any]:
+    return {"type": ["string", "null"], "maxLength": max_length, **extra}
+
+
+_FORM_TEXT = {"type": "string"}  # read only with client_secret_post, as the credential
+#: RFC 7662 §2.1 / RFC 7009 §2.1 parameters, and client_secret_post (RFC 6749 §2.3.1)
+CLIENT_FORM_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "required": ["token"],
+                    # other parameters are ignored (RFC 6749 §3.2), up to ten in all
+                    "maxProperties": 10,
+                    "additionalProperties": {"type": "string"},
+                    "properties": {
+                        "token": {"type": "string", "minLength": 1, "maxLength": 4096},
+                        "token_type_hint": {  # a hint only: every kind is looked up
+                            "type": "string",
+                            "examples": ["access_token", "refresh_token"],
+                        },
+                        "client_id": _FORM_TEXT,
+                        "client_secret": _FORM_TEXT,
+                    },
+                }
+            }
+        },
+    }
+}
 VERIFY_SCHEMA: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -51,14 +84,28 @@ VERIFY_SCHEMA: dict[str, Any] = {
                     "required": ["token"],
                     "additionalProperties": False,
                     "properties": {
-                        "token": {"type": "string", "description": "The presented token."},
-                        "scope": {"type": "string", "example": "records:read"},
-                        "ip": {"type": "string", "example": "203.0.113.7"},
-                        "project": {"type": "string"},
-                        "environment": {"type": "string", "enum": ["live", "test"]},
-                        "dpop": {"type": "string", "description": "The request's DPoP proof."},
-                        "method": {"type": "string", "example": "GET"},
-                        "url": {"type": "string", "example": "https://api.example.com/records"},
+                        "token": {
+                            "type": "string",
+                            "maxLength": 4096,
+                            "description": "The presented token.",
+                        },
+                        "scope": _optional(128, example="records:read"),
+                        "ip": _optional(64, pattern=IP_PATTERN, example="203.0.113.7"),
+                        "project": _optional(64),
+                        "environment": {"type": ["string", "null"], "enum": ["live", "test", None]},
+                        "dpop": _optional(8192, description="The request's DPoP proof."),
+                        "method": _optional(16, example="GET"),
+                        "url": _optional(2048, example="https://api.example.com/records"),
+                    },
+                    # A proof is checked against the request it came with.
+                    "dependentSchemas": {
+                        "dpop": {
+                            "required": ["method", "url"],
+                            "properties": {
+                                "method": {"type": "string", "minLength": 1},
+                                "url": {"type": "string", "minLength": 1},
+                            },
+                        }
                     },
                 }
             }
@@ -275,7 +322,7 @@ def _client_error(request: Request, exc: TokenwardError) -> JSONResponse:
     return response
 
 
-@router.post("/oauth/introspect", tags=["oauth"])
+@router.post("/oauth/introspect", tags=["oauth"], openapi_extra=CLIENT_FORM_SCHEMA)
 async def introspect(request: Request) -> JSONResponse:
     """RFC 7662: ``{"active": false}`` for anything that is not a currently valid token.
 
@@ -317,7 +364,7 @@ async def introspect(request: Request) -> JSONResponse:
     return JSONResponse({k: v for k, v in body.items() if v is not None}, headers=NO_STORE)
 
 
-@router.post("/oauth/revoke", tags=["oauth"])
+@router.post("/oauth/revoke", tags=["oauth"], openapi_extra=CLIENT_FORM_SCHEMA)
 async def revoke(request: Request) -> JSONResponse:
     """RFC 7009: revoke a token; answers 200 whether or not the token was known.
 

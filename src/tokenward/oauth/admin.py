@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from tokenward.errors import Forbidden, Invalid, NotFound
+from tokenward.errors import Conflict, Forbidden, Invalid, NotFound
 from tokenward.events import AdminEvent, EventBus, current_request
 from tokenward.oauth.identity import check_issuer_url
 from tokenward.oauth.policy import PolicyStore, ProjectPolicy
@@ -138,9 +138,9 @@ class SessionAdmin:
         token = await self.tokens.get_token(actor, token_id)
         now = self.tokens.now
         if token.kind != TokenKind.API_KEY:
-            raise Invalid("token_not_rotatable", "only API keys rotate automatically")
+            raise Conflict("token_not_rotatable", "only API keys rotate automatically")
         if token.state(now) not in (TokenState.ACTIVE, TokenState.NOT_YET_VALID):
-            raise Invalid("token_not_rotatable", f"the token is {token.state(now)}")
+            raise Conflict("token_not_rotatable", f"the token is {token.state(now)}")
         if period < MIN_PERIOD:
             raise Invalid("invalid_period", "the rotation period must be at least 1 minute")
         if grace < timedelta(0) or grace >= period:
@@ -191,7 +191,7 @@ class SessionAdmin:
         """Bind a token to a DPoP key: from now on it works only with proofs by that key."""
         token = await self.tokens.get_token(actor, token_id)
         if token.dpop_jkt is not None and token.dpop_jkt != jkt:
-            raise Invalid("already_bound", "the token is already bound to another key")
+            raise Conflict("already_bound", "the token is already bound to another key")
         await self.sessions.set_token_fields(token.id, dpop_jkt=jkt)
         self.tokens.verifier.invalidate(token.id)
         if self.tokens.on_change is not None:

@@ -6,9 +6,11 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
+from pydantic import StringConstraints
 
 from tokenward.api.auth import AdminRead
 from tokenward.api.schemas import (
+    AUDIT_ANCHOR,
     AUDIT_CURSOR,
     IDENTIFIER,
     IP_PATTERN,
@@ -158,7 +160,7 @@ async def verify_audit(
     actor: AdminRead,
     request: Request,
     anchor: Annotated[
-        list[str] | None,
+        list[Annotated[str, StringConstraints(pattern=AUDIT_ANCHOR)]] | None,
         Query(
             max_length=32,
             description="chain:seq:hash printed by an earlier verify (seq:hash: the legacy chain).",

@@ -99,6 +99,8 @@ BLOCK_PATTERN = (
     rf"^(?:{_FIRST_OCTET}(?:\.{_OCTET}){{3}}(?:/(?:3[0-2]|[12][0-9]|[89]))?"
     r"|[1-9a-f][0-9a-f]{0,3}(?::[0-9a-f]{1,4}){7}(?:/(?:12[0-8]|1[01][0-9]|[4-9][0-9]|3[2-9]))?)$"
 )
+#: an anchor of GET /v1/audit/verify: chain:seq:hash, or seq:hash for the legacy chain
+AUDIT_ANCHOR = r"^(?:[A-Za-z0-9-]{1,32}:)?[0-9]{1,18}:[0-9a-f]{64}$"
 #: a cursor of GET /v1/audit (what next_cursor returns)
 AUDIT_CURSOR = r"^(?:[0-9]{1,18}\.[A-Za-z0-9-]{1,32}\.[0-9]{1,18})?$"
 #: a cursor of GET /v1/alerts (what next_cursor returns)

@@ -214,6 +214,9 @@ class _Verifier:
     def invalidate(self, token_id: str) -> None:
         self.invalidated.append(token_id)
 
+    def apply_invalidation(self, message: str) -> None:
+        self.invalidate(message)
+
     def clear(self) -> None:
         pass
 

@@ -5,7 +5,7 @@ the origin of the dashboard and its session cookie: a compromised or hijacked CD
 script there. Here every byte comes from the ``swagger-ui-py`` package (which ships Swagger
 UI 5, Apache-2.0, its LICENSE next to the files) and this module; the page allows script,
 style and connections to this origin only, and no frame may hold it. (Decision record:
-docs/decisions/0022-api-docs-from-the-package.md.)
+docs/decisions/0028-api-docs-from-the-package.md.)
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -21,7 +22,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from tests.conftest import PG_ADMIN_URL, _pg_exec, free_port, tokenward_cmd, wait_for_port
+from tests.conftest import PG_ADMIN_URL, _pg_exec, port_of, serve_tokenward, tokenward_cmd
 from tokenward.audit.chain import verify_chain
 from tokenward.audit.records import ChainKeys
 from tokenward.settings import Settings, load_hasher
@@ -129,14 +130,9 @@ def store_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
 def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path, store_url):
     env = _env(tmp_path, store_url)
     admin = _init(env)
-    port = free_port()
-    server = subprocess.Popen(
-        tokenward_cmd("serve", "--port", str(port)),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    load = Load(port, admin)
+    served = serve_tokenward(env=env)  # port 0, read back from the banner
+    server = served.proc
+    load = Load(served.port, admin)
 
     async def scenario() -> None:
         running = asyncio.create_task(load.run())
@@ -147,7 +143,6 @@ def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path, store_url):
         await running
 
     try:
-        wait_for_port(port, proc=server)
         asyncio.run(scenario())
         server.wait(timeout=10)
     finally:
@@ -167,9 +162,19 @@ class OwnPostgres:
         self.data = self.root / "data"
         if os.geteuid() == 0:  # initdb refuses to run as root
             shutil.chown(self.root, "postgres")
-        self.port = free_port()
         self._as_postgres("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-N")
-        self.ctl("start")
+        # pg_ctl cannot be handed a socket nor report the port it bound: a port found free is
+        # tried, and another one if something took it meanwhile.
+        for attempt in range(8):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = port_of(probe)
+            try:
+                self.ctl("start")
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 7:
+                    raise
 
     def _as_postgres(self, *args: str) -> None:
         command = list(args) if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--", *args]
@@ -214,14 +219,9 @@ def test_postgres_restart_under_load_loses_no_acknowledged_event(tmp_path, own_p
     data_dir.mkdir()
     env = _env(data_dir, own_postgres.url)
     admin = _init(env)
-    port = free_port()
-    server = subprocess.Popen(
-        tokenward_cmd("serve", "--port", str(port)),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    load = Load(port, admin)
+    served = serve_tokenward(env=env)  # port 0, read back from the banner
+    server = served.proc
+    load = Load(served.port, admin)
 
     async def scenario() -> None:
         running = asyncio.create_task(load.run())
@@ -234,7 +234,6 @@ def test_postgres_restart_under_load_loses_no_acknowledged_event(tmp_path, own_p
         print(f"{len(load.acked)} answered 200, {load.refused} refused across the restart")
 
     try:
-        wait_for_port(port, proc=server)
         asyncio.run(scenario())
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)

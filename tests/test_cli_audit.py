@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import serve_tokenward, tokenward_cmd
+from tokenward import cli as cli_module
 from tokenward.cli import app
 from tokenward.tokens.format import generate_token
 
@@ -41,6 +42,9 @@ def server(running, monkeypatch):
     monkeypatch.setenv("TOKENWARD_URL", url)
     monkeypatch.setenv("TOKENWARD_ADMIN_TOKEN", admin)
     monkeypatch.setenv("COLUMNS", "300")
+    # The CLI's console reads COLUMNS when it is made, if it was set then (another test of
+    # this process may have imported the CLI under a narrow one): read it now instead.
+    monkeypatch.setattr(cli_module.out, "_width", None)
     return running
 
 

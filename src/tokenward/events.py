@@ -24,7 +24,7 @@ class AccessEvent:
     """One access decision, allow or deny. Never holds the presented secret."""
 
     at: datetime
-    source: str  # verify_api | introspect | admin_auth | authz | gateway
+    source: str  # verify_api | introspect | admin_auth | authz | gateway | postgres
     decision: Decision
     request_id: str
     client_ip: str | None = None
@@ -37,6 +37,9 @@ class AccessEvent:
     fingerprint: str | None = None
     #: who asked for the decision, when not the token's holder (the verify API's caller)
     actor_id: str | None = None
+    #: what else the audit record keeps (merged into its ``detail``; JSON values only), e.g.
+    #: a PostgreSQL query's command tag, row count and SQLSTATE
+    detail: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

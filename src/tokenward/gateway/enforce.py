@@ -346,6 +346,16 @@ class Enforcement:
             await self._count_failure(client_ip)
         return Outcome(decision, route, match.scope, credential)
 
+    def blocked(self, client_ip: str) -> RateResult | None:
+        """The block in force on ``client_ip`` for failed authentications, if any (for
+        listeners that decide without :meth:`decide`, such as the PostgreSQL gateway)."""
+        return self._blocked_for(client_ip) if self._blocked else None
+
+    async def count_failure(self, client_ip: str) -> None:
+        """Count a credential that was no token at all against ``client_ip``."""
+        if self.failure_limit:
+            await self._count_failure(client_ip)
+
     async def _count_failure(self, client_ip: str) -> None:
         """Count a failure (shared through Redis when configured); block the IP when full.
 

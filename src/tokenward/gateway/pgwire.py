@@ -175,13 +175,16 @@ class ScramClient:
 
     password: str
     salted: dict[tuple[str, int], bytes]
+    #: PostgreSQL takes the role from the startup packet and ignores this one
+    user: str = ""
     nonce: str = ""
     first_bare: str = ""
     server_signature: bytes = b""
 
-    def first(self) -> bytes:
-        self.nonce = base64.b64encode(secrets.token_bytes(18)).decode()
-        self.first_bare = f"n=,r={self.nonce}"
+    def first(self, nonce: str | None = None) -> bytes:
+        """The SASLInitialResponse body (``nonce``: a fixed one, for the RFC's test vector)."""
+        self.nonce = nonce or base64.b64encode(secrets.token_bytes(18)).decode()
+        self.first_bare = f"n={self.user},r={self.nonce}"
         initial = ("n,," + self.first_bare).encode()
         return cstring(SCRAM) + _INT32.pack(len(initial)) + initial
 

@@ -259,9 +259,13 @@ class Session:
     last_activity: float = field(default_factory=time.monotonic)
     busy_since: float | None = None
     cancel_sent: bool = False
+    #: DataRow messages since the last command completion (for a suspended portal's rows)
+    data_rows: int = 0
     #: bytes of a large server message still to stream before the client is at a boundary
     streaming: int = 0
     closing: bool = False
+    #: a re-check found the token no longer good and is ending the session
+    ending: bool = False
     audits: set[asyncio.Future[None]] = field(default_factory=set)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _skip_to_sync: bool = False
@@ -678,16 +682,18 @@ class Session:
                 kind = buffer[pos]
                 length = int.from_bytes(buffer[pos + 1 : pos + 5])
                 end = pos + 1 + length
-                if kind in b"CEZIsSV":
-                    if end > n:
-                        break
-                    self._from_server(kind, buffer, pos + 5, end, settled)
-                elif end > n:
-                    if length > HOLD_SERVER_MESSAGE:  # stream it: keep nothing whole
+                if end > n:
+                    if length > HOLD_SERVER_MESSAGE and kind not in b"CEZIsSV":
+                        # stream it: a large row is never held whole
+                        self.data_rows += kind == 0x44
                         out.write(buffer[:n])
                         self.streaming = end - n
                         pos = n
                     break
+                if kind == 0x44:  # DataRow
+                    self.data_rows += 1
+                elif kind in b"CEZIsSV":
+                    self._from_server(kind, buffer, pos + 5, end, settled)
                 pos = end
             if pos:
                 out.write(buffer[:pos] if pos < n else buffer)
@@ -716,6 +722,9 @@ class Session:
                 word, _, count = tag.rpartition(" ")
                 if count.isdigit() and word.split(" ", 1)[0] in _ROW_TAGS:
                     head.rows += int(count)
+            elif kind == 0x73:  # PortalSuspended: no tag, the rows sent so far
+                head.rows += self.data_rows
+            self.data_rows = 0
             if head.protocol != "simple":
                 self._settle(settled)
         elif kind == 0x45:  # E: ErrorResponse
@@ -973,7 +982,7 @@ class PostgresGateway:
         re-check asks again."""
         verifier = self.enforcement.verifier
         for session in sessions:
-            if session.closing or session.credential is None:
+            if session.closing or session.ending or session.credential is None:
                 continue
             listener = session.listener
             decision = await verifier.verify(
@@ -988,8 +997,9 @@ class PostgresGateway:
                 if decision.token is not None and session.decision is not None:
                     session.decision.token = decision.token
                 continue
-            if session.closing:
-                continue
+            if session.closing or session.ending:
+                continue  # another re-check got there first: one event per termination
+            session.ending = True
             await session._connection_event(decision, {"terminated": True})
             session.terminate(
                 "57P01",

@@ -27,6 +27,22 @@ def test_the_example_listener_parses_with_its_defaults():
     assert listener.upstream_port == 5432 and listener.upstream_sslmode == "disable"
     assert listener.max_connections_per_token == 10 and listener.audit_statements == "redacted"
     assert listener.limit is None
+    ipv6 = LISTENER.format(extra="").replace("127.0.0.1:6432", "[::1]:6432")
+    assert parse_policy(ipv6).postgres[0].host == "::1"
+
+
+def test_every_listener_key_is_documented():
+    from pathlib import Path
+
+    from tokenward.gateway.config import POSTGRES_KEYS
+
+    doc = (Path(__file__).parents[2] / "docs" / "databases.md").read_text()
+    table = doc.split("## The `[[postgres]]` table", 1)[1].split("\n## ", 1)[0]
+    documented = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            documented.update(k.strip("` ") for k in line.split("|")[1].split(","))
+    assert documented == set(POSTGRES_KEYS)
 
 
 @pytest.mark.parametrize(

@@ -91,8 +91,17 @@ async def test_psql_write_session_runs_statements_and_each_is_audited(pg: Harnes
 
 async def test_psql_read_session_is_read_only_at_the_server(pg: Harness):
     reader = await pg.token("db:appdb:read")
-    ok = await pg.psql(reader.secret, "SHOW default_transaction_read_only", "SELECT 1")
+    ok = await pg.psql(
+        reader.secret,
+        "SHOW default_transaction_read_only",
+        "SELECT 1",
+        options="'-c default_transaction_read_only=off'",  # dropped: never reaches the server
+        dbname="appdb",  # the listener's name is accepted for the upstream database
+    )
     assert ok.returncode == 0 and ok.stdout.split() == ["on", "1"], ok.stderr
+    (connect,) = pg.sink.connections()
+    assert connect.detail is not None
+    assert connect.detail["session"] == "read_only" and connect.detail["user"] == "alice"
     write = await pg.psql(reader.secret, "INSERT INTO items VALUES (1000, 'x')")
     assert "cannot execute INSERT in a read-only transaction" in write.stderr
     event = next(e for e in pg.sink.queries() if e.method == "INSERT")
@@ -171,7 +180,7 @@ async def test_connections_per_token_are_limited(services, admin, database):
     async with running_gateway(services, admin, database, "max_connections_per_token = 2") as pg:
         token = await pg.token("db:appdb:read")
         held = [await pg.asyncpg(token.secret) for _ in range(2)]
-        with pytest.raises(asyncpg.TooManyConnectionsError, match="at most 2"):
+        with pytest.raises(asyncpg.TooManyConnectionsError, match="max_connections_per_token"):
             await pg.asyncpg(token.secret)
         other = await pg.asyncpg((await pg.token("db:appdb:read")).secret)  # another token: fine
         await held.pop().close()
@@ -479,3 +488,184 @@ async def test_the_upstream_login_is_tokenwards_own_with_scram(
         result = await pg.psql((await pg.token("db:appdb:write")).secret, "SELECT 1")
         assert "could not log in" in result.stderr
         assert "password_file or password_env" in pg.sink.connections()[-1].detail["upstream_error"]  # type: ignore[index]
+
+
+# -- pgbench, and `tokenward serve --config` ----------------------------------------------------
+
+
+def _pgbench(port: int, token: str, database: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=token, PGSSLMODE="disable")
+    return subprocess.run(
+        ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", "alice", *args, database],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+async def test_pgbench_initialises_and_runs_through_the_gateway(pg: Harness):
+    writer = await pg.token("db:appdb:write")
+    name = pg.database.name
+    init = await asyncio.to_thread(_pgbench, pg.port, writer.secret, name, "-i", "-s", "1", "-q")
+    assert init.returncode == 0, init.stderr  # COPY FROM STDIN, VACUUM, ALTER TABLE
+    reader = await pg.token("db:appdb:read")
+    for mode in ("prepared", "simple", "extended"):
+        run = await asyncio.to_thread(
+            _pgbench, pg.port, reader.secret, name, "-S", "-M", mode, "-c", "2", "-T", "1", "-n"
+        )
+        assert run.returncode == 0, run.stderr
+        assert "number of failed transactions: 0" in run.stdout, run.stdout
+    # a read-only token cannot run the TPC-B-like (writing) script: PostgreSQL refuses
+    denied = await asyncio.to_thread(
+        _pgbench, pg.port, reader.secret, name, "-c", "1", "-t", "1", "-n"
+    )
+    assert denied.returncode != 0 and "read-only transaction" in denied.stderr
+    await pg.settle()
+    selects = [e for e in pg.sink.queries() if (e.path or "").startswith("SELECT abalance FROM")]
+    assert selects and all(e.decision.allowed for e in selects)
+    texts = {e.path for e in selects}
+    assert texts == {
+        "SELECT abalance FROM pgbench_accounts WHERE aid = ?;",  # -M simple: value redacted
+        "SELECT abalance FROM pgbench_accounts WHERE aid = $1;",  # prepared and extended
+    }
+
+
+@pytest.mark.slow
+def test_serve_with_config_starts_the_postgres_listener(tmp_path, database):
+    from tests.conftest import free_port, tokenward_cmd, wait_for_port
+
+    pg_port, api_port, gateway_port = free_port(), free_port(), free_port()
+    config = tmp_path / "tokenward.toml"
+    config.write_text(
+        f'[[postgres]]\nname = "appdb"\nlisten = "127.0.0.1:{pg_port}"\n'
+        f'upstream = "postgresql://{database.role}@127.0.0.1:{database.port}/{database.name}"\n'
+        'password_env = "TOKENWARD_PG_APPDB_PASSWORD"\n'
+        'read_scope = "db:appdb:read"\nwrite_scope = "db:appdb:write"\n'
+    )
+    env = {
+        **os.environ,
+        "TOKENWARD_DATA_DIR": str(tmp_path / "data"),
+        "TOKENWARD_PORT": str(api_port),
+        "TOKENWARD_GATEWAY_PORT": str(gateway_port),
+        "TOKENWARD_GATEWAY_CONFIG": str(config),
+    }
+
+    def run(*args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(tokenward_cmd(*args), env={**env, **(extra or {})},
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    missing = run("serve", "--init")
+    assert missing.returncode == 2 and "TOKENWARD_PG_APPDB_PASSWORD is not set" in missing.stderr
+    env["TOKENWARD_PG_APPDB_PASSWORD"] = database.password
+    admin = __import__("json").loads(run("init", "--json").stdout)["admin_token"]
+    proc = subprocess.Popen(
+        tokenward_cmd("serve"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for_port(pg_port, proc=proc)
+        cli = {"TOKENWARD_URL": f"http://127.0.0.1:{api_port}", "TOKENWARD_ADMIN_TOKEN": admin}
+        assert run("project", "create", "shop", extra=cli).returncode == 0
+        created = run("token", "create", "--project", "shop", "--scope", "db:appdb:read",
+                      "--json", extra=cli)  # fmt: skip
+        token = __import__("json").loads(created.stdout)["token"]
+        psql_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        psql_env["PGPASSWORD"] = token
+        result = subprocess.run(
+            ["psql", "-X", "-At", "-c", "SELECT count(*) FROM items",
+             f"host=127.0.0.1 port={pg_port} dbname={database.name} user=alice"],
+            env=psql_env, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 0 and result.stdout.strip() == "100", result.stderr
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert f"postgres:  appdb on 127.0.0.1:{pg_port}" in out.decode()
+
+
+# -- more of what docs/databases.md promises ---------------------------------------------------
+
+
+async def test_listener_project_rate_limit_connection_count_and_uses(services, admin, database):
+    extra = 'project = "shop"\nrate_limit = "3/minute"\nmax_connections = 2'
+    async with running_gateway(services, admin, database, extra) as pg:
+        other = await pg.token("db:appdb:read", project="other")
+        with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="another project"):
+            await pg.asyncpg(other.secret)
+        once = await pg.token("db:appdb:write", uses=1)
+        held = [await pg.asyncpg(once.secret)]
+        with pytest.raises(asyncpg.InvalidPasswordError, match="no uses left"):
+            await pg.asyncpg(once.secret)
+        token = await pg.token("db:appdb:read")
+        held.append(await pg.asyncpg(token.secret))
+        with pytest.raises(asyncpg.TooManyConnectionsError, match="max_connections"):
+            await pg.asyncpg(token.secret)  # the listener is full (2)
+        for conn in held:
+            await conn.close()
+        await pg.settle()
+        held = [await pg.asyncpg(token.secret)]  # the listener's 3/minute: 2 used, 1 left
+        with pytest.raises(asyncpg.TooManyConnectionsError, match="rate limit"):
+            await pg.asyncpg(token.secret)
+        await held[0].close()
+
+
+@pytest.mark.parametrize("mode", ["full", "none"])
+async def test_audit_statements_full_or_none(services, admin, database, mode):
+    async with running_gateway(services, admin, database, f'audit_statements = "{mode}"') as pg:
+        token = await pg.token("db:appdb:read")
+        result = await pg.psql(token.secret, "SELECT name FROM items WHERE id = 3")
+        assert result.stdout.strip() == "item 3"
+        (event,) = pg.sink.queries()
+        assert event.method == "SELECT"
+        assert event.path == ("SELECT name FROM items WHERE id = 3" if mode == "full" else None)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_store_that_cannot_answer_refuses_new_sessions_and_ends_none(
+    services, admin, database, monkeypatch
+):
+    async with running_gateway(services, admin, database, recheck_interval=0.2) as pg:
+        token = await pg.token("db:appdb:read")
+        conn = await pg.asyncpg(token.secret)
+        services.verifier.clear()  # nothing cached: every check asks the store
+
+        async def down(*args: object) -> None:
+            raise OSError("store down")
+
+        monkeypatch.setattr(services.store, "find_by_hash", down)
+        with pytest.raises(asyncpg.CannotConnectNowError, match="unavailable"):  # 57P03
+            await pg.asyncpg((await pg.token("db:appdb:read")).secret)
+        await asyncio.sleep(0.8)  # several re-checks, each unable to ask the store
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_change_missed_by_the_cache_ends_sessions_at_the_next_recheck(
+    services, admin, database
+):
+    async with running_gateway(services, admin, database, recheck_interval=0.3) as pg:
+        token = await pg.token("db:appdb:read")
+        conn = await pg.asyncpg(token.secret)
+        # revoked in the store behind the verifier's back (as a replica whose fan-out
+        # message was lost would see it): the periodic re-check finds it
+        await services.store.revoke(token.record.id, "missed", services.verifier.clock())
+        services.verifier.clear()
+        await _closed_within(conn, 3.0)
+
+
+async def test_replication_and_fast_path_calls_are_refused(pg: Harness):
+    reader = await pg.token("db:appdb:read")
+    replication = await pg.psql(reader.secret, "IDENTIFY_SYSTEM", replication="database")
+    assert replication.returncode != 0 and "replication" in replication.stderr
+    stream, writer = await raw_connect(pg.port)
+    writer.write(startup("alice", pg.database.name))
+    await read_message(stream)
+    writer.write(b"p" + struct.pack("!i", 5 + len(reader.secret)) + reader.secret.encode() + b"\0")
+    while (await read_message(stream))[0] != b"Z":
+        pass
+    # FunctionCall (fast path): set_config by OID would skip every text check
+    writer.write(b"F" + struct.pack("!i", 4 + 4 + 2 + 2) + struct.pack("!ihh", 2078, 0, 0))
+    kind, body = await read_message(stream)
+    assert kind == b"E" and error_fields(body)["C"] == "42501"
+    assert await stream.read() == b""
+    writer.close()

@@ -421,6 +421,28 @@ def _route(r: _Reader, i: int, raw: Any, upstreams: dict[str, Upstream]) -> Rout
 _PG_ENV = re.compile(r"^TOKENWARD_[A-Z0-9_]+$")
 _PG_SSLMODES = ("disable", "require", "verify-full")
 _PG_AUDIT = ("redacted", "full", "none")
+#: the keys of a ``[[postgres]]`` table (docs/databases.md documents each)
+POSTGRES_KEYS = frozenset(
+    {
+        "name",
+        "listen",
+        "upstream",
+        "password_file",
+        "password_env",
+        "read_scope",
+        "write_scope",
+        "project",
+        "environment",
+        "rate_limit",
+        "max_connections",
+        "max_connections_per_token",
+        "idle_timeout",
+        "statement_timeout",
+        "connect_timeout",
+        "max_message_bytes",
+        "audit_statements",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,25 +528,7 @@ def _postgres(r: _Reader, i: int, raw: Any) -> PostgresListener:
         raw,
         "postgres",
         i,
-        {
-            "name",
-            "listen",
-            "upstream",
-            "password_file",
-            "password_env",
-            "read_scope",
-            "write_scope",
-            "project",
-            "environment",
-            "rate_limit",
-            "max_connections",
-            "max_connections_per_token",
-            "idle_timeout",
-            "statement_timeout",
-            "connect_timeout",
-            "max_message_bytes",
-            "audit_statements",
-        },
+        set(POSTGRES_KEYS),
         {"name", "listen", "upstream", "read_scope"},
     )
     name = r.string(t, "postgres", i, "name") or ""

@@ -92,6 +92,10 @@ _SQLSTATE: dict[Reason, str] = {
     Reason.WRONG_PROJECT: "28000",
     Reason.WRONG_ENVIRONMENT: "28000",
 }
+_LIMITS = {
+    "connections_per_token": "for this token (max_connections_per_token)",
+    "connections": "on this listener (max_connections)",
+}
 _REFUSED_SQL = (
     "DO $tokenward$BEGIN RAISE EXCEPTION USING ERRCODE = '25006', MESSAGE = "
     "'tokenward: this token may only read; it cannot make the session or a transaction "
@@ -365,13 +369,11 @@ class Session:
             await self._connection_event(decision, {}, started)
             self._send_error(*self._denial(decision))
             return False
-        if not self.gateway.reserve(self):
-            limit = listener.max_connections_per_token
+        refused = self.gateway.reserve(self)
+        if refused is not None:
             denied = Decision(False, Reason.RATE_LIMITED, decision.token)
-            await self._connection_event(denied, {"limit": "connections_per_token"}, started)
-            self._send_error(
-                "53300", f"tokenward: too many connections for this token (at most {limit})"
-            )
+            await self._connection_event(denied, {"limit": refused}, started)
+            self._send_error("53300", f"tokenward: too many connections {_LIMITS[refused]}")
             return False
         try:
             self.upstream = await asyncio.wait_for(
@@ -887,22 +889,25 @@ class PostgresGateway:
 
     # -- sessions by token; cancel keys -----------------------------------------------------
 
-    def reserve(self, session: Session) -> bool:
-        """Take a connection slot for the session's token (``False``: none left)."""
+    def reserve(self, session: Session) -> str | None:
+        """Take a connection slot for the session's token; else the limit that refuses it."""
         token = session.token
         assert token is not None
         held = self._by_token.setdefault(token.id, set())
         listener = session.listener
         same = sum(1 for s in held if s.listener is listener)
-        if same >= listener.max_connections_per_token or len(self.sessions) >= (
-            listener.max_connections * len(self.listeners)
-        ):
+        refused = None
+        if same >= listener.max_connections_per_token:
+            refused = "connections_per_token"
+        elif sum(1 for s in self.sessions if s.listener is listener) >= listener.max_connections:
+            refused = "connections"
+        if refused is not None:
             if not held:
                 del self._by_token[token.id]
-            return False
+            return refused
         held.add(session)
         self.sessions.add(session)
-        return True
+        return None
 
     def register(self, session: Session) -> None:
         while True:

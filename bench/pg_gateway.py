@@ -190,9 +190,10 @@ def main() -> None:
             bouncer_dir, gateway_dir = tmp / "pgbouncer", tmp / "tokenward"
             bouncer_dir.mkdir()
             gateway_dir.mkdir()
-            with pgbouncer(bouncer_dir, database) as bouncer, tokenward(
-                gateway_dir, database
-            ) as (gateway, token):
+            with (
+                pgbouncer(bouncer_dir, database) as bouncer,
+                tokenward(gateway_dir, database) as (gateway, token),
+            ):
                 for mode in ("prepared", "simple"):
                     pgbench(PORT, database, mode)  # warm-up: caches, plans
                     row = results.setdefault(mode, {})

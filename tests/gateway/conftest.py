@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 import pytest
 import uvloop
 
-_ON_BOTH_LOOPS = ("test_proxy.py", "test_upstream.py")
+_ON_BOTH_LOOPS = ("test_proxy.py", "test_upstream.py", "test_postgres.py")
 
 
 def pytest_asyncio_loop_factories(

@@ -264,6 +264,13 @@ def private_server() -> Iterator[PrivateServer | None]:
     pwfile.write_text(password)
     if prefix:
         shutil.chown(pwfile, "postgres", "postgres")
+    from tokenward.server import self_signed
+
+    cert, key, _ = self_signed(base / "tls", "127.0.0.1")
+    os.chmod(key, 0o600)
+    if prefix:
+        for path in (base / "tls", cert, key):
+            shutil.chown(path, "postgres", "postgres")
     data = base / "data"
     subprocess.run(
         [*prefix, initdb, "-D", str(data), "-U", "postgres", "-A", "scram-sha-256",
@@ -278,7 +285,8 @@ def private_server() -> Iterator[PrivateServer | None]:
                 port = s.getsockname()[1]
             result = subprocess.run(
                 [*prefix, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-t", "30",
-                 "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off",
+                 "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
+                 f"-c ssl=on -c ssl_cert_file={cert} -c ssl_key_file={key}",
                  "start"],
                 capture_output=True, text=True,
             )  # fmt: skip

@@ -353,7 +353,7 @@ async def test_a_revocation_on_another_replica_ends_sessions_here(settings, data
 
 async def test_idle_and_statement_timeouts(services, admin, database):
     async with running_gateway(
-        services, admin, database, "idle_timeout = 0.6\nstatement_timeout = 0.5"
+        services, admin, database, "idle_timeout = 0.5\nstatement_timeout = 0.5"
     ) as pg:
         token = await pg.token("db:appdb:read")
         conn = await pg.asyncpg(token.secret)
@@ -369,7 +369,7 @@ async def test_idle_and_statement_timeouts(services, admin, database):
 
         def idle_client() -> None:
             with psycopg.connect(pg.dsn(token.secret)) as sync:
-                time.sleep(1.6)
+                time.sleep(1.3)
                 with pytest.raises(psycopg.OperationalError, match="idle timeout"):
                     sync.execute("SELECT 1")
 
@@ -462,20 +462,20 @@ def scram_server() -> Iterator[PrivateServer]:
 async def test_the_upstream_login_is_tokenwards_own_with_scram(
     services, admin, scram_server, monkeypatch
 ):
-    password = os.urandom(12).hex()
+    password, tag = os.urandom(12).hex(), os.urandom(3).hex()
+    role, name = f"tw_gateway_{tag}", f"app_{tag}"
     await admin_exec(
-        [f"CREATE ROLE tw_gateway LOGIN PASSWORD '{password}'",
-         "CREATE DATABASE app OWNER tw_gateway"],
+        [f"CREATE ROLE {role} LOGIN PASSWORD '{password}'", f"CREATE DATABASE {name} OWNER {role}"],
         port=scram_server.port, user="postgres", database="postgres",
         password=scram_server.superuser_password,
     )  # fmt: skip
-    db = Database("app", "tw_gateway", password, "127.0.0.1", scram_server.port)
+    db = Database(name, role, password, "127.0.0.1", scram_server.port)
     monkeypatch.setenv("TOKENWARD_PG_APP_PASSWORD", password)
     extra = 'password_env = "TOKENWARD_PG_APP_PASSWORD"'
     async with running_gateway(services, admin, db, extra) as pg:
         token = await pg.token("db:appdb:write")
         result = await pg.psql(token.secret, "SELECT current_user")
-        assert result.returncode == 0 and result.stdout.strip() == "tw_gateway", result.stderr
+        assert result.returncode == 0 and result.stdout.strip() == role, result.stderr
         again = await pg.psql(token.secret, "SELECT 2")  # the salted password is cached
         assert again.stdout.strip() == "2"
     monkeypatch.setenv("TOKENWARD_PG_APP_PASSWORD", "wrong")
@@ -484,6 +484,21 @@ async def test_the_upstream_login_is_tokenwards_own_with_scram(
         assert "could not log in to the database upstream" in result.stderr
         event = pg.sink.connections()[-1]
         assert event.detail and "password authentication failed" in event.detail["upstream_error"]
+        assert password not in repr(pg.sink.access_events)
+    # TLS to the upstream: sslmode=require encrypts; verify-full also checks the certificate
+    # (this server's is self-signed, so the login fails)
+    monkeypatch.setenv("TOKENWARD_PG_APP_PASSWORD", password)
+    upstream = f"postgresql://{role}@127.0.0.1:{scram_server.port}/{name}?sslmode=require"
+    async with running_gateway(services, admin, db, extra, upstream=upstream) as pg:
+        token = await pg.token("db:appdb:read")
+        ssl_used = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        result = await pg.psql(token.secret, ssl_used)
+        assert result.returncode == 0 and result.stdout.strip() == "t", result.stderr
+    strict = upstream.replace("sslmode=require", "sslmode=verify-full")
+    async with running_gateway(services, admin, db, extra, upstream=strict) as pg:
+        result = await pg.psql((await pg.token("db:appdb:read")).secret, "SELECT 1")
+        assert "could not log in" in result.stderr
+        assert "CERTIFICATE_VERIFY_FAILED" in pg.sink.connections()[-1].detail["upstream_error"]  # type: ignore[index]
     async with running_gateway(services, admin, db) as pg:  # no password configured
         result = await pg.psql((await pg.token("db:appdb:write")).secret, "SELECT 1")
         assert "could not log in" in result.stderr

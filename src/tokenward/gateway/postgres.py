@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -64,8 +64,11 @@ HOLD_SERVER_MESSAGE = 256 * 1024
 AUDIT_IN_FLIGHT = 128
 #: prepared statements and portals remembered per session (for the audit text)
 STATEMENTS_KEPT = 4096
-_DRAIN_ABOVE = 256 * 1024
 _INT32 = struct.Struct("!i")
+_LENGTH = struct.Struct("!i")
+#: message types whose content the relay reads (the rest pass by their length only)
+_NOTED_CLIENT = frozenset(b"QPBESFX")
+_NOTED_SERVER = frozenset(b"CEZIsSV")
 _PAIR = struct.Struct("!ii")
 #: startup parameters a client may pass on to the upstream (lower-case names)
 _PASSED_PARAMS = frozenset(
@@ -271,7 +274,12 @@ class Session:
     #: a re-check found the token no longer good and is ending the session
     ending: bool = False
     audits: set[asyncio.Future[None]] = field(default_factory=set)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    done: asyncio.Future[None] | None = None
+    client_transport: asyncio.Transport | None = None
+    upstream_transport: asyncio.Transport | None = None
+    _client_buffer: bytes = b""
+    _server_buffer: bytes = b""
+    _upstream_paused: set[str] = field(default_factory=set)
     _skip_to_sync: bool = False
 
     @property
@@ -505,7 +513,7 @@ class Session:
             self._event(decision, "CONNECT", path, detail, latency)
         )
 
-    async def _query_event(self, query: _Query) -> None:
+    def _query_event(self, query: _Query) -> None:
         assert self.decision is not None
         statement = query.statement
         decision = self.decision
@@ -529,35 +537,60 @@ class Session:
         future = asyncio.ensure_future(self.gateway.enforcement.events.access(event))
         self.audits.add(future)
         future.add_done_callback(self._audited)
-        if len(self.audits) >= AUDIT_IN_FLIGHT:  # back-pressure: the relay waits, never drops
-            await asyncio.wait(self.audits, return_when=asyncio.FIRST_COMPLETED)
+        if len(self.audits) >= AUDIT_IN_FLIGHT:  # back-pressure: stop reading, never drop
+            self._pause_upstream("audit")
 
     def _audited(self, future: asyncio.Future[None]) -> None:
         self.audits.discard(future)
         if not future.cancelled() and (exc := future.exception()) is not None:
             log.error("postgres_audit_failed", error=str(exc))
             self.terminate("57P01", "tokenward: the audit log is unavailable; session closed")
+        elif len(self.audits) <= AUDIT_IN_FLIGHT // 2:
+            self._resume_upstream("audit")
 
     # -- relay ------------------------------------------------------------------------------
+    #
+    # Once logged in, both sockets are read by protocol callbacks (no stream, no task per
+    # read): a chunk from one side is parsed into whole messages and written to the other in
+    # one call. A side whose socket cannot take more pauses reading from the other side.
 
     async def _relay(self) -> None:
         upstream = self.upstream
         assert upstream is not None
-        self.tasks = [
-            asyncio.create_task(self._client_to_server(upstream)),
-            asyncio.create_task(self._server_to_client(upstream)),
-        ]
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        # a socket's transport reads as well as writes (StreamWriter types it write-only)
+        client = cast(asyncio.Transport, self.writer.transport)
+        server = cast(asyncio.Transport, upstream.writer.transport)
+        self.client_transport, self.upstream_transport = client, server
+        # What the streams read already and nobody consumed (normally nothing: the client
+        # waits for ReadyForQuery, and the server sends nothing unasked).
+        early_client = bytes(getattr(self.reader, "_buffer", b""))
+        early_server = bytes(getattr(upstream.reader, "_buffer", b""))
+        client.set_protocol(_Side(self, client=True))
+        server.set_protocol(_Side(self, client=False))
+        if early_server:
+            self._on_server(early_server)
+        if early_client:
+            self._on_client(early_client)
         try:
-            await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+            await self.done
         finally:
-            for task in self.tasks:
-                task.cancel()
-            results = await asyncio.gather(*self.tasks, return_exceptions=True)
-            for result in results:
-                if isinstance(result, _Terminate):
-                    self.terminate(result.code, result.message)
+            self.close()
             if self.audits:
                 await asyncio.gather(*list(self.audits), return_exceptions=True)
+
+    def _pause_upstream(self, reason: str) -> None:
+        if not self._upstream_paused and self.upstream_transport is not None:
+            self.upstream_transport.pause_reading()
+        self._upstream_paused.add(reason)
+
+    def _resume_upstream(self, reason: str) -> None:
+        if reason in self._upstream_paused:
+            self._upstream_paused.discard(reason)
+            transport = self.upstream_transport
+            if not self._upstream_paused and transport is not None and not transport.is_closing():
+                transport.resume_reading()
 
     def _statement(self, text: str, *, refused: bool) -> _Statement:
         mode = self.listener.audit_statements
@@ -565,21 +598,20 @@ class Session:
         shown = None if mode == "none" else (text if mode == "full" else lexed)
         return _Statement(shown, verb(lexed), refused)
 
-    async def _client_to_server(self, upstream: Upstream) -> None:
-        reader, out = self.reader, upstream.writer
+    def _on_client(self, data: bytes) -> None:
+        if self.closing:
+            return
+        out = self.upstream_transport
+        assert out is not None
+        self.last_activity = time.monotonic()
         limit = self.listener.max_message_bytes
-        buffer = b""
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                return
-            self.last_activity = time.monotonic()
-            buffer = buffer + data if buffer else data
-            pieces: list[bytes] = []
-            pos, start, n = 0, 0, len(buffer)
+        buffer = self._client_buffer + data if self._client_buffer else data
+        pieces: list[bytes] = []
+        pos, start, n = 0, 0, len(buffer)
+        try:
             while n - pos >= 5:
                 kind = buffer[pos]
-                length = int.from_bytes(buffer[pos + 1 : pos + 5])
+                length = _LENGTH.unpack_from(buffer, pos + 1)[0]
                 if kind not in _CLIENT_TYPES or length < 4:
                     raise _Terminate("08P01", "tokenward: invalid message from the client")
                 if length > limit:
@@ -589,21 +621,25 @@ class Session:
                 end = pos + 1 + length
                 if end > n:
                     break
-                if kind in b"QPBESFX":
+                if kind in _NOTED_CLIENT:
                     replacement = self._from_client(kind, buffer, pos + 5, end)
                     if replacement is not None:
                         pieces.append(buffer[start:pos])
                         pieces.append(replacement)
                         start = end
                 pos = end
-            if pieces:
-                pieces.append(buffer[start:pos])
-                out.write(b"".join(pieces))
-            elif pos:
-                out.write(buffer[:pos] if pos < n else buffer)
-            buffer = buffer[pos:]
-            if out.transport.get_write_buffer_size() > _DRAIN_ABOVE:
-                await out.drain()
+        except (_Terminate, w.ProtocolError) as exc:
+            code, message = (
+                (exc.code, exc.message) if isinstance(exc, _Terminate) else ("08P01", str(exc))
+            )
+            self.terminate(code, message)
+            return
+        if pieces:
+            pieces.append(buffer[start:pos])
+            out.write(b"".join(pieces))
+        elif pos:
+            out.write(buffer[:pos] if pos < n else buffer)
+        self._client_buffer = buffer[pos:] if pos < n else b""
 
     def _from_client(self, kind: int, buffer: bytes, start: int, end: int) -> bytes | None:
         """Note one client message; returns what to send instead, if anything."""
@@ -663,47 +699,52 @@ class Session:
             table.pop(next(iter(table)))
         table[name] = statement
 
-    async def _server_to_client(self, upstream: Upstream) -> None:
-        reader, out = upstream.reader, self.writer
-        buffer = b""
-        while True:
-            data = await reader.read(65536)
+    def _on_server(self, data: bytes) -> None:
+        if self.closing:
+            return
+        out = self.client_transport
+        assert out is not None
+        if self.streaming:  # the rest of a large message: pass it on as it comes
+            take = min(self.streaming, len(data))
+            out.write(data[:take])
+            self.streaming -= take
+            data = data[take:]
             if not data:
-                raise _Terminate("57P01", "tokenward: the database server closed the connection")
-            if self.streaming:  # the rest of a large message: pass it on as it comes
-                take = min(self.streaming, len(data))
-                out.write(data[:take])
-                self.streaming -= take
-                data = data[take:]
-                if not data:
-                    continue
-            buffer = buffer + data if buffer else data
-            pos, n = 0, len(buffer)
-            settled: list[_Query] = []
+                return
+        buffer = self._server_buffer + data if self._server_buffer else data
+        pos, n = 0, len(buffer)
+        settled: list[_Query] = []
+        try:
             while n - pos >= 5:
                 kind = buffer[pos]
-                length = int.from_bytes(buffer[pos + 1 : pos + 5])
+                length = _LENGTH.unpack_from(buffer, pos + 1)[0]
                 end = pos + 1 + length
                 if end > n:
-                    if length > HOLD_SERVER_MESSAGE and kind not in b"CEZIsSV":
+                    if length > HOLD_SERVER_MESSAGE and kind not in _NOTED_SERVER:
                         # stream it: a large row is never held whole
                         self.data_rows += kind == 0x44
-                        out.write(buffer[:n])
+                        out.write(buffer[pos:n] if pos else buffer)
                         self.streaming = end - n
-                        pos = n
+                        buffer, pos, n = buffer[:pos], pos, pos
                     break
                 if kind == 0x44:  # DataRow
                     self.data_rows += 1
-                elif kind in b"CEZIsSV":
+                elif kind in _NOTED_SERVER:
                     self._from_server(kind, buffer, pos + 5, end, settled)
                 pos = end
+        except (_Terminate, w.ProtocolError) as exc:
+            code, message = (
+                (exc.code, exc.message) if isinstance(exc, _Terminate) else ("08P01", str(exc))
+            )
             if pos:
-                out.write(buffer[:pos] if pos < n else buffer)
-                buffer = buffer[pos:]
-            if out.transport.get_write_buffer_size() > _DRAIN_ABOVE:
-                await out.drain()
-            for query in settled:
-                await self._query_event(query)
+                out.write(buffer[:pos])  # what came before it, then the error at a boundary
+            self.terminate(code, message)
+            return
+        if pos:
+            out.write(buffer[:pos] if pos < n else buffer)
+        self._server_buffer = buffer[pos:] if pos < n else b""
+        for query in settled:
+            self._query_event(query)
 
     def _from_server(
         self,
@@ -784,8 +825,49 @@ class Session:
             with contextlib.suppress(Exception):
                 self.upstream.writer.write(w.message(b"X"))
                 self.upstream.writer.close()
-        for task in self.tasks:
-            task.cancel()
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def side_lost(self, client: bool) -> None:
+        if client:
+            self.close()
+        else:
+            self.terminate("57P01", "tokenward: the database server closed the connection")
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a relayed session: what it receives goes to the session, and when it
+    cannot take more writes, the other socket stops being read."""
+
+    def __init__(self, session: Session, *, client: bool) -> None:
+        self.session = session
+        self.client = client
+
+    def data_received(self, data: bytes) -> None:
+        if self.client:
+            self.session._on_client(data)
+        else:
+            self.session._on_server(data)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.side_lost(self.client)
+
+    def pause_writing(self) -> None:
+        session = self.session
+        if self.client:  # the client is slow to read: stop reading the server
+            session._pause_upstream("client")
+        elif session.client_transport is not None:  # the server is slow: stop the client
+            session.client_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        session = self.session
+        if self.client:
+            session._resume_upstream("client")
+        elif session.client_transport is not None and not session.client_transport.is_closing():
+            session.client_transport.resume_reading()
 
 
 class PostgresGateway:

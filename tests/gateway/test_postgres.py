@@ -684,3 +684,14 @@ async def test_replication_and_fast_path_calls_are_refused(pg: Harness):
     assert kind == b"E" and error_fields(body)["C"] == "42501"
     assert await stream.read() == b""
     writer.close()
+
+
+async def test_a_project_allowlist_that_excludes_the_client_ends_its_sessions(pg: Harness):
+    token = await pg.token("db:appdb:read")
+    elsewhere = await pg.token("db:appdb:read", project="other")
+    conn, other = await pg.asyncpg(token.secret), await pg.asyncpg(elsewhere.secret)
+    await pg.services.tokens.set_project_ip_allowlist(pg.admin.record, "shop", ["10.0.0.0/8"])
+    await _closed_within(conn, 2.0)
+    assert pg.sink.connections()[-1].decision.reason is Reason.IP_NOT_ALLOWED
+    assert await other.fetchval("SELECT 1") == 1  # another project's session goes on
+    await other.close()

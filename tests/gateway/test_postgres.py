@@ -695,3 +695,20 @@ async def test_a_project_allowlist_that_excludes_the_client_ends_its_sessions(pg
     assert pg.sink.connections()[-1].decision.reason is Reason.IP_NOT_ALLOWED
     assert await other.fetchval("SELECT 1") == 1  # another project's session goes on
     await other.close()
+
+
+async def test_large_values_and_many_rows_pass_whole_both_ways(pg: Harness):
+    writer = await pg.token("db:appdb:write")
+    conn = await pg.asyncpg(writer.secret)
+    try:
+        big = "x" * 3_000_000 + "end"  # over the 256 KiB a server message is held whole
+        assert await conn.fetchval("SELECT $1::text", big) == big  # 3 MB up and down
+        rows = await conn.fetch("SELECT g, repeat('y', 500) FROM generate_series(1, 20000) g")
+        assert len(rows) == 20000 and rows[-1][0] == 20000
+        assert await conn.fetchval("SELECT length(repeat('z', 5000000))") == 5_000_000
+        assert len(await conn.fetchval("SELECT repeat('z', 5000000)")) == 5_000_000
+    finally:
+        await conn.close()
+    await pg.settle()
+    many = next(e for e in pg.sink.queries() if (e.path or "").startswith("SELECT g,"))
+    assert many.detail is not None and many.detail["rows"] == 20000

@@ -51,7 +51,7 @@ def cstring(value: str) -> bytes:
     return value.encode() + b"\x00"
 
 
-def read_cstring(body: bytes, start: int) -> tuple[str, int]:
+def read_cstring(body: bytes | bytearray, start: int) -> tuple[str, int]:
     """The NUL-terminated string at ``start`` and the offset after it."""
     end = body.find(b"\x00", start)
     if end < 0:
@@ -119,7 +119,7 @@ def error_response(
     return message(b"E", body + b"\x00")
 
 
-def error_fields(body: bytes) -> dict[str, str]:
+def error_fields(body: bytes | bytearray) -> dict[str, str]:
     """The fields of an ``ErrorResponse`` or ``NoticeResponse`` body, by their one-letter code."""
     fields: dict[str, str] = {}
     pos = 0

@@ -277,8 +277,8 @@ class Session:
     done: asyncio.Future[None] | None = None
     client_transport: asyncio.Transport | None = None
     upstream_transport: asyncio.Transport | None = None
-    _client_buffer: bytes = b""
-    _server_buffer: bytes = b""
+    _client_buffer: bytearray = field(default_factory=bytearray)
+    _server_buffer: bytearray = field(default_factory=bytearray)
     _upstream_paused: set[str] = field(default_factory=set)
     _skip_to_sync: bool = False
 
@@ -605,8 +605,11 @@ class Session:
         assert out is not None
         self.last_activity = time.monotonic()
         limit = self.listener.max_message_bytes
-        buffer = self._client_buffer + data if self._client_buffer else data
-        pieces: list[bytes] = []
+        buffer: bytes | bytearray = data
+        if self._client_buffer:  # appended in place: a large message costs no quadratic copy
+            self._client_buffer += data
+            buffer = self._client_buffer
+        pieces: list[bytes | bytearray] = []
         pos, start, n = 0, 0, len(buffer)
         try:
             while n - pos >= 5:
@@ -639,9 +642,14 @@ class Session:
             out.write(b"".join(pieces))
         elif pos:
             out.write(buffer[:pos] if pos < n else buffer)
-        self._client_buffer = buffer[pos:] if pos < n else b""
+        if pos:
+            self._client_buffer = bytearray(buffer[pos:]) if pos < n else bytearray()
+        elif not self._client_buffer:
+            self._client_buffer = bytearray(buffer)
 
-    def _from_client(self, kind: int, buffer: bytes, start: int, end: int) -> bytes | None:
+    def _from_client(
+        self, kind: int, buffer: bytes | bytearray, start: int, end: int
+    ) -> bytes | None:
         """Note one client message; returns what to send instead, if anything."""
         now = time.perf_counter()
         if kind == 0x51:  # Q: simple query
@@ -711,7 +719,10 @@ class Session:
             data = data[take:]
             if not data:
                 return
-        buffer = self._server_buffer + data if self._server_buffer else data
+        buffer: bytes | bytearray = data
+        if self._server_buffer:
+            self._server_buffer += data
+            buffer = self._server_buffer
         pos, n = 0, len(buffer)
         settled: list[_Query] = []
         try:
@@ -721,11 +732,11 @@ class Session:
                 end = pos + 1 + length
                 if end > n:
                     if length > HOLD_SERVER_MESSAGE and kind not in _NOTED_SERVER:
-                        # stream it: a large row is never held whole
+                        # stream it: a large row is never held whole; what came before it
+                        # and its beginning go out below, the rest as it arrives
                         self.data_rows += kind == 0x44
-                        out.write(buffer[pos:n] if pos else buffer)
                         self.streaming = end - n
-                        buffer, pos, n = buffer[:pos], pos, pos
+                        pos = n
                     break
                 if kind == 0x44:  # DataRow
                     self.data_rows += 1
@@ -741,15 +752,18 @@ class Session:
             self.terminate(code, message)
             return
         if pos:
+            # A buffer handed to write() is never changed afterwards: the kept rest is a copy.
             out.write(buffer[:pos] if pos < n else buffer)
-        self._server_buffer = buffer[pos:] if pos < n else b""
+            self._server_buffer = bytearray(buffer[pos:]) if pos < n else bytearray()
+        elif not self._server_buffer:
+            self._server_buffer = bytearray(buffer)
         for query in settled:
             self._query_event(query)
 
     def _from_server(
         self,
         kind: int,
-        buffer: bytes,
+        buffer: bytes | bytearray,
         start: int,
         end: int,
         settled: list[_Query],

@@ -712,3 +712,30 @@ async def test_large_values_and_many_rows_pass_whole_both_ways(pg: Harness):
     await pg.settle()
     many = next(e for e in pg.sink.queries() if (e.path or "").startswith("SELECT g,"))
     assert many.detail is not None and many.detail["rows"] == 20000
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_connections_that_never_log_in_are_bounded(services, admin, database):
+    from tokenward.gateway.postgres import PENDING_LOGINS
+
+    async with running_gateway(services, admin, database, "max_connections = 1") as pg:
+        idle = [await raw_connect(pg.port) for _ in range(1 + PENDING_LOGINS)]
+        await asyncio.sleep(0.1)
+        reader, writer = await raw_connect(pg.port)
+        kind, body = await read_message(reader)  # answered at once, without a login
+        assert kind == b"E" and error_fields(body)["C"] == "53300"
+        writer.close()
+        for _, idle_writer in idle:
+            idle_writer.close()
+        await pg.settle()
+        assert await (await pg.asyncpg((await pg.token("db:appdb:read")).secret)).close() is None
+
+
+def test_plain_connections_from_other_addresses_only_when_allowed(services):
+    from tokenward.gateway.postgres import PostgresGateway
+
+    assert services.enforcement is not None
+    strict = PostgresGateway(services.enforcement, [])
+    assert strict.plain_allowed("127.0.0.1") and strict.plain_allowed("::1")
+    assert not strict.plain_allowed("10.1.2.3")
+    assert PostgresGateway(services.enforcement, [], allow_insecure=True).plain_allowed("10.1.2.3")

@@ -56,6 +56,8 @@ log = structlog.get_logger("tokenward.gateway.postgres")
 
 #: seconds a client has from connecting to being logged in
 LOGIN_TIMEOUT = 15.0
+#: connections that may be logging in at once on a listener, besides its max_connections
+PENDING_LOGINS = 16
 #: the sweeper's period (idle and statement timeouts, expiry)
 SWEEP_SECONDS = 0.5
 #: a server message larger than this streams through without being held whole
@@ -914,6 +916,8 @@ class PostgresGateway:
         self._by_pid: dict[int, Session] = {}
         self._servers: list[asyncio.Server] = []
         self._handlers: set[asyncio.Task[Any]] = set()
+        #: connections being served per listener, logged in or not
+        self._open: dict[str, int] = {}
         self._checks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._pending: set[str] = set()
@@ -968,9 +972,16 @@ class PostgresGateway:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._handlers.add(task)
         peer = writer.get_extra_info("peername")
         session = Session(self, listener, reader, writer, peer[0] if peer else None)
+        open_now = self._open.get(listener.name, 0)
+        if open_now >= listener.max_connections + PENDING_LOGINS:
+            # logged-in sessions and logins in progress together: a flood of connections
+            # that never log in cannot take every socket
+            session.terminate("53300", "tokenward: too many connections on this listener")
+            return
+        self._open[listener.name] = open_now + 1
+        self._handlers.add(task)
         try:
             await session.run()
         except asyncio.CancelledError:
@@ -982,6 +993,7 @@ class PostgresGateway:
             self.release(session)
             session.close()
             self._handlers.discard(task)
+            self._open[listener.name] -= 1
 
     # -- sessions by token; cancel keys -----------------------------------------------------
 

@@ -3,7 +3,8 @@
 * :mod:`~tokenward.gateway.config`: the route policy file (TOML) and its checks;
 * :mod:`~tokenward.gateway.enforce`: one request → one decision (the shared pipeline);
 * :mod:`~tokenward.gateway.authz`: ``/authz`` for nginx, Traefik, Caddy and Envoy;
-* :mod:`~tokenward.gateway.proxy`: the reverse proxy on its own port.
+* :mod:`~tokenward.gateway.proxy`: the reverse proxy on its own port;
+* :mod:`~tokenward.gateway.postgres`: PostgreSQL listeners (``[[postgres]]``).
 """
 
 from __future__ import annotations

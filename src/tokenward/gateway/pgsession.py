@@ -151,6 +151,8 @@ class Session:
     closing: bool = False
     #: a re-check found the token no longer good and is ending the session
     ending: bool = False
+    #: the client sent Terminate
+    client_terminated: bool = False
     audits: set[asyncio.Future[None]] = field(default_factory=set)
     done: asyncio.Future[None] | None = None
     client_transport: asyncio.Transport | None = None
@@ -173,7 +175,7 @@ class Session:
         except TimeoutError:
             self._send_error("08006", "tokenward: the login did not complete in time")
             return
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, OSError):  # gone, or a failed TLS handshake
             return
         except w.ProtocolError as exc:
             await self._connection_event(Decision(False, Reason.MALFORMED), {"error": str(exc)})
@@ -284,10 +286,13 @@ class Session:
             await self._connection_event(decision, {"upstream_error": problem[:200]}, started)
             self._send_error("08006", "tokenward could not log in to the database upstream")
             return False
-        self.gateway.register(self)
-        await self._connection_event(decision, {}, started)
         upstream = self.upstream
         assert upstream is not None
+        if self.closing:  # a re-check ended it during the login (its event says why)
+            upstream.writer.close()
+            return False
+        self.gateway.register(self)
+        await self._connection_event(decision, {}, started)
         self.writer.write(
             w.auth_request(w.AUTH_OK)
             + upstream.parameters
@@ -571,7 +576,8 @@ class Session:
             self._push(_Query("fastpath", _Statement(None, "FUNCTION"), now))
             self._push(_Query("sync"))
             return None
-        return None  # X: Terminate, forwarded
+        self.client_terminated = True  # X: Terminate, forwarded; the server closes next
+        return None
 
     def _push(self, query: _Query) -> None:
         if not self.queries and query.protocol != "sync":
@@ -721,7 +727,7 @@ class Session:
             self.done.set_result(None)
 
     def side_lost(self, client: bool) -> None:
-        if client:
+        if client or self.client_terminated:
             self.close()
         else:
             self.terminate("57P01", "tokenward: the database server closed the connection")

@@ -739,3 +739,16 @@ def test_plain_connections_from_other_addresses_only_when_allowed(services):
     assert strict.plain_allowed("127.0.0.1") and strict.plain_allowed("::1")
     assert not strict.plain_allowed("10.1.2.3")
     assert PostgresGateway(services.enforcement, [], allow_insecure=True).plain_allowed("10.1.2.3")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_an_address_that_keeps_guessing_is_refused_before_any_lookup(pg: Harness):
+    good = await pg.token("db:appdb:read")
+    assert pg.services.enforcement is not None
+    limit = int(pg.services.enforcement.failure_limit[0].split("/")[0])  # 20/minute
+    for i in range(limit):
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await pg.asyncpg(f"tw_live_{i:0>38}")
+    with pytest.raises(asyncpg.TooManyConnectionsError, match="too many failed"):  # 53300
+        await pg.asyncpg(good.secret)
+    assert pg.sink.connections()[-1].decision.reason is Reason.TOO_MANY_FAILURES

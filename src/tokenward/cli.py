@@ -340,11 +340,16 @@ def serve(
     if problem is not None:
         fail(problem, 2)
     routes = 0
+    databases: list[Any] = []
     if settings.gateway_config is not None:
         from tokenward.gateway import ConfigError, load_policy
 
         try:
-            routes = len(load_policy(settings.gateway_config).routes)
+            policy = load_policy(settings.gateway_config)
+            routes = len(policy.routes)
+            databases = policy.postgres
+            for database in databases:
+                database.upstream_password()  # a missing password stops the start here
         except ConfigError as exc:
             fail(str(exc), 2)
     if (tls_cert is None) != (tls_key is None):
@@ -404,6 +409,8 @@ def serve(
             f"({routes} routes from {settings.gateway_config})\n"
             f"  authz:     {base}/authz"
         )
+        for database in databases:
+            banner += f"\n  postgres:  {database.name} on {database.host}:{database.port}"
     out.print(Text(banner), soft_wrap=True)
     sys.stdout.flush()  # the banner reaches a pipe or a log file before the first request
     options = uvicorn_options(tls_cert, tls_key)

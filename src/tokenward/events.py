@@ -26,7 +26,7 @@ class AccessEvent:
     """One access decision, allow or deny. Never holds the presented secret."""
 
     at: datetime
-    source: str  # verify_api | introspect | admin_auth | authz | gateway
+    source: str  # verify_api | introspect | admin_auth | authz | gateway | postgres
     decision: Decision
     request_id: str
     client_ip: str | None = None
@@ -42,6 +42,9 @@ class AccessEvent:
     #: the project whose caller reported ``client_ip`` (the verify API's ``ip`` from a
     #: project-bound caller): that word counts, and may block, in that project only
     ip_reported_by: str | None = None
+    #: what else the audit record keeps (merged into its ``detail``; JSON values only), e.g.
+    #: a PostgreSQL query's command tag, row count and SQLSTATE
+    detail: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

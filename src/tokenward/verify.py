@@ -207,6 +207,10 @@ class Verifier:
         #: answers whether a client address is temporarily blocked (anomaly response)
         #: (address, project the verification is made for) -> refused?
         self.is_blocked: Callable[[str, str | None], bool] | None = None
+        #: told after every invalidation, with (token id, project id): one of them set, or
+        #: neither for a :meth:`clear`; holders of long-lived sessions (the PostgreSQL
+        #: gateway) re-check the sessions it names
+        self.invalidation_listeners: list[Callable[[str | None, str | None], None]] = []
 
     async def verify(
         self,
@@ -468,6 +472,11 @@ class Verifier:
         token_hash = self._hash_by_id.pop(token_id, None)
         if token_hash is not None:
             self._cache.pop(token_hash, None)
+        self._notify(token_id, None)
+
+    def _notify(self, token_id: str | None, project_id: str | None) -> None:
+        for listener in self.invalidation_listeners:
+            listener(token_id, project_id)
 
     def apply_invalidation(self, message: str) -> None:
         """Apply one invalidation message: a token id, or a :func:`project_message`."""
@@ -484,12 +493,14 @@ class Verifier:
             if entry.record.project_id == project_id:
                 self._cache.pop(token_hash, None)
                 self._hash_by_id.pop(entry.record.id, None)
+        self._notify(None, project_id)
 
     def clear(self) -> None:
         """Forget every cached token, and make every read still in flight read again."""
         self._cleared = self._next_epoch()
         self._cache.clear()
         self._hash_by_id.clear()
+        self._notify(None, None)
 
     async def flush_usage(self) -> None:
         """Write the buffered last-used times and IPs (called periodically and at shutdown)."""

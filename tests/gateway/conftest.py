@@ -11,7 +11,7 @@ import uvloop
 
 from tests.gateway.support import upstream_server
 
-_ON_BOTH_LOOPS = ("test_proxy.py", "test_upstream.py")
+_ON_BOTH_LOOPS = ("test_proxy.py", "test_upstream.py", "test_postgres.py")
 
 
 def pytest_asyncio_loop_factories(

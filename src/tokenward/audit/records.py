@@ -134,6 +134,8 @@ def access_row(event: AccessEvent) -> Row:
     else:
         project_id = environment = token_id = principal = None
         detail = {}
+    if event.detail:
+        detail.update(event.detail)
     source = event.source
     return (
         new_event_id(),

@@ -5,7 +5,8 @@
 * :mod:`~tokenward.gateway.authz`: ``/authz`` for nginx, Traefik, Caddy and Envoy;
 * :mod:`~tokenward.gateway.proxy`: the reverse proxy on its own port;
 * :mod:`~tokenward.gateway.mcp`: MCP routes, each JSON-RPC message decided by its scope;
-* :mod:`~tokenward.gateway.credentials`: provider keys the gateway adds for an upstream.
+* :mod:`~tokenward.gateway.credentials`: provider keys the gateway adds for an upstream;
+* :mod:`~tokenward.gateway.postgres`: PostgreSQL listeners (``[[postgres]]``).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ stops the server from starting.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -130,6 +131,8 @@ class Policy:
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     source: str = "(none)"
+    #: PostgreSQL listeners (``[[postgres]]``), served next to the HTTP gateway
+    postgres: list[PostgresListener] = field(default_factory=list)
     #: (method, proxied) → the routes that may match, in file order; a method that no route
     #: names has the routes of any method (``("", proxied)``), so the index stays bounded
     _index: dict[tuple[str, bool], tuple[Route, ...]] = field(init=False, repr=False, compare=False)
@@ -277,7 +280,7 @@ def parse_policy(text: str, source: str = "<config>") -> Policy:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     r = _Reader(source, text)
-    r.table(data, "", None, {"gateway", "upstreams", "routes"}, set())
+    r.table(data, "", None, {"gateway", "upstreams", "routes", "postgres"}, set())
 
     gw = r.table(
         data.get("gateway", {}),
@@ -339,7 +342,10 @@ def parse_policy(text: str, source: str = "<config>") -> Policy:
         raise r.fail("routes", None, None, "use [[routes]] tables")
     for i, raw in enumerate(raw_routes):
         routes.append(_route(r, i, raw, upstreams))
-    return Policy(routes=routes, upstreams=upstreams, limits=limits, source=source)
+    postgres = _postgres_listeners(r, data.get("postgres", []))
+    return Policy(
+        routes=routes, upstreams=upstreams, limits=limits, source=source, postgres=postgres
+    )
 
 
 def _credential(r: _Reader, i: int, u: dict[str, Any]) -> credentials.Credential | None:
@@ -440,4 +446,219 @@ def _route(r: _Reader, i: int, raw: Any, upstreams: dict[str, Upstream]) -> Rout
         environment=environment,
         rate_limit=rate_limit,
         mcp=mcp_server,
+    )
+
+
+# -- [[postgres]]: PostgreSQL listeners (docs/databases.md) -----------------------------------
+
+_PG_ENV = re.compile(r"^TOKENWARD_[A-Z0-9_]+$")
+_PG_SSLMODES = ("disable", "require", "verify-full")
+_PG_AUDIT = ("redacted", "full", "none")
+#: the keys of a ``[[postgres]]`` table (docs/databases.md documents each)
+POSTGRES_KEYS = frozenset(
+    {
+        "name",
+        "listen",
+        "upstream",
+        "password_file",
+        "password_env",
+        "read_scope",
+        "write_scope",
+        "project",
+        "environment",
+        "rate_limit",
+        "max_connections",
+        "max_connections_per_token",
+        "idle_timeout",
+        "statement_timeout",
+        "connect_timeout",
+        "max_message_bytes",
+        "audit_statements",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresListener:
+    """One ``[[postgres]]`` table: where clients connect, the server behind it, the scopes.
+
+    The upstream login is tokenward's own (``upstream_user`` with the password read from
+    ``password_file`` or ``password_env`` when the listener starts), never the client's.
+    """
+
+    name: str
+    host: str
+    port: int
+    upstream_host: str
+    upstream_port: int
+    upstream_user: str
+    upstream_database: str
+    read_scope: str
+    write_scope: str | None = None
+    upstream_sslmode: str = "disable"
+    password_file: str | None = None
+    password_env: str | None = None
+    project: str | None = None
+    environment: str | None = None
+    rate_limit: tuple[str, ...] = ()
+    max_connections: int = 100
+    max_connections_per_token: int = 10
+    idle_timeout: float = 900.0  # 0: none
+    statement_timeout: float = 0.0  # 0: none
+    connect_timeout: float = 5.0
+    max_message_bytes: int = 8 * 1024 * 1024
+    audit_statements: str = "redacted"
+    #: the listener's limit as the verifier counts it (key, windows), if it has one
+    limit: tuple[str, tuple[str, ...]] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        limit = ("postgres:" + self.name, self.rate_limit) if self.rate_limit else None
+        object.__setattr__(self, "limit", limit)
+
+    def upstream_password(self) -> str | None:
+        """The upstream role's password, read now (``ConfigError`` when it cannot be)."""
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise ConfigError(f"postgres '{self.name}': {self.password_env} is not set")
+            return value
+        if self.password_file is not None:
+            try:
+                return Path(self.password_file).read_text(encoding="utf-8").strip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(
+                    f"postgres '{self.name}': cannot read {self.password_file} ({exc})"
+                ) from None
+        return None
+
+
+def _split_listen(value: str) -> tuple[str, int] | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return (host, int(port)) if host else None
+
+
+def _postgres_listeners(r: _Reader, raw_list: Any) -> list[PostgresListener]:
+    if not isinstance(raw_list, list):
+        raise r.fail("postgres", None, None, "use [[postgres]] tables")
+    listeners: list[PostgresListener] = []
+    for i, raw in enumerate(raw_list):
+        listener = _postgres(r, i, raw)
+        for other in listeners:
+            if other.name == listener.name:
+                raise r.fail("postgres", i, "name", f"'{listener.name}' is defined twice")
+            if listener.port and (other.host, other.port) == (listener.host, listener.port):
+                raise r.fail("postgres", i, "listen", f"'{other.name}' listens there already")
+        listeners.append(listener)
+    return listeners
+
+
+def _postgres(r: _Reader, i: int, raw: Any) -> PostgresListener:
+    t = r.table(
+        raw,
+        "postgres",
+        i,
+        set(POSTGRES_KEYS),
+        {"name", "listen", "upstream", "read_scope"},
+    )
+    name = r.string(t, "postgres", i, "name") or ""
+    if not _NAME.match(name):
+        raise r.fail("postgres", i, "name", "letters, digits, '.', '_' and '-' only")
+    listen = _split_listen(r.string(t, "postgres", i, "listen") or "")
+    if listen is None:
+        raise r.fail("postgres", i, "listen", "must be host:port, e.g. 127.0.0.1:6432")
+    url = r.string(t, "postgres", i, "upstream") or ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+        raise r.fail("postgres", i, "upstream", "must be a postgresql:// URL with a host")
+    if parts.password is not None:
+        raise r.fail(
+            "postgres", i, "upstream", "must not hold a password: use password_file or password_env"
+        )
+    if not parts.username:
+        raise r.fail("postgres", i, "upstream", "must name the role: postgresql://role@host/db")
+    database = parts.path.lstrip("/")
+    if not database or "/" in database:
+        raise r.fail("postgres", i, "upstream", "must name the database: postgresql://role@host/db")
+    sslmode = "disable"
+    for key, _, value in (q.partition("=") for q in parts.query.split("&") if q):
+        if key != "sslmode" or value not in _PG_SSLMODES:
+            raise r.fail(
+                "postgres", i, "upstream", f"only sslmode={'|'.join(_PG_SSLMODES)} may be given"
+            )
+        sslmode = value
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        raise r.fail("postgres", i, "upstream", "the port is not a number") from None
+    password_file = r.string(t, "postgres", i, "password_file")
+    password_env = r.string(t, "postgres", i, "password_env")
+    if password_file is not None and password_env is not None:
+        raise r.fail("postgres", i, "password_env", "give password_file or password_env, not both")
+    if password_env is not None and not _PG_ENV.match(password_env):
+        raise r.fail("postgres", i, "password_env", "must be a TOKENWARD_* variable name")
+    scopes: dict[str, str | None] = {}
+    for key in ("read_scope", "write_scope"):
+        scope = r.string(t, "postgres", i, key)
+        if scope is not None:
+            try:
+                parse_scope(scope)
+            except ScopeError as exc:
+                raise r.fail("postgres", i, key, str(exc)) from None
+        scopes[key] = scope
+    environment = r.string(t, "postgres", i, "environment")
+    if environment not in (None, "live", "test"):
+        raise r.fail("postgres", i, "environment", "must be 'live' or 'test'")
+    rate_limit: tuple[str, ...] = ()
+    rate = r.string(t, "postgres", i, "rate_limit")
+    if rate is not None:
+        try:
+            rate_limit = tuple(parse_rates(rate))
+        except DurationError as exc:
+            raise r.fail("postgres", i, "rate_limit", str(exc)) from None
+    audit = r.string(t, "postgres", i, "audit_statements") or "redacted"
+    if audit not in _PG_AUDIT:
+        raise r.fail("postgres", i, "audit_statements", f"must be one of {', '.join(_PG_AUDIT)}")
+
+    def seconds(key: str, default: float) -> float:
+        value = t.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise r.fail("postgres", i, key, "must be a number of seconds (0: none)")
+        return float(value)
+
+    defaults = PostgresListener("", "", 0, "", 0, "", "", "")
+    return PostgresListener(
+        name=name,
+        host=listen[0],
+        port=listen[1],
+        upstream_host=parts.hostname,
+        upstream_port=port,
+        upstream_user=parts.username,
+        upstream_database=database,
+        read_scope=scopes["read_scope"] or "",
+        write_scope=scopes["write_scope"],
+        upstream_sslmode=sslmode,
+        password_file=password_file,
+        password_env=password_env,
+        project=r.string(t, "postgres", i, "project"),
+        environment=environment,
+        rate_limit=rate_limit,
+        max_connections=int(
+            r.number(t, "postgres", i, "max_connections", defaults.max_connections)
+        ),
+        max_connections_per_token=int(
+            r.number(
+                t, "postgres", i, "max_connections_per_token", defaults.max_connections_per_token
+            )
+        ),
+        idle_timeout=seconds("idle_timeout", defaults.idle_timeout),
+        statement_timeout=seconds("statement_timeout", defaults.statement_timeout),
+        connect_timeout=r.number(t, "postgres", i, "connect_timeout", defaults.connect_timeout),
+        max_message_bytes=int(
+            r.number(t, "postgres", i, "max_message_bytes", defaults.max_message_bytes)
+        ),
+        audit_statements=audit,
     )

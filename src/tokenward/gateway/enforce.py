@@ -340,6 +340,12 @@ class Enforcement:
         # event does (see record() and tokenward.failures.FailureCounter).
         return Outcome(decision, route, match.scope, credential)
 
+    def blocked(self, client_ip: str) -> RateResult | None:
+        """The block in force on ``client_ip`` for failed credentials, if any (for listeners
+        that decide without :meth:`decide`, such as the PostgreSQL gateway; their denials are
+        counted from their access events, as every entry point's are)."""
+        return self.failures.blocked_for(client_ip)
+
     async def record(
         self,
         outcome: Outcome,

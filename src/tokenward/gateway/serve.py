@@ -1,6 +1,7 @@
 """Running the API and the gateway side by side, in one process and one event loop.
 
-The API is served by uvicorn, the gateway by aiohttp's server. Both share one set of services
+The API is served by uvicorn, the gateway by aiohttp's server, the ``[[postgres]]`` listeners
+by :mod:`~tokenward.gateway.postgres`. Both share one set of services
 (store, verifier cache, limiter, event bus), so a revocation seen by the API is seen by the
 gateway at once. SIGINT/SIGTERM stops both gracefully (a second one forces the API down).
 """
@@ -48,11 +49,20 @@ async def serve_with_gateway(
     """Serve the API on ``settings.port`` and the gateway on ``settings.gateway_port`` (or on
     sockets the caller bound already: it can then tell a taken port before anything runs)."""
     from tokenward.app import create_asgi, open_services
+    from tokenward.gateway.postgres import PostgresGateway
     from tokenward.gateway.proxy import Gateway
 
     services = await open_services(settings)
     assert services.enforcement is not None
     gateway = Gateway(services.enforcement)
+    tls = _ssl_context(uvicorn_options)
+    databases = PostgresGateway(
+        services.enforcement,
+        services.enforcement.policy.postgres,
+        tls,
+        allow_insecure=settings.allow_insecure_http,
+        reuse_port=settings.worker_count > 1,
+    )
     api = _Server(
         uvicorn.Config(
             create_asgi(settings, services=services),
@@ -77,18 +87,15 @@ async def serve_with_gateway(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
     try:
-        await gateway.start(
-            settings.host,
-            settings.gateway_port,
-            _ssl_context(uvicorn_options),
-            sock=gateway_socket,
-        )
+        await gateway.start(settings.host, settings.gateway_port, tls, sock=gateway_socket)
+        await databases.start()
         await api.serve(sockets=[api_socket] if api_socket is not None else None)
         stop()  # the API stopped on its own (e.g. its port was taken): stop the gateway too
         await stopping.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        await databases.aclose()
         await gateway.aclose()
         await services.close()
 

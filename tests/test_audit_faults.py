@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import text
 
 from tests.conftest import PG_ADMIN_URL, _pg_exec, port_of, serve_tokenward, tokenward_cmd
+from tests.gateway.pgsupport import _bin
 from tokenward.audit.chain import verify_chain
 from tokenward.audit.records import ChainKeys
 from tokenward.settings import Settings, load_hasher
@@ -162,7 +163,9 @@ class OwnPostgres:
         self.data = self.root / "data"
         if os.geteuid() == 0:  # initdb refuses to run as root
             shutil.chown(self.root, "postgres")
-        self._as_postgres("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-N")
+        self._as_postgres(
+            _bin("initdb") or "initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-N"
+        )
         # pg_ctl cannot be handed a socket nor report the port it bound: a port found free is
         # tried, and another one if something took it meanwhile.
         for attempt in range(8):
@@ -192,7 +195,16 @@ class OwnPostgres:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data}"
         log = str(self.root / "server.log")
         self._as_postgres(
-            "pg_ctl", "-D", str(self.data), "-o", options, "-l", log, "-w", *extra, action
+            _bin("pg_ctl") or "pg_ctl",
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            log,
+            "-w",
+            *extra,
+            action,
         )
 
     @property
@@ -202,7 +214,7 @@ class OwnPostgres:
 
 @pytest.fixture
 def own_postgres() -> Iterator[OwnPostgres]:
-    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+    if _bin("initdb") is None or _bin("pg_ctl") is None:
         pytest.skip("initdb and pg_ctl are needed to run a PostgreSQL of the test's own")
     server = OwnPostgres()
     try:

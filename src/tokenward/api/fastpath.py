@@ -28,7 +28,15 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenward.api.errors import INVALID_REQUEST_CHALLENGE, challenge, redact
+from tokenward.api.errors import (
+    INVALID_REQUEST_CHALLENGE,
+    RETRY_AFTER_SECONDS,
+    UNAVAILABLE_MESSAGE,
+    challenge,
+    is_unavailable_error,
+    log,
+    redact,
+)
 from tokenward.api.middleware import (
     _TWO_CREDENTIALS,
     SECURITY_HEADERS,
@@ -55,6 +63,17 @@ _HEALTH = b'{"status":"ok"}'
 _INVALID_REQUEST = (b"www-authenticate", INVALID_REQUEST_CHALLENGE.encode())
 
 Handler = Callable[[Scope, Receive, Send, "_Request"], Awaitable[None]]
+
+
+def _fault(path: str, exc: Exception) -> tuple[int, dict[str, str], list[tuple[bytes, bytes]]]:
+    """The answer to an exception a hot route did not handle: 503 when the database cannot
+    answer, the JSON 500 otherwise; one log line with the error's type."""
+    if is_unavailable_error(exc):
+        log.warning("database_unavailable", path=path[:256], error_type=type(exc).__name__)
+        retry = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
+        return 503, {"error": "unavailable", "message": UNAVAILABLE_MESSAGE}, retry
+    log.error("unhandled_error", path=path[:256], error_type=type(exc).__name__)
+    return 500, {"error": "internal_error", "message": "an unexpected error occurred"}, []
 
 
 class FastPath:
@@ -157,10 +176,13 @@ class HotPath:
 
         try:
             await handler(scope, receive, durable_send, request)
-        except Exception:
+        except Exception as exc:
+            # Answered already: the answer stands (see RequestContextMiddleware). Else the
+            # same answer as every other route's for a fault (api/errors.py), never a
+            # traceback in the server's log.
             if not status:
-                raise
-            # Answered already: the answer stands (see RequestContextMiddleware).
+                status, body, extra = _fault(scope["path"], exc)
+                await send_json(send, status, body, [*extra, *tail])
         finally:
             stop_collecting(collecting)
             current_request.reset(token)

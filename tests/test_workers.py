@@ -166,11 +166,38 @@ def _verify_reasons(server: Workers, token: str, count: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_rate_limits_are_exact_across_workers(workers: Workers) -> None:
+def test_rate_limits_are_exact_across_workers(workers: Workers, fresh_pg: str) -> None:
     created = _make_token(workers, rate_limit="10/minute")
     reasons = _verify_reasons(workers, created["token"], 30)
     assert reasons.count("ok") == 10, reasons
     assert reasons.count("rate_limited") == 20, reasons
+    # Both workers answer: each writes an audit chain of its own. (The kernel hands each new
+    # connection to one of them; more requests are sent until both have had some.)
+    other = _make_token(workers)
+    for _ in range(10):
+        chains = asyncio.run(_verify_chains(fresh_pg, created["id"], other["id"]))
+        if len(chains) == 2:
+            break
+        _verify_reasons(workers, other["token"], 20)
+    assert len(chains) == 2, chains
+
+
+async def _verify_chains(url: str, *token_ids: str) -> set[str]:
+    import asyncpg
+
+    u = make_url(url)
+    conn = await asyncpg.connect(
+        host=u.host, port=u.port or 5432, user=u.username, database=u.database
+    )
+    try:
+        rows = await conn.fetch(
+            "SELECT DISTINCT chain_id FROM audit_events WHERE token_id = ANY($1) AND source = $2",
+            list(token_ids),
+            "verify_api",
+        )
+    finally:
+        await conn.close()
+    return {str(r[0]) for r in rows}
 
 
 @pytest.mark.slow

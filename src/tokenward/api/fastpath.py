@@ -183,6 +183,10 @@ class HotPath:
             if not status:
                 status, body, extra = _fault(scope["path"], exc)
                 await send_json(send, status, body, [*extra, *tail])
+            else:
+                log.error(
+                    "unhandled_error", path=scope["path"][:256], error_type=type(exc).__name__
+                )
         finally:
             stop_collecting(collecting)
             current_request.reset(token)

@@ -264,3 +264,26 @@ async def test_a_project_change_reaches_every_replica(scaled_settings) -> None:
                     break
                 await asyncio.sleep(0.005)
         assert (await b.verifier.verify(issued.secret, ip="10.1.2.3")).allowed
+
+
+async def test_the_invalidation_history_is_bounded_and_still_wins(services: Services) -> None:
+    """A flood of changes while one read is in flight keeps at most EPOCH_HISTORY entries,
+    and the read in flight still does not cache what it read before them."""
+    from tokenward.verify import EPOCH_HISTORY
+
+    services.verifier.cache_ttl = 300.0
+    admin = await _admin(services)
+    issued = await services.tokens.create_token(
+        admin.record, TokenSpec(project="app", scopes=["x:y"])
+    )
+    verifier = services.verifier
+    held = HeldRead(services)
+    in_flight = asyncio.create_task(verifier.verify(issued.secret))
+    await held.read_done.wait()
+    await services.tokens.revoke_token(admin.record, issued.record.id, "leaked")
+    for n in range(EPOCH_HISTORY * 2):
+        verifier.invalidate(f"tok_other{n}")
+        assert len(verifier._changed) + len(verifier._project_changed) <= EPOCH_HISTORY
+    held.release.set()
+    await in_flight
+    assert (await verifier.verify(issued.secret)).reason is Reason.REVOKED

@@ -445,10 +445,11 @@ class Verifier:
 
     def _next_epoch(self) -> int:
         self._epoch += 1
-        if len(self._changed) + len(self._project_changed) > EPOCH_HISTORY:
-            oldest = min(self._load_started.values(), default=self._epoch)
-            self._changed = {k: v for k, v in self._changed.items() if v > oldest}
-            self._project_changed = {k: v for k, v in self._project_changed.items() if v > oldest}
+        if len(self._changed) + len(self._project_changed) >= EPOCH_HISTORY:
+            # Past the bound, the history is summed up as one clear: every read still in
+            # flight reads again (safe, only slower), and nothing more is remembered.
+            self._cleared = self._epoch
+            self._forget_epochs()
         return self._epoch
 
     def _forget_epochs(self) -> None:

@@ -1,5 +1,4 @@
-"""``tokenward audit …`` and ``tokenward alerts …``: read the audit log, check its chain,
-list and acknowledge alerts, quarantine and release tokens.
+"""``tokenward audit …``: read the audit log, follow it, export it, check its chain.
 
 ``audit verify`` and ``audit prune`` run next to the database (like ``init``): checking the
 chain must not depend on the server being checked. Everything else talks to the server.
@@ -19,21 +18,19 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from tokenward.cli import (
+from tokenward.cli.common import (
     DataDir,
     JsonOpt,
     add_row,
     call,
     client,
     emit_json,
-    emit_record,
     fail,
     id_column,
     out,
 )
 
 audit_app = typer.Typer(help="The audit log: list, follow, export, verify.", no_args_is_help=True)
-alerts_app = typer.Typer(help="Anomaly alerts: list, show, acknowledge.", no_args_is_help=True)
 
 #: Seconds the live tail stays behind the present, so that an event another writer commits a
 #: moment later than a newer one is not skipped (the log merges the writers' chains by time).
@@ -330,97 +327,3 @@ def audit_prune(
         out.print(
             Text(f"pruned {result['pruned']} events" + (f" (chains cut: {cuts})" if cuts else ""))
         )
-
-
-@alerts_app.command("list")
-def alerts_list(
-    project: Project = None,
-    detector: Annotated[str | None, typer.Option(help="e.g. brute_force, canary.")] = None,
-    severity: Annotated[str | None, typer.Option(help="info, warning or critical.")] = None,
-    open_only: Annotated[bool, typer.Option("--open", help="Only unacknowledged.")] = False,
-    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
-    as_json: JsonOpt = False,
-) -> None:
-    """Alerts, newest first."""
-    params: dict[str, Any] = {
-        "project": project,
-        "detector": detector,
-        "severity": severity,
-        "limit": limit,
-    }
-    if open_only:
-        params["acknowledged"] = "false"
-    with client(as_json) as c:
-        page = call(as_json, c.alerts_page, **params)
-    if as_json:
-        emit_json(page)
-        return
-    table = Table()
-    id_column(table)
-    for header in ("at", "severity", "detector", "summary", "actions", "ack"):
-        table.add_column(header, overflow="fold")
-    for a in page["alerts"]:
-        add_row(
-            table,
-            a["id"],
-            a["created_at"][:19],
-            a["severity"],
-            a["detector"],
-            a["summary"],
-            " ".join(a["actions"]),
-            a["acknowledged_by"] or "",
-        )
-    out.print(table)
-
-
-@alerts_app.command("show")
-def alerts_show(alert_id: str, as_json: JsonOpt = False) -> None:
-    """One alert with its evidence and webhook deliveries."""
-    with client(as_json) as c:
-        body = call(as_json, c.get_alert, alert_id)
-    emit_record(body, as_json)
-
-
-@alerts_app.command("ack")
-def alerts_ack(
-    alert_id: str,
-    note: Annotated[str, typer.Option(help="Why it is handled.")] = "",
-    as_json: JsonOpt = False,
-) -> None:
-    """Acknowledge an alert."""
-    with client(as_json) as c:
-        body = call(as_json, c.ack_alert, alert_id, note)
-    if as_json:
-        emit_json(body)
-    else:
-        out.print(Text(f"acknowledged {body['id']} by {body['acknowledged_by']}"))
-
-
-def quarantine(
-    token_id: str,
-    reason: Annotated[
-        str, typer.Option(help="Why (kept with the token).")
-    ] = "quarantined by an admin",
-    as_json: JsonOpt = False,
-) -> None:
-    """Suspend a token now (reversible with 'token release')."""
-    with client(as_json) as c:
-        body = call(as_json, c.quarantine_token, token_id, reason)
-    if as_json:
-        emit_json(body)
-    else:
-        out.print(Text(f"quarantined {body['id']} at {body['quarantined_at']}"))
-
-
-def release(
-    token_id: str,
-    note: Annotated[str, typer.Option(help="Why it is safe again.")] = "",
-    as_json: JsonOpt = False,
-) -> None:
-    """Lift a token's quarantine."""
-    with client(as_json) as c:
-        body = call(as_json, c.release_token, token_id, note)
-    if as_json:
-        emit_json(body)
-    else:
-        out.print(Text(f"released {body['id']}: it works again"))

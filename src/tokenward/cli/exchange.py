@@ -1,40 +1,28 @@
-"""CLI commands for short-lived tokens: ``token exchange``, ``token auto-rotate``,
-``trust add|list|remove`` and ``project policy`` (registered on the apps of :mod:`cli`)."""
+"""``tokenward token exchange`` and ``token auto-rotate``: short-lived tokens for machines."""
 
 from __future__ import annotations
 
 import os
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
-from tokenward.cli import (
+from tokenward.cli.common import (
     JsonOpt,
-    _show_secret,
-    add_row,
-    app,
     call,
     client,
     emit_json,
+    emit_token,
     fail,
     out,
-    project_app,
-    token_app,
 )
+from tokenward.cli.tokens import token_app
 from tokenward.client.oauth import exchange_token, github_actions_identity
-from tokenward.client.output import FORMATS, OutputError, write_result
+from tokenward.client.output import FORMATS
 from tokenward.tokens.durations import DurationError, parse_duration
-
-trust_app = typer.Typer(
-    help="Trust policies: which CI identities (OIDC) may get tokens.", no_args_is_help=True
-)
-app.add_typer(trust_app, name="trust")
 
 OutputOpt = Annotated[
     str | None,
@@ -46,18 +34,6 @@ OutputOpt = Annotated[
 EnvNameOpt = Annotated[
     str, typer.Option("--env-name", help="Variable name for env, dotenv and github output.")
 ]
-
-
-def emit_token(output: str, body: dict[str, Any], env_name: str, expires_at: str | None) -> None:
-    """Write a freshly issued token in the machine format asked for."""
-    secret = str(body.get("access_token") or body.get("token"))
-    variables = {env_name: secret}
-    if expires_at:
-        variables[f"{env_name}_EXPIRES_AT"] = expires_at
-    try:
-        write_result(output, body, variables, [secret], sys.stdout)
-    except OutputError as exc:
-        fail(str(exc), 2, as_json=output == "json", error="invalid_output")
 
 
 def _seconds(text: str | None, what: str) -> int | None:
@@ -199,136 +175,3 @@ def token_auto_rotate(
         + f"\nwebhook signing secret (shown once): [bold]{escape(body['webhook_secret'])}[/bold]",
         highlight=False,
     )
-
-
-@project_app.command("policy")
-def project_policy(
-    name: str,
-    max_lifetime: Annotated[str | None, typer.Option(help="No token may live longer: 90d.")] = None,
-    access_ttl: Annotated[
-        str | None, typer.Option(help="Longest access token from /v1/token: 15m.")
-    ] = None,
-    require_dpop: Annotated[
-        bool | None, typer.Option("--require-dpop/--no-require-dpop", help="DPoP-bound only.")
-    ] = None,
-    warn_days: Annotated[
-        int | None, typer.Option(help="Warn this many days before a token expires.")
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Show a project's token policy, or change the options given."""
-    with client(as_json) as c:
-        policy = call(as_json, c.get_policy, name)
-        changes = {
-            "max_token_lifetime": max_lifetime,
-            "access_token_ttl": access_ttl,
-            "require_dpop": require_dpop,
-            "expiry_warning_days": warn_days,
-        }
-        changes = {k: v for k, v in changes.items() if v is not None}
-        if changes:
-            body = {k: v for k, v in policy.items() if v is not None}
-            for key in ("max_token_lifetime", "access_token_ttl"):
-                if isinstance(body.get(key), int):
-                    body[key] = f"{body[key]}s"
-            policy = call(as_json, c.set_policy, name, **{**body, **changes})
-    if as_json:
-        emit_json(policy)
-        return
-    table = Table("policy", "value", show_header=False)
-    for key, value in policy.items():
-        add_row(table, key, "-" if value is None else value)
-    out.print(table)
-
-
-@trust_app.command("add")
-def trust_add(
-    project: Annotated[str, typer.Option(help="Project name.")],
-    name: Annotated[str, typer.Option(help="Policy name (--audience picks it on exchange).")],
-    issuer: Annotated[str, typer.Option(help="OIDC issuer URL (https).")],
-    audience: Annotated[str, typer.Option(help="The 'aud' the identity token must carry.")],
-    claim: Annotated[
-        list[str], typer.Option("--claim", help="Required claim: repository=acme/shop (glob).")
-    ],
-    scope: Annotated[list[str], typer.Option("--scope", help="Scope granted (repeatable).")],
-    env: Annotated[str, typer.Option("--env", help="live or test.")] = "live",
-    max_ttl: Annotated[str, typer.Option(help="Longest access token.")] = "15m",
-    refresh_ttl: Annotated[str | None, typer.Option(help="Issue refresh tokens: 1h.")] = None,
-    principal_claim: Annotated[str, typer.Option(help="Claim naming the principal.")] = "sub",
-    as_json: JsonOpt = False,
-) -> None:
-    """Trust CI identity tokens of an issuer whose claims match."""
-    claims = {}
-    for pair in claim:
-        key, sep, value = pair.partition("=")
-        if not sep or not key or not value:
-            fail(f"--claim wants name=value, got {pair!r}", 2, as_json=as_json)
-        claims[key] = value
-    with client(as_json) as c:
-        body = call(
-            as_json,
-            c.add_trust_policy,
-            project,
-            name=name,
-            issuer=issuer,
-            audience=audience,
-            claims=claims,
-            scopes=scope,
-            environment=env,
-            max_ttl=max_ttl,
-            refresh_ttl=refresh_ttl,
-            principal_claim=principal_claim,
-        )
-    if as_json:
-        emit_json(body)
-    else:
-        out.print(
-            f"trust policy [bold]{escape(body['name'])}[/bold] "
-            + escape(f"({body['id']}) added to {project}")
-        )
-
-
-@trust_app.command("list")
-def trust_list(
-    project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """List trust policies."""
-    with client(as_json) as c:
-        items = call(as_json, c.list_trust_policies, project)
-    if as_json:
-        emit_json(items)
-        return
-    table = Table("project", "name", "issuer", "audience", "claims", "scopes", "max ttl")
-    for column in table.columns:
-        column.overflow = "fold"
-    for p in items:
-        add_row(
-            table,
-            p["project"],
-            p["name"],
-            p["issuer"],
-            p["audience"],
-            " ".join(f"{k}={v}" for k, v in p["claims"].items()),
-            " ".join(p["scopes"]),
-            f"{p['max_ttl']}s",
-        )
-    out.print(table)
-
-
-@trust_app.command("remove")
-def trust_remove(
-    name: str,
-    project: Annotated[str, typer.Option(help="Project name.")],
-    as_json: JsonOpt = False,
-) -> None:
-    """Remove a trust policy (tokens already issued live out their short life)."""
-    with client(as_json) as c:
-        call(as_json, c.remove_trust_policy, project, name)
-    if as_json:
-        emit_json({"removed": name, "project": project})
-    else:
-        out.print(Text(f"removed trust policy {name} from {project}"))
-
-
-__all__ = ["_show_secret", "emit_token"]

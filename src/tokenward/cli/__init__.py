@@ -1,0 +1,54 @@
+"""``tokenward …``: set up and run the server, and do every admin action.
+
+One module per command group; :mod:`tokenward.cli.common` holds what they share (the error
+handler, output helpers, the admin client):
+
+========================  ===============================================================
+``server``                ``init``, ``serve``
+``projects``              ``project create|list|allow-ip|policy``
+``tokens``                ``token create|list|show|revoke|rotate|quarantine|release``
+``exchange``              ``token exchange|auto-rotate`` (short-lived tokens for machines)
+``trust``                 ``trust add|list|remove`` (OIDC workload identity)
+``audit``                 ``audit list|tail|export|verify|prune``
+``alerts``                ``alerts list|show|ack``
+``users``                 ``user …`` (dashboard users, on the database directly)
+========================  ===============================================================
+
+Admin commands talk to a running server: ``TOKENWARD_URL`` and ``TOKENWARD_ADMIN_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from tokenward.cli import exchange as _exchange  # noqa: F401  (registers its token commands)
+from tokenward.cli.alerts import alerts_app
+from tokenward.cli.audit import audit_app
+from tokenward.cli.common import Commands, err, out
+from tokenward.cli.projects import project_app
+from tokenward.cli.server import init, serve
+from tokenward.cli.tokens import token_app
+from tokenward.cli.trust import trust_app
+from tokenward.cli.users import user_app
+
+app = typer.Typer(
+    cls=Commands,
+    help="tokenward: API tokens for Backend-as-a-Service apps.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.command()(init)
+app.command()(serve)
+app.add_typer(project_app, name="project")
+app.add_typer(token_app, name="token")
+app.add_typer(trust_app, name="trust")
+app.add_typer(audit_app, name="audit")
+app.add_typer(alerts_app, name="alerts")
+app.add_typer(user_app, name="user")
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "err", "main", "out"]

@@ -1,0 +1,183 @@
+"""``tokenward token …``: create, list, show, revoke, rotate, quarantine and release tokens."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from tokenward.cli.common import (
+    JsonOpt,
+    add_row,
+    call,
+    client,
+    emit_json,
+    emit_record,
+    emit_token,
+    id_column,
+    out,
+    parse_meta,
+    show_secret,
+)
+
+token_app = typer.Typer(help="Tokens: create, list, show, revoke, rotate.", no_args_is_help=True)
+
+
+@token_app.command("create")
+def token_create(
+    project: Annotated[str, typer.Option(help="Project name.")],
+    scope: Annotated[list[str], typer.Option("--scope", help="resource:action (repeatable).")],
+    env: Annotated[str, typer.Option("--env", help="live or test.")] = "live",
+    ttl: Annotated[str | None, typer.Option(help="Lifetime: 90d, 12h, 15m.")] = None,
+    not_before: Annotated[str | None, typer.Option(help="ISO 8601 time it starts to work.")] = None,
+    ip: Annotated[list[str] | None, typer.Option("--ip", help="Allowed CIDR (repeatable).")] = None,
+    rate: Annotated[
+        list[str] | None, typer.Option("--rate", help="100/minute (repeatable).")
+    ] = None,
+    uses: Annotated[
+        int | None, typer.Option(help="Number of uses before it stops working.")
+    ] = None,
+    principal: Annotated[str | None, typer.Option(help="Who the token acts as.")] = None,
+    name: Annotated[str, typer.Option(help="A label.")] = "",
+    meta: Annotated[
+        list[str] | None, typer.Option("--meta", help="key=value (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a token; its secret is printed once."""
+    with client(as_json) as c:
+        body = call(
+            as_json,
+            c.create_token,
+            project=project,
+            scopes=scope,
+            environment=env,
+            ttl=ttl,
+            not_before=not_before,
+            ip_allowlist=ip or None,
+            rate_limit=";".join(rate) if rate else None,
+            uses=uses,
+            principal=principal,
+            name=name,
+            metadata=parse_meta(meta or []) or None,
+        )
+    if as_json:
+        emit_json(body)
+    else:
+        show_secret(body, "new token")
+
+
+def _token_table(items: list[dict[str, Any]]) -> Table:
+    table = Table()
+    id_column(table)
+    for header in ("project", "env", "name", "state", "scopes", "expires", "hint"):
+        table.add_column(header, overflow="fold")
+    for t in items:
+        add_row(
+            table,
+            t["id"],
+            t["project"] or "-",
+            t["environment"],
+            t["name"],
+            t.get("state", ""),
+            " ".join(t["scopes"]),
+            t["expires_at"] or "never",
+            t["hint"],
+        )
+    return table
+
+
+@token_app.command("list")
+def token_list(
+    project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
+    state: Annotated[str | None, typer.Option(help="active, expired, revoked or rotated.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List tokens (never their secrets)."""
+    with client(as_json) as c:
+        items = call(as_json, c.list_tokens, project=project, state=state)
+    if as_json:
+        emit_json(items)
+    else:
+        out.print(_token_table(items))
+
+
+@token_app.command("show")
+def token_show(token_id: str, as_json: JsonOpt = False) -> None:
+    """Show one token's settings and state."""
+    with client(as_json) as c:
+        body = call(as_json, c.get_token, token_id)
+    emit_record(body, as_json)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: str,
+    reason: Annotated[str, typer.Option(help="Why (kept with the token).")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a token now, on every replica."""
+    with client(as_json) as c:
+        body = call(as_json, c.revoke_token, token_id, reason)
+    if as_json:
+        emit_json(body)
+    else:
+        out.print(Text(f"revoked {body['id']} at {body['revoked_at']}"))
+
+
+@token_app.command("rotate")
+def token_rotate(
+    token_id: str,
+    grace: Annotated[str, typer.Option(help="How long the old token keeps working.")] = "1h",
+    as_json: JsonOpt = False,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", help="json, env, dotenv or github (to GITHUB_ENV, masked)."),
+    ] = None,
+    env_name: Annotated[str, typer.Option("--env-name", help="Variable name.")] = "TOKENWARD_TOKEN",
+) -> None:
+    """Issue a successor; the old token works until the grace period ends."""
+    with client(as_json or output == "json") as c:
+        body = call(as_json or output == "json", c.rotate_token, token_id, grace)
+    if output is not None:
+        emit_token(output, body, env_name, body.get("expires_at"))
+    elif as_json:
+        emit_json(body)
+    else:
+        show_secret(body, "rotated: new token")
+        previous = body["previous"]
+        out.print(Text(f"the old token {previous['id']} works until {previous['grace_until']}"))
+
+
+@token_app.command("quarantine")
+def quarantine(
+    token_id: str,
+    reason: Annotated[
+        str, typer.Option(help="Why (kept with the token).")
+    ] = "quarantined by an admin",
+    as_json: JsonOpt = False,
+) -> None:
+    """Suspend a token now (reversible with 'token release')."""
+    with client(as_json) as c:
+        body = call(as_json, c.quarantine_token, token_id, reason)
+    if as_json:
+        emit_json(body)
+    else:
+        out.print(Text(f"quarantined {body['id']} at {body['quarantined_at']}"))
+
+
+@token_app.command("release")
+def release(
+    token_id: str,
+    note: Annotated[str, typer.Option(help="Why it is safe again.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Lift a token's quarantine."""
+    with client(as_json) as c:
+        body = call(as_json, c.release_token, token_id, note)
+    if as_json:
+        emit_json(body)
+    else:
+        out.print(Text(f"released {body['id']}: it works again"))

@@ -214,7 +214,7 @@ async def test_totp_secret_and_session_ids_are_not_stored_in_clear(dash, clock, 
     async with services.engine.connect() as conn:
         stored = (await conn.execute(select(admin_users.c.totp_secret))).scalar_one()
         session_hashes = (await conn.execute(select(admin_sessions.c.id_hash))).scalars().all()
-    assert p.secret not in stored and stored.startswith("v1:")
+    assert p.secret not in stored and stored.startswith("tw1:")
     assert accounts.keys.decrypt(stored) == p.secret
     cookie = p.client.cookies.get("tw_session")
     assert cookie and cookie not in session_hashes

@@ -1,16 +1,15 @@
 """Secrets of the dashboard: passwords, TOTP, recovery codes, session ids and CSRF tokens.
 
 * Passwords are argon2id hashes (argon2-cffi's RFC 9106 defaults).
-* TOTP secrets are encrypted at rest with AES-GCM under a key derived (HKDF) from the server
-  key, so a copy of the database alone does not let anyone mint second factors. The key id is
-  stored with the ciphertext; every known server key is tried, so the server key can rotate.
+* TOTP secrets are sealed at rest by :mod:`tokenward.sealing` (AES-GCM under a key derived
+  from the server key, with its key id), so a copy of the database alone does not let anyone
+  mint second factors, and the server key can rotate.
 * Recovery codes, session ids and CSRF tokens are random; only keyed hashes of recovery codes
   and session ids are stored, and a CSRF token is an HMAC of its session id (nothing to store).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
@@ -19,11 +18,10 @@ from dataclasses import dataclass
 import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tokenward.sealing import Sealer
 from tokenward.tokens.hashing import ServerKey, TokenHasher
 
 RECOVERY_CODE_COUNT = 10
@@ -104,30 +102,13 @@ class DashboardKeys:
     def recovery_hash(self, user_id: str, code: str) -> str:
         return self.mac("recovery:" + user_id, normalize_code(code))
 
-    # -- TOTP secrets at rest -------------------------------------------------------------
+    # -- TOTP secrets at rest (tokenward.sealing: AES-GCM, key ids, rotation) -----------
     def encrypt(self, plaintext: str) -> str:
-        key = self.hasher.current
-        nonce = secrets.token_bytes(12)
-        sealed = AESGCM(_derive(key, b"dashboard-totp")).encrypt(
-            nonce, plaintext.encode(), key.id.encode()
-        )
-        return f"v1:{key.id}:" + base64.urlsafe_b64encode(nonce + sealed).decode()
+        return Sealer(self.hasher, "totp").seal(plaintext)
 
     def decrypt(self, stored: str) -> str:
-        version, key_id, blob = stored.split(":", 2)
-        if version != "v1":
-            raise ValueError("unknown secret format")
-        for key in self.hasher.keys:
-            if key.id == key_id:
-                raw = base64.urlsafe_b64decode(blob)
-                try:
-                    plain = AESGCM(_derive(key, b"dashboard-totp")).decrypt(
-                        raw[:12], raw[12:], key.id.encode()
-                    )
-                except InvalidTag:
-                    raise ValueError("the secret does not decrypt under its key") from None
-                return plain.decode()
-        raise ValueError("the secret was sealed with a server key that is no longer configured")
+        """The TOTP secret; :class:`ValueError` (a ``SealError``) when it does not open."""
+        return Sealer(self.hasher, "totp").open(stored)
 
 
 def new_session_id() -> str:

@@ -23,6 +23,7 @@ from tokenward.api import admin, health, oauth, observability, verification
 from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
 from tokenward.api import docs as api_docs
+from tokenward.api import usage as usage_api
 from tokenward.api.contract import install_contract, operation_id
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.fastpath import FastPath, HotPath
@@ -46,6 +47,7 @@ from tokenward.settings import Settings, load_hasher
 from tokenward.store.engine import create_engine, migrate
 from tokenward.store.repository import TokenStore
 from tokenward.tokens.hashing import TokenHasher
+from tokenward.usage import UsageRollup
 from tokenward.verify import Verifier
 
 log = structlog.get_logger("tokenward")
@@ -71,6 +73,7 @@ class Services:
     audit: AuditWriter | None = None
     anomaly: AnomalyEngine | None = None
     metrics: Metrics | None = None
+    usage: UsageRollup | None = None
 
     async def close(self) -> None:
         await self.fanout.stop()
@@ -147,6 +150,13 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         audit=audit,
         anomaly=anomaly,
         metrics=metrics,
+        usage=UsageRollup(
+            engine,
+            verifier.clock,
+            interval=settings.usage_rollup_seconds,
+            minute_days=settings.usage_minute_days,
+            hour_days=settings.usage_hour_days,
+        ),
     )
     # Failed credentials count where their access event is made, for every entry point.
     events.subscribe(FailureCounter(lambda: failures_of(services)))
@@ -231,6 +241,8 @@ def create_app(
             asyncio.create_task(_refresh_blocks_forever(svc)),
             asyncio.create_task(_prune_audit_forever(svc)),
         ]
+        if svc.usage is not None:
+            background.append(asyncio.create_task(svc.usage.run_forever()))
         if rotation is not None:
             background.append(rotation)
         try:
@@ -272,6 +284,7 @@ def create_app(
     app.include_router(oauth.router)
     app.include_router(audit_api.router)
     app.include_router(alerts_api.router)
+    app.include_router(usage_api.router)
     app.include_router(observability.router)
     app.include_router(api_docs.router)
     dashboard.install(app)

@@ -252,6 +252,18 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(
         5.0, gt=0, le=60, description="Timeout of one webhook attempt, in seconds."
     )
+    usage_rollup_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="Seconds between rounds of the usage rollup (counts behind the audit log).",
+    )
+    usage_minute_days: int = Field(
+        14, ge=1, le=90, description="Days per-minute usage counts are kept."
+    )
+    usage_hour_days: int = Field(
+        400, ge=1, le=3660, description="Days per-hour (and per-day) usage counts are kept."
+    )
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     access_log: bool = Field(
         True, description="Log one JSON line per HTTP request (method, path, status, duration)."

@@ -30,6 +30,7 @@ from pydantic.json_schema import models_json_schema
 
 from tokenward.anomaly.config import AnomalyConfig
 from tokenward.api import responses as r
+from tokenward.api import usage as usage_api
 from tokenward.api.schemas import HTTPS_URL_PATTERN
 
 JSON = "application/json"
@@ -85,6 +86,7 @@ OPERATIONS: dict[str, Operation] = {
     "lift_block": Operation(200, r.LiftedBlock, (404, 409)),
     "get_settings": Operation(200, r.AnomalySettings, (404,)),
     "put_settings": Operation(200, r.AnomalySettings, (404,)),
+    "get_usage": Operation(200, usage_api.UsageReport, (404,)),
 }
 
 _AUTHENTICATED = (401, 403, 429, 503)

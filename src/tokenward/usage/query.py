@@ -11,7 +11,6 @@ four years of days), every bucket of the range, empty ones too, in UTC.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -49,7 +48,7 @@ class UsageFilter:
 class Bucket:
     start: datetime
     allowed: int = 0
-    denied: Counter[str] = field(default_factory=Counter)
+    denied: dict[str, int] = field(default_factory=dict)
 
     @property
     def denied_total(self) -> int:
@@ -81,7 +80,8 @@ class UsageReport:
         total = Bucket(self.start)
         for b in self.buckets:
             total.allowed += b.allowed
-            total.denied.update(b.denied)
+            for reason, n in b.denied.items():
+                total.denied[reason] = total.denied.get(reason, 0) + n
         return total
 
     def public(self) -> dict[str, Any]:
@@ -170,5 +170,7 @@ async def usage(
         if row.decision == "allow":
             buckets[index].allowed += int(row.n)
         else:
-            buckets[index].denied[row.reason or "unknown"] += int(row.n)
+            denied = buckets[index].denied
+            reason = row.reason or "unknown"
+            denied[reason] = denied.get(reason, 0) + int(row.n)
     return UsageReport(granularity, lo_at, hi_at, buckets)

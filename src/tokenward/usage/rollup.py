@@ -4,7 +4,8 @@ The audit log is the source of truth; this task reads it incrementally and keeps
 that :mod:`tokenward.usage.query` answers from (a range query then reads a few thousand
 rows instead of a million events). It never touches the writer: it reads each audit chain
 (decision 0021) past its watermark, ``seq > usage_chains.seq``, in primary-key order, and
-adds the counts and moves the watermark **in one transaction**, so an event is counted once
+adds the counts (one ``INSERT … SELECT … GROUP BY … ON CONFLICT DO UPDATE`` per table: the
+database aggregates) and moves the watermark **in one transaction**, so an event is counted once
 even across crashes. The watermark row is updated first and only if it still holds the value
 read (``WHERE seq = :old``): when two replicas tick at once, the second one's update finds
 nothing to change (PostgreSQL makes it wait for the first one's commit) and it rolls back.
@@ -25,15 +26,25 @@ while the rollup keeps up; :meth:`UsageRollup.catch_up` runs ticks until nothing
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Table,
+    cast,
+    delete,
+    extract,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenward.audit.tables import LEGACY_CHAIN, audit_chain_checkpoints, audit_events
 from tokenward.usage.tables import usage_chains, usage_hours, usage_minutes
@@ -45,8 +56,6 @@ ACTIVE_FOR = timedelta(days=1)
 #: checkpoints newer than the last discovery minus this name chains to read
 DISCOVERY_MARGIN = timedelta(minutes=5)
 PRUNE_EVERY = timedelta(minutes=10)
-
-Key = tuple[int, str, str, str, str]  # bucket, project, token, decision, reason
 
 
 def epoch_minute(at: datetime) -> int:
@@ -160,68 +169,77 @@ class UsageRollup:
             return [(r.chain_id, r.seq) for r in (await conn.execute(query)).all()]
 
     # -- counting ------------------------------------------------------------------------
+    def _epoch_seconds(self) -> ColumnElement[Any]:
+        """The event's time in whole seconds since 1970, in SQL (the database counts)."""
+        at = audit_events.c.at
+        if self.engine.dialect.name == "postgresql":
+            return cast(func.floor(extract("epoch", at)), BigInteger)
+        return cast(func.strftime("%s", at), BigInteger)
+
     async def _roll_chain(self, chain_id: str, seq: int, budget: int, now: datetime) -> int:
         e = audit_events.c
-        query = (
-            select(e.seq, e.at, e.kind, e.project_id, e.token_id, e.decision, e.reason)
+        window = (
+            select(e.seq)
             .where(e.chain_id == chain_id, e.seq > seq)
             .order_by(e.seq)
             .limit(budget)
+            .subquery()
         )
+        span = select(func.count(), func.max(window.c.seq))
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        if not rows:
+            read, last = (await conn.execute(span)).one()
+        if not read:
             return 0
-        minutes: Counter[Key] = Counter()
-        hours: Counter[Key] = Counter()
-        for r in rows:
-            if r.kind != "access" or r.decision is None:
-                continue
-            minute = epoch_minute(r.at)
-            rest = (r.project_id or "", r.token_id or "", r.decision, r.reason or "")
-            minutes[(minute, *rest)] += 1
-            hours[(minute // 60, *rest)] += 1
         async with self.engine.begin() as conn:
             moved = await conn.execute(
                 update(usage_chains)
                 .where(usage_chains.c.chain_id == chain_id, usage_chains.c.seq == seq)
-                .values(seq=rows[-1].seq, updated_at=now)
+                .values(seq=last, updated_at=now)
             )
             if moved.rowcount != 1:  # another replica counted these meanwhile
                 await conn.rollback()
                 return 0
-            await self._add(conn, usage_minutes, "minute", minutes)
-            await self._add(conn, usage_hours, "hour", hours)
-        return len(rows)
+            for table, bucket, seconds in (
+                (usage_minutes, "minute", 60),
+                (usage_hours, "hour", 3600),
+            ):
+                await conn.execute(self._count(table, bucket, seconds, chain_id, seq, last))
+        return int(read)
+
+    def _count(
+        self, table: Table, bucket: str, seconds: int, chain_id: str, lo: int, hi: int
+    ) -> Any:
+        """``INSERT … SELECT … GROUP BY … ON CONFLICT`` adding the events ``(lo, hi]`` of a
+        chain to ``table``: the database aggregates, nothing is carried through Python."""
+        e = audit_events.c
+        keys = (
+            (self._epoch_seconds() // seconds).label(bucket),
+            func.coalesce(e.project_id, "").label("project_id"),
+            func.coalesce(e.token_id, "").label("token_id"),
+            e.decision.label("decision"),
+            func.coalesce(e.reason, "").label("reason"),
+        )
+        source = (
+            select(*keys, func.count().label("count"))
+            .where(
+                e.chain_id == chain_id,
+                e.seq > lo,
+                e.seq <= hi,
+                e.kind == "access",
+                e.decision.is_not(None),
+            )
+            .group_by(*keys)
+        )
+        columns = [bucket, "project_id", "token_id", "decision", "reason", "count"]
+        stmt = self._insert(table).from_select(columns, source)
+        return stmt.on_conflict_do_update(
+            index_elements=["project_id", bucket, "token_id", "decision", "reason"],
+            set_={"count": table.c["count"] + stmt.excluded["count"]},
+        )
 
     def _insert(self, table: Any) -> Any:
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         return dialect.insert(table)
-
-    async def _add(
-        self, conn: AsyncConnection, table: Any, bucket: str, counts: Counter[Key]
-    ) -> None:
-        if not counts:
-            return
-        stmt = self._insert(table)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["project_id", bucket, "token_id", "decision", "reason"],
-            set_={"count": table.c["count"] + stmt.excluded["count"]},
-        )
-        await conn.execute(
-            stmt,
-            [
-                {
-                    bucket: key[0],
-                    "project_id": key[1],
-                    "token_id": key[2],
-                    "decision": key[3],
-                    "reason": key[4],
-                    "count": n,
-                }
-                for key, n in sorted(counts.items())
-            ],
-        )
 
     # -- bounds --------------------------------------------------------------------------
     async def prune(self, now: datetime) -> None:

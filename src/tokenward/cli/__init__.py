@@ -12,6 +12,7 @@ handler, output helpers, the admin client):
 ``audit``                 ``audit list|tail|export|verify|prune``
 ``alerts``                ``alerts list|show|ack``
 ``users``                 ``user …`` (dashboard users, on the database directly)
+``usage``                 ``usage`` (requests, allowed and denied by reason, over a range)
 ========================  ===============================================================
 
 Admin commands talk to a running server: ``TOKENWARD_URL`` and ``TOKENWARD_ADMIN_TOKEN``.
@@ -29,6 +30,7 @@ from tokenward.cli.projects import project_app
 from tokenward.cli.server import init, serve
 from tokenward.cli.tokens import token_app
 from tokenward.cli.trust import trust_app
+from tokenward.cli.usage import usage
 from tokenward.cli.users import user_app
 
 app = typer.Typer(
@@ -45,6 +47,7 @@ app.add_typer(trust_app, name="trust")
 app.add_typer(audit_app, name="audit")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(user_app, name="user")
+app.command()(usage)
 
 
 def main() -> None:

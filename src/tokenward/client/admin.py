@@ -192,6 +192,11 @@ class AdminClient:
     def ack_alert(self, alert_id: str, note: str = "") -> dict[str, Any]:
         return dict(self.request("POST", f"/v1/alerts/{alert_id}/ack", json={"note": note}))
 
+    def usage(self, **params: Any) -> dict[str, Any]:
+        """``GET /v1/usage``: counts per bucket (``from`` is a parameter name of its own)."""
+        query = {k.rstrip("_"): v for k, v in params.items() if v is not None}
+        return dict(self.request("GET", "/v1/usage", params=query))
+
     def quarantine_token(self, token_id: str, reason: str) -> dict[str, Any]:
         path = f"/v1/tokens/{token_id}/quarantine"
         return dict(self.request("POST", path, json={"reason": reason}))

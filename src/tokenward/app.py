@@ -152,7 +152,7 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         metrics=metrics,
         usage=UsageRollup(
             engine,
-            verifier.clock,
+            lambda: verifier.clock(),
             interval=settings.usage_rollup_seconds,
             minute_days=settings.usage_minute_days,
             hour_days=settings.usage_hour_days,

@@ -43,7 +43,7 @@ def usage(
         except ValueError as exc:
             fail(f"--last: {exc}", 2, as_json=as_json, error="usage_error")
         end = datetime.now(UTC)
-        since, until = (end - span).isoformat(), until or end.isoformat()
+        since = (end - span).isoformat()
     params: dict[str, Any] = {
         "project": project,
         "token": token,

@@ -30,7 +30,13 @@ def install(app: FastAPI) -> None:
     from fastapi.responses import Response
     from fastapi.staticfiles import StaticFiles
 
-    from tokenward.dashboard import routes_admin, routes_alerting, routes_auth, routes_tokens
+    from tokenward.dashboard import (
+        routes_admin,
+        routes_alerting,
+        routes_auth,
+        routes_tokens,
+        routes_usage,
+    )
     from tokenward.dashboard.web import HERE, PREFIX, PageError, Redirect, redirect, render
 
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -38,6 +44,7 @@ def install(app: FastAPI) -> None:
     router.include_router(routes_tokens.router)
     router.include_router(routes_admin.router)
     router.include_router(routes_alerting.router)
+    router.include_router(routes_usage.router)
     app.include_router(router)
     app.mount(PREFIX + "/static", StaticFiles(directory=HERE / "static"), name="dashboard-static")
 

@@ -4,10 +4,27 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Protocol
 
 from markupsafe import Markup, escape
 
-from tokenward.dashboard.activity import Bucket
+
+class Bucket(Protocol):
+    """What a bar shows: the dashboard's hourly counts and the usage report's buckets."""
+
+    @property
+    def start(self) -> datetime: ...
+
+    @property
+    def allowed(self) -> int: ...
+
+    @property
+    def denied(self) -> Mapping[str, int]: ...
+
+    @property
+    def denied_total(self) -> int: ...
+
 
 #: Colour classes (app.css) for token states, in display order.
 STATE_ORDER = ["active", "not_yet_valid", "rotated_in_grace", "expired", "rotated", "revoked"]
@@ -22,7 +39,9 @@ def _svg(width: int, height: int, label: str, body: str) -> Markup:
     )
 
 
-def activity_bars(buckets: Sequence[Bucket], label: str, *, hours: bool = True) -> Markup:
+def activity_bars(
+    buckets: Sequence[Bucket], label: str, *, hours: bool = True, when_format: str | None = None
+) -> Markup:
     """Stacked bars per bucket: allowed (bottom) and denied (top)."""
     width, height, top = 480, 120, 6
     n = max(len(buckets), 1)
@@ -36,8 +55,9 @@ def activity_bars(buckets: Sequence[Bucket], label: str, *, hours: bool = True) 
         x = i * slot + (slot - bar) / 2
         allowed_h = (height - top) * b.allowed / peak
         denied_h = (height - top) * b.denied_total / peak
-        when = b.start.strftime("%H:%M" if hours else "%d %b")
-        reasons = ", ".join(f"{r} {c}" for r, c in b.denied.most_common())
+        when = b.start.strftime(when_format or ("%H:%M" if hours else "%d %b"))
+        ordered = sorted(b.denied.items(), key=lambda rc: (-rc[1], rc[0]))
+        reasons = ", ".join(f"{r} {c}" for r, c in ordered)
         tip = f"{when}: {b.allowed} allowed, {b.denied_total} denied" + (
             f" ({reasons})" if reasons else ""
         )

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenward.errors import Invalid
 from tokenward.store.tables import tokens
-from tokenward.usage.tables import usage_hours, usage_minutes
+from tokenward.usage.tables import PROJECT_TOTAL, usage_hours, usage_minutes
 
 Granularity = Literal["minute", "hour", "day"]
 GRANULARITIES: dict[str, int] = {"minute": 60, "hour": 3600, "day": 86400}
@@ -107,11 +107,13 @@ def _floor(at: datetime, step: int) -> int:
 def resolve_range(
     granularity: str, start: datetime | None, end: datetime | None, now: datetime
 ) -> tuple[datetime, datetime]:
-    """The range ``[start, end)`` widened to whole buckets; checked and bounded."""
+    """The range ``[start, end)`` widened to whole buckets; checked and bounded. Without an
+    ``end``, the range ends with the bucket that holds ``now``."""
     if granularity not in GRANULARITIES:
         raise Invalid("invalid_granularity", "granularity must be minute, hour or day")
     step = GRANULARITIES[granularity]
-    end = end or now
+    if end is None:  # up to now, the current bucket included
+        end = datetime.fromtimestamp(_floor(now, step) + step, UTC)
     start = start or end - DEFAULT_SPAN[granularity]
     if start.tzinfo is None or end.tzinfo is None:
         raise Invalid("invalid_time_range", "from and to need a time zone (e.g. Z)")
@@ -152,13 +154,15 @@ async def usage(
     )
     if filters.project_ids is not None:
         query = query.where(c.project_id.in_(list(filters.project_ids)))
-    if filters.token_id is not None:
-        query = query.where(c.token_id == filters.token_id)
     if filters.identity_id is not None:
         if not identities_supported():
             raise Invalid("invalid_request", "this server has no identities")
         owned = select(tokens.c.id).where(tokens.c["identity_id"] == filters.identity_id)
         query = query.where(c.token_id.in_(owned))
+    if filters.token_id is not None:
+        query = query.where(c.token_id == filters.token_id)
+    elif filters.identity_id is None:  # a project's (or every project's) totals
+        query = query.where(c.token_id == PROJECT_TOTAL)
     query = query.group_by(bucket, c.decision, c.reason)
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()

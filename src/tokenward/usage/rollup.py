@@ -39,6 +39,7 @@ from sqlalchemy import (
     delete,
     extract,
     func,
+    literal,
     or_,
     select,
     update,
@@ -47,7 +48,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenward.audit.tables import LEGACY_CHAIN, audit_chain_checkpoints, audit_events
-from tokenward.usage.tables import usage_chains, usage_hours, usage_minutes
+from tokenward.usage.tables import PROJECT_TOTAL, usage_chains, usage_hours, usage_minutes
 
 log = structlog.get_logger("tokenward.usage")
 
@@ -203,19 +204,30 @@ class UsageRollup:
                 (usage_minutes, "minute", 60),
                 (usage_hours, "hour", 3600),
             ):
-                await conn.execute(self._count(table, bucket, seconds, chain_id, seq, last))
+                for per_token in (True, False):
+                    statement = self._count(table, bucket, seconds, chain_id, seq, last, per_token)
+                    await conn.execute(statement)
         return int(read)
 
     def _count(
-        self, table: Table, bucket: str, seconds: int, chain_id: str, lo: int, hi: int
+        self,
+        table: Table,
+        bucket: str,
+        seconds: int,
+        chain_id: str,
+        lo: int,
+        hi: int,
+        per_token: bool,
     ) -> Any:
         """``INSERT … SELECT … GROUP BY … ON CONFLICT`` adding the events ``(lo, hi]`` of a
-        chain to ``table``: the database aggregates, nothing is carried through Python."""
+        chain to ``table``, per token or as the project's total (token ``*``): the database
+        aggregates, nothing is carried through Python."""
         e = audit_events.c
+        token = func.coalesce(e.token_id, "") if per_token else literal(PROJECT_TOTAL)
         keys = (
             (self._epoch_seconds() // seconds).label(bucket),
             func.coalesce(e.project_id, "").label("project_id"),
-            func.coalesce(e.token_id, "").label("token_id"),
+            token.label("token_id"),
             e.decision.label("decision"),
             func.coalesce(e.reason, "").label("reason"),
         )
@@ -233,7 +245,7 @@ class UsageRollup:
         columns = [bucket, "project_id", "token_id", "decision", "reason", "count"]
         stmt = self._insert(table).from_select(columns, source)
         return stmt.on_conflict_do_update(
-            index_elements=["project_id", bucket, "token_id", "decision", "reason"],
+            index_elements=["project_id", "token_id", bucket, "decision", "reason"],
             set_={"count": table.c["count"] + stmt.excluded["count"]},
         )
 

@@ -26,11 +26,10 @@ def _counts(name: str, bucket: str) -> None:
         sa.Column("reason", sa.String(64), nullable=False),
         sa.Column("count", sa.BigInteger, nullable=False),
         sa.PrimaryKeyConstraint(
-            "project_id", bucket, "token_id", "decision", "reason", name=f"pk_{name}"
+            "project_id", "token_id", bucket, "decision", "reason", name=f"pk_{name}"
         ),
     )
     op.create_index(f"ix_{name}_token", name, ["token_id", bucket])
-    op.create_index(f"ix_{name}_{bucket}", name, [bucket])
 
 
 def upgrade() -> None:

@@ -8,9 +8,9 @@ from datetime import timedelta
 
 import pytest
 
-from tokenward.anomaly.webhooks import SIGNATURE_HEADER, verify_signature
 from tokenward.events import SecurityEvent
 from tokenward.tokens.format import generate_token
+from tokenward.webhooks.signing import verify_signature
 
 
 class Receiver:
@@ -109,12 +109,13 @@ async def test_brute_force_alerts_signs_webhook_and_blocks_the_network(services,
     # The network is refused now, even with a valid token; other networks are not.
     assert (await verify(api, good["token"], ip="203.0.113.200"))["reason"] == "ip_blocked"
     assert (await verify(api, good["token"], ip="198.51.100.1"))["valid"] is True
-    await services.anomaly.webhooks.drain()
+    await services.webhooks.drain()
     headers, body = receiver.requests[0]
-    assert verify_signature(secret, headers[SIGNATURE_HEADER.lower()], body)
-    assert not verify_signature("whsec_wrong", headers[SIGNATURE_HEADER.lower()], body)
-    assert json.loads(body)["alert"]["id"] == alert["id"]
-    assert headers["x-tokenward-delivery"] == alert["id"]
+    assert verify_signature(secret, body, headers)
+    assert not verify_signature("whsec_wrong", body, headers)
+    assert json.loads(body)["type"] == "alert.raised"
+    assert json.loads(body)["data"]["alert"]["id"] == alert["id"]
+    assert headers["webhook-id"].startswith("msg_")
     # An admin lifts the block.
     [block] = (await api.get("/v1/ip-blocks")).json()["blocks"]
     assert block["alert_id"] == alert["id"]
@@ -144,7 +145,7 @@ async def test_leaked_token_use_after_revoke_and_rotation(services, api, receive
     found = await alerts(api, detector="leaked_token")
     assert {a["token_id"] for a in found} == {token["id"], other["id"]}
     assert {a["severity"] for a in found} == {"critical"}
-    await services.anomaly.webhooks.drain()
+    await services.webhooks.drain()
     assert len(receiver.requests) == 2
 
 
@@ -227,8 +228,8 @@ async def test_canary_use_is_a_critical_alert(services, api, receiver):
     [alert] = await alerts(api, detector="canary")
     assert alert["severity"] == "critical" and alert["token_id"] == canary["id"]
     assert alert["client_ip"] == "192.0.2.66" and alert["evidence"]["name"] == "aws-backup-key"
-    await services.anomaly.webhooks.drain()
-    assert json.loads(receiver.requests[0][1])["alert"]["detector"] == "canary"
+    await services.webhooks.drain()
+    assert json.loads(receiver.requests[0][1])["data"]["alert"]["detector"] == "canary"
 
 
 async def test_security_events_become_alerts(services, api):
@@ -250,19 +251,19 @@ async def test_security_events_become_alerts(services, api):
 async def test_webhook_is_retried_with_backoff_and_logged(services, api):
     receiver = await Receiver(statuses=[500, 503, 200]).start()
     try:
-        services.anomaly.webhooks.backoff = 0.01
+        services.webhooks.backoff = 0.01
         await configure(api, {"webhook_url": receiver.url})
         canary = await new_token(api, kind="canary")
         await verify(api, canary["token"])
-        await services.anomaly.webhooks.drain()
+        await services.webhooks.drain()
         [alert] = await alerts(api, detector="canary")
         detail = (await api.get(f"/v1/alerts/{alert['id']}")).json()
-        assert [(d["attempt"], d["status_code"], d["delivered"]) for d in detail["deliveries"]] == [
-            (1, 500, False),
-            (2, 503, False),
-            (3, 200, True),
-        ]
-        assert [h["x-tokenward-attempt"] for h, _ in receiver.requests] == ["1", "2", "3"]
+        [delivery] = detail["deliveries"]
+        assert delivery["status"] == "delivered" and delivery["attempts"] == 3
+        assert delivery["last_status"] == 200 and delivery["type"] == "alert.raised"
+        # one webhook-id on every attempt: receivers drop duplicates
+        assert {h["webhook-id"] for h, _ in receiver.requests} == {delivery["id"]}
+        assert len(receiver.requests) == 3
     finally:
         receiver.server.close()
 

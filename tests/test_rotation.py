@@ -10,8 +10,8 @@ from sqlalchemy import text
 
 from tests.webhook_receiver import Receiver
 from tokenward.oauth.rotation import LOCK_KEY
-from tokenward.oauth.webhooks import verify_signature
 from tokenward.tokens.model import Reason
+from tokenward.webhooks.signing import verify_signature
 
 
 async def tick(services, scheduler, when):
@@ -31,6 +31,7 @@ def receiver():
 def scheduler(services):
     scheduler = services.sessions.scheduler
     scheduler.sender.backoff = 0.01
+    scheduler.sender.max_attempts = 3  # TOKENWARD_WEBHOOK_MAX_ATTEMPTS (the sender is shared)
     return scheduler
 
 
@@ -63,12 +64,10 @@ async def test_rotation_delivers_a_signed_successor_and_keeps_the_old_one_in_gra
     report = await tick(services, scheduler, due)
     assert report.rotated == [key["id"]]
     [delivery] = receiver.received
-    assert delivery["headers"]["Tokenward-Event"] == "token.rotated"
-    assert verify_signature(secret, delivery["raw"], delivery["headers"]["Tokenward-Signature"])
-    assert not verify_signature(
-        "whsec_wrong", delivery["raw"], delivery["headers"]["Tokenward-Signature"]
-    )
-    payload = delivery["body"]
+    assert delivery["body"]["type"] == "token.rotated"
+    assert verify_signature(secret, delivery["raw"], delivery["headers"])
+    assert not verify_signature("whsec_wrong", delivery["raw"], delivery["headers"])
+    payload = delivery["body"]["data"]
     assert payload["previous_id"] == key["id"]
     new_token = payload["token"]
     verifier = services.verifier
@@ -120,7 +119,7 @@ async def test_failed_delivery_undoes_the_rotation(api, services, scheduler, rec
     due = services.verifier.clock() + timedelta(hours=23, seconds=1)
     report = await tick(services, scheduler, due)
     assert report.failed == [key["id"]] and len(receiver.received) == 3
-    undelivered = receiver.received[0]["body"]["token"]
+    undelivered = receiver.received[0]["body"]["data"]["token"]
     assert (await services.verifier.verify(undelivered)).reason is Reason.REVOKED
     old = await services.store.get_token(key["id"])
     assert old.replaced_by is None and old.grace_until is None
@@ -225,7 +224,7 @@ async def test_schedule_follows_a_manual_rotation(api, services, scheduler, rece
     assert moved["token_id"] == manual["id"]
     report = await tick(services, scheduler, due + timedelta(days=1))
     assert report.rotated == [manual["id"]]
-    assert receiver.received[0]["body"]["previous_id"] == manual["id"]
+    assert receiver.received[0]["body"]["data"]["previous_id"] == manual["id"]
 
 
 async def test_no_expiry_warning_for_a_token_rotated_in_time(api, services, scheduler, receiver):
@@ -239,12 +238,13 @@ async def test_no_expiry_warning_for_a_token_rotated_in_time(api, services, sche
     )
     report = await tick(services, scheduler, services.verifier.clock())
     assert report.warned == []
-    await api.put(
+    rotation = await api.put(
         f"/v1/tokens/{key['id']}/rotation",
         json={"period": "5d", "grace": "1h", "webhook_url": receiver.url},
     )
     report = await tick(services, scheduler, services.verifier.clock())
     assert report.warned == [key["id"]]
     [delivery] = receiver.received
-    assert delivery["body"]["event"] == "token.expiring"
-    assert delivery["headers"]["Tokenward-Event"] == "token.expiring"
+    assert delivery["body"]["type"] == "token.expiring"
+    secret = rotation.json()["webhook_secret"]
+    assert verify_signature(secret, delivery["raw"], delivery["headers"])

@@ -25,7 +25,7 @@ async def test_server_rotates_due_tokens_by_itself(live):
         while not receiver.received and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert receiver.received, "the scheduler did not rotate the token"
-        delivered = receiver.received[0]["body"]
+        delivered = receiver.received[0]["body"]["data"]
         assert delivered["previous_id"] == key["id"]
         assert live.admin.verify(delivered["token"])["valid"]
         assert live.admin.verify(key["token"])["valid"]  # in its grace window

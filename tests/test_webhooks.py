@@ -1,4 +1,5 @@
-"""Webhook signatures, sealed signing secrets, and the GitHub Actions identity helper."""
+"""Webhook signatures (Standard Webhooks), sealed signing secrets, webhook URLs, and the
+GitHub Actions identity helper."""
 
 from __future__ import annotations
 
@@ -6,35 +7,82 @@ import json
 import secrets
 import threading
 import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import standardwebhooks
 
 from tokenward.client import github_actions_identity, verify_webhook_signature
-from tokenward.oauth.webhooks import SecretBox, check_webhook_url, sign
+from tokenward.sealing import Sealer, SealError
 from tokenward.tokens.hashing import ServerKey, TokenHasher
+from tokenward.webhooks.signing import (
+    check_webhook_url,
+    new_webhook_secret,
+    sign,
+    signed_headers,
+)
+
+#: the specification's published test vector
+VECTOR = {
+    "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    "id": "msg_p5jXN8AQM9LWM0D4loKWxJek",
+    "timestamp": 1614265330,
+    "body": b'{"test": 2432232314}',
+    "signature": "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+}
+
+
+def test_signature_matches_the_specification_test_vector():
+    v = VECTOR
+    assert sign(v["secret"], v["id"], v["timestamp"], v["body"]) == v["signature"]
+    headers = {
+        "webhook-id": v["id"],
+        "webhook-timestamp": str(v["timestamp"]),
+        "webhook-signature": "v1,bm9wZQ== " + v["signature"],  # any one of several matches
+    }
+    assert verify_webhook_signature(v["secret"], v["body"], headers, now=v["timestamp"])
+    assert not verify_webhook_signature(v["secret"], v["body"], headers, now=v["timestamp"] + 301)
+
+
+def test_the_reference_library_verifies_what_tokenward_signs():
+    for secret in (new_webhook_secret(), "whsec_" + secrets.token_hex(24)):  # new; old alerts
+        body = json.dumps({"type": "token.revoked", "data": {"token_id": "tok_x"}}).encode()
+        headers = signed_headers(secret, "msg_1", body)
+        assert standardwebhooks.Webhook(secret).verify(body, headers) is not None
+        signed = standardwebhooks.Webhook(secret).sign("msg_2", datetime.now(UTC), body.decode())
+        theirs = {"webhook-id": "msg_2", "webhook-timestamp": str(int(time.time()))}
+        assert verify_webhook_signature(secret, body, {**theirs, "webhook-signature": signed})
 
 
 def test_signature_round_trip_and_tampering():
-    body = b'{"event":"token.rotated"}'
-    now = int(time.time())
-    header = sign("whsec_a", body, now)
-    assert verify_webhook_signature("whsec_a", body, header)
-    assert not verify_webhook_signature("whsec_b", body, header)
-    assert not verify_webhook_signature("whsec_a", body + b" ", header)
-    assert not verify_webhook_signature("whsec_a", body, sign("whsec_a", body, now - 3600))
-    assert not verify_webhook_signature("whsec_a", body, "garbage")
-    assert not verify_webhook_signature("whsec_a", body, f"t={now}")
+    secret = new_webhook_secret()
+    assert secret.startswith("whsec_")
+    body = b'{"type":"token.rotated"}'
+    headers = signed_headers(secret, "msg_a", body)
+    assert verify_webhook_signature(secret, body, headers)
+    assert verify_webhook_signature(secret, body, {k.upper(): v for k, v in headers.items()})
+    assert not verify_webhook_signature(new_webhook_secret(), body, headers)
+    assert not verify_webhook_signature(secret, body + b" ", headers)
+    assert not verify_webhook_signature(secret, body, {**headers, "webhook-id": "msg_b"})
+    old = signed_headers(secret, "msg_a", body, int(time.time()) - 3600)
+    assert not verify_webhook_signature(secret, body, old)
+    for broken in (
+        {},
+        {**headers, "webhook-timestamp": "soon"},
+        {**headers, "webhook-signature": "x"},
+    ):
+        assert not verify_webhook_signature(secret, body, broken)
 
 
 def test_sealed_secrets_survive_server_key_rotation():
     old = ServerKey.from_bytes(secrets.token_bytes(32))
     new = ServerKey.from_bytes(secrets.token_bytes(32))
-    sealed = SecretBox(TokenHasher(old)).seal("whsec_x")
+    sealed = Sealer(TokenHasher(old), "webhook").seal("whsec_x")
     assert "whsec_x" not in sealed
-    assert SecretBox(TokenHasher(new, [old])).open(sealed) == "whsec_x"
-    with pytest.raises(KeyError):
-        SecretBox(TokenHasher(new)).open(sealed)
+    assert Sealer(TokenHasher(new, [old]), "webhook").open(sealed) == "whsec_x"
+    with pytest.raises(SealError):
+        Sealer(TokenHasher(new), "webhook").open(sealed)
 
 
 def test_webhook_urls():

@@ -17,13 +17,13 @@ from starlette.types import ASGIApp
 from tokenward import __version__, dashboard, redisconn
 from tokenward.anomaly.blocklist import IPBlocklist
 from tokenward.anomaly.engine import AnomalyEngine
-from tokenward.anomaly.store import AnomalyStore, SecretBox
-from tokenward.anomaly.webhooks import WebhookSender
+from tokenward.anomaly.store import AnomalyStore
 from tokenward.api import admin, health, oauth, observability, verification
 from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
 from tokenward.api import docs as api_docs
 from tokenward.api import usage as usage_api
+from tokenward.api import webhooks as webhooks_api
 from tokenward.api.contract import install_contract, operation_id
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.fastpath import FastPath, HotPath
@@ -42,6 +42,7 @@ from tokenward.limits import RateLimiter
 from tokenward.logs import access_log, configure_logging
 from tokenward.metrics import Metrics
 from tokenward.oauth.sessions import Sessions, build_sessions
+from tokenward.sealing import Sealer
 from tokenward.service import TokenService
 from tokenward.settings import Settings, load_hasher
 from tokenward.store.engine import create_engine, migrate
@@ -49,6 +50,9 @@ from tokenward.store.repository import TokenStore
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.usage import UsageRollup
 from tokenward.verify import Verifier
+from tokenward.webhooks.events import WebhookEvents
+from tokenward.webhooks.sender import WebhookSender
+from tokenward.webhooks.store import WebhookStore
 
 log = structlog.get_logger("tokenward")
 
@@ -74,6 +78,7 @@ class Services:
     anomaly: AnomalyEngine | None = None
     metrics: Metrics | None = None
     usage: UsageRollup | None = None
+    webhooks: WebhookSender | None = None
 
     async def close(self) -> None:
         await self.fanout.stop()
@@ -81,8 +86,8 @@ class Services:
         await self.limiter.aclose()
         if self.audit is not None:
             await self.audit.close()
-        if self.anomaly is not None:
-            await self.anomaly.webhooks.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
@@ -109,7 +114,18 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
     )
     await fanout.start()
     tokens = TokenService(store, hasher, verifier, events, on_change=fanout.publish)
-    sessions = build_sessions(settings, engine, tokens, events, redis)
+    webhooks = WebhookSender(
+        WebhookStore(engine),
+        Sealer(hasher, "webhook"),
+        lambda: verifier.clock(),
+        max_attempts=settings.webhook_max_attempts,
+        backoff=settings.webhook_backoff_seconds,
+        timeout=settings.webhook_timeout_seconds,
+        queue_size=settings.webhook_queue_size,
+        log_days=settings.webhook_log_days,
+    )
+    webhook_events = WebhookEvents(webhooks)
+    sessions = build_sessions(settings, engine, tokens, events, redis, webhooks)
     audit = AuditWriter(
         engine,
         ChainKeys.from_hasher(hasher),
@@ -128,12 +144,14 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         events.subscribe(metrics)
     anomaly = None
     if settings.anomaly_enabled:
-        anomaly = build_anomaly(settings, engine, hasher, verifier, tokens)
+        anomaly = build_anomaly(settings, engine, hasher, verifier, tokens, webhook_events)
         if metrics is not None:
             anomaly.on_alert = metrics.alert_raised
-            anomaly.webhooks.on_result = metrics.webhook_result
         await anomaly.refresh_blocks()
         events.subscribe(anomaly)
+    if metrics is not None:
+        webhooks.on_result = metrics.webhook_result
+    events.subscribe(webhook_events)
     services = Services(
         settings,
         engine,
@@ -150,6 +168,7 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         audit=audit,
         anomaly=anomaly,
         metrics=metrics,
+        webhooks=webhooks,
         usage=UsageRollup(
             engine,
             lambda: verifier.clock(),
@@ -169,20 +188,19 @@ def build_anomaly(
     hasher: TokenHasher,
     verifier: Verifier,
     tokens: TokenService,
+    webhooks: WebhookEvents,
 ) -> AnomalyEngine:
     anomaly_store = AnomalyStore(engine)
     never = [n.strip() for n in settings.anomaly_never_block.split(",") if n.strip()]
     blocklist = IPBlocklist(lambda: verifier.clock(), never)
     verifier.is_blocked = blocklist
-    webhooks = WebhookSender(
-        anomaly_store,
-        verifier.clock,
-        max_attempts=settings.webhook_max_attempts,
-        backoff=settings.webhook_backoff_seconds,
-        timeout=settings.webhook_timeout_seconds,
-    )
     return AnomalyEngine(
-        anomaly_store, tokens, blocklist, webhooks, SecretBox(hasher), lambda: verifier.clock()
+        anomaly_store,
+        tokens,
+        blocklist,
+        webhooks,
+        Sealer(hasher, "webhook"),
+        lambda: verifier.clock(),
     )
 
 
@@ -243,6 +261,8 @@ def create_app(
         ]
         if svc.usage is not None:
             background.append(asyncio.create_task(svc.usage.run_forever()))
+        if svc.webhooks is not None:
+            background.append(asyncio.create_task(svc.webhooks.run_forever()))
         if rotation is not None:
             background.append(rotation)
         try:
@@ -285,6 +305,7 @@ def create_app(
     app.include_router(audit_api.router)
     app.include_router(alerts_api.router)
     app.include_router(usage_api.router)
+    app.include_router(webhooks_api.router)
     app.include_router(observability.router)
     app.include_router(api_docs.router)
     dashboard.install(app)

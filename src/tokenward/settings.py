@@ -7,13 +7,14 @@ wins. README.md's configuration reference lists them all; a test keeps the two i
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tokenward.tokens.hashing import MIN_KEY_BYTES, ServerKey, TokenHasher
@@ -132,8 +133,12 @@ class Settings(BaseSettings):
         description="Warn this many days before a long-lived token expires (project policy "
         "may override).",
     )
-    webhook_attempts: int = Field(
-        3, ge=1, le=10, description="Delivery attempts of a webhook before it counts as failed."
+    webhook_attempts: int | None = Field(
+        None,
+        ge=1,
+        le=20,
+        description="Deprecated: use TOKENWARD_WEBHOOK_MAX_ATTEMPTS (read as it when that one "
+        "is not set; a warning is logged).",
     )
 
     gateway_config: Path | None = Field(
@@ -244,13 +249,27 @@ class Settings(BaseSettings):
         5.0, gt=0, description="How often each replica reloads the temporary IP blocks."
     )
     webhook_max_attempts: int = Field(
-        6, ge=1, le=20, description="Attempts per alert webhook before giving up."
+        6,
+        ge=1,
+        le=20,
+        description="Attempts per webhook delivery (every event, rotations too) before it "
+        "counts as failed.",
     )
     webhook_backoff_seconds: float = Field(
         1.0, gt=0, description="Wait before the first webhook retry; doubles each time."
     )
     webhook_timeout_seconds: float = Field(
         5.0, gt=0, le=60, description="Timeout of one webhook attempt, in seconds."
+    )
+    webhook_queue_size: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Pending deliveries kept per endpoint; beyond, new ones are recorded as "
+        "dropped.",
+    )
+    webhook_log_days: int = Field(
+        7, ge=1, le=365, description="Days finished webhook deliveries stay in the log."
     )
     usage_rollup_seconds: float = Field(
         2.0,
@@ -268,6 +287,18 @@ class Settings(BaseSettings):
     access_log: bool = Field(
         True, description="Log one JSON line per HTTP request (method, path, status, duration)."
     )
+
+    @model_validator(mode="after")
+    def _deprecated_webhook_attempts(self) -> Settings:
+        """``webhook_attempts`` (the rotation webhooks' own, before one sender) is read as
+        ``webhook_max_attempts`` when that one is not set."""
+        if self.webhook_attempts is not None:
+            logging.getLogger("tokenward").warning(
+                "TOKENWARD_WEBHOOK_ATTEMPTS is deprecated: use TOKENWARD_WEBHOOK_MAX_ATTEMPTS"
+            )
+            if "webhook_max_attempts" not in self.model_fields_set:
+                self.webhook_max_attempts = self.webhook_attempts
+        return self
 
     @field_validator("dashboard_login_rate", "dashboard_login_rate_ip")
     @classmethod

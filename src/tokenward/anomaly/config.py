@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
 
-from tokenward.oauth.webhooks import check_webhook_url
+from tokenward.webhooks.signing import check_webhook_url
 
 Severity = Literal["info", "warning", "critical"]
 

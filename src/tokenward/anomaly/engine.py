@@ -9,7 +9,8 @@ and cheap; only a finding costs I/O. A finding's response (per detector and proj
 * ``block_ip`` refuses the client's network for ``block_seconds`` (never loopback, by
   default, so a gateway in front cannot be locked out by the traffic it forwards); in one
   project only when the address was a project-bound caller's word (docs/anomaly.md);
-* ``webhook`` POSTs the alert, signed, retried in the background.
+* ``webhook`` queues an ``alert.raised`` webhook (:mod:`tokenward.webhooks`) for the
+  project's endpoints that want it and for the settings' ``webhook_url``, if set.
 
 A cooldown per detector and key (network, token) keeps one incident one alert. A failure
 while responding is logged and counted, never turned into a failed request.
@@ -36,9 +37,10 @@ from tokenward.anomaly.detectors import (
     ScopeProbingDetector,
     VolumeSpikeDetector,
 )
-from tokenward.anomaly.store import GLOBAL, Alert, AnomalyStore, SecretBox
-from tokenward.anomaly.webhooks import WebhookSender
+from tokenward.anomaly.store import GLOBAL, Alert, AnomalyStore
 from tokenward.events import AccessEvent, AdminEvent, SecurityEvent
+from tokenward.sealing import Sealer
+from tokenward.webhooks.events import WebhookEvents
 
 if TYPE_CHECKING:
     from tokenward.service import TokenService
@@ -52,8 +54,12 @@ class _Resolved:
     def __init__(self, config: AnomalyConfig, url: str | None, secret: str | None) -> None:
         self.config = config
         self.url = url
-        self.secret = secret
+        self.secret = secret  # sealed
         self.fresh_until = 0.0
+
+    def targets(self) -> list[tuple[str, str]]:
+        """The settings' own alert URL and its sealed secret, if both are set."""
+        return [(self.url, self.secret)] if self.url and self.secret else []
 
 
 class AnomalyEngine:
@@ -62,8 +68,8 @@ class AnomalyEngine:
         store: AnomalyStore,
         tokens: TokenService,
         blocklist: IPBlocklist,
-        webhooks: WebhookSender,
-        box: SecretBox,
+        webhooks: WebhookEvents,
+        box: Sealer,
         clock: Callable[[], datetime],
         *,
         config_ttl: float = 5.0,
@@ -106,7 +112,7 @@ class AnomalyEngine:
         resolved = _Resolved(
             config,
             str(config.webhook_url) if config.webhook_url else None,
-            self.box.open(sealed) if sealed else None,
+            sealed,
         )
         resolved.fresh_until = time.monotonic() + self.config_ttl
         self._configs[project_id] = resolved
@@ -206,7 +212,9 @@ class AnomalyEngine:
                     self.blocklist.add(block)
                     scoped = f"@{finding.block_project_id}" if finding.block_project_id else ""
                     alert.actions.append(f"block_ip:{network}{scoped}")
-            if Action.WEBHOOK in finding.actions and settings.url and settings.secret:
+            if Action.WEBHOOK in finding.actions and (
+                settings.targets() or await self.webhooks.wanted("alert.raised", alert.project_id)
+            ):
                 alert.actions.append("webhook")
             await self.store.insert_alert(alert)
         except Exception as exc:
@@ -223,8 +231,8 @@ class AnomalyEngine:
         )
         if self.on_alert is not None:
             self.on_alert(alert)
-        if "webhook" in alert.actions and settings.url and settings.secret:
-            self.webhooks.send(alert, settings.url, settings.secret)
+        if "webhook" in alert.actions:
+            await self.webhooks.alert(alert.public(), alert.project_id, settings.targets())
         return alert
 
     async def refresh_blocks(self) -> None:

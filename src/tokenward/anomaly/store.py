@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,7 +20,6 @@ from tokenward.anomaly.tables import (
 )
 from tokenward.errors import Invalid, refuse_pasted_tokens
 from tokenward.tokens.format import new_public_id
-from tokenward.tokens.hashing import TokenHasher
 
 GLOBAL = "*"
 
@@ -123,28 +118,6 @@ class IPBlock:
         }
 
 
-class SecretBox:
-    """Encrypts webhook signing secrets at rest with a key derived from the server key."""
-
-    def __init__(self, hasher: TokenHasher) -> None:
-        self._fernets = [Fernet(base64.urlsafe_b64encode(_derive(k.secret))) for k in hasher.keys]
-
-    def seal(self, plain: str) -> str:
-        return self._fernets[0].encrypt(plain.encode()).decode()
-
-    def open(self, sealed: str) -> str | None:
-        for fernet in self._fernets:
-            try:
-                return fernet.decrypt(sealed.encode()).decode()
-            except InvalidToken:
-                continue
-        return None
-
-
-def _derive(key: bytes) -> bytes:
-    return hmac.new(key, b"tokenward-webhook-secret-v1", hashlib.sha256).digest()
-
-
 def _cursor(alert: Alert) -> str:
     return f"{int(alert.created_at.timestamp() * 1_000_000)}.{alert.id}"
 
@@ -226,32 +199,9 @@ class AnomalyStore:
         return await self.get_alert(alert_id)
 
     # -- webhook deliveries ---------------------------------------------------------------
-    async def log_delivery(
-        self,
-        alert: Alert,
-        url: str,
-        attempt: int,
-        at: datetime,
-        status_code: int | None,
-        error: str | None,
-        delivered: bool,
-    ) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                insert(webhook_deliveries).values(
-                    id=new_public_id("whd"),
-                    alert_id=alert.id,
-                    project_id=alert.project_id,
-                    url=url[:2048],
-                    attempt=attempt,
-                    at=at,
-                    status_code=status_code,
-                    error=error[:300] if error else None,
-                    delivered=1 if delivered else 0,
-                )
-            )
-
     async def deliveries(self, alert_id: str) -> list[dict[str, Any]]:
+        """Deliveries logged by the alert webhooks before the one webhook sender (their
+        history; new deliveries are in ``webhook_messages``, see :mod:`tokenward.webhooks`)."""
         c = webhook_deliveries.c
         query = select(webhook_deliveries).where(c.alert_id == alert_id).order_by(c.attempt)
         async with self.engine.connect() as conn:

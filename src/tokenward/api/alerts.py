@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import secrets
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
@@ -26,6 +25,7 @@ from tokenward.clientip import parse_ip
 from tokenward.errors import Forbidden, Invalid, NotFound, Unavailable
 from tokenward.service import TokenService
 from tokenward.tokens.model import TokenRecord
+from tokenward.webhooks.signing import new_webhook_secret
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(printable_parameters)])
 
@@ -176,6 +176,9 @@ async def get_alert(alert_id: Id, actor: AdminRead, request: Request) -> Any:
     """One alert, with its webhook delivery log."""
     alert = await _visible_alert(request, actor, alert_id)
     deliveries = await _engine(request).store.deliveries(alert.id)
+    sender = request.app.state.services.webhooks
+    if sender is not None:
+        deliveries += [m.public() for m in await sender.store.messages(subject=alert.id)]
     return {**alert.public(), "deliveries": deliveries}
 
 
@@ -311,7 +314,7 @@ async def put_settings(
     _, sealed = await engine.store.get_settings(scope)
     new_secret = None
     if overrides.get("webhook_url") and (sealed is None or rotate_webhook_secret):
-        new_secret = "whsec_" + secrets.token_hex(24)
+        new_secret = new_webhook_secret()
         sealed = engine.box.seal(new_secret)
     await engine.store.put_settings(scope, overrides, sealed, engine.clock())
     engine.forget_settings()

@@ -31,6 +31,7 @@ from pydantic.json_schema import models_json_schema
 from tokenward.anomaly.config import AnomalyConfig
 from tokenward.api import responses as r
 from tokenward.api import usage as usage_api
+from tokenward.api import webhooks as webhooks_api
 from tokenward.api.schemas import HTTPS_URL_PATTERN
 
 JSON = "application/json"
@@ -87,6 +88,12 @@ OPERATIONS: dict[str, Operation] = {
     "get_settings": Operation(200, r.AnomalySettings, (404,)),
     "put_settings": Operation(200, r.AnomalySettings, (404,)),
     "get_usage": Operation(200, usage_api.UsageReport, (404,)),
+    "add_webhook": Operation(201, webhooks_api.WebhookCreated, (404,)),
+    "list_webhooks": Operation(200, webhooks_api.WebhookList, (404,)),
+    "get_webhook": Operation(200, webhooks_api.Webhook, (404,)),
+    "remove_webhook": Operation(204, None, (404,)),
+    "test_webhook": Operation(200, webhooks_api.WebhookDelivery, (404,)),
+    "list_webhook_deliveries": Operation(200, webhooks_api.WebhookDeliveries, (404,)),
 }
 
 _AUTHENTICATED = (401, 403, 429, 503)

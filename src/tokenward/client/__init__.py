@@ -3,7 +3,7 @@
 from tokenward.client.admin import AdminAPIError, AdminClient
 from tokenward.client.auth import TokenwardAuth, TokenwardAuthError
 from tokenward.client.oauth import exchange_token, github_actions_identity
-from tokenward.oauth.webhooks import verify_signature as verify_webhook_signature
+from tokenward.webhooks.signing import verify_signature as verify_webhook_signature
 
 __all__ = [
     "AdminAPIError",

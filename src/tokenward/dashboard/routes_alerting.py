@@ -6,7 +6,6 @@ its own model before they are stored; every replica picks them up within its set
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,8 +14,7 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData
 
 from tokenward.anomaly.config import DETECTORS, Action, AnomalyConfig, effective
-from tokenward.anomaly.store import GLOBAL, Alert, SecretBox
-from tokenward.anomaly.webhooks import WebhookSender
+from tokenward.anomaly.store import GLOBAL, Alert
 from tokenward.dashboard.web import (
     checked_form,
     dash,
@@ -29,6 +27,9 @@ from tokenward.dashboard.web import (
     url,
 )
 from tokenward.events import AdminEvent
+from tokenward.sealing import Sealer
+from tokenward.webhooks.sender import new_message_id
+from tokenward.webhooks.signing import new_webhook_secret
 
 router = APIRouter()
 
@@ -153,8 +154,8 @@ async def save_webhook(request: Request) -> Response:
         return await settings_response(request, 422, error=f"Not saved: {reason}.")
     new_secret = None
     if webhook_url and (sealed is None or form_text(form, "new_secret", 4) == "on"):
-        new_secret = "whsec_" + secrets.token_urlsafe(32)
-        sealed = SecretBox(services_of(request).hasher).seal(new_secret)
+        new_secret = new_webhook_secret()
+        sealed = Sealer(services_of(request).hasher, "webhook").seal(new_secret)
     await _save(request, config, sealed)
     await _event(request, "webhook", {"url_set": webhook_url is not None})
     if new_secret:
@@ -172,7 +173,7 @@ async def test_webhook(request: Request) -> Response:
     require_owner(session.user)
     services = services_of(request)
     stored, sealed = await dash(request).alerts.get_settings(GLOBAL)
-    secret = SecretBox(services.hasher).open(sealed) if sealed else None
+    secret = Sealer(services.hasher, "webhook").open(sealed) if sealed else None
     webhook_url = stored.get("webhook_url")
     if not webhook_url or not secret:
         return await settings_response(request, 422, error="Set a webhook URL first.")
@@ -182,21 +183,12 @@ async def test_webhook(request: Request) -> Response:
         f"Test delivery requested by {session.user.login} in the dashboard",
         services.verifier.clock(),
     )
-    # One attempt, answered while the person waits (alerts themselves are retried).
-    sender = WebhookSender(
-        dash(request).alerts,
-        services.verifier.clock,
-        max_attempts=1,
-        backoff=1.0,
-        timeout=services.settings.webhook_timeout_seconds,
-    )
-    try:
-        delivered = await sender.deliver(alert, webhook_url, secret)
-    finally:
-        await sender.close()
-    deliveries = await dash(request).alerts.deliveries(alert.id)
-    last = deliveries[-1] if deliveries else {}
-    code = last.get("status_code")
-    outcome = f"HTTP {code}" if code else str(last.get("error") or "no answer")
+    # One attempt, answered while the person waits (alerts themselves are queued, retried).
+    sender = services.webhooks
+    assert sender is not None
+    body = sender.body("alert.raised", {"alert": alert.public(), "test": True}, alert.created_at)
+    code, error = await sender.post(webhook_url, secret, new_message_id(), body)
+    delivered = error is None
+    outcome = f"HTTP {code}" if code else str(error or "no answer")
     message = f"Test alert {'delivered' if delivered else 'NOT delivered'}: {outcome}"
     return await settings_response(request, 200 if delivered else 502, webhook_result=message)

@@ -5,7 +5,6 @@
 * :mod:`.dpop`      — RFC 9449 sender-constrained tokens (proof checking, replay cache)
 * :mod:`.policy`    — per-project policy (lifetime cap, access-token lifetime, DPoP required)
 * :mod:`.rotation`  — the automatic rotation scheduler and expiry warnings
-* :mod:`.webhooks`  — HMAC-signed webhook delivery
 * :mod:`.store`     — the tables and queries behind all of the above
 
 This package's ``__init__`` imports nothing, so the verifier can use :mod:`.dpop` without

@@ -13,11 +13,12 @@ from tokenward.events import AdminEvent, EventBus, current_request
 from tokenward.oauth.identity import check_issuer_url
 from tokenward.oauth.policy import PolicyStore, ProjectPolicy
 from tokenward.oauth.store import Rotation, SessionStore, TrustPolicy
-from tokenward.oauth.webhooks import SecretBox, check_webhook_url, new_webhook_secret
+from tokenward.sealing import Sealer
 from tokenward.service import TokenService
 from tokenward.tokens.format import new_public_id
 from tokenward.tokens.model import TokenKind, TokenRecord, TokenState
 from tokenward.tokens.scopes import is_narrower, validate_scopes
+from tokenward.webhooks.signing import check_webhook_url, new_webhook_secret
 
 MIN_PERIOD = timedelta(minutes=1)
 
@@ -28,7 +29,7 @@ class SessionAdmin:
         tokens: TokenService,
         sessions: SessionStore,
         policies: PolicyStore,
-        box: SecretBox,
+        box: Sealer,
         events: EventBus,
     ) -> None:
         self.tokens = tokens

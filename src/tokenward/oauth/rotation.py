@@ -8,9 +8,11 @@ A tick:
 
 1. rotates each token whose rotation is due (``period - grace`` after it was created): the
    successor is created through :meth:`TokenService.rotate_token`, delivered to the webhook
-   (signed, retried), and only then kept. When delivery fails the successor is revoked, the
-   predecessor keeps its full life, a ``rotation_delivery_failed`` security event is raised
-   and the rotation is retried later with backoff: a secret is never minted into the void;
+   (signed and retried by the one webhook sender, :meth:`WebhookSender.deliver_now`: in
+   memory, since the body holds the new token), and only then kept. When delivery fails
+   the successor is revoked, the predecessor keeps its full life, a
+   ``rotation_delivery_failed`` security event is raised and the rotation is retried
+   later with backoff: a secret is never minted into the void;
 2. retires a predecessor early once it has seen no traffic for the rotation's quiet period;
 3. warns (security event ``token_expiring`` and the token's webhook) once, N days before a
    long-lived token expires;
@@ -33,9 +35,10 @@ from tokenward.errors import TokenwardError
 from tokenward.events import AdminEvent, EventBus, SecurityEvent
 from tokenward.oauth.policy import PolicyStore
 from tokenward.oauth.store import Rotation, SessionStore
-from tokenward.oauth.webhooks import SecretBox, WebhookSender
+from tokenward.sealing import Sealer
 from tokenward.service import TokenService
 from tokenward.tokens.model import TokenKind, TokenRecord, TokenState
+from tokenward.webhooks.sender import WebhookSender
 
 log = structlog.get_logger("tokenward.rotation")
 
@@ -76,7 +79,7 @@ class RotationScheduler:
         tokens: TokenService,
         policies: PolicyStore,
         events: EventBus,
-        box: SecretBox,
+        box: Sealer,
         sender: WebhookSender,
         *,
         interval: float = 30.0,
@@ -157,7 +160,7 @@ class RotationScheduler:
             await self._failed(rotation, old, now, exc.code, report)
             return
         successor = issued.record
-        result = await self.sender.deliver(
+        result = await self.sender.deliver_now(
             rotation.webhook_url,
             self.box.open(rotation.webhook_secret),
             "token.rotated",
@@ -271,7 +274,7 @@ class RotationScheduler:
             )
         )
         if rotation is not None and rotation.webhook_url and rotation.webhook_secret:
-            await self.sender.deliver(
+            await self.sender.deliver_now(
                 rotation.webhook_url,
                 self.box.open(rotation.webhook_secret),
                 "token.expiring",

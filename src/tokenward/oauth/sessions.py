@@ -15,8 +15,9 @@ from tokenward.oauth.identity import IdentityVerifier
 from tokenward.oauth.policy import PolicyStore
 from tokenward.oauth.rotation import RotationScheduler
 from tokenward.oauth.store import SessionStore
-from tokenward.oauth.webhooks import SecretBox, WebhookSender
+from tokenward.sealing import Sealer
 from tokenward.service import TokenService
+from tokenward.webhooks.sender import WebhookSender
 
 
 @dataclass
@@ -30,7 +31,12 @@ class Sessions:
 
 
 def build_sessions(
-    settings: Any, engine: AsyncEngine, tokens: TokenService, events: EventBus, redis: Any
+    settings: Any,
+    engine: AsyncEngine,
+    tokens: TokenService,
+    events: EventBus,
+    redis: Any,
+    webhooks: WebhookSender,
 ) -> Sessions:
     store = SessionStore(engine)
     policies = PolicyStore(tokens.store)
@@ -47,8 +53,7 @@ def build_sessions(
         reuse_grace=settings.refresh_reuse_grace,
     )
     exchange = TokenExchange(tokens, store, policies, identity, events, lifetimes)
-    box = SecretBox(tokens.hasher)
-    sender = WebhookSender(attempts=settings.webhook_attempts)
+    box = Sealer(tokens.hasher, "webhook")
     admin = SessionAdmin(tokens, store, policies, box, events)
     scheduler = RotationScheduler(
         engine,
@@ -57,7 +62,7 @@ def build_sessions(
         policies,
         events,
         box,
-        sender,
+        webhooks,
         interval=settings.rotation_interval,
         warning_days=settings.expiry_warning_days,
     )

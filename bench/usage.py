@@ -10,7 +10,9 @@ and dropped here), one run:
    4 writer chains, about 1 in 10 denied for one of four reasons), straight into the table;
 2. runs the usage rollup until it has counted them all, and prints events/s;
 3. runs each query shape ``--repeat`` times through :func:`tokenward.usage.usage` (what
-   ``GET /v1/usage`` calls) and prints p50/p95 per shape and over all (target: p95 <= 200 ms);
+   ``GET /v1/usage`` calls) and prints p50/p95 per shape and over all (target: p95 <= 200 ms),
+   and the CPU a query spent (this process, where SQLite runs, and the PostgreSQL backends),
+   which the load of a shared machine moves much less than the wall time;
 4. for contrast, runs the widest shape once straight on the raw audit table (GROUP BY over
    the events), which the rollup exists to avoid.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import secrets
@@ -27,8 +30,9 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
 from tokenward.audit.tables import audit_events
@@ -136,6 +140,26 @@ def shapes(end: datetime) -> list[tuple[str, UsageFilter, str, datetime]]:
     ]
 
 
+async def _backend_pid(engine: Any) -> list[int]:
+    """The PostgreSQL backends of the pool's connections (their CPU counts too)."""
+    if engine.dialect.name != "postgresql":
+        return []
+    query = text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+    async with engine.connect() as conn:
+        return [int(pid) for pid in (await conn.execute(query)).scalars()]
+
+
+def _cpu(backends: list[int]) -> float:
+    """CPU seconds of this process (SQLite runs in it) and of the PostgreSQL backends:
+    what a query costs, whatever the neighbours on the machine do to its wall time."""
+    spent = time.process_time()
+    for pid in backends:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            spent += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return spent
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -156,17 +180,22 @@ async def run(name: str, url: str, n: int, repeat: int) -> None:
     took = time.perf_counter() - started
     print(f"{name}: rollup counted {counted:,} events in {took:.1f} s ({counted / took:,.0f}/s)")
     every: list[float] = []
+    backend = await _backend_pid(engine)
     for label, filters, granularity, start in shapes(end):
         times = []
+        cpu = []
         total = 0
         for _ in range(repeat):
+            c0 = _cpu(backend)
             t0 = time.perf_counter()
             report = await usage(engine, filters, granularity, start, end, end)
             times.append((time.perf_counter() - t0) * 1000)
+            cpu.append((_cpu(backend) - c0) * 1000)
             total = report.totals.requests
         every += times
         print(
             f"  {label:<32} p50 {pct(times, 0.5):7.1f} ms   p95 {pct(times, 0.95):7.1f} ms"
+            f"   cpu p50 {pct(cpu, 0.5):6.1f} ms"
             f"   ({total:,} requests, {len(report.buckets)} buckets)"
         )
     p95 = pct(every, 0.95)

@@ -35,6 +35,7 @@ def _counts(name: str, bucket: str) -> Table:
             "project_id", "token_id", bucket, "decision", "reason", name=f"pk_{name}"
         ),
         Index(f"ix_{name}_token", "token_id", bucket),
+        sqlite_with_rowid=False,  # one B-tree: the key holds the filter, the row its count
     )
 
 

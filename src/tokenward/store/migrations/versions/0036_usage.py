@@ -28,6 +28,7 @@ def _counts(name: str, bucket: str) -> None:
         sa.PrimaryKeyConstraint(
             "project_id", "token_id", bucket, "decision", "reason", name=f"pk_{name}"
         ),
+        sqlite_with_rowid=False,
     )
     op.create_index(f"ix_{name}_token", name, ["token_id", bucket])
 

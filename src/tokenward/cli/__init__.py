@@ -13,6 +13,7 @@ handler, output helpers, the admin client):
 ``alerts``                ``alerts list|show|ack``
 ``users``                 ``user …`` (dashboard users, on the database directly)
 ``usage``                 ``usage`` (requests, allowed and denied by reason, over a range)
+``webhooks``              ``webhook add|list|remove|test|deliveries`` (lifecycle webhooks)
 ========================  ===============================================================
 
 Admin commands talk to a running server: ``TOKENWARD_URL`` and ``TOKENWARD_ADMIN_TOKEN``.
@@ -32,6 +33,7 @@ from tokenward.cli.tokens import token_app
 from tokenward.cli.trust import trust_app
 from tokenward.cli.usage import usage
 from tokenward.cli.users import user_app
+from tokenward.cli.webhooks import webhook_app
 
 app = typer.Typer(
     cls=Commands,
@@ -48,6 +50,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(user_app, name="user")
 app.command()(usage)
+app.add_typer(webhook_app, name="webhook")
 
 
 def main() -> None:

@@ -197,6 +197,25 @@ class AdminClient:
         query = {k.rstrip("_"): v for k, v in params.items() if v is not None}
         return dict(self.request("GET", "/v1/usage", params=query))
 
+    # -- webhooks
+    def add_webhook(self, **fields: Any) -> dict[str, Any]:
+        body = {k: v for k, v in fields.items() if v is not None}
+        return dict(self.request("POST", "/v1/webhooks", json=body))
+
+    def list_webhooks(self, project: str | None = None) -> list[dict[str, Any]]:
+        params = {"project": project} if project else {}
+        return list(self.request("GET", "/v1/webhooks", params=params)["webhooks"])
+
+    def remove_webhook(self, webhook_id: str) -> None:
+        self.request("DELETE", f"/v1/webhooks/{webhook_id}")
+
+    def test_webhook(self, webhook_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/webhooks/{webhook_id}/test"))
+
+    def webhook_deliveries(self, webhook_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        path = f"/v1/webhooks/{webhook_id}/deliveries"
+        return list(self.request("GET", path, params={"limit": limit})["deliveries"])
+
     def quarantine_token(self, token_id: str, reason: str) -> dict[str, Any]:
         path = f"/v1/tokens/{token_id}/quarantine"
         return dict(self.request("POST", path, json={"reason": reason}))

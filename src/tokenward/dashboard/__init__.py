@@ -36,6 +36,7 @@ def install(app: FastAPI) -> None:
         routes_auth,
         routes_tokens,
         routes_usage,
+        routes_webhooks,
     )
     from tokenward.dashboard.web import HERE, PREFIX, PageError, Redirect, redirect, render
 
@@ -45,6 +46,7 @@ def install(app: FastAPI) -> None:
     router.include_router(routes_admin.router)
     router.include_router(routes_alerting.router)
     router.include_router(routes_usage.router)
+    router.include_router(routes_webhooks.router)
     app.include_router(router)
     app.mount(PREFIX + "/static", StaticFiles(directory=HERE / "static"), name="dashboard-static")
 

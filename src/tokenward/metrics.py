@@ -75,7 +75,7 @@ class Metrics:
         )
         self.webhooks = Counter(
             "tokenward_webhook_deliveries",
-            "Alert webhooks by final outcome.",
+            "Webhook deliveries (every event, rotations too) by final outcome.",
             ["outcome"],
             registry=r,
         )

@@ -42,6 +42,8 @@ RULES_NO_SCHEMA_STATES = frozenset(
         "lifetime_exceeds_policy",  # the project's stored lifetime cap
         "invalid_expiry",  # expires_at in the future: against the clock
         "invalid_not_before",  # not_before at most 3660 days from now: the clock too
+        "range_too_large",  # a usage range of more buckets than an answer holds
+        "identities_unsupported",  # a usage identity filter on a server without identities
     }
 )
 #: 400 codes of the token endpoint for a well-formed value that is no valid grant (§5.2)

@@ -125,6 +125,7 @@ async def test_identity_filter_is_refused_cleanly_without_identities(api, servic
         assert response.json()["totals"]["requests"] == 0
     else:
         assert_clean_error(response, 422)
+        assert response.json()["error"] == "identities_unsupported"
 
 
 async def test_old_counts_are_pruned(services):

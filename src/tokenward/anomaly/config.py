@@ -18,7 +18,7 @@ Severity = Literal["info", "warning", "critical"]
 
 class Action(StrEnum):
     ALERT = "alert"  # record an alert (GET /v1/alerts)
-    WEBHOOK = "webhook"  # POST the alert, HMAC-signed, to the configured URL
+    WEBHOOK = "webhook"  # an alert.raised webhook (tokenward.webhooks) to its endpoints
     QUARANTINE = "quarantine"  # suspend the token until an admin releases it
     BLOCK_IP = "block_ip"  # refuse the client's network for block_seconds
 

@@ -156,7 +156,7 @@ async def usage(
         query = query.where(c.project_id.in_(list(filters.project_ids)))
     if filters.identity_id is not None:
         if not identities_supported():
-            raise Invalid("invalid_request", "this server has no identities")
+            raise Invalid("identities_unsupported", "this server has no identities")
         owned = select(tokens.c.id).where(tokens.c["identity_id"] == filters.identity_id)
         query = query.where(c.token_id.in_(owned))
     if filters.token_id is not None:

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from tests.conftest import tokenward_cmd
 from tokenward.cli import app
-from tokenward.client.admin import AdminClient, TokenSecretAsId
 from tokenward.tokens.format import generate_token
+from tokenward_client.admin import AdminClient, TokenSecretAsId
 
 NAME = "[/x] :smile: [bold]b[/bold] [link=http://x]y"
 

@@ -25,8 +25,8 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from tokenward.client.admin import AdminAPIError, AdminClient, TokenSecretAsId
-from tokenward.client.output import OutputError, write_result
+from tokenward.cli.output import OutputError, write_result
+from tokenward_client.admin import AdminAPIError, AdminClient, TokenSecretAsId
 
 #: Set to 1 to see the traceback behind an ``error: …`` line.
 DEBUG_ENV = "TOKENWARD_DEBUG"

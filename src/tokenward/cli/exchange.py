@@ -19,10 +19,10 @@ from tokenward.cli.common import (
     fail,
     out,
 )
+from tokenward.cli.output import FORMATS
 from tokenward.cli.tokens import token_app
-from tokenward.client.oauth import exchange_token, github_actions_identity
-from tokenward.client.output import FORMATS
 from tokenward.tokens.durations import DurationError, parse_duration
+from tokenward_client.oauth import exchange_token, github_actions_identity
 
 OutputOpt = Annotated[
     str | None,

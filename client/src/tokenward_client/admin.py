@@ -104,6 +104,7 @@ def token_body(
     rate_limit: str | None,
     uses: int | None,
     metadata: dict[str, str] | None,
+    strict: bool | None,
     more: dict[str, Any],
 ) -> dict[str, Any]:
     """The body of ``POST /v1/tokens`` (shared by the sync and the async client)."""
@@ -120,6 +121,7 @@ def token_body(
         "rate_limit": rate_limit,
         "uses": uses,
         "metadata": metadata,
+        "strict": strict,
     }
     return given({**fields, **more})
 
@@ -186,13 +188,16 @@ class AdminClient:
         rate_limit: str | None = None,
         uses: int | None = None,
         metadata: dict[str, str] | None = None,
+        strict: bool | None = None,
         **more: Any,
     ) -> IssuedToken:
         """A new token (``ttl="90d"``, ``rate_limit="100/minute"``, …); its secret is in
-        ``token``, shown this once. ``more`` passes fields of newer servers through."""
+        ``token``, shown this once, and ``warnings`` says what may be a mistake (a scope
+        nothing uses, no expiry); ``strict=True`` refuses an unknown scope instead.
+        ``more`` passes fields of newer servers through."""
         body = token_body(
             project, scopes, environment, name, principal, ttl, expires_at, not_before,
-            ip_allowlist, rate_limit, uses, metadata, more,
+            ip_allowlist, rate_limit, uses, metadata, strict, more,
         )  # fmt: skip
         return cast(IssuedToken, self.request("POST", "/v1/tokens", json=body))
 

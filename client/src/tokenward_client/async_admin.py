@@ -84,11 +84,12 @@ class AsyncAdminClient:
         rate_limit: str | None = None,
         uses: int | None = None,
         metadata: dict[str, str] | None = None,
+        strict: bool | None = None,
         **more: Any,
     ) -> IssuedToken:
         body = token_body(
             project, scopes, environment, name, principal, ttl, expires_at, not_before,
-            ip_allowlist, rate_limit, uses, metadata, more,
+            ip_allowlist, rate_limit, uses, metadata, strict, more,
         )  # fmt: skip
         return cast(IssuedToken, await self.request("POST", "/v1/tokens", json=body))
 

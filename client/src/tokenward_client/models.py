@@ -53,14 +53,21 @@ class Token(TypedDict):
     state: NotRequired[str]
 
 
+class Notice(TypedDict):
+    """Something that may be a mistake: ``code`` is ``unknown_scope`` or ``never_expires``."""
+
+    code: str
+    message: str
+
+
 class IssuedToken(Token):
     """A new token: ``token`` is the secret, shown this once."""
 
     token: str
     warning: str
-    #: what the server noticed in the request, e.g. a scope that no route policy and no
-    #: token of the project uses (a typo?), or a token that never expires
-    warnings: NotRequired[list[str]]
+    #: what may be a mistake: a scope that no route policy and no token of the project
+    #: uses (a typo?), a token that never expires
+    warnings: NotRequired[list[Notice]]
 
 
 class RotatedToken(IssuedToken):

@@ -118,7 +118,9 @@ def _show_admin_token(secret: str, token_id: str, *, reset: bool = False) -> Non
     )
 
 
-Port = Annotated[int, typer.Option(envvar="TOKENWARD_PORT")]
+Port = Annotated[
+    int, typer.Option(envvar="TOKENWARD_PORT", help="Port of the API (0: any free port).")
+]
 GatewayPort = Annotated[
     int,
     typer.Option(envvar="TOKENWARD_GATEWAY_PORT", help="Port of the gateway."),
@@ -127,7 +129,13 @@ GatewayPort = Annotated[
 
 def serve(
     data_dir: DataDir = Path(".tokenward"),
-    host: Annotated[str, typer.Option(envvar="TOKENWARD_HOST")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            envvar="TOKENWARD_HOST",
+            help="Address to listen on (plain HTTP only on loopback: see --tls-*).",
+        ),
+    ] = "127.0.0.1",
     port: Port = 8080,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate for HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for HTTPS.")] = None,

@@ -83,6 +83,10 @@ def _metavar(param: Any) -> str | None:
     return _TYPE_NAMES.get(annotation, "VALUE")
 
 
+def _no_type(ctx: Any) -> None:
+    return None
+
+
 def tidy_metavars(command: Any) -> None:
     """Plain metavars (``TEXT``, ``[live|test]``) for every option and argument of the tree,
     none on flags, a name on arguments. Runs on the root before anything is parsed."""
@@ -93,6 +97,8 @@ def tidy_metavars(command: Any) -> None:
             param.metavar = ""
         elif param.param_type_name == "argument":
             param.metavar = (param.name or "value").upper().replace("_", "-")
+            if hasattr(param, "display_type_rich"):  # typer would add "<str>" to the name
+                param.display_type_rich = _no_type
         else:
             param.metavar = _metavar(param)
     for sub in getattr(command, "commands", {}).values():

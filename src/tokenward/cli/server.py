@@ -21,7 +21,7 @@ from tokenward.cli.common import DataDir, JsonOpt, emit_json, expected_error, fa
 def init(
     data_dir: DataDir = Path(".tokenward"),
     reset: Annotated[
-        bool, typer.Option(help="Revoke the bootstrap admin token, issue a new one.")
+        bool, typer.Option("--reset", help="Revoke the bootstrap admin token, issue a new one.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -139,10 +139,13 @@ def serve(
     port: Port = 8080,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate for HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for HTTPS.")] = None,
-    tls_self_signed: Annotated[bool, typer.Option(help="Make a development certificate.")] = False,
+    tls_self_signed: Annotated[
+        bool, typer.Option("--tls-self-signed", help="Make a development certificate.")
+    ] = False,
     allow_insecure_http: Annotated[
         bool,
         typer.Option(
+            "--allow-insecure-http",
             envvar="TOKENWARD_ALLOW_INSECURE_HTTP",
             help="Plain HTTP on a non-loopback address (only behind a TLS proxy).",
         ),

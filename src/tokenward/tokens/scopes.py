@@ -93,7 +93,8 @@ def unknown_scopes(
     """The requested scopes that look like typos: ``(scope, closest known scope or None)``.
 
     A scope is known when it and a known (or ``builtin``) scope cover one another in either
-    direction (a route's ``records:read`` knows ``records:*`` and ``records:read:own``). One
+    direction (a route's ``records:read`` makes ``records:*`` known, a token's
+    ``functions:invoke:*`` makes ``functions:invoke:resize`` known). One
     without a ``:`` is never known (scopes are ``resource:action``) unless it is ``*`` or a
     known name. With nothing ``known`` (a new project, no route policy) only that rule and
     the built-in scopes apply: any ``resource:action`` may be the first of its kind.
@@ -110,9 +111,9 @@ def unknown_scopes(
             continue
         if ":" in scope and not learned:
             continue
-        close = difflib.get_close_matches(scope, held, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(scope, held, n=1, cutoff=0.75)
         if not close and ":" not in scope:
-            close = difflib.get_close_matches(scope.replace("-", ":"), held, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(scope.replace("-", ":"), held, n=1, cutoff=0.75)
         found.append((scope, close[0] if close else None))
     return found
 

@@ -1,7 +1,8 @@
 """``tokenward …``: set up and run the server, and do every admin action.
 
 One module per command group; :mod:`tokenward.cli.common` holds what they share (the error
-handler, output helpers, the admin client):
+handler, the help layout, output helpers, the admin client), :mod:`tokenward.cli.docs`
+writes docs/cli.md from this tree (run ``scripts/cli-docs`` after adding a command):
 
 ========================  ===============================================================
 ``server``                ``init``, ``serve``

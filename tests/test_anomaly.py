@@ -306,3 +306,21 @@ async def test_invalid_settings_are_refused(api):
         "error"
     ] == "invalid_cursor"
     assert (await api.post("/v1/tokens/tok_nope/quarantine")).status_code == 404
+
+
+async def test_allowed_decisions_made_at_once_are_each_observed(services, api):
+    """Allowed decisions are observed per batch (those of one turn of the event loop):
+    every one is counted, a new network among them makes one alert, and each answer waits
+    for its batch, so the alert is there as soon as the answers are."""
+    await configure(api, {"new_network": {"learning_seconds": 0}}, project="app")
+    token = await new_token(api)
+    now = services.verifier.clock()
+    services.verifier.clock = lambda: now  # one volume interval for all of them
+    assert (await verify(api, token["token"], ip="10.1.1.1"))["valid"]  # the first network
+    ips = ["10.1.1.2"] * 6 + ["192.0.2.9"] * 6
+    results = await asyncio.gather(*(verify(api, token["token"], ip=ip) for ip in ips))
+    assert all(r["valid"] for r in results)
+    [alert] = await alerts(api, detector="new_network")
+    assert alert["evidence"]["network"] == "192.0.2.0/24"
+    assert alert["evidence"]["known_networks"] == ["10.1.1.0/24"]
+    assert services.anomaly.volume_spike.rates[token["id"]].count == 1 + len(ips)

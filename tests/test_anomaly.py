@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 
+from tokenward.anomaly.store import GLOBAL
 from tokenward.anomaly.webhooks import SIGNATURE_HEADER, verify_signature
 from tokenward.events import SecurityEvent
 from tokenward.tokens.format import generate_token
@@ -324,3 +325,30 @@ async def test_allowed_decisions_made_at_once_are_each_observed(services, api):
     assert alert["evidence"]["network"] == "192.0.2.0/24"
     assert alert["evidence"]["known_networks"] == ["10.1.1.0/24"]
     assert services.anomaly.volume_spike.rates[token["id"]].count == 1 + len(ips)
+
+
+async def test_settings_are_read_by_one_load_at_a_time(services):
+    """Concurrent batches needing a project's settings share one read of them; a change
+    (which forgets them) is never undone by a read that started before it."""
+    engine = services.anomaly
+    reads: list[str] = []
+    real = engine.store.get_settings
+
+    async def counted(scope):
+        reads.append(scope)
+        return await real(scope)
+
+    engine.store.get_settings = counted
+    engine.forget_settings()
+    first = await asyncio.gather(*(engine.resolved("app") for _ in range(10)))
+    assert len({id(r) for r in first}) == 1
+    assert reads == [GLOBAL, "app"]
+    engine.forget_settings()
+    reads.clear()
+    before = asyncio.ensure_future(engine.resolved("app"))
+    await asyncio.sleep(0)  # that read has started
+    engine.forget_settings()
+    after = await engine.resolved("app")
+    assert (await before) is not after  # the change's read, not the one before it
+    assert engine._configs["app"] is after
+    assert reads.count(GLOBAL) == 2

@@ -1,7 +1,7 @@
 """Where a hot decision's CPU goes, by part: py-spy under wrk load, stacks sorted into parts.
 
     .venv/bin/pip install py-spy   # a diagnostic, not a dependency
-    .venv/bin/python bench/profile.py [verify|authz] [--seconds 10] [--raw FILE]
+    .venv/bin/python bench/profile.py [verify|authz] [--seconds 10] [--raw FILE] [--source SRC]
 
 Runs the bench server (serve.py, SQLite, durable audit on) pinned to one core and wrk on
 the other, samples the server with ``py-spy record --format raw`` (Python frames only:
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("route", choices=["verify", "authz"], nargs="?", default="verify")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--raw", help="keep py-spy's raw stacks in this file")
+    parser.add_argument("--source", type=Path, help="profile another checkout's src folder")
     args = parser.parse_args()
     os.chdir(Path(__file__).parent)
     sys.path.insert(0, str(Path(__file__).parent))
@@ -99,7 +100,9 @@ def main() -> None:
         port = free_port()
         admin: list[str] = []
         policy = write_policy(tmp, free_port())
-        with tokenward("api", port, policy, cpus=SERVER_CPUS, admin_out=admin) as (token, pid):
+        source = args.source.resolve() if args.source else None
+        served = tokenward("api", port, policy, cpus=SERVER_CPUS, admin_out=admin, source=source)
+        with served as (token, pid):
             url = f"http://127.0.0.1:{port}"
             load = [WRK, "-t1", "-c32", f"-d{args.seconds + 4}s"]
             if args.route == "verify":

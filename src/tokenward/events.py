@@ -103,10 +103,6 @@ class EventBus:
     def subscribe(self, sink: EventSink) -> None:
         self.subscribers.append(sink)
 
-    def _nowait(self) -> list[tuple[EventSink, Callable[[AccessEvent], bool] | None]]:
-        # Looked up per call: tests and benchmarks take subscribers off the list.
-        return [(sink, getattr(sink, "access_nowait", None)) for sink in self.subscribers]
-
     async def access(self, event: AccessEvent) -> None:
         for sink in self.subscribers:
             nowait = getattr(sink, "access_nowait", None)
@@ -117,7 +113,8 @@ class EventBus:
         """Hand ``event`` to every subscriber that takes it without waiting; the coroutines
         of the others, to be awaited in order (usually none)."""
         rest: list[Coroutine[Any, Any, None]] = []
-        for sink, nowait in self._nowait():
+        for sink in self.subscribers:
+            nowait: Callable[[AccessEvent], bool] | None = getattr(sink, "access_nowait", None)
             if rest or nowait is None or not nowait(event):
                 rest.append(sink.access(event))
         return rest

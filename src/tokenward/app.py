@@ -79,6 +79,7 @@ class Services:
         if self.audit is not None:
             await self.audit.close()
         if self.anomaly is not None:
+            await self.anomaly.drain()
             await self.anomaly.webhooks.close()
         if self.redis is not None:
             await self.redis.aclose()

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from tests.webhook_receiver import Receiver
-from tokenward.oauth.rotation import LOCK_KEY
+from tokenward.rotation.scheduler import LOCK_KEY
 from tokenward.tokens.model import Reason
 from tokenward.webhooks.signing import verify_signature
 

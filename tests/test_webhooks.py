@@ -13,7 +13,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import standardwebhooks
 
-from tokenward.client import github_actions_identity, verify_webhook_signature
 from tokenward.sealing import Sealer, SealError
 from tokenward.tokens.hashing import ServerKey, TokenHasher
 from tokenward.webhooks.signing import (
@@ -22,6 +21,7 @@ from tokenward.webhooks.signing import (
     sign,
     signed_headers,
 )
+from tokenward_client import github_actions_identity, verify_webhook_signature
 
 #: the specification's published test vector
 VECTOR = {

@@ -44,6 +44,7 @@ RULES_NO_SCHEMA_STATES = frozenset(
         "invalid_not_before",  # not_before at most 3660 days from now: the clock too
         "range_too_large",  # a usage range of more buckets than an answer holds
         "identities_unsupported",  # a usage identity filter on a server without identities
+        "unknown_scope",  # strict: a scope no route policy and no token of the project uses
     }
 )
 #: 400 codes of the token endpoint for a well-formed value that is no valid grant (§5.2)

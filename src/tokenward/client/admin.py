@@ -198,3 +198,19 @@ class AdminClient:
 
     def release_token(self, token_id: str, note: str = "") -> dict[str, Any]:
         return dict(self.request("POST", f"/v1/tokens/{token_id}/release", json={"note": note}))
+
+    # -- leak response
+    def lookup_tokens(self, secrets: list[str]) -> list[dict[str, Any]]:
+        """What the server knows of each secret (in a POST body, never a URL), in order:
+        ``found`` and, when found, the token's id, project, state and kind."""
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(secrets), 100):  # the endpoint takes 100 at a time
+            body = {"tokens": secrets[start : start + 100]}
+            found.extend(self.request("POST", "/v1/tokens/lookup", json=body)["tokens"])
+        return found
+
+    def report_leaked(self, token_id: str, location: str = "") -> dict[str, Any]:
+        """Report a token as leaked: the server revokes or quarantines it per its project's
+        ``leak_action``, raises an alert and emits ``token.leaked``."""
+        path = f"/v1/tokens/{token_id}/leaked"
+        return dict(self.request("POST", path, json={"location": location}))

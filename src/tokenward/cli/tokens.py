@@ -16,11 +16,13 @@ from tokenward.cli.common import (
     emit_json,
     emit_record,
     emit_token,
+    fail,
     id_column,
     out,
     parse_meta,
     show_secret,
 )
+from tokenward.tokens.model import CANARY_SCOPE
 
 token_app = typer.Typer(help="Tokens: create, list, show, revoke, rotate.", no_args_is_help=True)
 
@@ -28,7 +30,9 @@ token_app = typer.Typer(help="Tokens: create, list, show, revoke, rotate.", no_a
 @token_app.command("create")
 def token_create(
     project: Annotated[str, typer.Option(help="Project name.")],
-    scope: Annotated[list[str], typer.Option("--scope", help="resource:action (repeatable).")],
+    scope: Annotated[
+        list[str] | None, typer.Option("--scope", help="resource:action (repeatable).")
+    ] = None,
     env: Annotated[str, typer.Option("--env", help="live or test.")] = "live",
     ttl: Annotated[str | None, typer.Option(help="Lifetime: 90d, 12h, 15m.")] = None,
     not_before: Annotated[str | None, typer.Option(help="ISO 8601 time it starts to work.")] = None,
@@ -44,15 +48,23 @@ def token_create(
     meta: Annotated[
         list[str] | None, typer.Option("--meta", help="key=value (repeatable).")
     ] = None,
+    kind: Annotated[
+        str, typer.Option("--kind", help="api_key, or canary (a decoy: any use alerts).")
+    ] = "api_key",
     as_json: JsonOpt = False,
 ) -> None:
     """Create a token; its secret is printed once."""
+    if kind not in ("api_key", "canary"):
+        fail("--kind is api_key or canary", 2, as_json=as_json)
+    if not scope and kind != "canary":
+        fail("give at least one --scope (only a canary needs none)", 2, as_json=as_json)
     with client(as_json) as c:
         body = call(
             as_json,
             c.create_token,
             project=project,
-            scopes=scope,
+            scopes=scope or [CANARY_SCOPE],
+            kind=kind,
             environment=env,
             ttl=ttl,
             not_before=not_before,

@@ -5,9 +5,9 @@ ECDSA P-256 / SHA-256 signature of the raw body (base64 DER) in
 ``Github-Public-Key-Signature`` and the id of the signing key in
 ``Github-Public-Key-Identifier``. The public keys are a JSON document
 ``{"public_keys": [{"key_identifier", "key" (PEM), "is_current"}]}`` fetched from a
-configured URL (cached for a TTL, fetched again at most once per :data:`MIN_REFETCH` seconds
-for a key id it does not know: keys rotate, and an unknown id must not make every forged
-report a fetch), or configured inline (that document, or PEM blocks: then any of them may
+configured URL (cached for a TTL, and fetched again for a key id it does not know, at most
+once per :data:`MIN_REFETCH` seconds: keys rotate, and an unknown id must not make every
+forged report a fetch), or configured inline (that document, or PEM blocks: then any of them may
 sign). The answer, per reported token, is ``{"token_hash", "token_type", "label"}`` with
 ``label`` ``true_positive`` or ``false_positive``, and never the token itself.
 """
@@ -156,6 +156,7 @@ class PartnerKeys:
         self.fetched: dict[str, ec.EllipticCurvePublicKey] = {}
         self.fresh_until = float("-inf")
         self.last_fetch = float("-inf")
+        self.last_refetch = float("-inf")
         self.fetches = 0
         self._lock = asyncio.Lock()
 
@@ -169,18 +170,19 @@ class PartnerKeys:
             return [self.inline[key_id]]
         if self.url is not None:
             now = self.clock()
-            if now >= self.fresh_until or (
-                key_id not in self.fetched and now - self.last_fetch >= MIN_REFETCH
-            ):
+            if now >= self.fresh_until:
                 await self._refresh()
+            elif key_id not in self.fetched and now - self.last_refetch >= MIN_REFETCH:
+                self.last_refetch = now  # an unknown id: fetch again, once a minute at most
+                await self._refresh(force=True)
             if key_id in self.fetched:
                 return [self.fetched[key_id]]
         return list(self.inline.values()) if self.inline_any else []
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, *, force: bool = False) -> None:
         async with self._lock:
             now = self.clock()
-            if now - self.last_fetch < 1.0:  # another request fetched just now
+            if not force and now < self.fresh_until:  # another request fetched meanwhile
                 return
             self.last_fetch = now
             self.fetches += 1

@@ -362,3 +362,32 @@ async def test_a_project_admin_makes_canaries_with_any_decoy_scope(api: httpx.As
     assert plain.status_code == 403  # a real token still needs scopes its creator holds
     verified = await api.post("/v1/verify", json={"token": canary.json()["token"]})
     assert verified.json()["valid"] is False and verified.json()["reason"] == "unknown"
+
+
+async def test_the_dashboard_form_makes_a_canary(services: Services, monkeypatch):
+    from argon2 import PasswordHasher
+
+    from tests import test_dashboard as d
+    from tokenward.app import create_app
+    from tokenward.dashboard import security
+    from tokenward.dashboard.accounts import actor_for
+
+    quick = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)  # as test_dashboard
+    monkeypatch.setattr(security, "_passwords", quick)
+    monkeypatch.setattr(security, "_DUMMY_HASH", quick.hash("not a password"))
+    app = create_app(services=services)
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="https://tokenward.test") as c:
+        dash = (c, app.state.dashboard)
+        clock = d.Clock(services)
+        p = await d.owner(dash, clock, dash[1].accounts)
+        await p.post("/dashboard/projects", {"name": "shop"})
+        page = await p.get("/dashboard/p/shop/tokens/new")
+        assert 'name="kind" value="canary"' in page.text
+        made = await p.post("/dashboard/p/shop/tokens", {"kind": "canary", "name": "bait"})
+        assert made.status_code == 201, made.text
+        bad = await p.post("/dashboard/p/shop/tokens", {"kind": "refresh", "scopes": "a:b"})
+        assert bad.status_code == 422
+        olga = actor_for(await dash[1].accounts.get_user("olga"), None)
+        (token,) = await services.tokens.list_tokens(olga, project="shop")
+        assert token.kind == "canary" and token.scopes == ["canary:none"]

@@ -228,3 +228,41 @@ async def test_canary_from_the_cli_needs_no_scope(live):
     assert live.admin.verify(body["token"])["reason"] == "unknown"
     bad = runner.invoke(app, ["token", "create", "--project", "shop"], env=_env(live))
     assert bad.exit_code == 2  # an API key still needs --scope
+
+
+def test_tokenward_scan_starts_without_the_rest_of_the_cli(tmp_path: Path):
+    import sys
+
+    lean = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, tokenward.leaks.cli; print('tokenward.cli' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert lean.stdout.strip() == "False"
+    token = generate_token("live")
+    (tmp_path / "f.txt").write_text(token)
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenward", "scan", "--json", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and json.loads(done.stdout)["summary"]["found"] == 1
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenward",
+            "scan",
+            "--output",
+            str(tmp_path / "no" / "x"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

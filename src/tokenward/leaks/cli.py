@@ -25,10 +25,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 from rich.text import Text
 
-from tokenward.leaks.sarif import sarif_log
 from tokenward.leaks.scanner import (
     Finding,
     GitError,
@@ -174,6 +172,8 @@ def _progress(total: int | None) -> Iterator[Callable[[int], None] | None]:
     if total == 0 or not err.is_terminal:
         yield None
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
     columns = [BarColumn(), DownloadColumn(), TimeRemainingColumn()]
     with Progress("scanning", *columns, console=err, transient=True) as progress:
         task = progress.add_task("scan", total=total)
@@ -303,6 +303,8 @@ def _report(
         )
         return
     if fmt == Format.SARIF:
+        from tokenward.leaks.sarif import sarif_log
+
         document: Any = sarif_log(findings, known)
     else:
         document = {

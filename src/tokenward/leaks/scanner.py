@@ -30,11 +30,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
-
-import pathspec
+from typing import TYPE_CHECKING, BinaryIO
 
 from tokenward.tokens.format import TOKEN_PATTERN, TokenFormatError, parse_token, token_hint
+
+if TYPE_CHECKING:  # imported when a .gitignore is met outside git (it takes a while)
+    import pathspec
 
 #: :data:`TOKEN_PATTERN` over bytes, less its leading ``\b``: a pattern that starts with a
 #: literal (``tw_``) is searched for at memchr speed, one that starts with ``\b`` is tried at
@@ -214,6 +215,8 @@ def walked_files(directory: Path, *, include_ignored: bool) -> Iterator[str]:
                     lines = f.read().splitlines()
             except OSError:
                 lines = []
+            import pathspec
+
             specs = [*specs, (folder, pathspec.GitIgnoreSpec.from_lines(lines))]
         subfolders = []
         for entry in entries:

@@ -132,7 +132,9 @@ def _bad_checksum(token: str) -> str:
 
 
 # -- lookup ---------------------------------------------------------------------------------
-async def test_lookup_tells_id_project_state_never_the_secret(api: httpx.AsyncClient):
+async def test_lookup_tells_id_project_state_never_the_secret(
+    api: httpx.AsyncClient, events: EventRecorder
+):
     token = await _project_token(api)
     unknown = generate_token("live")
     answer = await api.post(
@@ -154,6 +156,8 @@ async def test_lookup_tells_id_project_state_never_the_secret(api: httpx.AsyncCl
     }
     assert garbage["hint"] is None
     assert token["token"] not in answer.text and unknown not in answer.text
+    (looked,) = [e for e in events.admin_events if e.action == "token.lookup"]
+    assert looked.detail == {"tokens": 3, "found": [token["id"]]}
 
 
 async def test_lookup_is_bounded_and_stays_in_the_callers_project(api: httpx.AsyncClient):

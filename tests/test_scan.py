@@ -185,7 +185,10 @@ def _env(live) -> dict[str, str]:
 async def test_found_tokens_are_looked_up_and_revoked_per_policy(live, tmp_path: Path):
     revoked = live.admin.create_token(project="shop", scopes=["records:read"], name="web")
     live.admin.create_project("lab")
-    live.admin.set_policy("lab", leak_action="quarantine")
+    policy = runner.invoke(
+        app, ["project", "policy", "lab", "--leak-action", "quarantine", "--json"], env=_env(live)
+    )
+    assert policy.exit_code == 0 and json.loads(policy.stdout)["leak_action"] == "quarantine"
     quarantined = live.admin.create_token(project="lab", scopes=["records:read"], name="ml")
     canary = live.admin.create_token(project="shop", scopes=["canary:none"], kind="canary")
     unknown = generate_token("live")

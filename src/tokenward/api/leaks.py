@@ -72,7 +72,11 @@ def _responder(request: Request) -> LeakResponder:
 async def lookup_tokens(body: TokenLookupBody, actor: AdminRead, request: Request) -> Any:
     """What the server knows of each secret, in order: found or not and, when found (and
     visible to the caller), the token's id, project, state and kind; never the secret."""
-    return {"tokens": await _responder(request).lookup(actor, body.tokens)}
+    answers = await _responder(request).lookup(actor, body.tokens)
+    found = [a["id"] for a in answers if a["found"]]
+    detail: dict[str, object] = {"tokens": len(answers), "found": found}
+    await _tokens(request).record_action("token.lookup", actor, actor.project_id, None, detail)
+    return {"tokens": answers}
 
 
 @router.post("/v1/tokens/{token_id}/leaked", tags=["leaks"])

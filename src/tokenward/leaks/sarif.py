@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 from tokenward import __version__
 from tokenward.leaks.scanner import Finding
@@ -30,7 +31,7 @@ def sarif_log(findings: Sequence[Finding], known: dict[str, dict[str, Any]]) -> 
             "locations": [
                 {
                     "physicalLocation": {
-                        "artifactLocation": {"uri": finding.path},
+                        "artifactLocation": {"uri": quote(finding.path)},
                         "region": {"startLine": finding.line, "startColumn": finding.column},
                     }
                 }

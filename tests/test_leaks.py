@@ -166,6 +166,9 @@ async def test_lookup_is_bounded_and_stays_in_the_callers_project(api: httpx.Asy
     as_shop = {"Authorization": f"Bearer {shop_admin['token']}"}
     answer = await api.post("/v1/tokens/lookup", json={"tokens": [other["token"]]}, headers=as_shop)
     assert answer.status_code == 200 and answer.json()["tokens"][0]["found"] is False
+    elsewhere = await api.post(f"/v1/tokens/{other['id']}/leaked", json={}, headers=as_shop)
+    assert elsewhere.status_code == 404  # another project's token: as if it did not exist
+    assert (await api.get(f"/v1/tokens/{other['id']}")).json()["state"] == "active"
     too_many = await api.post("/v1/tokens/lookup", json={"tokens": ["x"] * 101})
     assert too_many.status_code == 422
 

@@ -23,6 +23,7 @@ from tokenward.api import admin, health, oauth, observability, verification
 from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
 from tokenward.api import docs as api_docs
+from tokenward.api import leaks as leaks_api
 from tokenward.api.contract import install_contract, operation_id
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.fastpath import FastPath, HotPath
@@ -273,6 +274,7 @@ def create_app(
     app.include_router(oauth.router)
     app.include_router(audit_api.router)
     app.include_router(alerts_api.router)
+    app.include_router(leaks_api.router)
     app.include_router(observability.router)
     app.include_router(api_docs.router)
     dashboard.install(app)

@@ -252,6 +252,29 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(
         5.0, gt=0, le=60, description="Timeout of one webhook attempt, in seconds."
     )
+    leak_report_keys_url: str | None = Field(
+        None,
+        description="Where a secret-scanning partner's public keys are served (GitHub: "
+        "https://api.github.com/meta/public_keys/secret_scanning); enables POST /v1/leaks. "
+        "https (plain http to loopback only).",
+    )
+    leak_report_keys: str | None = Field(
+        None,
+        description="The partner's public keys inline: PEM block(s), or the JSON document "
+        "the keys URL serves; enables POST /v1/leaks.",
+    )
+    leak_report_keys_file: Path | None = Field(
+        None, description="A file holding the partner's public keys (PEM or the JSON document)."
+    )
+    leak_report_keys_ttl: float = Field(
+        3600.0, gt=0, description="Seconds the fetched public keys are cached."
+    )
+    leak_report_max_tokens: int = Field(
+        100, ge=1, le=1000, description="Most tokens one leak report may hold."
+    )
+    leak_report_max_bytes: int = Field(
+        262_144, ge=1024, description="Largest leak report body, in bytes."
+    )
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     access_log: bool = Field(
         True, description="Log one JSON line per HTTP request (method, path, status, duration)."
@@ -264,6 +287,22 @@ class Settings(BaseSettings):
 
         parse_rates(value)  # raises with a message naming the expected form
         return value
+
+    @field_validator("leak_report_keys_url")
+    @classmethod
+    def _keys_url(cls, value: str | None) -> str | None:
+        from tokenward.leaks.partner import check_keys_url
+
+        return check_keys_url(value) if value else None
+
+    @field_validator("leak_report_keys")
+    @classmethod
+    def _keys_inline(cls, value: str | None) -> str | None:
+        from tokenward.leaks.partner import parse_keys
+
+        if value:
+            parse_keys(value)  # raises with a message saying what is expected
+        return value or None
 
     @field_validator("log_level")
     @classmethod

@@ -13,6 +13,7 @@ writes docs/cli.md from this tree (run ``scripts/cli-docs`` after adding a comma
 ``audit``                 ``audit list|tail|export|verify|prune``
 ``alerts``                ``alerts list|show|ack``
 ``users``                 ``user …`` (dashboard users, on the database directly)
+``scan``                  ``scan PATH… | -`` (find leaked tokens; docs/leaks.md)
 ========================  ===============================================================
 
 Admin commands talk to a running server: ``TOKENWARD_URL`` and ``TOKENWARD_ADMIN_TOKEN``.
@@ -29,6 +30,7 @@ from tokenward.cli.alerts import alerts_app
 from tokenward.cli.audit import audit_app
 from tokenward.cli.common import Commands, Group, err, out
 from tokenward.cli.projects import project_app
+from tokenward.cli.scan import scan
 from tokenward.cli.server import init, serve
 from tokenward.cli.tokens import token_app
 from tokenward.cli.trust import trust_app
@@ -63,6 +65,7 @@ def _root(
 
 app.command()(init)
 app.command()(serve)
+app.command()(scan)
 app.add_typer(project_app, name="project")
 app.add_typer(token_app, name="token")
 app.add_typer(trust_app, name="trust")

@@ -168,6 +168,12 @@ class Settings(BaseSettings):
         description="File with the server key(s), one hex key per line, current first; "
         "default: DATA_DIR/secret.key.",
     )
+    migrate_on_start: bool = Field(
+        True,
+        description="Apply pending database migrations when the server starts; false "
+        "(serve --no-migrate): refuse to start on a schema that is behind (run tokenward "
+        "migrate first).",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
     cache_ttl: float = Field(

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from tests.conftest import ROOT, tokenward_cmd
-from tokenward.cli import settings_message
+from tokenward.cli.common import settings_message
 from tokenward.settings import FromFile, Settings, load_hasher
 
 #: The settings that may hold a credential (a password in a URL, a key). A new one must be

@@ -217,6 +217,23 @@ def test_containerfile_runs_unprivileged_with_a_health_check_and_a_volume():
         assert _known_variable(variable), variable
 
 
+def test_the_build_context_is_what_the_containerfile_copies():
+    """.dockerignore (podman reads it too) lets in exactly the sources COPY names: no
+    secrets/, data folder or virtualenv is sent to the builder."""
+    lines = [
+        line
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = set()
+    for word, args in _instructions():
+        if word == "COPY" and not args.startswith("--from"):
+            copied.update(args.split()[:-1])
+    assert allowed == copied == {"pyproject.toml", "README.md", "LICENSE", "src"}
+
+
 # -- deploy/make-secrets, and Redis with its ACL -------------------------------------------
 def test_make_secrets_makes_consistent_files_and_keeps_them(tmp_path):
     folder = tmp_path / "secrets"

@@ -120,14 +120,8 @@ def _toml_source(settings_cls: type[BaseSettings]) -> PydanticBaseSettingsSource
     try:
         return TomlConfigSettingsSource(settings_cls, toml_file=Path(path))
     except tomllib.TOMLDecodeError as exc:
-        error = PydanticCustomError(
-            "toml",
-            "{path} is not valid TOML: {problem}",
-            {
-                "path": path,
-                "problem": str(exc),
-            },
-        )
+        context = {"path": path, "problem": str(exc)}
+        error = PydanticCustomError("toml", "{path} is not valid TOML: {problem}", context)
         raise ValidationError.from_exception_data(
             settings_cls.__name__, [{"type": error, "loc": ("config_file",), "input": None}]
         ) from None

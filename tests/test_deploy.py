@@ -231,7 +231,7 @@ def test_the_build_context_is_what_the_containerfile_copies():
     for word, args in _instructions():
         if word == "COPY" and not args.startswith("--from"):
             copied.update(args.split()[:-1])
-    assert allowed == copied == {"pyproject.toml", "README.md", "LICENSE", "src"}
+    assert allowed == copied == {"pyproject.toml", "README.md", "LICENSE", "src", "client"}
 
 
 # -- deploy/make-secrets, and Redis with its ACL -------------------------------------------

@@ -44,7 +44,7 @@ from tokenward.metrics import Metrics
 from tokenward.service import TokenService
 from tokenward.sessions import Sessions, build_sessions
 from tokenward.settings import Settings, load_hasher
-from tokenward.store.engine import create_engine, migrate
+from tokenward.store.engine import create_engine, migrate, require_current_schema
 from tokenward.store.repository import TokenStore
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.verify import Verifier
@@ -90,8 +90,10 @@ class Services:
 async def open_services(settings: Settings, *, run_migrations: bool = True) -> Services:
     hasher = load_hasher(settings)
     engine = create_engine(settings.resolved_database_url)
-    if run_migrations:
+    if run_migrations and settings.migrate_on_start:
         await migrate(engine)
+    elif run_migrations:
+        await require_current_schema(engine)  # serve --no-migrate: a schema behind stops it
     store = TokenStore(engine)
     limiter = RateLimiter(settings.redis_url, namespace=settings.redis_prefix)
     # Retries on a fresh connection: only for calls safe to repeat (see tokenward.redisconn).

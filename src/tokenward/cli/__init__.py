@@ -5,7 +5,7 @@ handler, the help layout, output helpers, the admin client), :mod:`tokenward.cli
 writes docs/cli.md from this tree (run ``scripts/cli-docs`` after adding a command):
 
 ========================  ===============================================================
-``server``                ``init``, ``serve``
+``server``                ``init``, ``migrate``, ``serve``
 ``projects``              ``project create|list|allow-ip|policy``
 ``tokens``                ``token create|list|show|revoke|rotate|quarantine|release``
 ``exchange``              ``token exchange|auto-rotate`` (short-lived tokens for machines)
@@ -31,7 +31,7 @@ from tokenward.cli.audit import audit_app
 from tokenward.cli.common import Commands, Group, err, out
 from tokenward.cli.projects import project_app
 from tokenward.cli.scan import scan
-from tokenward.cli.server import init, serve
+from tokenward.cli.server import init, migrate, serve
 from tokenward.cli.tokens import token_app
 from tokenward.cli.trust import trust_app
 from tokenward.cli.users import user_app
@@ -64,6 +64,7 @@ def _root(
 
 
 app.command()(init)
+app.command()(migrate)
 app.command()(serve)
 app.command()(scan)
 app.add_typer(project_app, name="project")

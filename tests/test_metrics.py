@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -160,3 +161,21 @@ async def test_the_gateway_times_requests_and_upstreams_per_route_and_status(ser
     assert f'{upstream}{{route="{route}",status="200",upstream="records"}} 2.0' in text
     assert 'upstream="down"' not in text  # it never answered: no upstream latency
     assert issued.secret not in text and issued.record.id not in text
+
+
+def test_the_docs_list_every_metric_and_only_those(services):
+    """docs/observability.md names each ``tokenward_`` metric there is, and no other."""
+    from tests.conftest import ROOT
+
+    documented = set(re.findall(r"`(tokenward_[a-z_]+)`", (ROOT / OBSERVABILITY).read_text()))
+    documented = {name.removesuffix("_total") for name in documented}
+    assert services.metrics is not None
+    exposed = {
+        family.name
+        for family in services.metrics.registry.collect()
+        if family.name.startswith("tokenward_")
+    }
+    assert exposed == documented
+
+
+OBSERVABILITY = "docs/observability.md"

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+import uvicorn
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -27,6 +28,7 @@ from tests.test_metrics import observed_gateway
 from tokenward import tracing
 from tokenward.app import Services, create_asgi, open_services
 from tokenward.bootstrap import issue_bootstrap_record
+from tokenward.gateway.proxy import Gateway
 from tokenward.service import Issued
 from tokenward.settings import Settings
 from tokenward.tokens.format import generate_token
@@ -300,3 +302,78 @@ def _run(command: list[str], env: dict[str, str]) -> str:
 
     done = subprocess.run(command, env=env, capture_output=True, check=True, timeout=60)
     return done.stdout.decode()
+
+
+async def test_an_mcp_route_passes_the_span_on_and_records_each_message(traced, root, exporter):
+    from tests.gateway.test_mcp import AGENT, files_server
+    from tests.gateway.test_mcp import POLICY as MCP_POLICY
+
+    seen: list[dict[bytes, bytes]] = []
+    mcp_app = files_server().streamable_http_app(json_response=True)
+
+    async def recording(scope, receive, send):  # the MCP server, and the headers it got
+        if scope["type"] == "http":
+            seen.append(dict(scope["headers"]))
+        await mcp_app(scope, receive, send)
+
+    issued = await make_token(traced, root, scopes=AGENT)
+    sock = listening_socket()
+    server = uvicorn.Server(uvicorn.Config(recording, log_level="error", lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    use_policy(traced, MCP_POLICY.format(port=port_of(sock)))
+    gateway = Gateway(traced.enforcement)
+    gateway_sock = listening_socket()
+    await gateway.start("127.0.0.1", 0, sock=gateway_sock)
+    headers = {
+        "Authorization": f"Bearer {issued.secret}",
+        "Accept": "application/json, text/event-stream",
+        "traceparent": TRACEPARENT,
+    }
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"},
+        },
+    }
+    denied = {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {"name": "delete_records", "arguments": {"table": "users"}},
+    }
+    try:
+        url = f"http://127.0.0.1:{port_of(gateway_sock)}/mcp"
+        async with httpx.AsyncClient(headers=headers, timeout=10) as client:
+            first = await client.post(url, json=initialize)
+            assert first.status_code == 200, first.text
+            session = {"Mcp-Session-Id": first.headers.get("mcp-session-id", "")}
+            second = await client.post(url, json=denied, headers=session)
+            assert second.json()["error"]["code"] < 0
+    finally:
+        await gateway.aclose()
+        gateway_sock.close()
+        server.should_exit = True
+        await task
+        sock.close()
+    started, refused = server_spans_of(exporter, "POST /mcp")
+    assert seen[0][b"traceparent"] == f"00-{TRACE_ID}-{started.context.span_id:016x}-01".encode()
+    assert started.attributes is not None and started.attributes["tokenward.decision"] == "allow"
+    # the HTTP request was allowed (base scope); its message was not: a span event
+    assert refused.attributes is not None and refused.attributes["tokenward.decision"] == "allow"
+    [event] = [e for e in refused.events if e.name == "tokenward.decision"]
+    assert event.attributes is not None
+    assert event.attributes["tokenward.decision"] == "deny"
+    assert event.attributes["tokenward.reason"] == "insufficient_scope"
+    assert event.attributes["tokenward.source"] == "mcp"
+    no_secret_in(started, issued.secret)
+    no_secret_in(refused, issued.secret)
+
+
+def server_spans_of(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    return [s for s in server_spans(exporter) if s.name == name]

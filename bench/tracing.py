@@ -157,7 +157,10 @@ def main(before: str, rounds: int) -> None:
         }
         for _ in range(rounds):
             for name, (src, env) in variants.items():
-                results = measure(name, src, env, policy, tmp)
+                try:
+                    results = measure(name, src, env, policy, tmp)
+                except TimeoutError:  # a start slowed past 30 s by a busy machine: again
+                    results = measure(name, src, env, policy, tmp)
                 kept = best.setdefault(name, results)
                 for index, result in enumerate(results):
                     if (result.cpu_us or 1e9) < (kept[index].cpu_us or 1e9):

@@ -179,3 +179,25 @@ def test_the_docs_list_every_metric_and_only_those(services):
 
 
 OBSERVABILITY = "docs/observability.md"
+
+
+def test_the_hot_path_histogram_exposes_what_prometheus_clients_would():
+    """Same observations, same exposition as prometheus-client's own Histogram (bar the
+    ``_created`` sample it adds), bounds and the +Inf bucket included."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from tokenward.metrics import LATENCY_BUCKETS, LatencyHistogram
+
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("t_seconds", "doc", ["route"], buckets=LATENCY_BUCKETS, registry=theirs)
+    mine = LatencyHistogram("t_seconds", "doc", ["route"], LATENCY_BUCKETS)
+    ours.register(mine)
+    for route, value in [("/a", 0.0005), ("/a", 0.0004), ("/a", 0.3), ("/b", 9.0), ("/b", 0.0)]:
+        reference.labels(route).observe(value)
+        mine.labels(route).observe(value)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [line for line in text.splitlines() if "_created" not in line]
+
+    assert lines(ours) == lines(theirs)

@@ -11,7 +11,8 @@ action, upstream): a token, token id, path or IP address is never a label.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -24,7 +25,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,6 +36,57 @@ from tokenward.tracing import api_route
 from tokenward.verify import Verifier
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _Durations:
+    """One label set's buckets and sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1  # the first bound >= seconds
+        self.sum += seconds
+
+
+class LatencyHistogram(Collector):
+    """A Prometheus histogram for the durations observed on every request, exposed at
+    scrape time exactly as prometheus-client's (``_bucket{le=…}``, ``_count``, ``_sum``).
+
+    prometheus-client's ``Histogram.observe`` takes a lock for the sum and for a bucket on
+    each call; requests are observed on one event loop thread (a worker is a process of its
+    own), so a bucket index and two additions do (measured here: 14.8 µs against 2.0 µs on a
+    loaded machine, about 7x; see decision 0032).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self.bounds = tuple(buckets)
+        self._children: dict[tuple[str, ...], _Durations] = {}
+
+    def labels(self, *values: str) -> _Durations:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _Durations(self.bounds)
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*self.bounds, float("inf")), child.counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+            family.add_metric(list(values), buckets, child.sum)
+        yield family
 
 
 class _CacheCounters(Collector):
@@ -65,35 +117,35 @@ class Metrics:
         self._access_children: dict[tuple[str, bool, Reason], tuple[Any, Any]] = {}
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._upstream_children: dict[tuple[str, str, int], Any] = {}
-        self.requests = Histogram(
+        self.requests = LatencyHistogram(
             "tokenward_http_request_duration_seconds",
             "HTTP requests by server (api, gateway), route template and status: time to the "
             "last byte of the answer.",
             ["server", "route", "status"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = LatencyHistogram(
             "tokenward_upstream_latency_seconds",
             "Gateway: from the request sent upstream to its answer's status line, by "
             "upstream, route template and upstream status.",
             ["upstream", "route", "status"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
+        r.register(self.requests)
+        r.register(self.upstream_latency)
         self.decisions = Counter(
             "tokenward_decisions",
             "Access decisions by where they were made, outcome and reason.",
             ["source", "outcome", "reason"],
             registry=r,
         )
-        self.decision_latency = Histogram(
+        self.decision_latency = LatencyHistogram(
             "tokenward_decision_latency_seconds",
             "Time from request to decision, by where it was made and the decision's status.",
             ["source", "status"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
+        r.register(self.decision_latency)
         self.rate_limited = Counter(
             "tokenward_rate_limit_rejections", "Requests denied by a rate limit.", registry=r
         )

@@ -157,6 +157,27 @@ _SHARED: list[Any] = [
 ]
 
 
+def _dumps(entry: Any, **_options: Any) -> str:
+    """One line of JSON, compact like the access log's (orjson; the standard library's for
+    what orjson refuses, e.g. a lone surrogate, as the access log does)."""
+    try:
+        return orjson.dumps(entry, default=str).decode()
+    except TypeError:
+        return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def _keys_first(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """``event``, ``level``, ``logger``, ``timestamp`` first, as on an access line."""
+    first = {key: event.pop(key) for key in _FIRST if key in event}
+    first.update(event)
+    return first
+
+
+_FIRST = ("event", "level", "logger", "timestamp")
+
+
 def formatter() -> structlog.stdlib.ProcessorFormatter:
     """The one format of every line: structlog's processors, for records of any origin."""
     return structlog.stdlib.ProcessorFormatter(
@@ -165,7 +186,8 @@ def formatter() -> structlog.stdlib.ProcessorFormatter:
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
             redact_event,
-            structlog.processors.JSONRenderer(),
+            _keys_first,
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ],
     )
 

@@ -98,6 +98,12 @@ def bench_server(
             yield token_file.read_text().strip(), admin, pid
 
 
+# A server importing the SDK on a shared, loaded CPU may take longer than the 30 s the other
+# benchmarks wait for a port.
+_wait_port = common.wait_port
+common.wait_port = lambda port, timeout=120.0: _wait_port(port, timeout)
+
+
 def warm_up(url: str, headers: dict[str, str] | None = None, script: str | None = None) -> None:
     duration, common.DURATION = common.DURATION, "1s"
     try:
@@ -157,13 +163,7 @@ def main(before: str, rounds: int) -> None:
         }
         for _ in range(rounds):
             for name, (src, env) in variants.items():
-                for attempt in range(3):  # a start slowed past 30 s by a busy machine: again
-                    try:
-                        results = measure(name, src, env, policy, tmp)
-                        break
-                    except TimeoutError:
-                        if attempt == 2:
-                            raise
+                results = measure(name, src, env, policy, tmp)
                 kept = best.setdefault(name, results)
                 for index, result in enumerate(results):
                     if (result.cpu_us or 1e9) < (kept[index].cpu_us or 1e9):

@@ -1,6 +1,7 @@
 """What tracing costs: CPU per request with tracing off vs the code before it, and on.
 
     .venv/bin/python bench/tracing.py [--before REF] [--rounds 3]
+    .venv/bin/python bench/tracing.py --in-process [--before REF] [--requests 20000]
 
 Servers in turn, each the bench server (serve.py) pinned to the server CPU, driven by wrk,
 for ``POST /v1/verify`` (the API's hot path) and ``GET /records/1`` through the gateway
@@ -16,6 +17,12 @@ for ``POST /v1/verify`` (the API's hot path) and ``GET /records/1`` through the 
 The variants take turns for ``--rounds`` rounds and each keeps its lowest CPU per request
 (neighbours on a shared machine only ever add to it). Prints req/s, latency and the server's
 CPU time per request (from /proc), and the differences to ``before``.
+
+``--in-process`` leaves HTTP, wrk and the machine's neighbours out: the ASGI application
+``tokenward serve`` runs is called directly for ``POST /v1/verify`` (one process per
+variant, ``time.process_time()`` around the requests), so the few microseconds a layer costs
+are not lost in the noise of a shared machine. "on" exports to the SDK's in-memory exporter
+there (cleared as it goes): the cost of making the spans, not of sending them.
 """
 
 from __future__ import annotations
@@ -184,9 +191,130 @@ def main(before: str, rounds: int) -> None:
             print(f"{route:16} {name:16}: {cpu - base:+7.1f} us CPU per request vs {base_name}")
 
 
+DRIVER = textwrap.dedent(
+    """
+    import asyncio, json, os, sys, time
+    from tokenward.app import create_asgi, open_services
+    from tokenward.service import TokenSpec, issue_bootstrap_record
+    from tokenward.settings import Settings
+
+    async def main(requests):
+        if os.environ.get("BENCH_TRACING") == "on":
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+            from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+                InMemorySpanExporter,
+            )
+            from tokenward import tracing
+
+            spans = InMemorySpanExporter()
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(spans))
+            tracing.configure(provider)
+        services = await open_services(Settings.load())
+        admin = issue_bootstrap_record(services.hasher, services.verifier.clock())
+        await services.store.insert_token(admin.record, services.hasher.hash(admin.secret))
+        await services.tokens.create_project(admin.record, "bench")
+        issued = await services.tokens.create_token(
+            admin.record, TokenSpec(project="bench", scopes=["records:read"])
+        )
+        app = create_asgi(services=services)
+        body = json.dumps({"token": issued.secret, "scope": "records:read"}).encode()
+        headers = [
+            (b"host", b"bench"),
+            (b"authorization", f"Bearer {admin.secret}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        statuses = []
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        def scope():
+            return {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                "method": "POST", "scheme": "http", "path": "/v1/verify",
+                "raw_path": b"/v1/verify", "query_string": b"", "root_path": "",
+                "headers": list(headers), "client": ("127.0.0.1", 50000),
+                "server": ("127.0.0.1", 8080), "state": {},
+            }
+
+        for _ in range(500):  # warm: caches, the audit writer
+            await app(scope(), receive, send)
+        started = time.process_time()
+        for n in range(requests):
+            await app(scope(), receive, send)
+            if n % 1000 == 0 and os.environ.get("BENCH_TRACING") == "on":
+                spans.clear()
+        cpu = time.process_time() - started
+        assert set(statuses) == {200}, set(statuses)
+        await services.close()
+        print(cpu * 1e6 / requests)
+
+    asyncio.run(main(int(sys.argv[1])))
+    """
+)
+
+
+def in_process(before: str, requests: int, rounds: int) -> None:
+    """CPU per ``POST /v1/verify`` of the ASGI app itself, per variant (lowest of rounds)."""
+    best: dict[str, float] = {}
+    with exported_tree(before) as old:
+        variants = {
+            "before": (old, {}),
+            "off": (ROOT / "src", {}),
+            "on": (ROOT / "src", {"BENCH_TRACING": "on"}),
+            "before, no metrics": (old, {"TOKENWARD_METRICS_ENABLED": "false"}),
+            "off, no metrics": (ROOT / "src", {"TOKENWARD_METRICS_ENABLED": "false"}),
+        }
+        for _ in range(rounds):
+            for name, (src, extra) in variants.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    env = {
+                        **{
+                            k: v
+                            for k, v in os.environ.items()
+                            if not k.startswith(("TOKENWARD_", "OTEL_"))
+                        },
+                        "PYTHONPATH": str(src),
+                        "TOKENWARD_DATA_DIR": tmp,
+                        "TOKENWARD_SECRET_KEY": secrets.token_hex(32),
+                        **extra,
+                    }
+                    done = subprocess.run(
+                        [sys.executable, "-c", DRIVER, str(requests)],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    cpu = float(done.stdout.split()[-1])
+                    best[name] = min(best.get(name, cpu), cpu)
+    print(f"in-process POST /v1/verify, CPU per request (lowest of {rounds} rounds)\n")
+    for name, cpu in best.items():
+        print(f"{name:20} {cpu:8.1f} us")
+    print()
+    for name, base in (
+        ("off", "before"),
+        ("on", "before"),
+        ("off, no metrics", "before, no metrics"),
+    ):
+        print(f"{name:16}: {best[name] - best[base]:+6.1f} us CPU per request vs {base}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default="main", help="git ref of the code to compare with")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--in-process", action="store_true", help="the ASGI app, no HTTP")
+    parser.add_argument("--requests", type=int, default=20000)
     arguments = parser.parse_args()
-    main(arguments.before, arguments.rounds)
+    if arguments.in_process:
+        in_process(arguments.before, arguments.requests, arguments.rounds)
+    else:
+        main(arguments.before, arguments.rounds)

@@ -213,7 +213,8 @@ def configure_logging(level: str = "info", stream: Any = None) -> None:
         migration.addFilter(_MigrationsOnly())
     logging.captureWarnings(True)  # Python's warnings: log lines too, not raw stderr text
     structlog.configure(
-        processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # redacted here too: a record's event dict is also what other handlers see
+        processors=[*_SHARED, redact_event, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,

@@ -40,13 +40,14 @@ from tokenward.fanout import Fanout, make_fanout
 from tokenward.gateway import Enforcement, build_enforcement
 from tokenward.limits import RateLimiter
 from tokenward.logs import access_log, configure_logging
-from tokenward.metrics import Metrics
+from tokenward.metrics import Metrics, RequestMetrics
 from tokenward.service import TokenService
 from tokenward.sessions import Sessions, build_sessions
 from tokenward.settings import Settings, load_hasher
 from tokenward.store.engine import create_engine, migrate, require_current_schema
 from tokenward.store.repository import TokenStore
 from tokenward.tokens.hashing import TokenHasher
+from tokenward.tracing import DecisionAttributes, traced, tracer
 from tokenward.verify import Verifier
 
 log = structlog.get_logger("tokenward")
@@ -121,6 +122,8 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         sqlite_synchronous=settings.audit_sqlite_synchronous,
     )
     events.subscribe(audit)
+    if tracer() is not None:  # OTEL_* asks for traces: decisions become span attributes
+        events.subscribe(DecisionAttributes())
     metrics = None
     if settings.metrics_enabled:
         metrics = Metrics()
@@ -294,6 +297,8 @@ def create_app(
 def create_asgi(settings: Settings | None = None, services: Services | None = None) -> ASGIApp:
     """What the server runs, outermost first::
 
+        traces: a span per request, only when OTEL_* turns tracing on (tracing.py)
+        metrics: every request timed per route template and status (metrics.py)
         hot path: POST /v1/verify and /authz, each in one layer (api/fastpath.py)
         everything else: request id, security headers and access log
           → body bounds (size, JSON depth) → audit durability
@@ -308,10 +313,12 @@ def create_asgi(settings: Settings | None = None, services: Services | None = No
     app = DurableResponseMiddleware(app)
     app = BodyLimitMiddleware(app, settings.max_body_bytes, settings.max_json_depth)
     app = RequestContextMiddleware(app, log_requests=settings.access_log)
-    return HotPath(
+    hot = HotPath(
         app,
         api,
         max_body_bytes=settings.max_body_bytes,
         max_json_depth=settings.max_json_depth,
         log_requests=settings.access_log,
     )
+    app = RequestMetrics(hot, api) if settings.metrics_enabled else hot
+    return traced(app)  # a span per request when tracing is on (tracing.py); else nothing

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +86,7 @@ def _config(connection: Connection) -> Config:
 
 
 def _upgrade(connection: Connection) -> None:
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # alembic logs through the root logger: which of its lines show is logs.py's choice
     if connection.dialect.name == "postgresql":
         # Replicas starting together must not race each other through the migrations.
         connection.execute(text("SELECT pg_advisory_xact_lock(7261120001)"))

@@ -94,6 +94,9 @@ OPERATIONS: dict[str, Operation] = {
     "remove_webhook": Operation(204, None, (404,)),
     "test_webhook": Operation(200, webhooks_api.WebhookDelivery, (404,)),
     "list_webhook_deliveries": Operation(200, webhooks_api.WebhookDeliveries, (404,)),
+    "lookup_tokens": Operation(200, r.TokenLookup),
+    "report_leaked": Operation(200, r.LeakedToken, (404,)),
+    "report_leaks": Operation(200, r.LeakVerdicts, (401, 503), auth="none"),
 }
 
 _AUTHENTICATED = (401, 403, 429, 503)

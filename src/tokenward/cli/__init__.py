@@ -5,7 +5,7 @@ handler, the help layout, output helpers, the admin client), :mod:`tokenward.cli
 writes docs/cli.md from this tree (run ``scripts/cli-docs`` after adding a command):
 
 ========================  ===============================================================
-``server``                ``init``, ``serve``
+``server``                ``init``, ``migrate``, ``serve``
 ``projects``              ``project create|list|allow-ip|policy``
 ``tokens``                ``token create|list|show|revoke|rotate|quarantine|release``
 ``exchange``              ``token exchange|auto-rotate`` (short-lived tokens for machines)
@@ -15,6 +15,7 @@ writes docs/cli.md from this tree (run ``scripts/cli-docs`` after adding a comma
 ``users``                 ``user …`` (dashboard users, on the database directly)
 ``usage``                 ``usage`` (requests, allowed and denied by reason, over a range)
 ``webhooks``              ``webhook add|list|remove|test|deliveries`` (lifecycle webhooks)
+``scan``                  ``scan PATH… | -`` (find leaked tokens; docs/leaks.md)
 ========================  ===============================================================
 
 Admin commands talk to a running server: ``TOKENWARD_URL`` and ``TOKENWARD_ADMIN_TOKEN``.
@@ -31,7 +32,8 @@ from tokenward.cli.alerts import alerts_app
 from tokenward.cli.audit import audit_app
 from tokenward.cli.common import Commands, Group, err, out
 from tokenward.cli.projects import project_app
-from tokenward.cli.server import init, serve
+from tokenward.cli.scan import scan
+from tokenward.cli.server import init, migrate, serve
 from tokenward.cli.tokens import token_app
 from tokenward.cli.trust import trust_app
 from tokenward.cli.usage import usage
@@ -66,7 +68,9 @@ def _root(
 
 
 app.command()(init)
+app.command()(migrate)
 app.command()(serve)
+app.command()(scan)
 app.add_typer(project_app, name="project")
 app.add_typer(token_app, name="token")
 app.add_typer(trust_app, name="trust")

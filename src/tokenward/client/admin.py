@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -94,7 +95,9 @@ class AdminClient:
         """Raise :class:`TokenSecretAsId`, before anything is sent, for a secret in the URL."""
         parts = path.split("/")
         if isinstance(params, dict):
-            parts.extend(str(value) for value in params.values())
+            for value in params.values():
+                values = value if isinstance(value, list | tuple) else [value]
+                parts.extend(str(v) for v in values)
         if any(looks_like_secret(part) for part in parts):
             raise TokenSecretAsId
 
@@ -102,8 +105,20 @@ class AdminClient:
     def create_project(self, name: str) -> dict[str, Any]:
         return dict(self.request("POST", "/v1/projects", json={"name": name}))
 
+    def pages(self, path: str, key: str, **params: Any) -> Iterator[dict[str, Any]]:
+        """Every item of a list endpoint, page after page (its ``next_cursor``): the one
+        pagination of the API (tokens, projects, audit, alerts). ``None`` values are left
+        out; a list value is sent as a repeated parameter."""
+        query = {k: v for k, v in params.items() if v is not None}
+        while True:
+            page = self.request("GET", path, params=query)
+            yield from page[key]
+            if not page.get("next_cursor"):
+                return
+            query["cursor"] = page["next_cursor"]
+
     def list_projects(self) -> list[dict[str, Any]]:
-        return list(self.request("GET", "/v1/projects")["projects"])
+        return list(self.pages("/v1/projects", "projects", limit=1000))
 
     def update_project(self, name: str, ip_allowlist: list[str]) -> dict[str, Any]:
         body = {"ip_allowlist": ip_allowlist}
@@ -114,21 +129,53 @@ class AdminClient:
         body = {k: v for k, v in fields.items() if v is not None}
         return dict(self.request("POST", "/v1/tokens", json=body))
 
+    def iter_tokens(
+        self,
+        project: str | None = None,
+        *,
+        state: str | None = None,
+        limit: int = 1000,
+        metadata: dict[str, str] | None = None,
+        **filters: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """Tokens matching the filters of ``GET /v1/tokens`` (``name_prefix``,
+        ``principal``, ``kind``, ``environment``, ``expires_before``, ``last_used_before``,
+        ``disabled``, ``quarantined``; ``metadata`` as a dict), newest first, fetched a page
+        at a time as the iteration goes."""
+        meta = [f"{k}={v}" for k, v in (metadata or {}).items()] or None
+        for name in ("expires_before", "last_used_before"):
+            if hasattr(filters.get(name), "isoformat"):
+                filters[name] = filters[name].isoformat()
+        yield from self.pages(
+            "/v1/tokens",
+            "tokens",
+            project=project,
+            state=state,
+            limit=limit,
+            metadata=meta,
+            **filters,
+        )
+
     def list_tokens(
-        self, project: str | None = None, state: str | None = None, limit: int = 1000
+        self, project: str | None = None, state: str | None = None, **filters: Any
     ) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"limit": limit}
-        if project:
-            params["project"] = project
-        if state:
-            params["state"] = state
-        items: list[dict[str, Any]] = []
-        while True:
-            page = self.request("GET", "/v1/tokens", params=params)
-            items.extend(page["tokens"])
-            if not page.get("next"):
-                return items
-            params["after"] = page["next"]
+        """Every token matching the filters (see :meth:`iter_tokens`), as one list."""
+        return list(self.iter_tokens(project, state=state, **filters))
+
+    def update_token(self, token_id: str, **changes: Any) -> dict[str, Any]:
+        """``PATCH /v1/tokens/{id}``: ``name``, ``metadata``, ``ip_allowlist``,
+        ``rate_limit`` (``""``: none), and narrower ``scopes``, ``expires_at``, ``uses``."""
+        body = {k: v for k, v in changes.items() if v is not None}
+        if hasattr(body.get("expires_at"), "isoformat"):
+            body["expires_at"] = body["expires_at"].isoformat()
+        return dict(self.request("PATCH", f"/v1/tokens/{token_id}", json=body))
+
+    def disable_token(self, token_id: str, reason: str = "disabled by an admin") -> dict[str, Any]:
+        path = f"/v1/tokens/{token_id}/disable"
+        return dict(self.request("POST", path, json={"reason": reason}))
+
+    def enable_token(self, token_id: str, note: str = "") -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/tokens/{token_id}/enable", json={"note": note}))
 
     def get_token(self, token_id: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/v1/tokens/{token_id}"))

@@ -126,23 +126,41 @@ def _day(value: str | None) -> str:
     return value[:10] if value else "never"
 
 
-def compact_table(items: list[dict[str, Any]]) -> Table:
-    """One line a token, fit for 80 columns: id (never cut), name, state, scopes, expiry."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    id_column(table)
-    table.add_column("name", no_wrap=True, overflow="ellipsis", max_width=24)
-    table.add_column("state", no_wrap=True)
-    table.add_column("scopes", no_wrap=True, overflow="ellipsis", max_width=24)
-    table.add_column("expires", no_wrap=True)
-    for t in items:
-        add_row(
-            table,
+def compact_table(items: list[dict[str, Any]], width: int) -> Table:
+    """One line a token, fit for ``width`` columns (80 and up): id (never cut), name, state,
+    scopes, expiry.
+
+    The id, state and expiry keep their width; the scopes take at most 24 and the name what
+    is left, each cut with an ellipsis when too long (``--wide`` and ``show`` have them whole).
+    """
+    rows = [
+        (
             t["id"],
             t["name"] or "-",
             shown_state(t),
             short_scopes(t["scopes"]),
             _day(t["expires_at"]),
         )
+        for t in items
+    ]
+
+    def widest(index: int, header: str) -> int:
+        return max([len(header), *(len(r[index]) for r in rows)])
+
+    state_width, expires_width = widest(2, "state"), widest(4, "expires")
+    scopes_width = min(widest(3, "scopes"), 24)
+    # every column costs two characters of padding and edge
+    name_width = max(width - 20 - state_width - scopes_width - expires_width - 2 * 5, 8)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    id_column(table)
+    table.add_column("name", no_wrap=True, overflow="ellipsis", max_width=name_width)
+    table.add_column("state", no_wrap=True, min_width=state_width)
+    table.add_column(
+        "scopes", no_wrap=True, overflow="ellipsis", max_width=scopes_width, min_width=6
+    )
+    table.add_column("expires", no_wrap=True, min_width=expires_width)
+    for row in rows:
+        add_row(table, *row)
     return table
 
 
@@ -226,7 +244,7 @@ def token_list(
     if as_json:
         emit_json(items)
     else:
-        out.print(wide_table(items) if wide else compact_table(items))
+        out.print(wide_table(items) if wide else compact_table(items, out.width))
 
 
 @token_app.command("show")

@@ -6,7 +6,8 @@ handler, output helpers, the admin client):
 ========================  ===============================================================
 ``server``                ``init``, ``serve``
 ``projects``              ``project create|list|allow-ip|policy``
-``tokens``                ``token create|list|show|revoke|rotate|quarantine|release``
+``tokens``                ``token create|list|show|update|disable|enable|revoke|rotate``,
+                          ``token quarantine|release``
 ``exchange``              ``token exchange|auto-rotate`` (short-lived tokens for machines)
 ``trust``                 ``trust add|list|remove`` (OIDC workload identity)
 ``audit``                 ``audit list|tail|export|verify|prune``

@@ -184,8 +184,8 @@ class TokenQuery:
 
 
 def _conditions(q: TokenQuery, now: datetime) -> list[Any]:
-    """The SQL conditions of ``q`` (each served by an index of migration 0009 where one
-    can be: the project, name prefix, principal, expiry and last use)."""
+    """The SQL conditions of ``q``, each served by an index of migration 0009 where one can
+    be: the project and its order, a principal and its order, a name prefix, expiry, last use."""
     c = tokens.c
     current = state_at(now)
     out: list[Any] = []

@@ -169,7 +169,7 @@ tokens = Table(
         "name",
         postgresql_ops={"name": "varchar_pattern_ops"},
     ),
-    Index("ix_tokens_project_principal", "project_id", "principal"),
+    Index("ix_tokens_project_principal", "project_id", "principal", "created_at", "id"),
     Index("ix_tokens_expires_at", "expires_at"),
     Index("ix_tokens_last_used_at", "last_used_at"),
 )

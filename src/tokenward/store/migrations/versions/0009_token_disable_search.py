@@ -35,7 +35,9 @@ def upgrade() -> None:
         ["project_id", "name"],
         postgresql_ops={"name": "varchar_pattern_ops"},
     )
-    op.create_index("ix_tokens_project_principal", "tokens", ["project_id", "principal"])
+    op.create_index(
+        "ix_tokens_project_principal", "tokens", ["project_id", "principal", "created_at", "id"]
+    )
     op.create_index("ix_tokens_expires_at", "tokens", ["expires_at"])
     op.create_index("ix_tokens_last_used_at", "tokens", ["last_used_at"])
 

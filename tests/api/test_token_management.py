@@ -144,6 +144,8 @@ async def test_search_filters_are_applied_together_by_the_server(api, services):
         ("billing-cron", {"principal": "svc-billing", "ttl": "2d", "environment": "test"}),
         ("search-api", {"principal": "svc-search", "metadata": {"team": "search"}}),
         ("Billing-old", {"kind": "canary", "ttl": "40d"}),
+        ("café-1", {}),
+        ("cafè-2", {}),
     ]:
         made[name] = await new_token(api, project="app", name=name, **extra)
     await new_token(api, project="other", name="billing-elsewhere")
@@ -160,6 +162,7 @@ async def test_search_filters_are_applied_together_by_the_server(api, services):
     in_a_week = (datetime.now(UTC) + timedelta(days=7)).isoformat()
     a_month_ago = (datetime.now(UTC) - timedelta(days=30)).isoformat()
     assert await names(name_prefix="billing") == ["billing-api", "billing-cron"]  # exact case
+    assert await names(name_prefix="café") == ["café-1"]  # beyond ASCII, still exact
     assert await names(principal="svc-billing") == ["billing-api", "billing-cron"]
     assert await names(metadata="team=billing") == ["billing-api"]
     assert await names(metadata=["team=billing", "x=y"]) == []

@@ -183,7 +183,16 @@ class TokenQuery:
     # in :func:`_conditions` like ``principal`` once ``tokens.identity_id`` exists.
 
 
-def _conditions(q: TokenQuery, now: datetime) -> list[Any]:
+def _prefix_range(prefix: str) -> tuple[str, str] | None:
+    """The names starting with ``prefix`` as a range in code point order (SQLite's binary
+    collation: UTF-8 byte order is code point order), so an index serves it."""
+    last = ord(prefix[-1])
+    if last >= 0x10FFFF:
+        return None
+    return prefix, prefix[:-1] + chr(last + 1 + (0x800 if 0xD7FF <= last < 0xE000 else 0))
+
+
+def _conditions(q: TokenQuery, now: datetime, dialect: str = "") -> list[Any]:
     """The SQL conditions of ``q``, each served by an index of migration 0009 where one can
     be: the project and its order, a principal and its order, a name prefix, expiry, last use."""
     c = tokens.c
@@ -194,7 +203,14 @@ def _conditions(q: TokenQuery, now: datetime) -> list[Any]:
     if q.name_prefix:
         # LIKE serves the (project_id, name) index; the substring check makes it exact on
         # SQLite too, whose LIKE ignores ASCII case.
-        out.append(c.name.startswith(q.name_prefix, autoescape=True))
+        # PostgreSQL: LIKE on the varchar_pattern_ops index. SQLite's LIKE ignores ASCII case
+        # and uses no index: a range in binary order does. The substring check makes both
+        # exact.
+        bounds = _prefix_range(q.name_prefix) if dialect == "sqlite" else None
+        if bounds is not None:
+            out += [c.name >= bounds[0], c.name < bounds[1]]
+        else:
+            out.append(c.name.startswith(q.name_prefix, autoescape=True))
         out.append(func.substr(c.name, 1, len(q.name_prefix)) == q.name_prefix)
     if q.text:
         needle = q.text.lower()
@@ -413,7 +429,7 @@ class TokenStore:
         (one more query), else ``None``.
         """
         c = tokens.c
-        where = and_(true(), *_conditions(query, now))
+        where = and_(true(), *_conditions(query, now, self.engine.dialect.name))
         page = _SELECT_TOKEN.where(where)
         if after is not None:
             at, last_id = after

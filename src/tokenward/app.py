@@ -40,8 +40,8 @@ from tokenward.gateway import Enforcement, build_enforcement
 from tokenward.limits import RateLimiter
 from tokenward.logs import access_log, configure_logging
 from tokenward.metrics import Metrics
-from tokenward.oauth.sessions import Sessions, build_sessions
 from tokenward.service import TokenService
+from tokenward.sessions import Sessions, build_sessions
 from tokenward.settings import Settings, load_hasher
 from tokenward.store.engine import create_engine, migrate
 from tokenward.store.repository import TokenStore
@@ -79,6 +79,7 @@ class Services:
         if self.audit is not None:
             await self.audit.close()
         if self.anomaly is not None:
+            await self.anomaly.drain()
             await self.anomaly.webhooks.close()
         if self.redis is not None:
             await self.redis.aclose()

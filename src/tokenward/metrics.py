@@ -119,6 +119,10 @@ class Metrics:
 
     # -- the event sink -------------------------------------------------------------------
     async def access(self, event: AccessEvent) -> None:
+        self.access_nowait(event)
+
+    def access_nowait(self, event: AccessEvent) -> bool:
+        """Count a decision (no coroutine: see :class:`tokenward.events.EventBus`)."""
         decision = event.decision
         # The labelled children, looked up once per label set (``labels()`` costs more than
         # the increment itself, and this runs for every decision).
@@ -135,6 +139,7 @@ class Metrics:
         children[1].observe(event.latency_ms / 1000)
         if decision.reason == Reason.RATE_LIMITED:
             self.rate_limited.inc()
+        return True
 
     async def admin(self, event: AdminEvent) -> None:
         self.admin_actions.labels(event.action).inc()

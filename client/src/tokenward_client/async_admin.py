@@ -113,7 +113,7 @@ class AsyncAdminClient:
         )  # fmt: skip
         return cast(IssuedToken, await self.request("POST", "/v1/tokens", json=body))
 
-    def iter_tokens(
+    async def iter_tokens(
         self,
         project: str | None = None,
         state: str | None = None,
@@ -122,7 +122,9 @@ class AsyncAdminClient:
     ) -> AsyncIterator[Token]:
         """Tokens matching the filters of ``GET /v1/tokens``, a page at a time (see
         :meth:`tokenward_client.AdminClient.iter_tokens`)."""
-        return self.pages("/v1/tokens", "tokens", **token_filters(project, state, limit, filters))
+        params = token_filters(project, state, limit, filters)
+        async for token in self.pages("/v1/tokens", "tokens", **params):
+            yield token
 
     async def list_tokens(
         self, project: str | None = None, state: str | None = None, **filters: Any

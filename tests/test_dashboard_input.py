@@ -99,7 +99,8 @@ async def test_filters_refuse_control_characters_and_unknown_parameters(dash, cl
         "/dashboard/audit/export?ip=%00",
         "/dashboard/audit/feed?after=1&colour=red",
         "/dashboard/p/shop/tokens?q=%00",
-        "/dashboard/p/shop/tokens?page=%C2%B2",
+        "/dashboard/p/shop/tokens?cursor=%C2%B2",
+        "/dashboard/p/shop/tokens?cursor=bm9wZQ",
         "/dashboard/p/shop/tokens?expiring=%D9%A1",
     ):
         response = await p.client.get(path)

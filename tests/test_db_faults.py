@@ -264,7 +264,7 @@ async def test_database_not_accepting_connections_is_503_unavailable(
 async def test_database_error_and_unexpected_error_are_answered_not_raised(services, api):
     """A handler that re-raised would make the in-process client raise here (as a server
     logs a traceback and may break the connection)."""
-    real = services.tokens.list_tokens
+    real = services.tokens.search_tokens
 
     async def operational(*_args: object, **_kwargs: object) -> object:
         raise OperationalError("SELECT secret FROM tokens", {}, ConnectionResetError("gone"))
@@ -273,7 +273,7 @@ async def test_database_error_and_unexpected_error_are_answered_not_raised(servi
         raise RuntimeError("a bug")
 
     try:
-        services.tokens.list_tokens = operational
+        services.tokens.search_tokens = operational
         with capture_logs() as logs:
             response = await api.get("/v1/tokens")
         assert response.status_code == 503
@@ -281,7 +281,7 @@ async def test_database_error_and_unexpected_error_are_answered_not_raised(servi
         assert response.headers["Retry-After"].isdigit()
         assert "SELECT" not in response.text and "SELECT" not in repr(logs)
 
-        services.tokens.list_tokens = broken
+        services.tokens.search_tokens = broken
         with capture_logs() as logs:
             response = await api.get("/v1/tokens")
         assert response.status_code == 500
@@ -291,7 +291,7 @@ async def test_database_error_and_unexpected_error_are_answered_not_raised(servi
         }
         assert [e["event"] for e in logs].count("unhandled_error") == 1
     finally:
-        services.tokens.list_tokens = real
+        services.tokens.search_tokens = real
     assert (await api.get("/v1/tokens")).status_code == 200
 
 

@@ -22,7 +22,15 @@ from typing import Any
 
 from tokenward.errors import Conflict, Forbidden, Invalid, NotFound, refuse_pasted_tokens
 from tokenward.events import AdminEvent, EventBus, current_request
-from tokenward.store.repository import GrantLink, Project, TokenStore
+from tokenward.pagination import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    decode_cursor,
+    encode_cursor,
+    from_micros,
+    micros,
+)
+from tokenward.store.repository import GrantLink, Project, TokenQuery, TokenStore
 from tokenward.tokens.durations import MAX_DURATION
 from tokenward.tokens.format import (
     Environment,
@@ -88,6 +96,26 @@ class TokenChanges:
     ip_allowlist: list[str] | None = None
     rate_limit: list[str] | None = None
     uses: int | None = None
+    #: the whole metadata, replacing the old (``{}`` clears it)
+    metadata: dict[str, str] | None = None
+
+
+@dataclass(slots=True)
+class TokenPage:
+    """One page of a token search: ``next_cursor`` continues it (``None``: the last)."""
+
+    tokens: list[TokenRecord]
+    next_cursor: str | None
+    #: how many match in all, when it was asked for
+    total: int | None = None
+
+
+TOKEN_CURSOR = "tokens"  # noqa: S105 - the name of a list, no secret
+
+
+def token_cursor(record: TokenRecord) -> str:
+    """The cursor of the page after ``record`` in the token search's order."""
+    return encode_cursor(TOKEN_CURSOR, (micros(record.created_at), record.id))
 
 
 @dataclass(slots=True)
@@ -109,6 +137,33 @@ def normalize_cidrs(cidrs: list[str]) -> list[str]:
                 "invalid_cidr", f"ip_allowlist[{index}] is not an IPv4 or IPv6 address or CIDR"
             ) from None
     return out
+
+
+def _widening(code: str, name: str, rule: str) -> Invalid:
+    """422 naming the field: a change that would widen what a token may do."""
+    message = f"a token's {name} {rule}: make a new token for more"
+    return Invalid(code, message, details=[{"field": name, "problem": rule}])
+
+
+def _public_value(value: object) -> object:
+    return value.isoformat().replace("+00:00", "Z") if isinstance(value, datetime) else value
+
+
+def _what_changed(record: TokenRecord, values: dict[str, object]) -> dict[str, object]:
+    """The detail of a ``token.update`` event: the fields changed, and their old and new
+    values (metadata: only the keys that changed; no secret is among any of them)."""
+    before: dict[str, object] = {}
+    after: dict[str, object] = {}
+    for name, value in values.items():
+        if name == "metadata":
+            assert isinstance(value, dict)
+            keys = set(value) ^ set(record.metadata)
+            keys |= {k for k in value if k in record.metadata and record.metadata[k] != value[k]}
+            after["metadata_keys"] = sorted(keys)
+            continue
+        old = getattr(record, name)
+        before[name], after[name] = _public_value(old), _public_value(value)
+    return {"changed": sorted(values), "from": before, "to": after}
 
 
 def _utc(value: datetime | None, name: str) -> datetime | None:
@@ -151,9 +206,12 @@ class TokenService:
         await self._audit("project.create", actor, project.id, None, {"name": name})
         return project
 
-    async def list_projects(self, actor: TokenRecord) -> list[Project]:
+    async def list_projects(
+        self, actor: TokenRecord, *, limit: int | None = None, after: str | None = None
+    ) -> list[Project]:
+        """The projects the actor may see, by name (``after``: names after this one)."""
         only = None if actor.project_id is None else [actor.project_id]
-        return await self.store.list_projects(only)
+        return await self.store.list_projects(only, limit=limit, after=after)
 
     async def project_for(self, actor: TokenRecord, name_or_id: str) -> Project:
         project = await self.store.get_project(name_or_id)
@@ -312,11 +370,29 @@ class TokenService:
         return [actor.project_id] if actor.project_id is not None else None
 
     async def search_tokens(
-        self, actor: TokenRecord, *, project: str, **filters: Any
-    ) -> tuple[list[TokenRecord], int]:
-        """A page of a project's tokens with filters (see ``TokenStore.search_tokens``)."""
-        project_id = (await self.project_for(actor, project)).id
-        return await self.store.search_tokens(project_ids=[project_id], now=self.now, **filters)
+        self,
+        actor: TokenRecord,
+        query: TokenQuery,
+        *,
+        project: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+        count: bool = False,
+    ) -> TokenPage:
+        """A page of the tokens the actor may see, filtered by the database; ``cursor`` is
+        the previous page's ``next_cursor`` (:mod:`tokenward.pagination`)."""
+        if not 1 <= limit <= MAX_LIMIT:
+            raise Invalid("invalid_limit", f"limit must be between 1 and {MAX_LIMIT}")
+        key = decode_cursor(TOKEN_CURSOR, cursor, (int, str))
+        after = None if key is None else (from_micros(key[0]), key[1])
+        query.project_ids = await self._visible_projects(actor, project)
+        records, total = await self.store.search_tokens(
+            query, now=self.now, limit=limit + 1, after=after, count=count
+        )
+        more = len(records) > limit
+        records = records[:limit]
+        next_cursor = token_cursor(records[-1]) if more and records else None
+        return TokenPage(records, next_cursor, total)
 
     async def revoke_token(self, actor: TokenRecord, token_id: str, reason: str) -> TokenRecord:
         refuse_pasted_tokens(reason=reason)
@@ -463,8 +539,19 @@ class TokenService:
     async def update_token(
         self, actor: TokenRecord, token_id: str, changes: TokenChanges
     ) -> TokenRecord:
-        """Change a live token's settings. Scopes, lifetime and uses only ever shrink:
-        widening any of them needs a new token (which the creation rules then govern)."""
+        """Change a live token's settings; the one path of ``PATCH /v1/tokens/{id}``, the CLI
+        and the dashboard.
+
+        Name, metadata, IP allowlist and rate limit change freely; scopes, lifetime and
+        uses only ever shrink (widening any of them needs a new token, which the creation
+        rules then govern): a widening is ``422`` naming the field. The change reaches every
+        replica's cache before the call returns, and one ``token.update`` event says what
+        changed, from what to what (metadata: the keys only, its values may be private).
+        """
+        refuse_pasted_tokens(
+            name=changes.name or "",
+            metadata=" ".join(f"{k} {v}" for k, v in (changes.metadata or {}).items()),
+        )
         record = await self.get_token(actor, token_id)
         now = self.now
         if record.state(now) not in (TokenState.ACTIVE, TokenState.NOT_YET_VALID):
@@ -479,19 +566,20 @@ class TokenService:
             if not scopes:
                 raise Invalid("invalid_scope", "a token needs at least one scope")
             if not is_narrower(scopes, record.scopes) or not is_narrower(scopes, actor.scopes):
-                raise Forbidden("scope_not_narrower", "a token's scopes can only be narrowed")
+                raise _widening("scope_not_narrower", "scopes", "can only be narrowed")
             if scopes != record.scopes:
                 values["scopes"] = scopes
-        if changes.expires_at is not None and changes.expires_at != record.expires_at:
-            if changes.expires_at <= now:
+        expires_at = _utc(changes.expires_at, "expires_at")
+        if expires_at is not None and expires_at != record.expires_at:
+            if expires_at <= now:
                 raise Invalid("invalid_expiry", "expires_at must be in the future")
-            if record.expires_at is not None and changes.expires_at > record.expires_at:
-                raise Forbidden("lifetime_not_narrower", "a token's lifetime can only be shortened")
-            if actor.expires_at is not None and changes.expires_at > actor.expires_at:
+            if record.expires_at is not None and expires_at > record.expires_at:
+                raise _widening("lifetime_not_narrower", "expires_at", "can only be shortened")
+            if actor.expires_at is not None and expires_at > actor.expires_at:
                 raise Forbidden(
                     "lifetime_not_held", "a token cannot outlive the credential changing it"
                 )
-            values["expires_at"] = changes.expires_at
+            values["expires_at"] = expires_at
         if changes.ip_allowlist is not None:
             cidrs = normalize_cidrs(changes.ip_allowlist)
             if cidrs != record.ip_allowlist:
@@ -502,8 +590,10 @@ class TokenService:
             if changes.uses < 0:
                 raise Invalid("invalid_uses", "uses cannot be negative")
             if record.remaining_uses is not None and changes.uses > record.remaining_uses:
-                raise Forbidden("uses_not_narrower", "a token's remaining uses can only go down")
+                raise _widening("uses_not_narrower", "uses", "can only go down")
             values["remaining_uses"] = changes.uses
+        if changes.metadata is not None and changes.metadata != record.metadata:
+            values["metadata"] = dict(changes.metadata)
         if not values:
             return record
         updated = await self.store.update_settings(token_id, values)
@@ -511,8 +601,47 @@ class TokenService:
             raise NotFound("token_not_found", "no such token")
         await self._changed(token_id)
         await self._audit(
-            "token.update", actor, record.project_id, token_id, {"changed": sorted(values)}
+            "token.update", actor, record.project_id, token_id, _what_changed(record, values)
         )
+        return updated
+
+    async def disable_token(self, actor: TokenRecord, token_id: str, reason: str) -> TokenRecord:
+        """Switch a token off (reversible with :meth:`enable_token`, decision 0034): verify
+        denies it with ``disabled`` on every replica at once, and everything minted from it
+        by a grant is revoked (as for a quarantine: enabling the key does not bring back
+        access tokens a client may no longer be meant to hold; it exchanges the key again).
+
+        Distinct from quarantine, which anomaly handling and leak response set and lift: an
+        admin's switch and the security system's hold are independent, each with its reason.
+        """
+        refuse_pasted_tokens(reason=reason)
+        record = await self.get_token(actor, token_id)
+        state = record.state(self.now)
+        if state in (TokenState.REVOKED, TokenState.ROTATED, TokenState.EXPIRED):
+            raise Conflict("token_not_disableable", f"a token that is {state} cannot be disabled")
+        if record.disabled_at is not None:
+            return record  # idempotent: the first switch's time and reason are kept
+        reason = (reason or "disabled by an admin")[:300]
+        updated = await self.store.set_disabled(token_id, self.now, reason, actor.id)
+        if updated is None:
+            raise NotFound("token_not_found", "no such token")
+        await self._changed(token_id)
+        await self._audit("token.disable", actor, record.project_id, token_id, {"reason": reason})
+        await self.revoke_descendants(actor, updated, "origin_disabled")
+        return updated
+
+    async def enable_token(self, actor: TokenRecord, token_id: str, note: str = "") -> TokenRecord:
+        """Switch a disabled token on again (a quarantine, if any, stays)."""
+        refuse_pasted_tokens(note=note)
+        record = await self.get_token(actor, token_id)
+        if record.disabled_at is None:
+            return record  # idempotent
+        updated = await self.store.set_disabled(token_id, None, None, None)
+        if updated is None:
+            raise NotFound("token_not_found", "no such token")
+        await self._changed(token_id)
+        detail: dict[str, object] = {"was": record.disabled_reason, "note": note[:300]}
+        await self._audit("token.enable", actor, record.project_id, token_id, detail)
         return updated
 
     async def record_action(

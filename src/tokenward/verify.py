@@ -280,6 +280,8 @@ class Verifier:
             return Decision(False, reason, record)
         if record.quarantined_at is not None:
             return Decision(False, Reason.QUARANTINED, record)
+        if record.disabled_at is not None:
+            return Decision(False, Reason.DISABLED, record)
         # 4. The route's project and environment.
         if project is not None and record.project_id != project and record.project != project:
             return Decision(False, Reason.WRONG_PROJECT, record)

@@ -38,7 +38,7 @@ async def test_the_database_counts_states_as_the_record_decides_them(services, a
 
 async def test_the_database_filters_the_token_list_as_the_dashboard_did(services, admin):
     """Every filter but scope, applied by the store, gives the page the Python filter gave."""
-    from tokenward.dashboard.routes_tokens import _filter, _sql_filters
+    from tokenward.dashboard.routes_tokens import _filter, _query
 
     tokens = services.tokens
     actor = admin.record
@@ -54,6 +54,7 @@ async def test_the_database_filters_the_token_list_as_the_dashboard_did(services
             environment="test" if n % 5 == 0 else "live",
             ttl=timedelta(days=[1, 5, 40, 400][n % 4]) if n % 6 else None,
             not_before=now + timedelta(hours=3) if n % 7 == 0 else None,
+            metadata={"team": "ab"[n % 2], "tier": "gold"} if n % 4 else {},
         )
         made.append(await tokens.create_token(actor, spec))
     for issued in made[::5]:
@@ -79,10 +80,29 @@ async def test_the_database_filters_the_token_list_as_the_dashboard_did(services
             {"expiring": "60", "env": "live"},
             {"unused": "0"},
             {"unused": "1"},
+            {"name": "Billing"},
+            {"name": "billing"},  # a prefix is exact: the same on SQLite and PostgreSQL
+            {"name": "search-1", "env": "live"},
+            {"name": "_x"},
+            {"principal": "svc-1"},
+            {"principal": "svc-1", "state": "active"},
+            {"kind": "api_key"},
+            {"kind": "canary"},
+            {"meta": "team=a"},
+            {"meta": "tier=gold", "principal": "svc-2"},
+            {"meta": "team=c"},
         ):
             expected = _filter(everything, params, moment)
-            page, total = await services.store.search_tokens(
-                project_ids=[app], now=moment, limit=10, offset=5, **_sql_filters(params)
+            query = _query(params)
+            query.project_ids = [app]
+            first, total = await services.store.search_tokens(
+                query, now=moment, limit=5, count=True
             )
             assert total == len(expected), params
-            assert [r.id for r in page] == [r.id for r in expected[5:15]], params
+            assert [r.id for r in first] == [r.id for r in expected[:5]], params
+            if len(first) == 5:
+                after = (first[-1].created_at, first[-1].id)
+                page, _ = await services.store.search_tokens(
+                    query, now=moment, limit=10, after=after
+                )
+                assert [r.id for r in page] == [r.id for r in expected[5:15]], params

@@ -83,7 +83,9 @@ def refuse_secrets(path: str, params: Any = None) -> None:
     """Raise :class:`TokenSecretAsId`, before anything is sent, for a secret in the URL."""
     parts = path.split("/")
     if isinstance(params, dict):
-        parts.extend(str(value) for value in params.values())
+        for value in params.values():
+            values = value if isinstance(value, list | tuple) else [value]
+            parts.extend(str(v) for v in values)
     if any(looks_like_secret(part) for part in parts):
         raise TokenSecretAsId
 
@@ -128,6 +130,27 @@ def token_body(
     return given({**fields, **more})
 
 
+def token_filters(
+    project: str | None, state: str | None, limit: int, filters: dict[str, Any]
+) -> dict[str, Any]:
+    """The query of ``GET /v1/tokens``: ``metadata`` as a dict becomes ``key=value`` pairs,
+    datetimes ISO text (shared by the sync and the async client)."""
+    meta = filters.pop("metadata", None) or {}
+    for name in ("expires_before", "last_used_before"):
+        if hasattr(filters.get(name), "isoformat"):
+            filters[name] = filters[name].isoformat()
+    pairs = [f"{k}={v}" for k, v in meta.items()] or None
+    return given({"project": project, "state": state, "limit": limit, "metadata": pairs, **filters})
+
+
+def change_body(changes: dict[str, Any]) -> dict[str, Any]:
+    """The body of ``PATCH /v1/tokens/{id}`` (a datetime ``expires_at`` as ISO text)."""
+    body = given(changes)
+    if hasattr(body.get("expires_at"), "isoformat"):
+        body["expires_at"] = body["expires_at"].isoformat()
+    return body
+
+
 class AdminClient:
     """``AdminClient(url, admin_token)``; use it as a context manager (it holds connections)."""
 
@@ -167,8 +190,20 @@ class AdminClient:
     def create_project(self, name: str) -> Project:
         return cast(Project, self.request("POST", "/v1/projects", json={"name": name}))
 
+    def pages(self, path: str, key: str, **params: Any) -> Iterator[Any]:
+        """Every item of a list endpoint, page after page (its ``next_cursor``): the one
+        pagination of the API (tokens, projects, audit, alerts). ``None`` values are left
+        out; a list value is sent as a repeated parameter."""
+        query = given(params)
+        while True:
+            page = self.request("GET", path, params=query)
+            yield from page[key]
+            if not page.get("next_cursor"):
+                return
+            query["cursor"] = page["next_cursor"]
+
     def list_projects(self) -> list[Project]:
-        return cast(list[Project], self.request("GET", "/v1/projects")["projects"])
+        return cast(list[Project], list(self.pages("/v1/projects", "projects", limit=1000)))
 
     def update_project(self, name: str, ip_allowlist: list[str]) -> Project:
         body = {"ip_allowlist": ip_allowlist}
@@ -203,22 +238,39 @@ class AdminClient:
         )  # fmt: skip
         return cast(IssuedToken, self.request("POST", "/v1/tokens", json=body))
 
+    def iter_tokens(
+        self,
+        project: str | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+        **filters: Any,
+    ) -> Iterator[Token]:
+        """Tokens matching the filters of ``GET /v1/tokens`` (``name_prefix``,
+        ``principal``, ``metadata`` as a dict, ``kind``, ``environment``, ``expires_before``,
+        ``last_used_before``, ``disabled``, ``quarantined``), newest first, a page at a time
+        as the iteration goes; never their secrets."""
+        params = token_filters(project, state, limit, filters)
+        yield from self.pages("/v1/tokens", "tokens", **params)
+
     def list_tokens(
-        self, project: str | None = None, state: str | None = None, limit: int = 1000
+        self, project: str | None = None, state: str | None = None, **filters: Any
     ) -> list[Token]:
-        """Every token (all pages), never their secrets."""
-        params: dict[str, Any] = {"limit": limit}
-        if project:
-            params["project"] = project
-        if state:
-            params["state"] = state
-        items: list[Token] = []
-        while True:
-            page = self.request("GET", "/v1/tokens", params=params)
-            items.extend(page["tokens"])
-            if not page.get("next"):
-                return items
-            params["after"] = page["next"]
+        """Every token matching the filters (all pages, see :meth:`iter_tokens`)."""
+        return list(self.iter_tokens(project, state, **filters))
+
+    def update_token(self, token_id: str, **changes: Any) -> Token:
+        """``PATCH /v1/tokens/{id}``: ``name``, ``metadata``, ``ip_allowlist``,
+        ``rate_limit`` (``""``: none), and narrower ``scopes``, ``expires_at``, ``uses``."""
+        path = f"/v1/tokens/{token_id}"
+        return cast(Token, self.request("PATCH", path, json=change_body(changes)))
+
+    def disable_token(self, token_id: str, reason: str = "disabled by an admin") -> Token:
+        path = f"/v1/tokens/{token_id}/disable"
+        return cast(Token, self.request("POST", path, json={"reason": reason}))
+
+    def enable_token(self, token_id: str, note: str = "") -> Token:
+        path = f"/v1/tokens/{token_id}/enable"
+        return cast(Token, self.request("POST", path, json={"note": note}))
 
     def get_token(self, token_id: str) -> Token:
         return cast(Token, self.request("GET", f"/v1/tokens/{token_id}"))

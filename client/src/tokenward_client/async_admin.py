@@ -8,7 +8,16 @@ from typing import Any, cast
 
 import httpx
 
-from tokenward_client.admin import USER_AGENT, answer, given, refuse_secrets, token_body, trust
+from tokenward_client.admin import (
+    USER_AGENT,
+    answer,
+    change_body,
+    given,
+    refuse_secrets,
+    token_body,
+    token_filters,
+    trust,
+)
 from tokenward_client.models import (
     Alert,
     AlertPage,
@@ -63,8 +72,19 @@ class AsyncAdminClient:
     async def create_project(self, name: str) -> Project:
         return cast(Project, await self.request("POST", "/v1/projects", json={"name": name}))
 
+    async def pages(self, path: str, key: str, **params: Any) -> AsyncIterator[Any]:
+        """Every item of a list endpoint, page after page (its ``next_cursor``)."""
+        query = given(params)
+        while True:
+            page = await self.request("GET", path, params=query)
+            for item in page[key]:
+                yield item
+            if not page.get("next_cursor"):
+                return
+            query["cursor"] = page["next_cursor"]
+
     async def list_projects(self) -> list[Project]:
-        return cast(list[Project], (await self.request("GET", "/v1/projects"))["projects"])
+        return [p async for p in self.pages("/v1/projects", "projects", limit=1000)]
 
     async def update_project(self, name: str, ip_allowlist: list[str]) -> Project:
         body = {"ip_allowlist": ip_allowlist}
@@ -95,17 +115,35 @@ class AsyncAdminClient:
         )  # fmt: skip
         return cast(IssuedToken, await self.request("POST", "/v1/tokens", json=body))
 
+    async def iter_tokens(
+        self,
+        project: str | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+        **filters: Any,
+    ) -> AsyncIterator[Token]:
+        """Tokens matching the filters of ``GET /v1/tokens``, a page at a time (see
+        :meth:`tokenward_client.AdminClient.iter_tokens`)."""
+        params = token_filters(project, state, limit, filters)
+        async for token in self.pages("/v1/tokens", "tokens", **params):
+            yield token
+
     async def list_tokens(
-        self, project: str | None = None, state: str | None = None, limit: int = 1000
+        self, project: str | None = None, state: str | None = None, **filters: Any
     ) -> list[Token]:
-        params: dict[str, Any] = given({"limit": limit, "project": project, "state": state})
-        items: list[Token] = []
-        while True:
-            page = await self.request("GET", "/v1/tokens", params=params)
-            items.extend(page["tokens"])
-            if not page.get("next"):
-                return items
-            params["after"] = page["next"]
+        return [t async for t in self.iter_tokens(project, state, **filters)]
+
+    async def update_token(self, token_id: str, **changes: Any) -> Token:
+        path = f"/v1/tokens/{token_id}"
+        return cast(Token, await self.request("PATCH", path, json=change_body(changes)))
+
+    async def disable_token(self, token_id: str, reason: str = "disabled by an admin") -> Token:
+        path = f"/v1/tokens/{token_id}/disable"
+        return cast(Token, await self.request("POST", path, json={"reason": reason}))
+
+    async def enable_token(self, token_id: str, note: str = "") -> Token:
+        path = f"/v1/tokens/{token_id}/enable"
+        return cast(Token, await self.request("POST", path, json={"note": note}))
 
     async def get_token(self, token_id: str) -> Token:
         return cast(Token, await self.request("GET", f"/v1/tokens/{token_id}"))

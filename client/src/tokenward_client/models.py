@@ -49,6 +49,10 @@ class Token(TypedDict):
     rotation_period: int | None
     quarantined_at: str | None
     quarantine_reason: str | None
+    #: set while an admin has disabled the token (``disable_token``; servers before 0.1: absent)
+    disabled_at: NotRequired[str | None]
+    disabled_reason: NotRequired[str | None]
+    disabled_by: NotRequired[str | None]
     #: active, expired, revoked, rotated, … (in lists and ``get_token``)
     state: NotRequired[str]
 
@@ -76,7 +80,8 @@ class RotatedToken(IssuedToken):
 
 class TokenPage(TypedDict):
     tokens: list[Token]
-    next: str | None
+    limit: int
+    next_cursor: str | None
 
 
 class VerifyResult(TypedDict):
@@ -164,6 +169,7 @@ class AuditEvent(TypedDict):
 
 class AuditPage(TypedDict):
     events: list[AuditEvent]
+    limit: int
     next_cursor: str | None
 
 
@@ -187,6 +193,7 @@ class Alert(TypedDict):
 
 class AlertPage(TypedDict):
     alerts: list[Alert]
+    limit: int
     next_cursor: str | None
 
 

@@ -14,7 +14,6 @@ from tokenward.anomaly.engine import AnomalyEngine
 from tokenward.anomaly.store import GLOBAL, AlertFilter
 from tokenward.api.auth import AdminRead, AdminWrite, client_ip
 from tokenward.api.schemas import (
-    ALERT_CURSOR,
     BLOCK_PATTERN,
     IDENTIFIER,
     PRINTABLE,
@@ -23,6 +22,16 @@ from tokenward.api.schemas import (
 )
 from tokenward.clientip import parse_ip
 from tokenward.errors import Forbidden, Invalid, NotFound, Unavailable
+from tokenward.pagination import (
+    CURSOR_PATTERN,
+    DEFAULT_LIMIT,
+    MAX_CURSOR,
+    MAX_LIMIT,
+    bad_cursor,
+    decode_cursor,
+    encode_cursor,
+    page_body,
+)
 from tokenward.service import TokenService
 from tokenward.tokens.model import TokenRecord
 from tokenward.webhooks.signing import new_webhook_secret
@@ -145,9 +154,14 @@ async def list_alerts(
     severity: Literal["info", "warning", "critical"] | None = None,
     token: Annotated[str | None, Query(max_length=32, pattern=IDENTIFIER)] = None,
     acknowledged: bool | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[  # the store checks it (invalid_cursor): the pattern is documented
-        str | None, Query(max_length=64, json_schema_extra={"pattern": ALERT_CURSOR})
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=MAX_CURSOR,
+            description="next_cursor of the previous page (opaque).",
+            json_schema_extra={"pattern": CURSOR_PATTERN},
+        ),
     ] = None,
 ) -> Any:
     """Alerts, newest first; follow ``next_cursor`` for the next page."""
@@ -158,10 +172,18 @@ async def list_alerts(
         token_id=token,
         acknowledged=acknowledged,
     )
-    items, next_cursor = await _engine(request).store.list_alerts(
-        filters, limit=limit, cursor=cursor
+    # The store pages by ``<µs>.<alert id>``; the API speaks the shared cursor.
+    key = decode_cursor("alerts", cursor, (int, str))
+    if key is not None and (key[0] >= 10**16 or not key[1].startswith("alt_")):
+        raise bad_cursor()
+    items, position = await _engine(request).store.list_alerts(
+        filters, limit=limit, cursor=None if key is None else f"{key[0]}.{key[1]}"
     )
-    return {"alerts": [a.public() for a in items], "next_cursor": next_cursor}
+    next_cursor = None
+    if position is not None:
+        at, _, alert_id = position.partition(".")
+        next_cursor = encode_cursor("alerts", (int(at), alert_id))
+    return page_body("alerts", [a.public() for a in items], limit, next_cursor)
 
 
 async def _visible_alert(request: Request, actor: TokenRecord, alert_id: str) -> Any:

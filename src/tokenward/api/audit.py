@@ -11,7 +11,6 @@ from pydantic import StringConstraints
 from tokenward.api.auth import AdminRead
 from tokenward.api.schemas import (
     AUDIT_ANCHOR,
-    AUDIT_CURSOR,
     IDENTIFIER,
     IP_PATTERN,
     PRINTABLE,
@@ -19,10 +18,29 @@ from tokenward.api.schemas import (
     printable_parameters,
 )
 from tokenward.audit.chain import parse_anchor, verify_chain
-from tokenward.audit.query import AuditFilter, export_jsonl, list_events
+from tokenward.audit.query import (
+    AuditFilter,
+    export_jsonl,
+    list_events,
+    make_cursor,
+    parse_cursor,
+    valid_cursor,
+)
 from tokenward.audit.records import ChainKeys
 from tokenward.clientip import parse_ip
 from tokenward.errors import Forbidden, Invalid
+from tokenward.pagination import (
+    CURSOR_PATTERN,
+    DEFAULT_LIMIT,
+    MAX_CURSOR,
+    MAX_LIMIT,
+    bad_cursor,
+    decode_cursor,
+    encode_cursor,
+    from_micros,
+    micros,
+    page_body,
+)
 from tokenward.service import TokenService
 
 router = APIRouter(prefix="/v1", tags=["audit"], dependencies=[Depends(printable_parameters)])
@@ -125,21 +143,51 @@ async def audit_filters(
 Filters = Annotated[AuditFilter, Depends(audit_filters)]
 
 
+def api_cursor(position: str) -> str:
+    """The API's cursor (:mod:`tokenward.pagination`) of a position of the audit log's
+    merged order (``<µs>.<chain>.<seq>``, :func:`tokenward.audit.query.make_cursor`)."""
+    parsed = parse_cursor(position)
+    assert parsed is not None
+    at, chain_id, seq = parsed
+    return encode_cursor("audit", (micros(at), chain_id, seq))
+
+
+def log_position(cursor: str | None) -> str | None:
+    """The audit log's position of an API cursor (400 ``invalid_cursor`` for a bad one)."""
+    key = decode_cursor("audit", cursor, (int, str, int))
+    if key is None:
+        return None
+    try:
+        position = make_cursor(from_micros(key[0]), key[1], key[2])
+    except OverflowError:
+        raise bad_cursor() from None
+    if not valid_cursor(position):
+        raise bad_cursor()
+    return position
+
+
 @router.get("/audit")
 async def list_audit(
     request: Request,
     filters: Filters,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[  # the query checks it (invalid_cursor): the pattern is documented
-        str | None, Query(max_length=72, json_schema_extra={"pattern": AUDIT_CURSOR})
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=MAX_CURSOR,
+            description="next_cursor of the previous page, or an event's cursor (opaque).",
+            json_schema_extra={"pattern": CURSOR_PATTERN},
+        ),
     ] = None,
     order: Literal["desc", "asc"] = "desc",
 ) -> Any:
     """Audit events, newest first; follow ``next_cursor`` for the next page."""
     refuse_unknown(request, FILTER_PARAMETERS | PAGE_PARAMETERS)
     engine = request.app.state.services.engine
-    page = await list_events(engine, filters, limit=limit, cursor=cursor, order=order)
-    return {"events": [e.public() for e in page.events], "next_cursor": page.next_cursor}
+    page = await list_events(engine, filters, limit=limit, cursor=log_position(cursor), order=order)
+    events = [{**e.public(), "cursor": api_cursor(e.cursor)} for e in page.events]
+    next_cursor = api_cursor(page.next_cursor) if page.next_cursor else None
+    return page_body("events", events, limit, next_cursor)
 
 
 @router.get("/audit/export")

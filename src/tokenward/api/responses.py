@@ -56,6 +56,8 @@ class Project(Open):
 
 class ProjectList(Open):
     projects: list[Project]
+    limit: int
+    next_cursor: str | None = Field(description="Pass as cursor for the next page.")
 
 
 class Token(Open):
@@ -89,6 +91,9 @@ class Token(Open):
     rotation_period: int | None = Field(description="Seconds.")
     quarantined_at: Timestamp | None
     quarantine_reason: str | None
+    disabled_at: Timestamp | None = Field(description="Set while an admin has disabled it.")
+    disabled_reason: str | None
+    disabled_by: str | None = Field(description="Id of the credential that disabled it.")
 
 
 class TokenView(Token):
@@ -117,7 +122,8 @@ class RotatedToken(IssuedToken):
 
 class TokenList(Open):
     tokens: list[TokenView]
-    next: str | None = Field(description="Cursor of the next page (``after``), if any.")
+    limit: int
+    next_cursor: str | None = Field(description="Pass as cursor for the next page.")
 
 
 class RateLimitState(Open):
@@ -216,7 +222,8 @@ class AuditEvent(Open):
 
 class AuditPage(Open):
     events: list[AuditEvent]
-    next_cursor: str | None
+    limit: int
+    next_cursor: str | None = Field(description="Pass as cursor for the next page.")
 
 
 class AuditVerification(Open):
@@ -246,7 +253,8 @@ class AlertDetail(Alert):
 
 class AlertPage(Open):
     alerts: list[Alert]
-    next_cursor: str | None
+    limit: int
+    next_cursor: str | None = Field(description="Pass as cursor for the next page.")
 
 
 class IpBlock(Open):

@@ -88,6 +88,8 @@ Grace = Annotated[
 DAY_PATTERN = r"^(?:1d|[1-9]h|1[0-9]h|2[0-3]h|[1-9][0-9]{0,2}m|[1-9][0-9]{0,3}s)$"
 _RATE_PART = r"[1-9][0-9]{0,8}/(?:second|minute|hour|day|month|year)"
 RATE_PATTERN = rf"^{_RATE_PART}(?:;{_RATE_PART}){{0,7}}$"
+#: the same, or "" for none (a change that removes the rate limit)
+RATE_OR_NONE_PATTERN = rf"^(?:{_RATE_PART}(?:;{_RATE_PART}){{0,7}})?$"
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _V4 = rf"(?:{_OCTET}\.){{3}}{_OCTET}"
 _V6 = r"(?:(?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}|::(?:[0-9a-f]{1,4})?)"
@@ -109,10 +111,6 @@ BLOCK_PATTERN = (
 )
 #: an anchor of GET /v1/audit/verify: chain:seq:hash, or seq:hash for the legacy chain
 AUDIT_ANCHOR = r"^(?:[A-Za-z0-9-]{1,32}:)?[0-9]{1,18}:[0-9a-f]{64}$"
-#: a cursor of GET /v1/audit (what next_cursor returns)
-AUDIT_CURSOR = r"^(?:[0-9]{1,18}\.[A-Za-z0-9-]{1,32}\.[0-9]{1,18})?$"
-#: a cursor of GET /v1/alerts (what next_cursor returns)
-ALERT_CURSOR = r"^[0-9]{1,16}\.alt_[A-Za-z0-9_-]{1,40}$"
 
 
 def _rfc3339(value: object) -> object:
@@ -235,6 +233,53 @@ class TokenSettings(Closed):
     principal: ShortText | None = None
     ip_allowlist: IpAllowlist = Field(default_factory=list)
     uses: Uses | None = None
+
+
+class TokenUpdate(Closed):
+    """``PATCH /v1/tokens/{id}``: only the fields given change. Name, metadata, IP allowlist
+    and rate limit change freely; scopes, expiry and uses only ever narrow (422 otherwise,
+    naming the field)."""
+
+    name: ShortText | None = None
+    scopes: Scopes | None = Field(None, description="A subset of the current scopes.")
+    expires_at: Rfc3339 | None = Field(None, description="No later than the current expiry.")
+    ip_allowlist: IpAllowlist | None = Field(None, description="[] for any address.")
+    rate_limit: (
+        Annotated[str, StringConstraints(max_length=200), documented(RATE_OR_NONE_PATTERN)] | None
+    ) = Field(None, description='One or more windows; "" for none.')
+    uses: Annotated[int, Field(ge=0, le=MAX_USES), JSON_INTEGER] | None = Field(
+        None, description="Remaining uses: no more than now."
+    )
+    metadata: dict[MetaKey, MetaValue] | None = Field(
+        None,
+        max_length=32,
+        description="The whole metadata, replacing the old ({} clears it).",
+        json_schema_extra={"additionalProperties": False},
+    )
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: list[str] | None) -> list[str] | None:
+        for scope in value or []:
+            parse_scope(scope)
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value:
+            parse_rates(value)
+        return value
+
+
+class TokenDisable(Closed):
+    reason: Annotated[str, StringConstraints(max_length=300, pattern=PRINTABLE)] = Field(
+        "disabled by an admin", description="Why (kept with the token until it is enabled)."
+    )
+
+
+class TokenEnable(Closed):
+    note: Annotated[str, StringConstraints(max_length=300, pattern=PRINTABLE)] = ""
 
 
 class TokenRevoke(Closed):

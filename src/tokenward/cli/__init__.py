@@ -7,7 +7,8 @@ writes docs/cli.md from this tree (run ``scripts/cli-docs`` after adding a comma
 ========================  ===============================================================
 ``server``                ``init``, ``migrate``, ``serve``
 ``projects``              ``project create|list|allow-ip|policy``
-``tokens``                ``token create|list|show|revoke|rotate|quarantine|release``
+``tokens``                ``token create|list|show|update|disable|enable|revoke|rotate``,
+                          ``token quarantine|release``
 ``exchange``              ``token exchange|auto-rotate`` (short-lived tokens for machines)
 ``trust``                 ``trust add|list|remove`` (OIDC workload identity)
 ``audit``                 ``audit list|tail|export|verify|prune``

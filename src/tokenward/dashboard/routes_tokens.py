@@ -42,8 +42,9 @@ from tokenward.dashboard.web import (
     whole_number,
 )
 from tokenward.errors import TokenwardError
-from tokenward.service import TokenChanges, TokenSpec, lifetime_days
-from tokenward.store.repository import Project
+from tokenward.pagination import MAX_CURSOR, decode_cursor, micros
+from tokenward.service import TOKEN_CURSOR, TokenChanges, TokenSpec, lifetime_days, token_cursor
+from tokenward.store.repository import Project, TokenQuery
 from tokenward.tokens.durations import DurationError, parse_duration, parse_rates
 from tokenward.tokens.model import CANARY_SCOPE, TokenKind, TokenRecord, TokenState
 from tokenward.tokens.scopes import ScopeError, scope_covers, scopes_allow, validate_scopes
@@ -161,16 +162,35 @@ async def create_project(request: Request) -> Response:
 
 
 # -- tokens list ---------------------------------------------------------------------------
+def _meta_pair(params: dict[str, str]) -> dict[str, str]:
+    key, _, value = params.get("meta", "").partition("=")
+    return {key: value} if key else {}
+
+
 def _filter(records: list[TokenRecord], params: dict[str, str], now: datetime) -> list[TokenRecord]:
+    """The search in Python, token by token: the scope filter needs it (wildcards on both
+    sides); the others are :func:`_query`'s, which the database applies."""
     text = params.get("q", "").lower()
     state = params.get("state", "")
     env = params.get("env", "")
     scope = params.get("scope", "")
     expiring = params.get("expiring", "")
     unused = params.get("unused", "")
+    name = params.get("name", "")
+    principal = params.get("principal")
+    kind = params.get("kind", "")
+    meta = _meta_pair(params)
     out = []
     for r in records:
         if text and not any(text in (v or "").lower() for v in (r.name, r.id, r.principal, r.hint)):
+            continue
+        if name and not r.name.startswith(name):
+            continue
+        if principal is not None and r.principal != principal:
+            continue
+        if kind and r.kind != kind:
+            continue
+        if any(r.metadata.get(k) != v for k, v in meta.items()):
             continue
         st = r.state(now).value
         if state and st != state:
@@ -193,30 +213,41 @@ def _filter(records: list[TokenRecord], params: dict[str, str], now: datetime) -
             if used > cutoff or st in ("revoked", "rotated", "expired"):
                 continue
         out.append(r)
-    out.sort(key=lambda r: r.created_at, reverse=True)
+    out.sort(key=lambda r: (r.created_at, r.id), reverse=True)
     return out
 
 
-def _sql_filters(params: dict[str, str]) -> dict[str, Any]:
+def _query(params: dict[str, str]) -> TokenQuery:
     """The filters of :func:`_filter` (all but ``scope``), for the store to apply."""
-    return {
-        "text": params.get("q", "").lower(),
-        "state": params.get("state", ""),
-        "environment": params.get("env", ""),
-        "expiring_days": int(params["expiring"]) if params.get("expiring") else None,
-        "unused_days": int(params["unused"]) if params.get("unused") else None,
-    }
+    return TokenQuery(
+        text=params.get("q", "").lower(),
+        name_prefix=params.get("name") or None,
+        principal=params.get("principal"),
+        kind=params.get("kind") or None,
+        metadata=_meta_pair(params),
+        state=params.get("state") or None,
+        environment=params.get("env") or None,
+        expiring_days=int(params["expiring"]) if params.get("expiring") else None,
+        unused_days=int(params["unused"]) if params.get("unused") else None,
+    )
+
+
+KINDS = [k.value for k in TokenKind]
 
 
 def _params(request: Request) -> dict[str, str]:
     allowed = {
         "q": 64,
+        "name": 128,
+        "principal": 128,
+        "kind": 16,
+        "meta": 600,
         "state": 20,
         "env": 4,
         "scope": 128,
         "expiring": 3,
         "unused": 3,
-        "page": 5,
+        "cursor": MAX_CURSOR,
     }
     out = {}
     for key, limit in allowed.items():
@@ -225,14 +256,30 @@ def _params(request: Request) -> dict[str, str]:
             out[key] = value
     if not all(printable(v) for v in out.values()):
         raise PageError(400, "Bad filter", "a filter contains control characters")
-    for key in ("expiring", "unused", "page"):
+    for key in ("expiring", "unused"):
         if key in out and not whole_number(out[key]):
             raise PageError(400, "Bad filter", f"{key} must be a whole number")
     if out.get("state") and out["state"] not in {s.value for s in TokenState}:
         raise PageError(400, "Bad filter", "unknown state")
     if out.get("env") and out["env"] not in ("live", "test"):
         raise PageError(400, "Bad filter", "environment is live or test")
+    if out.get("kind") and out["kind"] not in KINDS:
+        raise PageError(400, "Bad filter", "unknown kind")
+    if out.get("meta") and "=" not in out["meta"].strip("="):
+        raise PageError(400, "Bad filter", "metadata is key=value")
     return out
+
+
+def _page_of(
+    records: list[TokenRecord], cursor: str | None
+) -> tuple[list[TokenRecord], str | None]:
+    """A cursor page of a list already in the search's order (the scope filter's path)."""
+    key = decode_cursor(TOKEN_CURSOR, cursor, (int, str))
+    if key is not None:
+        records = [r for r in records if (micros(r.created_at), r.id) < key]
+    shown = records[:PAGE_SIZE]
+    more = len(records) > PAGE_SIZE
+    return shown, token_cursor(shown[-1]) if more and shown else None
 
 
 @router.get("/p/{name}/tokens")
@@ -241,30 +288,38 @@ async def tokens_page(request: Request, name: str) -> Response:
     project = await project_for(request, session.user, name)
     params = _params(request)
     now = now_of(request)
-    page = max(int(params.get("page", "1")), 1)
-    if params.get("scope"):
-        # Scope matching has wildcards on both sides: decided here, token by token.
-        records = _filter(await tokens_of(request, session.user, project), params, now)
-        shown, total = records[(page - 1) * PAGE_SIZE : page * PAGE_SIZE], len(records)
-    else:
-        shown, total = await services_of(request).tokens.search_tokens(
-            actor_for(session.user, project.id),
-            project=project.id,
-            **_sql_filters(params),
-            limit=PAGE_SIZE,
-            offset=(page - 1) * PAGE_SIZE,
-        )
+    cursor = params.get("cursor")
+    try:
+        if params.get("scope"):
+            # Scope matching has wildcards on both sides: decided here, token by token.
+            records = _filter(await tokens_of(request, session.user, project), params, now)
+            total: int | None = len(records)
+            shown, next_cursor = _page_of(records, cursor)
+        else:
+            page = await services_of(request).tokens.search_tokens(
+                actor_for(session.user, project.id),
+                _query(params),
+                project=project.id,
+                limit=PAGE_SIZE,
+                cursor=cursor,
+                count=True,
+            )
+            shown, next_cursor, total = page.tokens, page.next_cursor, page.total
+    except TokenwardError as exc:
+        raise PageError(exc.status, "Bad filter", exc.message) from None
+    filters = {k: v for k, v in params.items() if k != "cursor"}
     return render(
         request,
         "tokens.html",
         project=project,
         tokens=shown,
         total=total,
-        page=page,
-        pages=max((total + PAGE_SIZE - 1) // PAGE_SIZE, 1),
-        params=params,
+        next_cursor=next_cursor,
+        paged=cursor is not None,
+        params=filters,
         now=now,
         states=[s.value for s in TokenState],
+        kinds=KINDS,
         done=request.query_params.get("done"),
     )
 
@@ -519,6 +574,56 @@ def _split(form: FormData, name: str) -> list[str]:
     return [v for line in form_list(form, name, 4096) for v in re.split(r"[\s,]+", line) if v]
 
 
+def _metadata_lines(form: FormData) -> dict[str, str]:
+    """The metadata textarea: one ``key=value`` a line (the API's limits)."""
+    out: dict[str, str] = {}
+    for line in form_list(form, "metadata", 40_000):
+        for entry in line.splitlines():
+            if not entry.strip():
+                continue
+            key, sep, value = entry.strip().partition("=")
+            if not sep or not key.strip() or len(key) > 64 or len(value) > 512:
+                raise ValueError("Metadata is one key=value a line (key ≤ 64, value ≤ 512).")
+            out[key.strip()] = value.strip()
+    if len(out) > 32:
+        raise ValueError("At most 32 metadata entries.")
+    return out
+
+
+@router.post("/p/{name}/tokens/{token_id}/disable")
+async def disable_token(request: Request, name: str, token_id: str) -> Response:
+    """Switch the token off (reversible): the same service call as the API's."""
+    session = await session_of(request)
+    project = await project_for(request, session.user, name)
+    form = await checked_form(request)
+    require_writer(session.user)
+    record = await _token(request, session.user, project, token_id)
+    reason = form_text(form, "reason", 300) or "disabled in the dashboard"
+    try:
+        await services_of(request).tokens.disable_token(
+            actor_for(session.user, project.id), record.id, reason
+        )
+    except TokenwardError as exc:
+        raise PageError(exc.status, "Not disabled", exc.message) from None
+    return redirect(url(f"/p/{project.name}/tokens/{record.id}?done=disabled"))
+
+
+@router.post("/p/{name}/tokens/{token_id}/enable")
+async def enable_token(request: Request, name: str, token_id: str) -> Response:
+    session = await session_of(request)
+    project = await project_for(request, session.user, name)
+    form = await checked_form(request)
+    require_writer(session.user)
+    record = await _token(request, session.user, project, token_id)
+    try:
+        await services_of(request).tokens.enable_token(
+            actor_for(session.user, project.id), record.id, form_text(form, "note", 300)
+        )
+    except TokenwardError as exc:
+        raise PageError(exc.status, "Not enabled", exc.message) from None
+    return redirect(url(f"/p/{project.name}/tokens/{record.id}?done=enabled"))
+
+
 @router.post("/p/{name}/tokens/{token_id}/settings")
 async def edit_token(request: Request, name: str, token_id: str) -> Response:
     """Change settings within the rules: scopes, lifetime and uses only shrink."""
@@ -545,6 +650,7 @@ async def edit_token(request: Request, name: str, token_id: str) -> Response:
             ip_allowlist=checked.ip_allowlist,
             rate_limit=parse_rates(rate) if rate else [],
             uses=checked.uses,
+            metadata=_metadata_lines(form) if "metadata" in form else None,
         )
         await services_of(request).tokens.update_token(
             actor_for(session.user, project.id), record.id, changes

@@ -40,13 +40,15 @@ HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 
 
-def _with_page(params: Any, page: int) -> str:
-    values = {k: v for k, v in dict(params).items() if k != "page"}
-    values["page"] = str(page)
+def _with_cursor(params: Any, cursor: str | None) -> str:
+    """The query string of ``params`` on another page (``None``: the first)."""
+    values = {k: v for k, v in dict(params).items() if k not in ("cursor", "page")}
+    if cursor:
+        values["cursor"] = cursor
     return urlencode(values)
 
 
-templates.env.filters["urlencode_page"] = _with_page
+templates.env.filters["urlencode_cursor"] = _with_cursor
 
 PREFIX = "/dashboard"
 SESSION_COOKIE = "tw_session"

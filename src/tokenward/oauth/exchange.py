@@ -349,6 +349,8 @@ class TokenExchange:
             return Reason.UNKNOWN.value
         if record.quarantined_at is not None:
             return Reason.QUARANTINED.value
+        if record.disabled_at is not None:
+            return Reason.DISABLED.value
         state = record.state(now)
         if state in (TokenState.ACTIVE, TokenState.ROTATED_IN_GRACE):
             return None

@@ -7,7 +7,7 @@ conditional statements, so concurrent callers on any number of replicas cannot d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -109,6 +109,9 @@ def _record(row: Any) -> TokenRecord:
         rotation_period=m["rotation_period"],
         quarantined_at=m["quarantined_at"],
         quarantine_reason=m["quarantine_reason"],
+        disabled_at=m["disabled_at"],
+        disabled_reason=m["disabled_reason"],
+        disabled_by=m["disabled_by"],
     )
 
 
@@ -149,6 +152,117 @@ def _token_values(record: TokenRecord, token_hash: str) -> dict[str, Any]:
     }
 
 
+@dataclass(slots=True)
+class TokenQuery:
+    """What a token search asks for; every filter given must hold (``None``: any).
+
+    ``name_prefix`` and ``principal`` are exact (case-sensitive, the same on every
+    database); ``text`` is the dashboard's case-insensitive substring of the name, id,
+    principal or hint (on SQLite, case is folded for ASCII letters only). ``expiring_days``
+    and ``unused_days`` are the dashboard's relative cut-offs: live tokens that expire within
+    that many days, live tokens not used (never used: created) for that many days.
+    """
+
+    project_ids: Sequence[str] | None = None
+    name_prefix: str | None = None
+    text: str = ""
+    principal: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    state: str | None = None
+    kind: str | None = None
+    environment: str | None = None
+    #: tokens with an expiry before this time (already expired ones too: add ``state``)
+    expires_before: datetime | None = None
+    #: tokens last used before this time, or never used and created before it
+    last_used_before: datetime | None = None
+    disabled: bool | None = None
+    quarantined: bool | None = None
+    expiring_days: int | None = None
+    unused_days: int | None = None
+    # Hook for owners of tokens (identities): an ``identity_id`` filter goes here, applied
+    # in :func:`_conditions` like ``principal`` once ``tokens.identity_id`` exists.
+
+
+def _prefix_range(prefix: str) -> tuple[str, str] | None:
+    """The names starting with ``prefix`` as a range in code point order (SQLite's binary
+    collation: UTF-8 byte order is code point order), so an index serves it."""
+    last = ord(prefix[-1])
+    if last >= 0x10FFFF:
+        return None
+    return prefix, prefix[:-1] + chr(last + 1 + (0x800 if 0xD7FF <= last < 0xE000 else 0))
+
+
+def _conditions(q: TokenQuery, now: datetime, dialect: str = "") -> list[Any]:
+    """The SQL conditions of ``q``, each served by an index of migration 0009 where one can
+    be: the project and its order, a principal and its order, a name prefix, expiry, last use."""
+    c = tokens.c
+    current = state_at(now)
+    out: list[Any] = []
+    if q.project_ids is not None:
+        out.append(c.project_id.in_(list(q.project_ids)))
+    if q.name_prefix:
+        # LIKE serves the (project_id, name) index; the substring check makes it exact on
+        # SQLite too, whose LIKE ignores ASCII case.
+        # PostgreSQL: LIKE on the varchar_pattern_ops index. SQLite's LIKE ignores ASCII case
+        # and uses no index: a range in binary order does. The substring check makes both
+        # exact.
+        bounds = _prefix_range(q.name_prefix) if dialect == "sqlite" else None
+        if bounds is not None:
+            out += [c.name >= bounds[0], c.name < bounds[1]]
+        else:
+            out.append(c.name.startswith(q.name_prefix, autoescape=True))
+        out.append(func.substr(c.name, 1, len(q.name_prefix)) == q.name_prefix)
+    if q.text:
+        needle = q.text.lower()
+        out.append(
+            or_(
+                *(
+                    func.lower(column).contains(needle, autoescape=True)
+                    for column in (c.name, c.id, c.principal, c.hint)
+                )
+            )
+        )
+    if q.principal is not None:
+        out.append(c.principal == q.principal)
+    for key, value in sorted(q.metadata.items()):
+        out.append(c["metadata"][key].as_string() == value)
+    if q.state:
+        out.append(current == q.state)
+    if q.kind:
+        out.append(c.kind == q.kind)
+    if q.environment:
+        out.append(c.environment == q.environment)
+    if q.expires_before is not None:
+        out += [c.expires_at.is_not(None), c.expires_at < q.expires_before]
+    if q.last_used_before is not None:
+        cutoff = q.last_used_before
+        out.append(
+            or_(
+                c.last_used_at < cutoff,
+                and_(c.last_used_at.is_(None), c.created_at < cutoff),
+            )
+        )
+    if q.disabled is not None:
+        out.append(c.disabled_at.is_not(None) if q.disabled else c.disabled_at.is_(None))
+    if q.quarantined is not None:
+        out.append(c.quarantined_at.is_not(None) if q.quarantined else c.quarantined_at.is_(None))
+    if q.expiring_days is not None:
+        out += [
+            c.expires_at.is_not(None),
+            c.expires_at > now,
+            c.expires_at <= now + timedelta(days=q.expiring_days),
+            current.not_in([TokenState.REVOKED.value, TokenState.ROTATED.value]),
+        ]
+    if q.unused_days is not None:
+        out += [
+            func.coalesce(c.last_used_at, c.created_at) <= now - timedelta(days=q.unused_days),
+            current.not_in(
+                [TokenState.REVOKED.value, TokenState.ROTATED.value, TokenState.EXPIRED.value]
+            ),
+        ]
+    return out
+
+
 class TokenStore:
     """Projects and tokens in a SQL database (SQLite or PostgreSQL)."""
 
@@ -177,8 +291,19 @@ class TokenStore:
             row = (await conn.execute(query)).first()
         return _project(row) if row else None
 
-    async def list_projects(self, only_ids: Sequence[str] | None = None) -> list[Project]:
+    async def list_projects(
+        self,
+        only_ids: Sequence[str] | None = None,
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[Project]:
+        """Projects by name (a keyset page: ``after`` a name, at most ``limit``)."""
         query = select(projects).order_by(projects.c.name)
+        if after is not None:
+            query = query.where(projects.c.name > after)
+        if limit is not None:
+            query = query.limit(limit)
         if only_ids is not None:
             query = query.where(projects.c.id.in_(list(only_ids)))
         async with self.engine.connect() as conn:
@@ -291,66 +416,34 @@ class TokenStore:
 
     async def search_tokens(
         self,
+        query: TokenQuery,
         *,
-        project_ids: Sequence[str] | None,
         now: datetime,
-        text: str = "",
-        state: str = "",
-        environment: str = "",
-        expiring_days: int | None = None,
-        unused_days: int | None = None,
         limit: int = 50,
-        offset: int = 0,
-    ) -> tuple[list[TokenRecord], int]:
-        """One page of tokens, newest first, with the dashboard's filters applied by the
-        database, and how many match in all.
-
-        ``text`` is a case-insensitive substring of the name, id, principal or hint (on
-        SQLite, case is folded for ASCII letters only); ``expiring_days``: live tokens that
-        expire within that many days; ``unused_days``: live tokens not used (or, never used,
-        created) for that many days.
+        after: tuple[datetime, str] | None = None,
+        count: bool = False,
+    ) -> tuple[list[TokenRecord], int | None]:
+        """One keyset page of tokens, newest first (``created_at``, then ``id``, descending),
+        with ``query`` applied by the database; ``after``: the sort key of the last token of
+        the previous page. The second value is how many match in all when ``count`` is asked
+        (one more query), else ``None``.
         """
         c = tokens.c
-        current = state_at(now)
-        conditions: list[Any] = []
-        if project_ids is not None:
-            conditions.append(c.project_id.in_(list(project_ids)))
-        if text:
-            needle = text.lower()
-            conditions.append(
-                or_(
-                    *(
-                        func.lower(column).contains(needle, autoescape=True)
-                        for column in (c.name, c.id, c.principal, c.hint)
-                    )
-                )
-            )
-        if state:
-            conditions.append(current == state)
-        if environment:
-            conditions.append(c.environment == environment)
-        if expiring_days is not None:
-            conditions += [
-                c.expires_at.is_not(None),
-                c.expires_at > now,
-                c.expires_at <= now + timedelta(days=expiring_days),
-                current.not_in([TokenState.REVOKED.value, TokenState.ROTATED.value]),
-            ]
-        if unused_days is not None:
-            conditions += [
-                func.coalesce(c.last_used_at, c.created_at) <= now - timedelta(days=unused_days),
-                current.not_in(
-                    [TokenState.REVOKED.value, TokenState.ROTATED.value, TokenState.EXPIRED.value]
-                ),
-            ]
-        where = and_(true(), *conditions)
-        page = _SELECT_TOKEN.where(where).order_by(c.created_at.desc(), c.id)
+        where = and_(true(), *_conditions(query, now, self.engine.dialect.name))
+        page = _SELECT_TOKEN.where(where)
+        if after is not None:
+            at, last_id = after
+            page = page.where(or_(c.created_at < at, and_(c.created_at == at, c.id < last_id)))
+        page = page.order_by(c.created_at.desc(), c.id.desc()).limit(limit)
+        total = None
         async with self.engine.connect() as conn:
-            total = (
-                await conn.execute(select(func.count()).select_from(tokens).where(where))
-            ).scalar()
-            rows = (await conn.execute(page.limit(limit).offset(offset))).all()
-        return [_record(r) for r in rows], int(total or 0)
+            if count:
+                number = (
+                    await conn.execute(select(func.count()).select_from(tokens).where(where))
+                ).scalar()
+                total = int(number or 0)
+            rows = (await conn.execute(page)).all()
+        return [_record(r) for r in rows], total
 
     async def list_tokens(
         self,
@@ -473,9 +566,34 @@ class TokenStore:
             row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == token_id))).first()
         return _record(row) if row else None
 
+    async def set_disabled(
+        self, token_id: str, at: datetime | None, reason: str | None, by: str | None
+    ) -> TokenRecord | None:
+        """Switch a token off (``at`` set) or on again (``at=None``); a token already off
+        keeps the time, reason and author of the first switch."""
+        c = tokens.c
+        statement = update(tokens).where(c.id == token_id)
+        if at is not None:
+            statement = statement.where(c.disabled_at.is_(None))
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                statement.values(disabled_at=at, disabled_reason=reason, disabled_by=by)
+            )
+            row = (await conn.execute(_SELECT_TOKEN.where(c.id == token_id))).first()
+        return _record(row) if row else None
+
     async def update_settings(self, token_id: str, values: dict[str, Any]) -> TokenRecord | None:
-        """Change editable settings (name, scopes, expiry, allowlist, rate limit, uses)."""
-        editable = {"name", "scopes", "expires_at", "ip_allowlist", "rate_limit", "remaining_uses"}
+        """Change editable settings (name, scopes, expiry, allowlist, rate limit, uses,
+        metadata)."""
+        editable = {
+            "name",
+            "scopes",
+            "expires_at",
+            "ip_allowlist",
+            "rate_limit",
+            "remaining_uses",
+            "metadata",
+        }
         if not values.keys() <= editable:
             raise ValueError(f"not editable: {sorted(values.keys() - editable)}")
         row_values = dict(values)

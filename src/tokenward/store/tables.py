@@ -154,6 +154,22 @@ tokens = Table(
     Column("expiry_warned_at", UTCDateTime(), nullable=True),
     Column("quarantined_at", UTCDateTime(), nullable=True),
     Column("quarantine_reason", TypedText(300, "reason"), nullable=True),
+    #: set while an admin has switched the token off (decision 0034); reversible
+    Column("disabled_at", UTCDateTime(), nullable=True),
+    Column("disabled_reason", TypedText(300, "reason"), nullable=True),
+    Column("disabled_by", String(32), nullable=True),
     Index("ix_tokens_project_id", "project_id"),
     Index("ix_tokens_family_id", "family_id"),
+    # the token search (migration 0009): keyset order, name prefix, principal, cut-offs
+    Index("ix_tokens_created", "created_at", "id"),
+    Index("ix_tokens_project_created", "project_id", "created_at", "id"),
+    Index(
+        "ix_tokens_project_name",
+        "project_id",
+        "name",
+        postgresql_ops={"name": "varchar_pattern_ops"},
+    ),
+    Index("ix_tokens_project_principal", "project_id", "principal", "created_at", "id"),
+    Index("ix_tokens_expires_at", "expires_at"),
+    Index("ix_tokens_last_used_at", "last_used_at"),
 )

@@ -58,6 +58,8 @@ class Reason(StrEnum):
     AMBIGUOUS_REQUEST = "ambiguous_request"
     #: a spent refresh token presented again within the reuse grace: a race, not a leak
     ALREADY_REFRESHED = "already_refreshed"
+    #: an admin switched the token off (reversible: ``enable``); not a quarantine
+    DISABLED = "disabled"
 
 
 @dataclass(slots=True)
@@ -102,6 +104,10 @@ class TokenRecord:
     #: set while the token is suspended (by anomaly handling or an admin); reversible
     quarantined_at: datetime | None = None
     quarantine_reason: str | None = None
+    #: set while an admin has switched the token off (decision 0034); reversible
+    disabled_at: datetime | None = None
+    disabled_reason: str | None = None
+    disabled_by: str | None = None
 
     @property
     def rate_limit_counter(self) -> str:
@@ -154,6 +160,9 @@ class TokenRecord:
             "rotation_period": self.rotation_period,
             "quarantined_at": _iso(self.quarantined_at),
             "quarantine_reason": self.quarantine_reason,
+            "disabled_at": _iso(self.disabled_at),
+            "disabled_reason": self.disabled_reason,
+            "disabled_by": self.disabled_by,
         }
 
 

@@ -23,6 +23,7 @@ from tokenward.api import admin, health, oauth, observability, verification
 from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
 from tokenward.api import docs as api_docs
+from tokenward.api import identities as identities_api
 from tokenward.api.contract import install_contract, operation_id
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.fastpath import FastPath, HotPath
@@ -37,6 +38,7 @@ from tokenward.events import EventBus
 from tokenward.failures import FailureCounter, failures_of
 from tokenward.fanout import Fanout, make_fanout
 from tokenward.gateway import Enforcement, build_enforcement
+from tokenward.identities.service import IdentityService
 from tokenward.limits import RateLimiter
 from tokenward.logs import access_log, configure_logging
 from tokenward.metrics import Metrics
@@ -71,6 +73,7 @@ class Services:
     audit: AuditWriter | None = None
     anomaly: AnomalyEngine | None = None
     metrics: Metrics | None = None
+    identities: IdentityService | None = None
 
     async def close(self) -> None:
         await self.fanout.stop()
@@ -147,6 +150,7 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         audit=audit,
         anomaly=anomaly,
         metrics=metrics,
+        identities=IdentityService(tokens.identities, tokens),
     )
     # Failed credentials count where their access event is made, for every entry point.
     events.subscribe(FailureCounter(lambda: failures_of(services)))
@@ -269,6 +273,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(verification.router)
     app.include_router(admin.router)
+    app.include_router(identities_api.router)
     app.include_router(oauth.router)
     app.include_router(audit_api.router)
     app.include_router(alerts_api.router)

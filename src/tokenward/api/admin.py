@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from tokenward.api.auth import AdminRead, AdminWrite
 from tokenward.api.schemas import (
     IDENTIFIER,
+    ExternalId,
     ProjectCreate,
     ProjectUpdate,
     TokenCreate,
@@ -88,6 +89,8 @@ async def create_token(body: TokenCreate, actor: AdminWrite, request: Request) -
         rate_limit=parse_rates(body.rate_limit) if body.rate_limit else [],
         uses=body.uses,
         metadata=body.metadata,
+        identity=body.identity,
+        refill=body.refill_spec(),
     )
     return _issued(await _service(request).create_token(actor, spec))
 
@@ -100,6 +103,9 @@ async def list_tokens(
     state: ListedState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(max_length=32, pattern=IDENTIFIER)] = None,
+    identity: Annotated[
+        ExternalId | None, Query(description="Only this identity's tokens (needs project).")
+    ] = None,
 ) -> Any:
     records = await _service(request).list_tokens(
         actor,
@@ -107,6 +113,7 @@ async def list_tokens(
         state=TokenState(state) if state else None,
         limit=limit,
         after=after,
+        identity=identity,
     )
     now = _service(request).now
     items = [{**r.public(), "state": r.state(now).value} for r in records]

@@ -335,6 +335,7 @@ class Enforcement:
             project=route.project,
             environment=route.environment,
             route_limit=route.limit,
+            cost=route.cost,
         )
         # 4. A credential that is no token at all counts against the address: its access
         # event does (see record() and tokenward.failures.FailureCounter).

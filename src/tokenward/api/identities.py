@@ -90,10 +90,10 @@ async def delete_identity(
     actor: AdminWrite,
     request: Request,
     confirm: Annotated[
-        Literal[True],
+        Literal["true"],
         Query(description="Must be true: every token of the identity is revoked with it."),
     ],
 ) -> Any:
     """Delete the identity and revoke all its tokens, on every replica at once."""
-    revoked = await _service(request).delete(actor, name, external_id, confirm=confirm)
+    revoked = await _service(request).delete(actor, name, external_id, confirm=confirm == "true")
     return {"external_id": external_id, "revoked": revoked}

@@ -7,6 +7,7 @@ handler, output helpers, the admin client):
 ``server``                ``init``, ``serve``
 ``projects``              ``project create|list|allow-ip|policy``
 ``tokens``                ``token create|list|show|revoke|rotate|quarantine|release``
+``identities``            ``identity create|list|show|update|delete`` (owners of tokens)
 ``exchange``              ``token exchange|auto-rotate`` (short-lived tokens for machines)
 ``trust``                 ``trust add|list|remove`` (OIDC workload identity)
 ``audit``                 ``audit list|tail|export|verify|prune``
@@ -25,6 +26,7 @@ from tokenward.cli import exchange as _exchange  # noqa: F401  (registers its to
 from tokenward.cli.alerts import alerts_app
 from tokenward.cli.audit import audit_app
 from tokenward.cli.common import Commands, err, out
+from tokenward.cli.identities import identity_app
 from tokenward.cli.projects import project_app
 from tokenward.cli.server import init, serve
 from tokenward.cli.tokens import token_app
@@ -41,6 +43,7 @@ app.command()(init)
 app.command()(serve)
 app.add_typer(project_app, name="project")
 app.add_typer(token_app, name="token")
+app.add_typer(identity_app, name="identity")
 app.add_typer(trust_app, name="trust")
 app.add_typer(audit_app, name="audit")
 app.add_typer(alerts_app, name="alerts")

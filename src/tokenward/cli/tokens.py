@@ -44,6 +44,16 @@ def token_create(
     meta: Annotated[
         list[str] | None, typer.Option("--meta", help="key=value (repeatable).")
     ] = None,
+    identity: Annotated[
+        str | None, typer.Option(help="External id of its identity (owner): user_123.")
+    ] = None,
+    refill: Annotated[
+        str | None,
+        typer.Option(help="Credits that refill: 1000/month, 100/day, 10/hour (--uses: N)."),
+    ] = None,
+    refill_day: Annotated[
+        int | None, typer.Option(help="Day of the month of a monthly refill (1-31).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a token; its secret is printed once."""
@@ -62,6 +72,9 @@ def token_create(
             principal=principal,
             name=name,
             metadata=parse_meta(meta or []) or None,
+            identity=identity,
+            refill=refill,
+            refill_day=refill_day,
         )
     if as_json:
         emit_json(body)
@@ -93,11 +106,14 @@ def _token_table(items: list[dict[str, Any]]) -> Table:
 def token_list(
     project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
     state: Annotated[str | None, typer.Option(help="active, expired, revoked or rotated.")] = None,
+    identity: Annotated[
+        str | None, typer.Option(help="Only this identity's (external id; needs --project).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List tokens (never their secrets)."""
     with client(as_json) as c:
-        items = call(as_json, c.list_tokens, project=project, state=state)
+        items = call(as_json, c.list_tokens, project=project, state=state, identity=identity)
     if as_json:
         emit_json(items)
     else:

@@ -115,13 +115,20 @@ class AdminClient:
         return dict(self.request("POST", "/v1/tokens", json=body))
 
     def list_tokens(
-        self, project: str | None = None, state: str | None = None, limit: int = 1000
+        self,
+        project: str | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+        identity: str | None = None,
     ) -> list[dict[str, Any]]:
+        """Every token (page by page); ``identity``: only that identity's (with ``project``)."""
         params: dict[str, Any] = {"limit": limit}
         if project:
             params["project"] = project
         if state:
             params["state"] = state
+        if identity:
+            params["identity"] = identity
         items: list[dict[str, Any]] = []
         while True:
             page = self.request("GET", "/v1/tokens", params=params)
@@ -138,6 +145,35 @@ class AdminClient:
 
     def rotate_token(self, token_id: str, grace: str = "1h") -> dict[str, Any]:
         return dict(self.request("POST", f"/v1/tokens/{token_id}/rotate", json={"grace": grace}))
+
+    # -- identities (owners of tokens)
+    def create_identity(self, project: str, external_id: str, **fields: Any) -> dict[str, Any]:
+        body = {"external_id": external_id, **{k: v for k, v in fields.items() if v is not None}}
+        return dict(self.request("POST", f"/v1/projects/{project}/identities", json=body))
+
+    def list_identities(self, project: str, limit: int = 1000) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        items: list[dict[str, Any]] = []
+        while True:
+            page = self.request("GET", f"/v1/projects/{project}/identities", params=params)
+            items.extend(page["identities"])
+            if not page.get("next"):
+                return items
+            params["after"] = page["next"]
+
+    def get_identity(self, project: str, external_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/projects/{project}/identities/{external_id}"))
+
+    def update_identity(self, project: str, external_id: str, **fields: Any) -> dict[str, Any]:
+        """Change ``metadata`` and/or ``rate_limit`` (``""``: none)."""
+        body = {k: v for k, v in fields.items() if v is not None}
+        path = f"/v1/projects/{project}/identities/{external_id}"
+        return dict(self.request("PATCH", path, json=body))
+
+    def delete_identity(self, project: str, external_id: str) -> dict[str, Any]:
+        """Delete an identity and revoke all its tokens (the caller has confirmed it)."""
+        path = f"/v1/projects/{project}/identities/{external_id}"
+        return dict(self.request("DELETE", path, params={"confirm": "true"}))
 
     # -- short-lived tokens: trust policies, project policy, automatic rotation
     def add_trust_policy(self, project: str, **fields: Any) -> dict[str, Any]:
@@ -161,8 +197,17 @@ class AdminClient:
         body = {k: v for k, v in fields.items() if v is not None}
         return dict(self.request("PUT", f"/v1/tokens/{token_id}/rotation", json=body))
 
-    def verify(self, token: str, scope: str | None = None, ip: str | None = None) -> dict[str, Any]:
-        body = {"token": token, "scope": scope, "ip": ip}
+    def verify(
+        self,
+        token: str,
+        scope: str | None = None,
+        ip: str | None = None,
+        cost: int | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/verify``; ``cost``: the credits the request spends (default 1)."""
+        body: dict[str, Any] = {"token": token, "scope": scope, "ip": ip}
+        if cost is not None:
+            body["cost"] = cost
         return dict(self.request("POST", "/v1/verify", json=body))
 
     # -- audit and alerts

@@ -30,12 +30,19 @@ def install(app: FastAPI) -> None:
     from fastapi.responses import Response
     from fastapi.staticfiles import StaticFiles
 
-    from tokenward.dashboard import routes_admin, routes_alerting, routes_auth, routes_tokens
+    from tokenward.dashboard import (
+        routes_admin,
+        routes_alerting,
+        routes_auth,
+        routes_identities,
+        routes_tokens,
+    )
     from tokenward.dashboard.web import HERE, PREFIX, PageError, Redirect, redirect, render
 
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
     router.include_router(routes_auth.router)
     router.include_router(routes_tokens.router)
+    router.include_router(routes_identities.router)
     router.include_router(routes_admin.router)
     router.include_router(routes_alerting.router)
     app.include_router(router)

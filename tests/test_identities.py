@@ -103,10 +103,9 @@ async def test_tokens_are_listed_by_identity(api):
     assert listed.status_code == 200
     assert {t["id"] for t in listed.json()["tokens"]} == mine
     without_project = await api.get("/v1/tokens", params={"identity": "user_123"})
-    assert without_project.status_code == 422
-    assert without_project.json()["error"] == "project_required"
+    assert {t["id"] for t in without_project.json()["tokens"]} == mine
     unknown = await api.get("/v1/tokens", params={"project": "shop", "identity": "nobody"})
-    assert unknown.status_code == 404
+    assert unknown.status_code == 200 and unknown.json()["tokens"] == []
 
 
 async def test_an_unknown_identity_is_refused_at_creation(api):
@@ -221,7 +220,7 @@ async def test_the_identity_limit_holds_across_two_replicas_sharing_redis(settin
             decision = await b.verifier.verify(three[0].secret, consume=False)
             if decision.token.identity.rate_limit != ("7/minute",):
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.025)
         assert decision.token.identity.rate_limit == ("7/minute", "100/hour")
         await a.limiter.reset()
 

@@ -331,24 +331,16 @@ class TokenService:
         after: str | None = None,
         identity: str | None = None,
     ) -> list[TokenRecord]:
-        """Tokens the actor may see; with ``identity`` (an external id, which needs
-        ``project``), only that identity's."""
+        """Tokens the actor may see; with ``identity`` (an external id), only the tokens of
+        the identities of that external id in the projects listed."""
         project_ids = await self._visible_projects(actor, project)
-        identity_id = None
-        if identity is not None:
-            if project_ids is None or len(project_ids) != 1:
-                raise Invalid("project_required", "listing by identity needs a project")
-            found = await self.identities.get(project_ids[0], identity)
-            if found is None:
-                raise NotFound("identity_not_found", "no identity with this external id")
-            identity_id = found.id
         return await self.store.list_tokens(
             project_ids=project_ids,
             state=state,
             now=self.now,
             limit=limit,
             after=after,
-            identity_id=identity_id,
+            identity=identity,
         )
 
     async def token_states(

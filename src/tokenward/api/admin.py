@@ -104,7 +104,8 @@ async def list_tokens(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(max_length=32, pattern=IDENTIFIER)] = None,
     identity: Annotated[
-        ExternalId | None, Query(description="Only this identity's tokens (needs project).")
+        ExternalId | None,
+        Query(description="Only the tokens of the identity with this external id."),
     ] = None,
 ) -> Any:
     records = await _service(request).list_tokens(

@@ -179,8 +179,15 @@ class TokenCreate(Closed):
                 "required": ["ttl", "expires_at"],
                 "properties": {"ttl": {"type": "string"}, "expires_at": {"type": "string"}},
             },
-            # a day of the month goes with a monthly refill
             "dependentSchemas": {
+                # an identity is one of the token's project
+                "identity": {
+                    "anyOf": [
+                        {"properties": {"identity": {"type": "null"}}},
+                        {"required": ["project"], "properties": {"project": {"type": "string"}}},
+                    ]
+                },
+                # a day of the month goes with a monthly refill
                 "refill_day": {
                     "anyOf": [
                         {"properties": {"refill_day": {"type": "null"}}},
@@ -189,7 +196,7 @@ class TokenCreate(Closed):
                             "properties": {"refill": {"type": "string", "pattern": "/month$"}},
                         },
                     ]
-                }
+                },
             },
         },
     )

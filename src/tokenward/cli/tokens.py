@@ -107,7 +107,7 @@ def token_list(
     project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
     state: Annotated[str | None, typer.Option(help="active, expired, revoked or rotated.")] = None,
     identity: Annotated[
-        str | None, typer.Option(help="Only this identity's (external id; needs --project).")
+        str | None, typer.Option(help="Only this identity's (its external id).")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -404,15 +404,16 @@ class TokenStore:
         now: datetime,
         limit: int = 100,
         after: str | None = None,
-        identity_id: str | None = None,
+        identity: str | None = None,
     ) -> list[TokenRecord]:
         """Tokens of the given projects (``None``: all), newest id order, keyset-paginated;
-        with ``identity_id``, only that identity's (an indexed lookup)."""
+        with ``identity`` (an external id), only the tokens of the identities that have it
+        (an indexed lookup on both tables)."""
         query = _SELECT_TOKEN.order_by(tokens.c.id).limit(limit)
         if project_ids is not None:
             query = query.where(tokens.c.project_id.in_(list(project_ids)))
-        if identity_id is not None:
-            query = query.where(tokens.c.identity_id == identity_id)
+        if identity is not None:
+            query = query.where(identities.c.external_id == identity)
         if after:
             query = query.where(tokens.c.id > after)
         c = tokens.c

@@ -6,8 +6,13 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import httpx
+import pytest
+
 from tests.conftest import two_replicas
-from tokenward.app import Services
+from tests.gateway.support import use_policy
+from tokenward.app import Services, create_asgi
+from tokenward.gateway.config import ConfigError, parse_policy
 from tokenward.service import Issued, TokenSpec, issue_bootstrap_record
 from tokenward.tokens.credits import parse_refill
 from tokenward.tokens.model import Reason
@@ -161,3 +166,42 @@ async def test_a_refill_at_the_boundary_is_counted_once_across_replicas(settings
         assert len(allowed) == 5
         assert sorted(d.remaining_uses for d in allowed) == [0, 2, 4, 6, 8]
         assert (await a.store.get_token(issued.record.id)).remaining_uses == 0
+
+
+COSTLY_POLICY = """
+[[routes]]
+path = "/search/{rest:path}"
+methods = ["GET"]
+scope = "records:read"
+cost = 5
+
+[[routes]]
+path = "/free/{rest:path}"
+methods = ["GET"]
+scope = "records:read"
+cost = 0
+"""
+
+
+async def test_a_gateway_route_spends_its_cost(services, admin):
+    """``cost = 5`` on a route: /authz spends five credits per allowed request."""
+    use_policy(services, COSTLY_POLICY)
+    issued = await make(services, admin, uses=12)
+    transport = httpx.ASGITransport(app=create_asgi(services=services), client=("127.0.0.1", 1))
+    headers = {"Authorization": f"Bearer {issued.secret}", "X-Original-Method": "GET"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://tokenward.test") as c:
+        statuses = [
+            (await c.get("/authz", headers={**headers, "X-Original-URI": "/search/x"})).status_code
+            for _ in range(3)
+        ]
+        free = await c.get("/authz", headers={**headers, "X-Original-URI": "/free/x"})
+    assert statuses == [200, 200, 401]  # 12 - 5 - 5 = 2 left: not enough for a third
+    assert free.status_code == 200  # cost 0: a credit is left (2), none spent
+    assert (await services.store.get_token(issued.record.id)).remaining_uses == 2
+
+
+def test_a_route_cost_must_be_a_small_whole_number():
+    assert parse_policy(COSTLY_POLICY, "t.toml").routes[0].cost == 5
+    for bad in ("-1", "1.5", '"5"', "true", "1000001"):
+        with pytest.raises(ConfigError, match="routes\\[0\\].cost: must be an integer"):
+            parse_policy(COSTLY_POLICY.replace("cost = 5", f"cost = {bad}"), "t.toml")

@@ -183,6 +183,21 @@ cost = 0
 """
 
 
+async def test_authz_names_the_identity_to_the_upstream(services, admin):
+    use_policy(services, COSTLY_POLICY)
+    await services.tokens.create_project(admin.record, "app")
+    await services.identities.create(admin.record, "app", "user_123")
+    issued = await make(services, admin, identity="user_123")
+    plain = await make(services, admin)
+    transport = httpx.ASGITransport(app=create_asgi(services=services), client=("127.0.0.1", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://tokenward.test") as c:
+        asked = {"X-Original-Method": "GET", "X-Original-URI": "/free/x"}
+        owned = await c.get("/authz", headers={**asked, "Authorization": f"Bearer {issued.secret}"})
+        other = await c.get("/authz", headers={**asked, "Authorization": f"Bearer {plain.secret}"})
+    assert owned.headers["x-tokenward-identity"] == "user_123"
+    assert "x-tokenward-identity" not in other.headers
+
+
 async def test_a_gateway_route_spends_its_cost(services, admin):
     """``cost = 5`` on a route: /authz spends five credits per allowed request."""
     use_policy(services, COSTLY_POLICY)

@@ -50,6 +50,9 @@ async def test_identities_pages_end_to_end(dash, clock, accounts, services):  # 
     assert str(record.refill) == "100/month" and record.refill.day == 15
     detail = await p.get("/dashboard/p/shop/identities/user_123")
     assert record.id in detail.text and "refills 100/month" in detail.text
+    shown = await p.get(f"/dashboard/p/shop/tokens/{record.id}")
+    assert "refills to 100 every month on day 15" in shown.text
+    assert 'href="/dashboard/p/shop/identities/user_123"' in shown.text
 
     changed = await p.post(
         "/dashboard/p/shop/identities/user_123", {"rate_limit": "", "metadata": "plan=team"}

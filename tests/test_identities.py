@@ -9,6 +9,7 @@ import secrets
 from sqlalchemy import select
 
 from tests.conftest import REDIS_URL, two_replicas
+from tests.test_oauth_exchange import api_key, exchange
 from tokenward.app import Services
 from tokenward.identities.service import IdentityChanges
 from tokenward.service import Issued, TokenSpec, issue_bootstrap_record
@@ -241,3 +242,38 @@ async def test_deleting_an_identity_revokes_on_the_other_replica(settings):
                 break
             await asyncio.sleep(0.01)
         assert reasons == {Reason.REVOKED}
+
+
+async def test_exchanged_tokens_keep_the_identity_and_its_limit(api, services):
+    """A key's exchanged access tokens belong to the key's identity: no escape that way."""
+    await api.post("/v1/projects", json={"name": "shop"})
+    await identity(api, rate_limit="4/minute")
+    key = await api_key(api, identity="user_123")
+    body = (await exchange(api, key["token"])).json()  # the exchange presents the key: hit 1
+    record = await services.store.get_token(body["token_id"])
+    assert record.identity is not None and record.identity.external_id == "user_123"
+    answers = [await verify(api, body["access_token"]) for _ in range(4)]
+    assert [a["valid"] for a in answers] == [True, True, True, False]
+    assert answers[0]["identity"]["external_id"] == "user_123"
+    # Deleting the identity revokes what was exchanged too.
+    await api.delete("/v1/projects/shop/identities/user_123", params={"confirm": "true"})
+    assert (await verify(api, body["access_token"]))["reason"] == "revoked"
+
+
+async def test_identity_changes_are_audited(services, admin, events):
+    await services.tokens.create_project(admin.record, "shop")
+    assert services.identities is not None
+    made = await services.identities.create(admin.record, "shop", "user_123")
+    await services.identities.update(
+        admin.record, "shop", "user_123", IdentityChanges(metadata={"plan": "pro"})
+    )
+    issued = await services.tokens.create_token(
+        admin.record, TokenSpec(project="shop", scopes=["x:y"], identity="user_123")
+    )
+    await services.identities.delete(admin.record, "shop", "user_123", confirm=True)
+    actions = [(e.action, e.detail.get("identity")) for e in events.admin_events]
+    assert ("identity.create", made.id) in actions
+    assert ("identity.update", made.id) in actions
+    assert ("token.create", made.id) in actions
+    [deleted] = [e for e in events.admin_events if e.action == "identity.delete"]
+    assert deleted.detail["revoked"] == [issued.record.id] and deleted.actor_id == admin.record.id

@@ -277,3 +277,14 @@ async def test_identity_changes_are_audited(services, admin, events):
     assert ("token.create", made.id) in actions
     [deleted] = [e for e in events.admin_events if e.action == "identity.delete"]
     assert deleted.detail["revoked"] == [issued.record.id] and deleted.actor_id == admin.record.id
+
+
+async def test_a_bad_cost_is_a_clear_error(api):
+    await api.post("/v1/projects", json={"name": "shop"})
+    issued = await token(api, uses=3)
+    for cost in (-1, "5", True, 1.5, 10**7):
+        response = await api.post("/v1/verify", json={"token": issued["token"], "cost": cost})
+        assert response.status_code == 422, cost
+        assert response.json()["error"] == "invalid_request"
+        assert "cost" in response.json()["message"] and issued["token"] not in response.text
+    assert (await verify(api, issued["token"], cost=3.0))["remaining_uses"] == 0

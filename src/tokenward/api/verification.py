@@ -158,7 +158,7 @@ def _verify_body(
         try:
             body["cost"] = check_cost(cost)
         except CreditsError as exc:
-            raise Invalid("invalid_request", f"cost: {exc}") from None
+            raise Invalid("invalid_request", str(exc)) from None
     for name, value in body.items():
         if (value is None and name != "token") or name == "cost":
             continue

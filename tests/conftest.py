@@ -372,7 +372,7 @@ def events(services: Services) -> EventRecorder:
 
 class LiveServer:
     def __init__(self, url: str, admin_token: str) -> None:
-        from tokenward.client import AdminClient
+        from tokenward_client import AdminClient
 
         self.url = url
         self.admin_token = admin_token

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from tests.conftest import tokenward_cmd
 from tokenward.cli import app
-from tokenward.client.admin import AdminClient, TokenSecretAsId
 from tokenward.tokens.format import generate_token
+from tokenward_client.admin import AdminClient, TokenSecretAsId
 
 NAME = "[/x] :smile: [bold]b[/bold] [link=http://x]y"
 
@@ -43,8 +43,8 @@ async def test_stored_data_and_server_messages_print_literally(live):
         assert result.returncode == 0, result.stderr
         assert NAME in result.stdout
         assert "Traceback" not in result.stderr
-    assert bad_name.returncode == 1
-    assert "pattern '^[a-z0-9][a-z0-9_-]{0,62}$'" in bad_name.stderr
+    assert bad_name.returncode == 2  # a bad option: said in words, before anything is sent
+    assert "'Bad Name' is not a project name: use 1 to 63 lower-case" in bad_name.stderr
     assert bad_since.returncode == 2
     assert "not a time or an age: '[/x]'" in bad_since.stderr
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tokenward.client import TokenwardAuth, TokenwardAuthError
+from tokenward_client import TokenwardAuth, TokenwardAuthError
 
 
 def api_key(live, scopes=("admin:read", "records:read")):
@@ -134,10 +135,13 @@ async def test_documented_example_runs(live):
 
     key = api_key(live)
     example = Path(__file__).resolve().parent.parent / "docs" / "examples" / "sdk_example.py"
+    env = {"TOKENWARD_URL": live.url, "TOKENWARD_API_KEY": key["token"], "PATH": "/usr/bin"}
+    if "PYTHONPATH" in os.environ:  # a checkout's code under test, not the installed one
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     result = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, str(example)],
-        env={"TOKENWARD_URL": live.url, "TOKENWARD_API_KEY": key["token"], "PATH": "/usr/bin"},
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import text
 
 from tests.webhook_receiver import Receiver
-from tokenward.oauth.rotation import LOCK_KEY
 from tokenward.oauth.webhooks import verify_signature
+from tokenward.rotation.scheduler import LOCK_KEY
 from tokenward.tokens.model import Reason
 
 

@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tokenward.client import github_actions_identity, verify_webhook_signature
 from tokenward.oauth.webhooks import SecretBox, check_webhook_url, sign
 from tokenward.tokens.hashing import ServerKey, TokenHasher
+from tokenward_client import github_actions_identity, verify_webhook_signature
 
 
 def test_signature_round_trip_and_tampering():

@@ -15,7 +15,7 @@ import os
 
 import httpx
 
-from tokenward.client import TokenwardAuth
+from tokenward_client import TokenwardAuth
 
 
 def main() -> None:

@@ -42,8 +42,8 @@ from tokenward.identities.service import IdentityService
 from tokenward.limits import RateLimiter
 from tokenward.logs import access_log, configure_logging
 from tokenward.metrics import Metrics
-from tokenward.oauth.sessions import Sessions, build_sessions
 from tokenward.service import TokenService
+from tokenward.sessions import Sessions, build_sessions
 from tokenward.settings import Settings, load_hasher
 from tokenward.store.engine import create_engine, migrate
 from tokenward.store.repository import TokenStore

@@ -42,6 +42,7 @@ RULES_NO_SCHEMA_STATES = frozenset(
         "lifetime_exceeds_policy",  # the project's stored lifetime cap
         "invalid_expiry",  # expires_at in the future: against the clock
         "invalid_not_before",  # not_before at most 3660 days from now: the clock too
+        "unknown_scope",  # strict: a scope no route policy and no token of the project uses
     }
 )
 #: 400 codes of the token endpoint for a well-formed value that is no valid grant (§5.2)

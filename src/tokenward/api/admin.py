@@ -18,9 +18,11 @@ from tokenward.api.schemas import (
     TokenRotate,
     printable_parameters,
 )
+from tokenward.errors import Invalid
 from tokenward.service import Issued, TokenService, TokenSpec
 from tokenward.tokens.durations import parse_rates
-from tokenward.tokens.model import TokenState
+from tokenward.tokens.model import TokenRecord, TokenState
+from tokenward.tokens.scopes import unknown_scopes
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(printable_parameters)])
 
@@ -28,6 +30,10 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(printable_parameters)])
 ListedState = Literal["active", "expired", "revoked", "rotated"]
 
 ONCE_WARNING = "Store this token now: it is shown only once and cannot be recovered."
+#: The scopes tokenward itself asks for (admin API, verify API, introspection).
+BUILTIN_SCOPES = ("admin:read", "admin:write", "verify")
+#: How many of a project's tokens are read to learn the scopes in use.
+KNOWN_FROM_TOKENS = 1000
 
 
 def _service(request: Request) -> TokenService:
@@ -92,7 +98,46 @@ async def create_token(body: TokenCreate, actor: AdminWrite, request: Request) -
         identity=body.identity,
         refill=body.refill_spec(),
     )
-    return _issued(await _service(request).create_token(actor, spec))
+    notices = await _scope_notices(request, actor, body.project, body.scopes)
+    if notices and body.strict:
+        raise Invalid("unknown_scope", " ".join(n["message"] for n in notices))
+    issued = await _service(request).create_token(actor, spec)
+    if issued.record.expires_at is None:
+        notices.append(
+            {
+                "code": "never_expires",
+                "message": "this token never expires: give it a lifetime (ttl, e.g. 90d) "
+                "or rotate it",
+            }
+        )
+    return _issued(issued, warnings=notices)
+
+
+async def _scope_notices(
+    request: Request, actor: TokenRecord, project: str | None, scopes: list[str]
+) -> list[dict[str, str]]:
+    """An ``unknown_scope`` notice for each scope that no route policy, no built-in scope and
+    no token of the project uses (read before the token is made, so ``strict`` refuses it)."""
+    known: list[str] = []
+    enforcement = request.app.state.services.enforcement
+    if enforcement is not None:
+        known += enforcement.policy.scopes()
+    if project is not None:
+        tokens = await _service(request).list_tokens(
+            actor, project=project, limit=KNOWN_FROM_TOKENS
+        )
+        known += [scope for record in tokens for scope in record.scopes]
+    notices = []
+    for scope, close in unknown_scopes(scopes, known, BUILTIN_SCOPES):
+        hint = f" (did you mean {close!r}?)" if close else ""
+        notices.append(
+            {
+                "code": "unknown_scope",
+                "message": f"scope {scope!r} matches no route policy, no built-in scope and no "
+                f"token of the project{hint}; scopes are resource:action",
+            }
+        )
+    return notices
 
 
 @router.get("/tokens", tags=["tokens"])

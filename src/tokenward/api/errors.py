@@ -202,11 +202,21 @@ UNAVAILABLE_MESSAGE = "the database is unavailable; try again later"
 DATA_ERROR_MESSAGE = "a value in the request cannot be stored (a character or number out of range)"
 
 
+def _problem(err: Any) -> str:
+    """A validation error in words: a pattern is named by its rule, never quoted."""
+    if err.get("type") == "string_pattern_mismatch":
+        from tokenward.api.schemas import PATTERN_WORDS
+
+        pattern = str((err.get("ctx") or {}).get("pattern"))
+        return "must be " + PATTERN_WORDS.get(pattern, "of the form the API documents")
+    return str(err.get("msg", ""))
+
+
 def _describe(errors: list[Any]) -> tuple[str, list[dict[str, str]]]:
     details = []
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        details.append({"field": ".".join(loc) or "body", "problem": str(err.get("msg", ""))})
+        details.append({"field": ".".join(loc) or "body", "problem": _problem(err)})
     summary = "; ".join(f"{d['field']}: {d['problem']}" for d in details[:5])
     return summary, details
 

@@ -35,7 +35,7 @@ from tokenward.oauth.exchange import (
     oauth_error,
 )
 from tokenward.oauth.policy import ProjectPolicy
-from tokenward.oauth.sessions import Sessions
+from tokenward.sessions import Sessions
 from tokenward.tokens.durations import parse_duration
 from tokenward.tokens.scopes import parse_scope
 

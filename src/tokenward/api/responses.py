@@ -143,11 +143,20 @@ class TokenView(Token):
     state: str = Field(description="active, expired, revoked, rotated, …")
 
 
+class Notice(Open):
+    code: str = Field(description="Stable: unknown_scope, never_expires.")
+    message: str
+
+
 class IssuedToken(Token):
     """A new token: the only answer that carries its secret."""
 
     token: str = Field(description="The secret, shown this once.")
     warning: str
+    warnings: list[Notice] = Field(
+        default_factory=list,
+        description="What may be a mistake: a scope nothing uses (a typo?), no expiry.",
+    )
 
 
 class RotatedToken(IssuedToken):

@@ -23,9 +23,9 @@ from tokenward.tokens import credits
 from tokenward.tokens.durations import parse_duration, parse_rates
 from tokenward.tokens.scopes import parse_scope
 
-ProjectName = Annotated[
-    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", max_length=63)
-]
+#: A project's name: it is typed in commands and URLs.
+PROJECT_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+ProjectName = Annotated[str, StringConstraints(pattern=PROJECT_NAME, max_length=63)]
 #: No control characters in stored text: PostgreSQL cannot store NUL, and none belongs in a label.
 PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -60,6 +60,14 @@ JSON_INTEGER = BeforeValidator(_json_integer)
 
 #: A project name or id, a token id, a pagination cursor: what identifiers are made of.
 IDENTIFIER = r"^[A-Za-z0-9_-]+$"
+
+#: What a pattern of this module asks for, in words: an error names the rule, never a regex.
+PATTERN_WORDS = {
+    PROJECT_NAME: "1 to 63 lower-case letters, digits, '-' and '_', starting with a letter "
+    "or a digit (e.g. shop, my-app)",
+    IDENTIFIER: "letters, digits, '-' and '_' only",
+    PRINTABLE: "text without control characters",
+}
 
 # Rules the code checks with a parser, written as patterns for the OpenAPI document only
 # (``json_schema_extra``: the parsers stay the check, with their own error messages). Each
@@ -228,6 +236,11 @@ class TokenCreate(Closed):
     )
     refill_day: RefillDay | None = Field(
         None, description="Day of the month of a monthly refill (1 to 31; default 1)."
+    )
+    strict: bool = Field(
+        False,
+        description="Refuse (422 unknown_scope) a scope that no route policy, no built-in "
+        "scope and no token of the project uses, instead of answering a warning.",
     )
 
     @field_validator("scopes")

@@ -1,7 +1,8 @@
 """``tokenward …``: set up and run the server, and do every admin action.
 
 One module per command group; :mod:`tokenward.cli.common` holds what they share (the error
-handler, output helpers, the admin client):
+handler, the help layout, output helpers, the admin client), :mod:`tokenward.cli.docs`
+writes docs/cli.md from this tree (run ``scripts/cli-docs`` after adding a command):
 
 ========================  ===============================================================
 ``server``                ``init``, ``serve``
@@ -20,12 +21,14 @@ Admin commands talk to a running server: ``TOKENWARD_URL`` and ``TOKENWARD_ADMIN
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from tokenward.cli import exchange as _exchange  # noqa: F401  (registers its token commands)
 from tokenward.cli.alerts import alerts_app
 from tokenward.cli.audit import audit_app
-from tokenward.cli.common import Commands, err, out
+from tokenward.cli.common import Commands, Group, err, out
 from tokenward.cli.identities import identity_app
 from tokenward.cli.projects import project_app
 from tokenward.cli.server import init, serve
@@ -38,7 +41,28 @@ app = typer.Typer(
     help="tokenward: API tokens for Backend-as-a-Service apps.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: it fits 80 columns, no <bool> on flags
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tokenward import __version__
+
+        print(f"tokenward {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """tokenward: API tokens for Backend-as-a-Service apps."""
+
+
 app.command()(init)
 app.command()(serve)
 app.add_typer(project_app, name="project")
@@ -48,6 +72,9 @@ app.add_typer(trust_app, name="trust")
 app.add_typer(audit_app, name="audit")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(user_app, name="user")
+# (register command groups above: each gets the help layout of the root)
+for _group in app.registered_groups:
+    _group.cls = Group
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
@@ -20,14 +20,16 @@ from tokenward.cli.common import (
     out,
 )
 
-alerts_app = typer.Typer(help="Anomaly alerts: list, show, acknowledge.", no_args_is_help=True)
+alerts_app = typer.Typer(help="Anomaly alerts.", no_args_is_help=True)
 
 
 @alerts_app.command("list")
 def alerts_list(
     project: Project = None,
     detector: Annotated[str | None, typer.Option(help="e.g. brute_force, canary.")] = None,
-    severity: Annotated[str | None, typer.Option(help="info, warning or critical.")] = None,
+    severity: Annotated[
+        Literal["info", "warning", "critical"] | None, typer.Option(help="Only this severity.")
+    ] = None,
     open_only: Annotated[bool, typer.Option("--open", help="Only unacknowledged.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
     as_json: JsonOpt = False,

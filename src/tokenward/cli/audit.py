@@ -11,7 +11,7 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -30,7 +30,7 @@ from tokenward.cli.common import (
     out,
 )
 
-audit_app = typer.Typer(help="The audit log: list, follow, export, verify.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
 
 #: Seconds the live tail stays behind the present, so that an event another writer commits a
 #: moment later than a newer one is not skipped (the log merges the writers' chains by time).
@@ -39,7 +39,7 @@ TAIL_SETTLE = 1.0
 Project = Annotated[str | None, typer.Option(help="Only this project.")]
 TokenId = Annotated[str | None, typer.Option("--token", help="Only this token id.")]
 Principal = Annotated[str | None, typer.Option(help="Only this principal.")]
-Decision = Annotated[str | None, typer.Option(help="allow or deny.")]
+Decision = Annotated[Literal["allow", "deny"] | None, typer.Option(help="Only this decision.")]
 ReasonOpt = Annotated[str | None, typer.Option(help="Only this reason (e.g. revoked).")]
 IP = Annotated[str | None, typer.Option("--ip", help="Only this client IP.")]
 Since = Annotated[str | None, typer.Option(help="ISO 8601 time, or an age such as 1h, 7d.")]
@@ -201,8 +201,12 @@ def audit_export(
     output: Annotated[
         Path | None, typer.Option("-o", help="File to write (default stdout).")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Every matching event, oldest first, as JSON lines."""
+    """Every matching event, oldest first, as JSON lines.
+
+    The events are JSON lines in any case; --json makes errors and the summary of -o JSON.
+    """
     params = _filters(
         project=project,
         token=token,
@@ -212,8 +216,8 @@ def audit_export(
         since=since,
         until=until,
     )
-    with client() as c:
-        stream = call(False, lambda: list(c.audit_export(**params)))
+    with client(as_json) as c:
+        stream = call(as_json, lambda: list(c.audit_export(**params)))
     text = "".join(line + "\n" for line in stream if line)
     if output is None:
         print(text, end="")
@@ -221,8 +225,11 @@ def audit_export(
     try:
         output.write_text(text, encoding="utf-8")
     except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror or exc}", 1, error="os_error")
-    out.print(Text(f"wrote {text.count(chr(10))} events to {output}"))
+        fail(f"cannot write {output}: {exc.strerror or exc}", 1, as_json=as_json, error="os_error")
+    if as_json:
+        emit_json({"events": text.count("\n"), "file": str(output)})
+    else:
+        out.print(Text(f"wrote {text.count(chr(10))} events to {output}"))
 
 
 @audit_app.command("verify")

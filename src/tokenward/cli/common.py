@@ -10,11 +10,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import socket
 import ssl
 import sys
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn, get_args
+from urllib.parse import urlsplit
 
 import httpx
 import typer
@@ -25,14 +28,84 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from tokenward.client.admin import AdminAPIError, AdminClient, TokenSecretAsId
-from tokenward.client.output import OutputError, write_result
+from tokenward.cli.output import OutputError, write_result
+from tokenward_client.admin import AdminAPIError, AdminClient, TokenSecretAsId
 
 #: Set to 1 to see the traceback behind an ``error: …`` line.
 DEBUG_ENV = "TOKENWARD_DEBUG"
 
 
-class Commands(TyperGroup):
+class Group(TyperGroup):
+    """A command group whose help fits 80 columns: summaries wrap instead of being cut, and
+    a sub-group's summary lists all of its commands (so it never goes out of date)."""
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = [(name, summary(ctx, command)) for name, command in subcommands(ctx, self)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def subcommands(ctx: Any, group: Any) -> list[tuple[str, Any]]:
+    """A group's visible commands, in the order its help lists them."""
+    found = []
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        if command is not None and not command.hidden:
+            found.append((name, command))
+    return found
+
+
+def summary(ctx: Any, command: Any) -> str:
+    """The first sentence of a command's help; a group's names its commands too."""
+    text = str(command.get_short_help_str(limit=1000))
+    if hasattr(command, "list_commands"):
+        names = ", ".join(name for name, _ in subcommands(ctx, command))
+        text = f"{text.rstrip('.')}: {names}."
+    return text
+
+
+_TYPE_NAMES = {str: "TEXT", int: "INTEGER", float: "NUMBER", datetime: "DATETIME"}
+
+
+def _metavar(param: Any) -> str | None:
+    """A plain metavar where typer would show a Python type (``<str>``, ``<list[str]>``)."""
+    described = getattr(param, "type_descriptor", None)
+    if described is None:  # typer on plain click: click's metavars are plain already
+        return None
+    if described.is_choice:
+        return "[" + "|".join(str(getattr(c, "value", c)) for c in described.choices) + "]"
+    if described.is_path:
+        return "PATH"
+    annotation = described.annotation
+    if described.is_list:
+        annotation = get_args(annotation)[0]
+    return _TYPE_NAMES.get(annotation, "VALUE")
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+def tidy_metavars(command: Any) -> None:
+    """Plain metavars (``TEXT``, ``[live|test]``) for every option and argument of the tree,
+    none on flags, a name on arguments. Runs on the root before anything is parsed."""
+    for param in command.params:
+        if param.metavar is not None:
+            continue
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        elif param.param_type_name == "argument":
+            param.metavar = (param.name or "value").upper().replace("_", "-")
+            if hasattr(param, "display_type_rich"):  # typer would add "<str>" to the name
+                param.display_type_rich = _no_type
+        else:
+            param.metavar = _metavar(param)
+    for sub in getattr(command, "commands", {}).values():
+        tidy_metavars(sub)
+
+
+class Commands(Group):
     """The command tree, with one handler for the errors an operator can meet and fix.
 
     A missing file, a bad setting, a database or a port that cannot be reached end in one
@@ -40,6 +113,10 @@ class Commands(TyperGroup):
     traceback is printed only with ``TOKENWARD_DEBUG=1``. Anything else is a bug and keeps
     its traceback.
     """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        tidy_metavars(self)
+        return super().main(*args, **kwargs)
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         ctx.meta["tokenward.argv"] = list(args)
@@ -111,12 +188,45 @@ out = Console(emoji=False)  # a fingerprint's ":CD:" is not an emoji code
 err = Console(stderr=True, emoji=False)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+#: A token's environment.
+Environment = Literal["live", "test"]
+#: The formats of ``--output`` (cli/output.py).
+OutputFormat = Literal["json", "env", "dotenv", "github"]
 DataDir = Annotated[
     Path,
     typer.Option(
         "--data-dir", envvar="TOKENWARD_DATA_DIR", help="Data folder (SQLite database, server key)."
     ),
 ]
+
+
+def duration(value: str) -> str:
+    """A duration such as ``90d``, ``12h``, ``1h30m`` (a bad one is a bad option: exit 2)."""
+    from tokenward.tokens.durations import DurationError, parse_duration
+
+    if value is None:
+        return value
+    try:
+        parse_duration(value)
+    except DurationError as exc:
+        raise typer.BadParameter(f"{value!r}: {exc}") from None
+    return value
+
+
+def grace(value: str) -> str:
+    """A duration, or ``0`` for none."""
+    return value if value in ("0", "0s") else duration(value)
+
+
+def project_name(value: str) -> str:
+    """A project name as the server takes it, said in words when it is not one (exit 2)."""
+    from tokenward.api.schemas import PATTERN_WORDS, PROJECT_NAME
+
+    if not re.fullmatch(PROJECT_NAME, value):
+        raise typer.BadParameter(
+            f"{value!r} is not a project name: use {PATTERN_WORDS[PROJECT_NAME]}"
+        )
+    return value
 
 
 def fail(message: str, code: int = 1, *, as_json: bool = False, error: str = "error") -> NoReturn:
@@ -172,9 +282,20 @@ def client(as_json: bool = False) -> AdminClient:
             error="bad_credential",
         )
     url = os.environ.get("TOKENWARD_URL", "http://127.0.0.1:8080")
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme not in ("http", "https"):
+        rest = url.split("://")[-1]
+        loopback = rest.startswith(("127.", "localhost", "[::1]"))
+        fail(
+            f"TOKENWARD_URL={url!r} has no http:// or https:// scheme: write it as "
+            f"{('http://' if loopback else 'https://') + rest!r}",
+            2,
+            as_json=as_json,
+            error="bad_url",
+        )
     ca = os.environ.get("TOKENWARD_CA_CERT")
     try:
-        return AdminClient(url, token, verify=ca or True)
+        return AdminClient(url, token, verify=ca or True, user_agent="tokenward-cli")
     except (OSError, ssl.SSLError):
         fail(
             f"cannot read the CA certificate TOKENWARD_CA_CERT={ca}",
@@ -190,12 +311,20 @@ def call(as_json: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except AdminAPIError as exc:
-        fail(exc.message, 1, as_json=as_json, error=exc.code)
+        message = exc.message
+        if exc.status == 401:  # the credential is at fault, and there is only one
+            message = (
+                f"the server refused TOKENWARD_ADMIN_TOKEN ({exc.message}): set it to an "
+                "admin token of this server (tokenward init printed the first one)"
+            )
+        fail(message, 1, as_json=as_json, error=exc.code)
     except TokenSecretAsId as exc:
         fail(str(exc), 2, as_json=as_json, error=exc.code)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # connection refused, TLS, timeout
+        url = os.environ.get("TOKENWARD_URL", "http://127.0.0.1:8080")
         fail(
-            f"cannot reach the server: {type(exc).__name__}",
+            f"cannot reach the server at TOKENWARD_URL={url}: {type(exc).__name__}"
+            + (f" ({one_line(exc)})" if str(exc) else ""),
             3,
             as_json=as_json,
             error="connection_failed",

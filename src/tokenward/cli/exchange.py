@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from tokenward.cli.common import (
     JsonOpt,
+    OutputFormat,
     call,
     client,
     emit_json,
@@ -20,16 +21,12 @@ from tokenward.cli.common import (
     out,
 )
 from tokenward.cli.tokens import token_app
-from tokenward.client.oauth import exchange_token, github_actions_identity
-from tokenward.client.output import FORMATS
 from tokenward.tokens.durations import DurationError, parse_duration
+from tokenward_client.oauth import exchange_token, github_actions_identity
 
 OutputOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--output",
-        help=f"Write the token for machines: {', '.join(FORMATS)} (github: to GITHUB_ENV, masked).",
-    ),
+    OutputFormat | None,
+    typer.Option("--output", help="Write the token for machines (github: to GITHUB_ENV, masked)."),
 ]
 EnvNameOpt = Annotated[
     str, typer.Option("--env-name", help="Variable name for env, dotenv and github output.")
@@ -75,11 +72,16 @@ def token_exchange(
     ] = None,
     output: OutputOpt = None,
     env_name: EnvNameOpt = "TOKENWARD_TOKEN",
+    json_flag: JsonOpt = False,
 ) -> None:
-    """Exchange an API key (TOKENWARD_API_KEY) or a CI identity for a short-lived token."""
+    """Exchange an API key (TOKENWARD_API_KEY) or a CI identity for a short-lived token.
+
+    --json is --output json: the token endpoint's answer as it is.
+    """
+    if json_flag and output not in (None, "json"):
+        fail("--json is --output json: give one of them", 2, as_json=True)
+    output = "json" if json_flag else output
     as_json = output == "json"
-    if output is not None and output not in FORMATS:
-        fail(f"--output must be one of {', '.join(FORMATS)}", 2)
     identity: str | None = None
     if github_oidc:
         try:

@@ -22,10 +22,7 @@ from tokenward.cli.common import (
     parse_meta,
 )
 
-identity_app = typer.Typer(
-    help="Identities (owners of tokens): create, list, show, update, delete.",
-    no_args_is_help=True,
-)
+identity_app = typer.Typer(help="Identities (owners of tokens).", no_args_is_help=True)
 
 ProjectOpt = Annotated[str, typer.Option(help="Project name.")]
 ExternalIdArg = Annotated[str, typer.Argument(help="The project's own id for it: user_123.")]

@@ -9,13 +9,27 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from tokenward.cli.common import JsonOpt, add_row, call, client, emit_json, fail, id_column, out
+from tokenward.cli.common import (
+    JsonOpt,
+    add_row,
+    call,
+    client,
+    duration,
+    emit_json,
+    fail,
+    id_column,
+    out,
+    project_name,
+)
 
 project_app = typer.Typer(help="Projects (one per app).", no_args_is_help=True)
 
 
 @project_app.command("create")
-def project_create(name: str, as_json: JsonOpt = False) -> None:
+def project_create(
+    name: Annotated[str, typer.Argument(parser=project_name, metavar="NAME")],
+    as_json: JsonOpt = False,
+) -> None:
     """Create a project."""
     with client(as_json) as c:
         project = call(as_json, c.create_project, name)
@@ -69,9 +83,15 @@ def project_allow_ip(
 @project_app.command("policy")
 def project_policy(
     name: str,
-    max_lifetime: Annotated[str | None, typer.Option(help="No token may live longer: 90d.")] = None,
+    max_lifetime: Annotated[
+        str | None,
+        typer.Option(help="No token may live longer: 90d.", parser=duration, metavar="DURATION"),
+    ] = None,
     access_ttl: Annotated[
-        str | None, typer.Option(help="Longest access token from /v1/token: 15m.")
+        str | None,
+        typer.Option(
+            help="Longest access token from /v1/token: 15m.", parser=duration, metavar="DURATION"
+        ),
     ] = None,
     require_dpop: Annotated[
         bool | None, typer.Option("--require-dpop/--no-require-dpop", help="DPoP-bound only.")

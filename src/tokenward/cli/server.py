@@ -21,7 +21,7 @@ from tokenward.cli.common import DataDir, JsonOpt, emit_json, expected_error, fa
 def init(
     data_dir: DataDir = Path(".tokenward"),
     reset: Annotated[
-        bool, typer.Option(help="Revoke the bootstrap admin token, issue a new one.")
+        bool, typer.Option("--reset", help="Revoke the bootstrap admin token, issue a new one.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -118,7 +118,9 @@ def _show_admin_token(secret: str, token_id: str, *, reset: bool = False) -> Non
     )
 
 
-Port = Annotated[int, typer.Option(envvar="TOKENWARD_PORT")]
+Port = Annotated[
+    int, typer.Option(envvar="TOKENWARD_PORT", help="Port of the API (0: any free port).")
+]
 GatewayPort = Annotated[
     int,
     typer.Option(envvar="TOKENWARD_GATEWAY_PORT", help="Port of the gateway."),
@@ -127,14 +129,23 @@ GatewayPort = Annotated[
 
 def serve(
     data_dir: DataDir = Path(".tokenward"),
-    host: Annotated[str, typer.Option(envvar="TOKENWARD_HOST")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            envvar="TOKENWARD_HOST",
+            help="Address to listen on (plain HTTP only on loopback: see --tls-*).",
+        ),
+    ] = "127.0.0.1",
     port: Port = 8080,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate for HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for HTTPS.")] = None,
-    tls_self_signed: Annotated[bool, typer.Option(help="Make a development certificate.")] = False,
+    tls_self_signed: Annotated[
+        bool, typer.Option("--tls-self-signed", help="Make a development certificate.")
+    ] = False,
     allow_insecure_http: Annotated[
         bool,
         typer.Option(
+            "--allow-insecure-http",
             envvar="TOKENWARD_ALLOW_INSECURE_HTTP",
             help="Plain HTTP on a non-loopback address (only behind a TLS proxy).",
         ),

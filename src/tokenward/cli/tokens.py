@@ -9,28 +9,40 @@ from rich.table import Table
 from rich.text import Text
 
 from tokenward.cli.common import (
+    Environment,
     JsonOpt,
+    OutputFormat,
     add_row,
     call,
     client,
     emit_json,
     emit_record,
     emit_token,
+    err,
     id_column,
     out,
     parse_meta,
     show_secret,
 )
+from tokenward.cli.common import duration as parse_ttl
+from tokenward.cli.common import grace as parse_grace
 
-token_app = typer.Typer(help="Tokens: create, list, show, revoke, rotate.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 
 
 @token_app.command("create")
 def token_create(
     project: Annotated[str, typer.Option(help="Project name.")],
     scope: Annotated[list[str], typer.Option("--scope", help="resource:action (repeatable).")],
-    env: Annotated[str, typer.Option("--env", help="live or test.")] = "live",
-    ttl: Annotated[str | None, typer.Option(help="Lifetime: 90d, 12h, 15m.")] = None,
+    env: Annotated[Environment, typer.Option("--env", help="Environment.")] = "live",
+    ttl: Annotated[
+        str | None,
+        typer.Option(
+            help="Lifetime: 90d, 12h, 15m (none: it never expires).",
+            parser=parse_ttl,
+            metavar="DURATION",
+        ),
+    ] = None,
     not_before: Annotated[str | None, typer.Option(help="ISO 8601 time it starts to work.")] = None,
     ip: Annotated[list[str] | None, typer.Option("--ip", help="Allowed CIDR (repeatable).")] = None,
     rate: Annotated[
@@ -54,9 +66,20 @@ def token_create(
     refill_day: Annotated[
         int | None, typer.Option(help="Day of the month of a monthly refill (1-31).")
     ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Refuse a scope no route policy and no token of the project uses."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a token; its secret is printed once."""
+    """Create a token; its secret is printed once.
+
+    A scope that no route policy, no built-in scope and no other token of the project uses
+    (a typo such as records-read or records:reed?) is warned about; --strict refuses it.
+    A token without --ttl never expires: that is warned about too.
+    """
     with client(as_json) as c:
         body = call(
             as_json,
@@ -75,11 +98,14 @@ def token_create(
             identity=identity,
             refill=refill,
             refill_day=refill_day,
+            strict=strict or None,
         )
     if as_json:
         emit_json(body)
-    else:
-        show_secret(body, "new token")
+        return
+    show_secret(body, "new token")
+    for notice in body.get("warnings", []):
+        err.print(Text(f"warning: {notice['message']}"), highlight=False, soft_wrap=True)
 
 
 def _token_table(items: list[dict[str, Any]]) -> Table:
@@ -146,11 +172,18 @@ def token_revoke(
 @token_app.command("rotate")
 def token_rotate(
     token_id: str,
-    grace: Annotated[str, typer.Option(help="How long the old token keeps working.")] = "1h",
+    grace: Annotated[
+        str,
+        typer.Option(
+            help="How long the old token keeps working (0: none).",
+            parser=parse_grace,
+            metavar="DURATION",
+        ),
+    ] = "1h",
     as_json: JsonOpt = False,
     output: Annotated[
-        str | None,
-        typer.Option("--output", help="json, env, dotenv or github (to GITHUB_ENV, masked)."),
+        OutputFormat | None,
+        typer.Option("--output", help="For machines (github: to GITHUB_ENV, masked)."),
     ] = None,
     env_name: Annotated[str, typer.Option("--env-name", help="Variable name.")] = "TOKENWARD_TOKEN",
 ) -> None:

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tokenward.cli.common import (
+    Environment,
     JsonOpt,
     add_row,
     call,
@@ -34,7 +35,7 @@ def trust_add(
         list[str], typer.Option("--claim", help="Required claim: repository=acme/shop (glob).")
     ],
     scope: Annotated[list[str], typer.Option("--scope", help="Scope granted (repeatable).")],
-    env: Annotated[str, typer.Option("--env", help="live or test.")] = "live",
+    env: Annotated[Environment, typer.Option("--env", help="Environment of the tokens.")] = "live",
     max_ttl: Annotated[str, typer.Option(help="Longest access token.")] = "15m",
     refresh_ttl: Annotated[str | None, typer.Option(help="Issue refresh tokens: 1h.")] = None,
     principal_claim: Annotated[str, typer.Option(help="Claim naming the principal.")] = "sub",

@@ -11,28 +11,18 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from tokenward.cli.common import DataDir, JsonOpt, fail, out
 from tokenward.errors import TokenwardError
 
-user_app = typer.Typer(help="Dashboard users: add, list, remove, reset-mfa.", no_args_is_help=True)
-out = Console(emoji=False)  # logins and messages are data: never emoji codes or markup
-err = Console(stderr=True, emoji=False)
+user_app = typer.Typer(help="Dashboard users.", no_args_is_help=True)
 T = TypeVar("T")
-
-DataDir = Annotated[
-    Path,
-    typer.Option(
-        "--data-dir", envvar="TOKENWARD_DATA_DIR", help="Data folder (SQLite database, server key)."
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
 
 def _run(data_dir: Path, as_json: bool, action: Callable[[Any], Awaitable[T]]) -> T:
@@ -54,17 +44,9 @@ def _run(data_dir: Path, as_json: bool, action: Callable[[Any], Awaitable[T]]) -
     try:
         return asyncio.run(main())
     except TokenwardError as exc:
-        _fail(exc.code, exc.message, as_json)
+        fail(exc.message, 1, as_json=as_json, error=exc.code)
     except FileNotFoundError as exc:
-        _fail("not_initialized", str(exc), as_json)
-
-
-def _fail(code: str, message: str, as_json: bool) -> NoReturn:
-    if as_json:
-        print(json.dumps({"error": code, "message": message}))
-    else:
-        err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+        fail(str(exc), 1, as_json=as_json, error="not_initialized")
 
 
 def _user_dict(user: Any, names: dict[str, str]) -> dict[str, Any]:
@@ -101,7 +83,7 @@ async def _names(accounts: Any) -> dict[str, str]:
 @user_app.command("add")
 def add(
     login: str,
-    role: Annotated[str, typer.Option(help="owner, admin or viewer.")] = "viewer",
+    role: Annotated[Literal["owner", "admin", "viewer"], typer.Option(help="Role.")] = "viewer",
     project: Annotated[
         list[str] | None, typer.Option("--project", help="Project it may see (repeatable).")
     ] = None,
@@ -109,8 +91,6 @@ def add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add a user; prints a generated password once (MFA is set up at first sign-in)."""
-    if role not in ("owner", "admin", "viewer"):
-        _fail("invalid_role", "role is owner, admin or viewer", as_json)
 
     async def action(accounts: Any) -> tuple[dict[str, Any], str]:
         ids = await _project_ids(accounts, project or [])

@@ -155,6 +155,17 @@ class Policy:
                 )
         self._index = index
 
+    def scopes(self) -> list[str]:
+        """Every scope the policy asks for (a path's ``{name}`` as ``*``), in file order."""
+        found = [_PARAM.sub("*", route.scope) for route in self.routes]
+        found += [f"mcp:{route.mcp}:*" for route in self.routes if route.mcp is not None]
+        for listener in self.postgres:
+            found += [
+                listener.read_scope,
+                *([listener.write_scope] if listener.write_scope else []),
+            ]
+        return list(dict.fromkeys(found))
+
     def match(self, method: str, path: str, *, proxied: bool = False) -> Match | None:
         """The first route for ``method`` and the canonical ``path``, with its scope.
 

@@ -4,10 +4,10 @@
 * :mod:`.identity`  — workload identity: OIDC ID tokens from CI checked against trust policies
 * :mod:`.dpop`      — RFC 9449 sender-constrained tokens (proof checking, replay cache)
 * :mod:`.policy`    — per-project policy (lifetime cap, access-token lifetime, DPoP required)
-* :mod:`.rotation`  — the automatic rotation scheduler and expiry warnings
 * :mod:`.webhooks`  — HMAC-signed webhook delivery
 * :mod:`.store`     — the tables and queries behind all of the above
 
+Automatic rotation is :mod:`tokenward.rotation`; :mod:`tokenward.sessions` builds the services.
 This package's ``__init__`` imports nothing, so the verifier can use :mod:`.dpop` without
 pulling in the rest.
 """

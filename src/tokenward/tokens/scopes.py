@@ -87,6 +87,37 @@ def is_narrower(requested: Iterable[str], granted: Iterable[str]) -> bool:
     return all(_any_covers(held, r) for r in requested)
 
 
+def unknown_scopes(
+    requested: Iterable[str], known: Iterable[str], builtin: Iterable[str] = ()
+) -> list[tuple[str, str | None]]:
+    """The requested scopes that look like typos: ``(scope, closest known scope or None)``.
+
+    A scope is known when it and a known (or ``builtin``) scope cover one another in either
+    direction (a route's ``records:read`` makes ``records:*`` known, a token's
+    ``functions:invoke:*`` makes ``functions:invoke:resize`` known). One
+    without a ``:`` is never known (scopes are ``resource:action``) unless it is ``*`` or a
+    known name. With nothing ``known`` (a new project, no route policy) only that rule and
+    the built-in scopes apply: any ``resource:action`` may be the first of its kind.
+    """
+    import difflib
+
+    learned = list(dict.fromkeys(known))
+    held = list(dict.fromkeys([*learned, *builtin]))
+    found: list[tuple[str, str | None]] = []
+    for scope in requested:
+        if scope in held or scope == WILDCARD:
+            continue
+        if any(scope_covers(scope, k) or scope_covers(k, scope) for k in held):
+            continue
+        if ":" in scope and not learned:
+            continue
+        close = difflib.get_close_matches(scope, held, n=1, cutoff=0.75)
+        if not close and ":" not in scope:
+            close = difflib.get_close_matches(scope.replace("-", ":"), held, n=1, cutoff=0.75)
+        found.append((scope, close[0] if close else None))
+    return found
+
+
 class ScopeSet:
     """A container whose ``in`` honours wildcards, so Starlette's ``@requires`` works."""
 

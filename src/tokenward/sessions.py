@@ -1,4 +1,5 @@
-"""Builds this package's services from the settings and the core services."""
+"""Builds the short-lived-token services (:mod:`tokenward.oauth`) and the rotation scheduler
+(:mod:`tokenward.rotation`) from the settings and the core services."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from tokenward.oauth.dpop import DPoPChecker, RedisReplayCache
 from tokenward.oauth.exchange import Lifetimes, TokenExchange
 from tokenward.oauth.identity import IdentityVerifier
 from tokenward.oauth.policy import PolicyStore
-from tokenward.oauth.rotation import RotationScheduler
 from tokenward.oauth.store import SessionStore
 from tokenward.oauth.webhooks import SecretBox, WebhookSender
+from tokenward.rotation.scheduler import RotationScheduler
 from tokenward.service import TokenService
 
 

@@ -1,13 +1,15 @@
-"""One-shot calls to the token endpoint (the CLI's ``token exchange``)."""
+"""One-shot calls to the token endpoint (the CLI's ``token exchange``), and a CI job's identity."""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import cast
 
 import httpx
 
-from tokenward.client.admin import AdminAPIError
-from tokenward.client.auth import GRANT_EXCHANGE, TOKEN_PATH, TYPE_ACCESS, TYPE_ID_TOKEN
+from tokenward_client.admin import USER_AGENT, AdminAPIError, trust
+from tokenward_client.auth import GRANT_EXCHANGE, TOKEN_PATH, TYPE_ACCESS, TYPE_ID_TOKEN
+from tokenward_client.models import TokenResponse
 
 
 def exchange_token(
@@ -20,7 +22,8 @@ def exchange_token(
     audience: str | None = None,
     verify: bool | str = True,
     timeout: float = 10.0,
-) -> dict[str, Any]:
+    user_agent: str = USER_AGENT,
+) -> TokenResponse:
     """Exchange an API key (or, with ``identity``, a CI identity token) for an access token."""
     form = {
         "grant_type": GRANT_EXCHANGE,
@@ -36,9 +39,9 @@ def exchange_token(
     response = httpx.post(
         url.rstrip("/") + TOKEN_PATH,
         data=form,
-        verify=verify,
+        verify=trust(verify),
         timeout=timeout,
-        headers={"User-Agent": "tokenward-cli"},
+        headers={"User-Agent": user_agent},
     )
     try:
         body = response.json()
@@ -50,13 +53,11 @@ def exchange_token(
             str(body.get("error", "http_error")),
             str(body.get("message", f"HTTP {response.status_code}")),
         )
-    return dict(body)
+    return cast(TokenResponse, body)
 
 
 def github_actions_identity(audience: str, environ: dict[str, str] | None = None) -> str:
     """The OIDC ID token of the running GitHub Actions job (needs ``id-token: write``)."""
-    import os
-
     env = environ if environ is not None else dict(os.environ)
     url = env.get("ACTIONS_ID_TOKEN_REQUEST_URL")
     bearer = env.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN")

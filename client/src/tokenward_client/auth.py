@@ -3,7 +3,7 @@
 ::
 
     import httpx
-    from tokenward.client import TokenwardAuth
+    from tokenward_client import TokenwardAuth
 
     auth = TokenwardAuth("https://tokens.example.com", api_key=os.environ["TOKENWARD_API_KEY"],
                          scope=["records:read"], dpop=True)
@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from tokenward.oauth.dpop import make_proof
+from tokenward_client.dpop import make_proof, new_key
 
 TOKEN_PATH = "/v1/token"  # noqa: S105 - a path
 GRANT_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -91,9 +91,7 @@ class TokenwardAuth(httpx.Auth):
                 "(and audience= to pick one of its trust policies)"
             )
         if dpop is True:
-            from joserfc.jwk import ECKey
-
-            dpop = ECKey.generate_key("P-256")
+            dpop = new_key()
         self.dpop_key: Any = dpop or None
         self.refresh_margin = refresh_margin
         self.clock = clock

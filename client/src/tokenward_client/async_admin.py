@@ -1,0 +1,220 @@
+"""The admin API client for asyncio: the same methods as :class:`~.admin.AdminClient`,
+awaited (a test holds the two to the same names and parameters)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
+
+import httpx
+
+from tokenward_client.admin import USER_AGENT, answer, given, refuse_secrets, token_body, trust
+from tokenward_client.models import (
+    Alert,
+    AlertPage,
+    AuditPage,
+    IssuedToken,
+    Project,
+    ProjectPolicy,
+    RotatedToken,
+    Rotation,
+    Token,
+    TrustPolicy,
+    VerifyResult,
+)
+
+
+class AsyncAdminClient:
+    """``async with AsyncAdminClient(url, admin_token) as admin: await admin.list_projects()``."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        verify: bool | str = True,
+        timeout: float = 10.0,
+        user_agent: str = USER_AGENT,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}", "User-Agent": user_agent},
+            verify=trust(verify),
+            timeout=timeout,
+        )
+
+    async def __aenter__(self) -> AsyncAdminClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send one request; ids and names in ``path`` or ``params`` must not be secrets."""
+        refuse_secrets(path, kwargs.get("params"))
+        return answer(await self._http.request(method, path, **kwargs))
+
+    # -- projects
+    async def create_project(self, name: str) -> Project:
+        return cast(Project, await self.request("POST", "/v1/projects", json={"name": name}))
+
+    async def list_projects(self) -> list[Project]:
+        return cast(list[Project], (await self.request("GET", "/v1/projects"))["projects"])
+
+    async def update_project(self, name: str, ip_allowlist: list[str]) -> Project:
+        body = {"ip_allowlist": ip_allowlist}
+        return cast(Project, await self.request("PATCH", f"/v1/projects/{name}", json=body))
+
+    # -- identities (owners of tokens)
+    async def create_identity(
+        self, project: str, external_id: str, **fields: Any
+    ) -> dict[str, Any]:
+        body = {"external_id": external_id, **given(fields)}
+        path = f"/v1/projects/{project}/identities"
+        return dict(await self.request("POST", path, json=body))
+
+    async def list_identities(self, project: str, limit: int = 1000) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        items: list[dict[str, Any]] = []
+        while True:
+            page = await self.request("GET", f"/v1/projects/{project}/identities", params=params)
+            items.extend(page["identities"])
+            if not page.get("next"):
+                return items
+            params["after"] = page["next"]
+
+    async def get_identity(self, project: str, external_id: str) -> dict[str, Any]:
+        path = f"/v1/projects/{project}/identities/{external_id}"
+        return dict(await self.request("GET", path))
+
+    async def update_identity(
+        self, project: str, external_id: str, **fields: Any
+    ) -> dict[str, Any]:
+        path = f"/v1/projects/{project}/identities/{external_id}"
+        return dict(await self.request("PATCH", path, json=given(fields)))
+
+    async def delete_identity(self, project: str, external_id: str) -> dict[str, Any]:
+        path = f"/v1/projects/{project}/identities/{external_id}"
+        return dict(await self.request("DELETE", path, params={"confirm": "true"}))
+
+    # -- tokens
+    async def create_token(
+        self,
+        project: str | None = None,
+        scopes: Sequence[str] = (),
+        *,
+        environment: str | None = None,
+        name: str | None = None,
+        principal: str | None = None,
+        ttl: str | None = None,
+        expires_at: str | None = None,
+        not_before: str | None = None,
+        ip_allowlist: Sequence[str] | None = None,
+        rate_limit: str | None = None,
+        uses: int | None = None,
+        metadata: dict[str, str] | None = None,
+        strict: bool | None = None,
+        **more: Any,
+    ) -> IssuedToken:
+        body = token_body(
+            project, scopes, environment, name, principal, ttl, expires_at, not_before,
+            ip_allowlist, rate_limit, uses, metadata, strict, more,
+        )  # fmt: skip
+        return cast(IssuedToken, await self.request("POST", "/v1/tokens", json=body))
+
+    async def list_tokens(
+        self,
+        project: str | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+        identity: str | None = None,
+    ) -> list[Token]:
+        params: dict[str, Any] = given(
+            {"limit": limit, "project": project, "state": state, "identity": identity}
+        )
+        items: list[Token] = []
+        while True:
+            page = await self.request("GET", "/v1/tokens", params=params)
+            items.extend(page["tokens"])
+            if not page.get("next"):
+                return items
+            params["after"] = page["next"]
+
+    async def get_token(self, token_id: str) -> Token:
+        return cast(Token, await self.request("GET", f"/v1/tokens/{token_id}"))
+
+    async def revoke_token(self, token_id: str, reason: str = "") -> Token:
+        path = f"/v1/tokens/{token_id}/revoke"
+        return cast(Token, await self.request("POST", path, json={"reason": reason}))
+
+    async def rotate_token(self, token_id: str, grace: str = "1h") -> RotatedToken:
+        path = f"/v1/tokens/{token_id}/rotate"
+        return cast(RotatedToken, await self.request("POST", path, json={"grace": grace}))
+
+    async def quarantine_token(self, token_id: str, reason: str) -> Token:
+        path = f"/v1/tokens/{token_id}/quarantine"
+        return cast(Token, await self.request("POST", path, json={"reason": reason}))
+
+    async def release_token(self, token_id: str, note: str = "") -> Token:
+        path = f"/v1/tokens/{token_id}/release"
+        return cast(Token, await self.request("POST", path, json={"note": note}))
+
+    # -- short-lived tokens: trust policies, project policy, automatic rotation
+    async def add_trust_policy(self, project: str, **fields: Any) -> TrustPolicy:
+        path = f"/v1/projects/{project}/trust-policies"
+        return cast(TrustPolicy, await self.request("POST", path, json=given(fields)))
+
+    async def list_trust_policies(self, project: str | None = None) -> list[TrustPolicy]:
+        params = {"project": project} if project else {}
+        page = await self.request("GET", "/v1/trust-policies", params=params)
+        return cast(list[TrustPolicy], page["trust_policies"])
+
+    async def remove_trust_policy(self, project: str, name: str) -> None:
+        await self.request("DELETE", f"/v1/projects/{project}/trust-policies/{name}")
+
+    async def get_policy(self, project: str) -> ProjectPolicy:
+        return cast(ProjectPolicy, await self.request("GET", f"/v1/projects/{project}/policy"))
+
+    async def set_policy(self, project: str, **fields: Any) -> ProjectPolicy:
+        path = f"/v1/projects/{project}/policy"
+        return cast(ProjectPolicy, await self.request("PUT", path, json=fields))
+
+    async def set_rotation(self, token_id: str, **fields: Any) -> Rotation:
+        path = f"/v1/tokens/{token_id}/rotation"
+        return cast(Rotation, await self.request("PUT", path, json=given(fields)))
+
+    async def verify(
+        self, token: str, scope: str | None = None, ip: str | None = None, cost: int | None = None
+    ) -> VerifyResult:
+        body: dict[str, Any] = {"token": token, "scope": scope, "ip": ip}
+        if cost is not None:
+            body["cost"] = cost
+        return cast(VerifyResult, await self.request("POST", "/v1/verify", json=body))
+
+    # -- audit and alerts
+    async def audit_page(self, **params: Any) -> AuditPage:
+        return cast(AuditPage, await self.request("GET", "/v1/audit", params=given(params)))
+
+    async def audit_export(self, **params: Any) -> AsyncIterator[str]:
+        """Stream ``GET /v1/audit/export`` line by line (JSON lines)."""
+        query = given(params)
+        refuse_secrets("/v1/audit/export", query)
+        async with self._http.stream("GET", "/v1/audit/export", params=query) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                answer(response)
+            async for line in response.aiter_lines():
+                yield line
+
+    async def alerts_page(self, **params: Any) -> AlertPage:
+        return cast(AlertPage, await self.request("GET", "/v1/alerts", params=given(params)))
+
+    async def get_alert(self, alert_id: str) -> Alert:
+        return cast(Alert, await self.request("GET", f"/v1/alerts/{alert_id}"))
+
+    async def ack_alert(self, alert_id: str, note: str = "") -> Alert:
+        path = f"/v1/alerts/{alert_id}/ack"
+        return cast(Alert, await self.request("POST", path, json={"note": note}))

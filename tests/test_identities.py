@@ -205,6 +205,7 @@ async def test_the_identity_limit_holds_across_two_replicas_sharing_redis(settin
     prefix = f"tw-identity-{secrets.token_hex(4)}:"
     shared = settings.model_copy(update={"redis_url": REDIS_URL, "redis_prefix": prefix})
     async with two_replicas(shared) as (a, b):
+        a.verifier.store_timeout = b.verifier.store_timeout = 60.0  # exactness, not speed
         admin = issue_bootstrap_record(a.hasher, a.verifier.clock())
         await a.store.insert_token(admin.record, a.hasher.hash(admin.secret))
         three = await _three_tokens(a, admin, "7/minute")
@@ -229,6 +230,7 @@ async def test_the_identity_limit_holds_across_two_replicas_sharing_redis(settin
 async def test_deleting_an_identity_revokes_on_the_other_replica(settings):
     shared = settings.model_copy(update={"redis_url": REDIS_URL, "cache_ttl": 300.0})
     async with two_replicas(shared) as (a, b):
+        a.verifier.store_timeout = b.verifier.store_timeout = 60.0  # exactness, not speed
         admin = issue_bootstrap_record(a.hasher, a.verifier.clock())
         await a.store.insert_token(admin.record, a.hasher.hash(admin.secret))
         three = await _three_tokens(a, admin, "")

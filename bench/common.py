@@ -211,9 +211,12 @@ def tokenward(
     cpus: frozenset[int] | None = None,
     audit: bool = True,
     admin_out: list[str] | None = None,
+    source: Path | None = None,
 ) -> Iterator[tuple[str, int]]:
     """A tokenward bench server (see serve.py) in a child process; yields a valid token
-    (and appends the admin credential to ``admin_out``). ``audit=False``: see serve.py."""
+    (and appends the admin credential to ``admin_out``). ``audit=False``: see serve.py.
+    ``source``: another checkout's ``src`` folder to run instead of this one (a baseline
+    measured in the same run, e.g. ``git archive`` of an older commit)."""
     with tempfile.TemporaryDirectory() as tmp:
         token_file = Path(tmp) / "token"
         args = [sys.executable, str(ROOT / "bench" / "serve.py"), mode, str(port), str(token_file)]
@@ -224,6 +227,8 @@ def tokenward(
             env["BENCH_AUDIT"] = "off"
         if rate:
             env["BENCH_RATE"] = rate
+        if source is not None:
+            env["PYTHONPATH"] = str(source)
         if redis:
             env["TOKENWARD_REDIS_URL"] = os.environ.get(
                 "BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"

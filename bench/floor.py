@@ -14,6 +14,10 @@ The same run measures tokenward (the bench server of serve.py, SQLite, durable a
 on the same core, rounds interleaved A B A B, and prints CPU µs per request (the steadiest
 figure on a busy machine) and the ratios the targets are stated in.
 
+``--baseline SRC`` also runs the tokenward whose ``src`` folder is SRC (e.g. an older commit,
+``git archive COMMIT src | tar -x -C DIR``) on the same core, interleaved with the others: a
+before and after from one run.
+
 ``python bench/floor.py serve PORT DB``: the floor server alone.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
@@ -173,7 +178,7 @@ def serve(port: int, db_path: str, token_file: Path) -> None:
     uvloop.run(uvicorn.Server(config).serve())
 
 
-def compare(rounds: int) -> None:
+def compare(rounds: int, baseline: Path | None = None) -> None:
     from common import (
         LOAD_CPUS,
         ROOT,
@@ -207,12 +212,19 @@ def compare(rounds: int) -> None:
         admin: list[str] = []
         tw_port = free_port()
         policy = write_policy(tmp, free_port())  # /authz decides the route /records/{rest}
+        base_port = free_port()
+        base = contextlib.nullcontext(("", 0))
+        if baseline is not None:
+            base = tokenward(  # type: ignore[assignment]
+                "api", base_port, policy, cpus=SERVER_CPUS, admin_out=admin, source=baseline
+            )
         with (
             process(args, floor_port, cpus=SERVER_CPUS) as floor_pid,
             tokenward("api", tw_port, policy, cpus=SERVER_CPUS, admin_out=admin) as (
                 token,
                 tw_pid,
             ),
+            base as (base_token, base_pid),
         ):
             floor_token = token_file.read_text()
             floor_caller = token_file.with_suffix(".admin").read_text()
@@ -228,7 +240,32 @@ def compare(rounds: int) -> None:
             }
             wrk("warm-up", f"{floor}/v1/verify", cpus=LOAD_CPUS, script=floor_verify)
             wrk("warm-up", f"{tw}/v1/verify", cpus=LOAD_CPUS, script=tw_verify)
+            old = f"http://127.0.0.1:{base_port}"
+            if base_pid:
+                base_verify = write_verify_script(Path(tmp) / "b.lua", base_token, admin[1])
+                wrk("warm-up", f"{old}/v1/verify", cpus=LOAD_CPUS, script=base_verify)
+                base_authz = {**tw_authz, "Authorization": f"Bearer {base_token}"}
             for _ in range(rounds):
+                if base_pid:
+                    keep(
+                        wrk(
+                            "baseline POST /v1/verify",
+                            f"{old}/v1/verify",
+                            None,
+                            [base_pid],
+                            cpus=LOAD_CPUS,
+                            script=base_verify,
+                        )
+                    )
+                    keep(
+                        wrk(
+                            "baseline /authz",
+                            f"{old}/authz",
+                            base_authz,
+                            [base_pid],
+                            cpus=LOAD_CPUS,
+                        )
+                    )
                 keep(wrk("bare ASGI", f"{floor}/bare", None, [floor_pid], cpus=LOAD_CPUS))
                 keep(
                     wrk(
@@ -270,6 +307,8 @@ def compare(rounds: int) -> None:
             f"  {kind:<16} tokenward / floor = {ours / floor_cpu:.2f}x (target <= 1.3x); "
             f"throughput vs bare ASGI = {bare / ours:.2f}x (target >= 0.33x)"
         )
+        if f"baseline {kind}" in results:
+            print(f"  {kind:<16} baseline / floor = {cpu(f'baseline {kind}') / floor_cpu:.2f}x")
     failed = [r for rs in results.values() for r in rs if r.non_2xx]
     if failed:
         print("non-2xx answers in:", ", ".join(sorted({r.name for r in failed})))
@@ -281,6 +320,8 @@ if __name__ == "__main__":
     else:
         parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
         parser.add_argument("--rounds", type=int, default=2)
+        parser.add_argument("--baseline", type=Path, help="another checkout's src folder")
+        parsed = parser.parse_args()
         os.chdir(Path(__file__).parent)
         sys.path.insert(0, str(Path(__file__).parent))
-        compare(parser.parse_args().rounds)
+        compare(parsed.rounds, parsed.baseline.resolve() if parsed.baseline else None)

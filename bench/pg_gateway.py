@@ -14,6 +14,11 @@ trust auth), each measured with ``pgbench -S`` (select-only) in ``-M prepared`` 
   on uvloop, as ``tokenward serve --config`` runs it.
 
 Target: tokenward >= 0.6x direct for ``-S -M prepared``. Numbers only; never a test.
+
+Also printed: the tokenward process's CPU µs per query (from /proc, over the run; the
+gateway is pinned to the first core when there are two or more). ``BENCH_BASELINE_SRC=DIR``
+runs a second gateway from another checkout's ``src`` (e.g. an older commit, from
+``git archive``) in the same run, for a before and after.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from common import free_port, wait_port
+from common import SERVER_CPUS, _pinned, cpu_seconds, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS = os.environ.get("BENCH_PG_SECONDS", "10")
@@ -87,7 +92,13 @@ def psql(database: str, sql: str) -> None:
     )
 
 
-def pgbench(port: int, database: str, mode: str, password: str | None = None) -> float:
+def pgbench(
+    port: int, database: str, mode: str, password: str | None = None, pid: int | None = None
+) -> float:
+    """Transactions per second; with ``pid``, also sets ``LAST_CPU_US``: that process's CPU
+    µs per transaction over the run."""
+    global LAST_CPU_US
+    before = cpu_seconds([pid]) if pid else 0.0
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["PGSSLMODE"] = "disable"
     if password is not None:
@@ -98,7 +109,13 @@ def pgbench(port: int, database: str, mode: str, password: str | None = None) ->
     found = re.search(r"tps = ([0-9.]+)", result.stdout)
     if result.returncode != 0 or found is None:
         raise RuntimeError(f"pgbench failed: {result.stdout}{result.stderr}")
+    done = re.search(r"number of transactions actually processed: (\d+)", result.stdout)
+    if pid and done is not None and int(done.group(1)):
+        LAST_CPU_US = (cpu_seconds([pid]) - before) * 1e6 / int(done.group(1))
     return float(found.group(1))
+
+
+LAST_CPU_US = 0.0
 
 
 @contextlib.contextmanager
@@ -133,7 +150,7 @@ def pgbouncer(tmp: Path, database: str) -> Iterator[int | None]:
 
 
 @contextlib.contextmanager
-def tokenward(tmp: Path, database: str) -> Iterator[tuple[int, str]]:
+def tokenward(tmp: Path, database: str, source: Path) -> Iterator[tuple[int, str, int]]:
     script, policy = tmp / "gateway.py", tmp / "tokenward.toml"
     script.write_text(GATEWAY)
     policy.write_text(
@@ -144,9 +161,11 @@ def tokenward(tmp: Path, database: str) -> Iterator[tuple[int, str]]:
     data = tmp / "data"
     data.mkdir()
     port_file, token_file = tmp / "port", tmp / "token"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(source)}
     args = [sys.executable, str(script), str(data), str(port_file), str(token_file), str(policy)]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, preexec_fn=_pinned(SERVER_CPUS)
+    )
     try:
         for _ in range(600):
             if port_file.exists() and port_file.read_text():
@@ -154,7 +173,7 @@ def tokenward(tmp: Path, database: str) -> Iterator[tuple[int, str]]:
             if proc.poll() is not None:
                 raise RuntimeError("the tokenward gateway did not start")
             time.sleep(0.05)
-        yield int(port_file.read_text()), token_file.read_text()
+        yield int(port_file.read_text()), token_file.read_text(), proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -170,14 +189,22 @@ def main() -> None:
             capture_output=True,
         )
         results: dict[str, dict[str, float]] = {}
+        cpu: dict[str, dict[str, float]] = {}
+        baseline = os.environ.get("BENCH_BASELINE_SRC")
         with tempfile.TemporaryDirectory() as tmp_dir:
             tmp = Path(tmp_dir)
-            bouncer_dir, gateway_dir = tmp / "pgbouncer", tmp / "tokenward"
-            bouncer_dir.mkdir()
-            gateway_dir.mkdir()
+            bouncer_dir, gateway_dir, base_dir = tmp / "pgbouncer", tmp / "tokenward", tmp / "b"
+            for folder in (bouncer_dir, gateway_dir, base_dir):
+                folder.mkdir()
+            old = (
+                tokenward(base_dir, database, Path(baseline).resolve())
+                if baseline
+                else contextlib.nullcontext((0, "", 0))
+            )
             with (
                 pgbouncer(bouncer_dir, database) as bouncer,
-                tokenward(gateway_dir, database) as (gateway, token),
+                tokenward(gateway_dir, database, ROOT / "src") as (gateway, token, pid),
+                old as (base_port, base_token, base_pid),
             ):
                 for mode in ("prepared", "simple"):
                     pgbench(PORT, database, mode)  # warm-up: caches, plans
@@ -185,7 +212,11 @@ def main() -> None:
                     row["direct"] = pgbench(PORT, database, mode)
                     if bouncer is not None:
                         row["pgbouncer"] = pgbench(bouncer, database, mode)
-                    row["tokenward"] = pgbench(gateway, database, mode, token)
+                    if base_pid:
+                        row["baseline"] = pgbench(base_port, database, mode, base_token, base_pid)
+                        cpu.setdefault(mode, {})["baseline"] = LAST_CPU_US
+                    row["tokenward"] = pgbench(gateway, database, mode, token, pid)
+                    cpu.setdefault(mode, {})["tokenward"] = LAST_CPU_US
     finally:
         psql("postgres", f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     print(f"pgbench -S, {CLIENTS} clients, {SECONDS} s each, scale 10, {os.cpu_count()} cores")
@@ -197,7 +228,13 @@ def main() -> None:
         if "pgbouncer" in row:
             ratios += f"  pgbouncer/direct {row['pgbouncer'] / direct:.2f}x"
             ratios += f"  tokenward/pgbouncer {row['tokenward'] / row['pgbouncer']:.2f}x"
+        if "baseline" in row:
+            ratios += f"  baseline/direct {row['baseline'] / direct:.2f}x"
         print(ratios)
+        print(
+            "  CPU µs per query: "
+            + "  ".join(f"{name} {value:.0f}" for name, value in cpu.get(mode, {}).items())
+        )
     print("target: tokenward >= 0.6x direct for -S -M prepared")
 
 

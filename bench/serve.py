@@ -72,6 +72,7 @@ async def main(mode: str, port: int, token_file: Path) -> None:
     gc.set_threshold(10_000, 20, 20)
     if mode == "gateway":
         gateway = Gateway(services.enforcement)
+        gateway.metrics = services.metrics  # as serve runs it
         await gateway.start("127.0.0.1", port)
         try:
             await asyncio.Event().wait()  # until terminated

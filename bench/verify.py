@@ -5,7 +5,11 @@
 * floor: HMAC-SHA256 of the token + dict lookup + expiry and scope checks (what any verifier
   must at least do);
 * cache hit: `Verifier.verify` with the token's state cached;
-* cache miss on SQLite and on PostgreSQL (cache TTL 0: every call reads the store).
+* cache miss on SQLite and on PostgreSQL (cache TTL 0: every call reads the store);
+* cache miss on PostgreSQL with 32 verifications at once (as 32 client connections make
+  them): CPU µs per verification (this process's, all threads) and the PostgreSQL sessions
+  opened per 1,000 verifications at steady state (``pg_stat_database.sessions``). Targets:
+  <= 500 µs of CPU, no new session per request.
 
 PostgreSQL is the server named by TOKENWARD_BENCH_PG_URL (default: the local test server); a
 scratch database is created and dropped.
@@ -97,6 +101,10 @@ async def prepare(settings: Settings) -> tuple[Services, str]:
 
 
 async def pg_exec(statement: str) -> None:
+    await pg_value(statement)
+
+
+async def pg_value(statement: str) -> object:
     import asyncpg
 
     u = make_url(PG_URL)
@@ -104,13 +112,37 @@ async def pg_exec(statement: str) -> None:
         host=u.host, port=u.port or 5432, user=u.username, password=u.password, database=u.database
     )
     try:
-        await conn.execute(statement)
+        return await conn.fetchval(statement)
     finally:
         await conn.close()
 
 
+async def concurrent_misses(
+    db: str, n: int, verify: Callable[[], Awaitable[bool]], at_once: int = 32
+) -> tuple[float, float]:
+    """CPU µs per verification and sessions opened per 1,000, ``at_once`` in flight."""
+    sessions = f"SELECT sessions FROM pg_stat_database WHERE datname = '{db}'"
+
+    async def worker(count: int) -> None:
+        for _ in range(count):
+            assert await verify()
+
+    await asyncio.gather(*(worker(50) for _ in range(at_once)))  # warm: the pool fills
+    await asyncio.sleep(1.5)
+    opened = int(await pg_value(sessions))  # type: ignore[call-overload]
+    cpu = time.process_time()
+    await asyncio.gather(*(worker(n // at_once) for _ in range(at_once)))
+    cpu = time.process_time() - cpu
+    done = (n // at_once) * at_once
+    await asyncio.sleep(1.5)  # the server's statistics are flushed about once a second
+    opened = int(await pg_value(sessions)) - opened  # type: ignore[call-overload]
+    return cpu * 1e6 / done, opened * 1000 / done
+
+
 async def main(n: int) -> None:
     rows = [floor(n * 5)]
+    miss_cpu: float | None = None
+    miss_sessions = 0.0
     key = secrets.token_hex(32)
     with tempfile.TemporaryDirectory() as tmp:
         base = Settings(data_dir=Path(tmp), secret_key=key)
@@ -144,6 +176,9 @@ async def main(n: int) -> None:
                     lambda: _ok(verify(secret, scope="records:read")),
                 )
             )
+            miss_cpu, miss_sessions = await concurrent_misses(
+                db, n, lambda: _ok(verify(secret, scope="records:read"))
+            )
             await services.close()
         except OSError as exc:
             print(f"(PostgreSQL skipped: {exc})", file=sys.stderr)
@@ -156,6 +191,11 @@ async def main(n: int) -> None:
         print(
             f"{row['name']:34} {row['ops']:16,.0f} {row['p50']:8.1f} {row['p99']:8.1f} "
             f"{row['p50'] / rows[0]['p50']:8.1f}x"
+        )
+    if miss_cpu is not None:
+        print(
+            f"\ncache miss, PostgreSQL, 32 at once: {miss_cpu:.0f} CPU µs per verification"
+            f" (target <= 500), {miss_sessions:.1f} sessions opened per 1,000 (target 0)"
         )
     hit = rows[1]
     print(

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 
+from tokenward.anomaly.store import GLOBAL
 from tokenward.anomaly.webhooks import SIGNATURE_HEADER, verify_signature
 from tokenward.events import SecurityEvent
 from tokenward.tokens.format import generate_token
@@ -306,3 +307,48 @@ async def test_invalid_settings_are_refused(api):
         "error"
     ] == "invalid_cursor"
     assert (await api.post("/v1/tokens/tok_nope/quarantine")).status_code == 404
+
+
+async def test_allowed_decisions_made_at_once_are_each_observed(services, api):
+    """Allowed decisions are observed per batch (those of one turn of the event loop):
+    every one is counted, a new network among them makes one alert, and each answer waits
+    for its batch, so the alert is there as soon as the answers are."""
+    await configure(api, {"new_network": {"learning_seconds": 0}}, project="app")
+    token = await new_token(api)
+    now = services.verifier.clock()
+    services.verifier.clock = lambda: now  # one volume interval for all of them
+    assert (await verify(api, token["token"], ip="10.1.1.1"))["valid"]  # the first network
+    ips = ["10.1.1.2"] * 6 + ["192.0.2.9"] * 6
+    results = await asyncio.gather(*(verify(api, token["token"], ip=ip) for ip in ips))
+    assert all(r["valid"] for r in results)
+    [alert] = await alerts(api, detector="new_network")
+    assert alert["evidence"]["network"] == "192.0.2.0/24"
+    assert alert["evidence"]["known_networks"] == ["10.1.1.0/24"]
+    assert services.anomaly.volume_spike.rates[token["id"]].count == 1 + len(ips)
+
+
+async def test_settings_are_read_by_one_load_at_a_time(services):
+    """Concurrent batches needing a project's settings share one read of them; a change
+    (which forgets them) is never undone by a read that started before it."""
+    engine = services.anomaly
+    reads: list[str] = []
+    real = engine.store.get_settings
+
+    async def counted(scope):
+        reads.append(scope)
+        return await real(scope)
+
+    engine.store.get_settings = counted
+    engine.forget_settings()
+    first = await asyncio.gather(*(engine.resolved("app") for _ in range(10)))
+    assert len({id(r) for r in first}) == 1
+    assert reads == [GLOBAL, "app"]
+    engine.forget_settings()
+    reads.clear()
+    before = asyncio.ensure_future(engine.resolved("app"))
+    await asyncio.sleep(0)  # that read has started
+    engine.forget_settings()
+    after = await engine.resolved("app")
+    assert (await before) is not after  # the change's read, not the one before it
+    assert engine._configs["app"] is after
+    assert reads.count(GLOBAL) == 2

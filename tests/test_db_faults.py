@@ -32,6 +32,7 @@ SLACK = 0.4  # scheduling, the fast answers around the wait
 
 @pytest.fixture
 def small_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tokenward.audit.durable as durable
     import tokenward.audit.writer as writer
     import tokenward.store.engine as engine
     import tokenward.verify as verify
@@ -42,7 +43,7 @@ def small_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
         (engine, "POOL_TIMEOUT", BOUND),
         (verify, "STORE_TIMEOUT", BOUND),
         (writer, "GIVE_UP_AFTER", 2 * BOUND),
-        (writer, "DENIAL_WAIT", BOUND),
+        (durable, "DENIAL_WAIT", BOUND),
     ):
         monkeypatch.setattr(module, name, value, raising=False)
 

@@ -118,3 +118,40 @@ def test_redaction_keeps_text_without_tokens_as_it_is():
     assert token not in redact_tokens(glued) and "tw_test_[redacted]" in redact_tokens(glued)
     encoded = token.replace("_", "%5F", 2)
     assert redact_tokens(f"/records/{encoded}/1") == f"/records/{redacted}/1"
+
+
+def test_every_logger_writes_one_json_shape_without_tokens():
+    """tokenward's (structlog) and libraries' (stdlib, one with a traceback): each one JSON
+    line with the same first keys, a token in any of them cut out; alembic's start-up chatter
+    and what is below the level left out."""
+    import logging
+
+    import structlog
+
+    from tokenward.logs import configure_logging
+    from tokenward.tokens.format import generate_token
+
+    secret = generate_token("live")
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    try:
+        structlog.get_logger("tokenward.test").warning("seen", where=f"/x/{secret}")
+        try:
+            raise ValueError(f"bad {secret}")
+        except ValueError:
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+        logging.getLogger("aiohttp.server").info("quiet %s", "library")
+        logging.getLogger("alembic.runtime.migration").info("Context impl SQLiteImpl.")
+        logging.getLogger("tokenward.test").debug("below the level")
+    finally:
+        configure_logging("info")
+    text = stream.getvalue()
+    entries = [json.loads(line) for line in text.splitlines()]
+    assert [list(e)[:4] for e in entries] == [["event", "level", "logger", "timestamp"]] * 3
+    seen, failed, library = entries
+    assert (seen["logger"], seen["level"]) == ("tokenward.test", "warning")
+    assert seen["where"] == "/x/tw_live_[redacted]"
+    assert failed["logger"] == "uvicorn.error" and failed["level"] == "error"
+    assert "ValueError: bad tw_live_[redacted]" in failed["exception"]
+    assert (library["event"], library["logger"]) == ("quiet library", "aiohttp.server")
+    assert secret not in text

@@ -12,7 +12,6 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-import structlog
 from aiohttp import web
 from sqlalchemy import select
 
@@ -51,12 +50,10 @@ def server_log(monkeypatch) -> io.StringIO:
     """Everything the server logs (structlog lines and the access log), as text."""
     stream = io.StringIO()
     stream.buffer = io.BytesIO()  # type: ignore[misc]
-    configure_logging("info")
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(stream))
+    configure_logging("info", stream=stream)
     monkeypatch.setattr(access_log, "stream", stream)
     monkeypatch.setattr(access_log, "enabled", True)
     yield stream
-    structlog.reset_defaults()
     configure_logging("info")
 
 

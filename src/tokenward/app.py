@@ -24,6 +24,7 @@ from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
 from tokenward.api import docs as api_docs
 from tokenward.api import identities as identities_api
+from tokenward.api import leaks as leaks_api
 from tokenward.api.contract import install_contract, operation_id
 from tokenward.api.errors import install_error_handlers
 from tokenward.api.fastpath import FastPath, HotPath
@@ -41,13 +42,14 @@ from tokenward.gateway import Enforcement, build_enforcement
 from tokenward.identities.service import IdentityService
 from tokenward.limits import RateLimiter
 from tokenward.logs import access_log, configure_logging
-from tokenward.metrics import Metrics
+from tokenward.metrics import Metrics, RequestMetrics
 from tokenward.service import TokenService
 from tokenward.sessions import Sessions, build_sessions
 from tokenward.settings import Settings, load_hasher
-from tokenward.store.engine import create_engine, migrate
+from tokenward.store.engine import create_engine, migrate, require_current_schema
 from tokenward.store.repository import TokenStore
 from tokenward.tokens.hashing import TokenHasher
+from tokenward.tracing import DecisionAttributes, traced, tracer
 from tokenward.verify import Verifier
 
 log = structlog.get_logger("tokenward")
@@ -82,6 +84,7 @@ class Services:
         if self.audit is not None:
             await self.audit.close()
         if self.anomaly is not None:
+            await self.anomaly.drain()
             await self.anomaly.webhooks.close()
         if self.redis is not None:
             await self.redis.aclose()
@@ -91,8 +94,10 @@ class Services:
 async def open_services(settings: Settings, *, run_migrations: bool = True) -> Services:
     hasher = load_hasher(settings)
     engine = create_engine(settings.resolved_database_url)
-    if run_migrations:
+    if run_migrations and settings.migrate_on_start:
         await migrate(engine)
+    elif run_migrations:
+        await require_current_schema(engine)  # serve --no-migrate: a schema behind stops it
     store = TokenStore(engine)
     limiter = RateLimiter(settings.redis_url, namespace=settings.redis_prefix)
     # Retries on a fresh connection: only for calls safe to repeat (see tokenward.redisconn).
@@ -120,6 +125,8 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
         sqlite_synchronous=settings.audit_sqlite_synchronous,
     )
     events.subscribe(audit)
+    if tracer() is not None:  # OTEL_* asks for traces: decisions become span attributes
+        events.subscribe(DecisionAttributes())
     metrics = None
     if settings.metrics_enabled:
         metrics = Metrics()
@@ -277,6 +284,7 @@ def create_app(
     app.include_router(oauth.router)
     app.include_router(audit_api.router)
     app.include_router(alerts_api.router)
+    app.include_router(leaks_api.router)
     app.include_router(observability.router)
     app.include_router(api_docs.router)
     dashboard.install(app)
@@ -294,6 +302,8 @@ def create_app(
 def create_asgi(settings: Settings | None = None, services: Services | None = None) -> ASGIApp:
     """What the server runs, outermost first::
 
+        traces: a span per request, only when OTEL_* turns tracing on (tracing.py)
+        metrics: every request timed per route template and status (metrics.py)
         hot path: POST /v1/verify and /authz, each in one layer (api/fastpath.py)
         everything else: request id, security headers and access log
           → body bounds (size, JSON depth) → audit durability
@@ -308,10 +318,12 @@ def create_asgi(settings: Settings | None = None, services: Services | None = No
     app = DurableResponseMiddleware(app)
     app = BodyLimitMiddleware(app, settings.max_body_bytes, settings.max_json_depth)
     app = RequestContextMiddleware(app, log_requests=settings.access_log)
-    return HotPath(
+    hot = HotPath(
         app,
         api,
         max_body_bytes=settings.max_body_bytes,
         max_json_depth=settings.max_json_depth,
         log_requests=settings.access_log,
     )
+    app = RequestMetrics(hot, api) if settings.metrics_enabled else hot
+    return traced(app)  # a span per request when tracing is on (tracing.py); else nothing

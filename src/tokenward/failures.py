@@ -99,6 +99,10 @@ class FailureCounter:
     def __init__(self, guard: Callable[[], FailedCredentials | None]) -> None:
         self.guard = guard
 
+    def access_nowait(self, event: AccessEvent) -> bool:
+        """Nothing to count (``True``), or a failure to count (``False``: awaited)."""
+        return event.decision.reason not in FAILURE_REASONS
+
     async def access(self, event: AccessEvent) -> None:
         if (
             event.decision.reason in FAILURE_REASONS

@@ -1,4 +1,14 @@
-"""Structured JSON logs (structlog). Never log a token: log its id or hint."""
+"""Structured JSON logs: every line the server writes, one format. Never log a token.
+
+tokenward's own lines (``structlog.get_logger``) and those of every library it runs on
+(uvicorn, aiohttp, alembic, asyncio, httpx, Python's warnings) go through the standard
+library's logging to one handler on the root logger, whose formatter is structlog's
+:class:`~structlog.stdlib.ProcessorFormatter`: one JSON object per line on stderr, with at
+least ``event``, ``level``, ``logger`` and ``timestamp`` (ISO 8601, UTC), a traceback as the
+``exception`` string, and every token-shaped string cut out (:func:`redact_event`). The
+per-request access line (:class:`AccessLogSink`) is written apart, for speed, in the same
+shape (``logger`` ``tokenward.access``). Log a token's id or hint, never the token.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +57,13 @@ class AccessLogSink:
         for name, value in fields.items():
             if type(value) is str:
                 fields[name] = redact_tokens(value)
-        entry = {"event": "request", "level": "info", "timestamp": stamp, **fields}
+        entry = {
+            "event": "request",
+            "level": "info",
+            "logger": "tokenward.access",
+            "timestamp": stamp,
+            **fields,
+        }
         try:
             self._buffer += orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
         except TypeError:  # a lone surrogate in a path: escaped, as structlog would
@@ -103,23 +119,104 @@ def redact_event(
     return event
 
 
-def configure_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        format="%(message)s", stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO)
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    structlog.configure(
+class JSONLinesHandler(logging.Handler):
+    """The root logger's handler: each record as one line on ``stream``, or on whatever
+    ``sys.stderr`` is when it is written (a redirected or captured one)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            stream = self.stream or sys.stderr
+            stream.write(line + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+class _MigrationsOnly(logging.Filter):
+    """alembic's informational lines that say what changed (``Running upgrade …``), not the
+    two it writes on every start (``Context impl …``, ``Will assume …``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or str(record.msg).startswith("Running ")
+
+
+#: Loggers that libraries give handlers of their own (uvicorn's default configuration):
+#: theirs are removed, so that their lines reach the root handler like any other.
+_LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "alembic", "aiohttp")
+
+_SHARED: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
+def _dumps(entry: Any, **_options: Any) -> str:
+    """One line of JSON, compact like the access log's (orjson; the standard library's for
+    what orjson refuses, e.g. a lone surrogate, as the access log does)."""
+    try:
+        return orjson.dumps(entry, default=str).decode()
+    except TypeError:
+        return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def _keys_first(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """``event``, ``level``, ``logger``, ``timestamp`` first, as on an access line."""
+    first = {key: event.pop(key) for key in _FIRST if key in event}
+    first.update(event)
+    return first
+
+
+_FIRST = ("event", "level", "logger", "timestamp")
+
+
+def formatter() -> structlog.stdlib.ProcessorFormatter:
+    """The one format of every line: structlog's processors, for records of any origin."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_SHARED,
         processors=[
-            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
             redact_event,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
+            _keys_first,
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level.upper(), logging.INFO)
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def configure_logging(level: str = "info", stream: Any = None) -> None:
+    """JSON lines at ``level`` and above, on ``stream`` (default: stderr), from tokenward and
+    every library; the access log is on from ``info`` down. Safe to call again."""
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    handler = JSONLinesHandler(stream)
+    handler.setFormatter(formatter())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, JSONLinesHandler)]:
+        root.removeHandler(old)  # (others, e.g. a test runner's capture, stay)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    for name in _LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers.clear()
+        library.propagate = True
+        library.setLevel(logging.NOTSET)
+    migration = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, _MigrationsOnly) for f in migration.filters):
+        migration.addFilter(_MigrationsOnly())
+    logging.captureWarnings(True)  # Python's warnings: log lines too, not raw stderr text
+    structlog.configure(
+        # redacted here too: a record's event dict is also what other handlers see
+        processors=[*_SHARED, redact_event, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
-    access_log.enabled = getattr(logging, level.upper(), logging.INFO) <= logging.INFO
+    access_log.enabled = numeric <= logging.INFO

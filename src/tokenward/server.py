@@ -149,10 +149,13 @@ def uvicorn_options(tls_cert: Path | None = None, tls_key: Path | None = None) -
     """How ``tokenward serve`` runs uvicorn (the benchmarks' servers run it the same way).
 
     Client addresses behind a proxy are read by tokenward itself, from trusted proxies only
-    (``TOKENWARD_TRUSTED_PROXIES``), so uvicorn's own proxy-header handling is off.
+    (``TOKENWARD_TRUSTED_PROXIES``), so uvicorn's own proxy-header handling is off. uvicorn
+    installs no logging configuration of its own (``log_config=None``): its lines go to the
+    root logger's JSON handler like every other (logs.py); tokenward writes the access log.
     """
     return dict(
         http=http_protocol(),
+        log_config=None,
         log_level="warning",
         access_log=False,
         server_header=False,

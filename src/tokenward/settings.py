@@ -1,8 +1,12 @@
 """All configuration: one class, every option with a default, an env var and a line of docs.
 
-Options come from ``TOKENWARD_*`` environment variables (``TOKENWARD_DATABASE_URL``…) or a TOML
-file named by ``TOKENWARD_CONFIG_FILE`` (keys as below, without the prefix); the environment
-wins. README.md's configuration reference lists them all; a test keeps the two in step.
+Options come from, highest priority first: the arguments of :meth:`Settings.load` (command-line
+flags), ``TOKENWARD_*`` environment variables (``TOKENWARD_DATABASE_URL``…), for a secret
+setting ``TOKENWARD_<NAME>_FILE`` naming a file that holds its value (Docker and Kubernetes
+secrets; :class:`SecretFilesSource`), and a TOML file named by ``TOKENWARD_CONFIG_FILE``
+(keys as below, without the prefix). Each is a pydantic-settings source
+(:meth:`Settings.settings_customise_sources`). README.md's configuration reference lists every
+option; a test keeps the two in step.
 """
 
 from __future__ import annotations
@@ -10,11 +14,19 @@ from __future__ import annotations
 import os
 import secrets
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from tokenward.tokens.hashing import MIN_KEY_BYTES, ServerKey, TokenHasher
 
@@ -23,13 +35,120 @@ DB_FILE_NAME = "tokenward.db"
 MAX_WORKERS = 64
 
 
+class FromFile:
+    """Marks a secret setting: ``TOKENWARD_<NAME>_FILE`` may name a file holding its value."""
+
+
+#: ``Annotated[str | None, SECRET]``: the setting is a secret (see :class:`SecretFilesSource`)
+SECRET = FromFile()
+
+
+class SecretFilesSource(PydanticBaseSettingsSource):
+    """Secret settings from files: ``TOKENWARD_DATABASE_URL_FILE=/run/secrets/db`` reads the
+    database URL from that file, as Docker and Kubernetes secrets are mounted.
+
+    The rules: the file's whole text is the value, less its trailing line break (``echo``
+    and editors add one; no secret ends in one); an empty file, one that cannot be read and a
+    variable set together with its ``_FILE`` variant are errors naming the variable (never
+    the value). The ``_FILE`` variant ranks as the variable itself: above the TOML file,
+    below command-line flags. ``TOKENWARD_SECRET_KEY_FILE`` is the key file setting of its
+    own (one key per line, read by :func:`load_hasher`), so ``secret_key`` is not marked.
+    """
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], environ: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(settings_cls)
+        environ = os.environ if environ is None else environ
+        self.case_sensitive = bool(self.config.get("case_sensitive", False))
+        self.prefix = str(self.config.get("env_prefix", ""))
+        self.environ = {self._key(k): v for k, v in environ.items()}
+
+    def _key(self, name: str) -> str:
+        return name if self.case_sensitive else name.lower()
+
+    def variable(self, field_name: str) -> str:
+        return f"{self.prefix}{field_name}_FILE".upper()
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """(the file's text or None, the variable's name, False): raises ``ValueError``
+        with a message naming no value when the file cannot give one."""
+        variable = self.variable(field_name)
+        path = self.environ.get(self._key(variable))
+        if path is None or not any(isinstance(m, FromFile) for m in field.metadata):
+            return None, variable, False
+        direct = f"{self.prefix}{field_name}".upper()
+        if self._key(direct) in self.environ:
+            raise ValueError(f"give {direct} or {variable}, not both")
+        if not path:
+            raise ValueError("is empty: give the path of a file holding the value")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not UTF-8 text") from None
+        value = text.rstrip("\r\n")
+        if not value:
+            raise ValueError(f"{path} is empty")
+        return value, variable, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        problems: list[InitErrorDetails] = []
+        for name, field in self.settings_cls.model_fields.items():
+            try:
+                value, _, _ = self.get_field_value(field, name)
+            except ValueError as exc:
+                error = PydanticCustomError("secret_file", "{problem}", {"problem": str(exc)})
+                problems.append({"type": error, "loc": (f"{name}_file",), "input": None})
+                continue
+            if value is not None:
+                values[name] = value
+        if problems:
+            raise ValidationError.from_exception_data(self.settings_cls.__name__, problems)
+        return values
+
+
+def _toml_source(settings_cls: type[BaseSettings]) -> PydanticBaseSettingsSource | None:
+    """The TOML file named by ``TOKENWARD_CONFIG_FILE``: one that is missing or unreadable is
+    an error (pydantic-settings would skip it quietly), as is one that is not TOML."""
+    path = os.environ.get("TOKENWARD_CONFIG_FILE")
+    if not path:
+        return None
+    Path(path).open("rb").close()  # the OSError names the file
+    try:
+        return TomlConfigSettingsSource(settings_cls, toml_file=Path(path))
+    except tomllib.TOMLDecodeError as exc:
+        context = {"path": path, "problem": str(exc)}
+        error = PydanticCustomError("toml", "{path} is not valid TOML: {problem}", context)
+        raise ValidationError.from_exception_data(
+            settings_cls.__name__, [{"type": error, "loc": ("config_file",), "input": None}]
+        ) from None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENWARD_", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags, then the environment and secret files, then the TOML file (no .env file,
+        no secrets directory: ``_FILE`` variables name each file)."""
+        toml = _toml_source(settings_cls)
+        sources = (init_settings, env_settings, SecretFilesSource(settings_cls))
+        return sources if toml is None else (*sources, toml)
 
     data_dir: Path = Field(
         Path(".tokenward"), description="Folder for the SQLite database and the server key file."
     )
-    database_url: str | None = Field(
+    database_url: Annotated[str | None, SECRET] = Field(
         None,
         description="SQLAlchemy async URL; default: SQLite in the data dir. PostgreSQL: postgresql+asyncpg://user@host/db.",
     )
@@ -43,6 +162,12 @@ class Settings(BaseSettings):
         description="File with the server key(s), one hex key per line, current first; "
         "default: DATA_DIR/secret.key.",
     )
+    migrate_on_start: bool = Field(
+        True,
+        description="Apply pending database migrations when the server starts; false "
+        "(serve --no-migrate): refuse to start on a schema that is behind (run tokenward "
+        "migrate first).",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
     cache_ttl: float = Field(
@@ -51,7 +176,7 @@ class Settings(BaseSettings):
         le=300,
         description="Seconds a verified token's state may be served from the per-replica cache.",
     )
-    redis_url: str | None = Field(
+    redis_url: Annotated[str | None, SECRET] = Field(
         None,
         description="Redis URL (redis://host:6379/0) for shared rate limits; default: in-process.",
     )
@@ -252,6 +377,29 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(
         5.0, gt=0, le=60, description="Timeout of one webhook attempt, in seconds."
     )
+    leak_report_keys_url: str | None = Field(
+        None,
+        description="Where a secret-scanning partner's public keys are served (GitHub: "
+        "https://api.github.com/meta/public_keys/secret_scanning); enables POST /v1/leaks. "
+        "https (plain http to loopback only).",
+    )
+    leak_report_keys: str | None = Field(
+        None,
+        description="The partner's public keys inline: PEM block(s), or the JSON document "
+        "the keys URL serves; enables POST /v1/leaks.",
+    )
+    leak_report_keys_file: Path | None = Field(
+        None, description="A file holding the partner's public keys (PEM or the JSON document)."
+    )
+    leak_report_keys_ttl: float = Field(
+        3600.0, gt=0, description="Seconds the fetched public keys are cached."
+    )
+    leak_report_max_tokens: int = Field(
+        100, ge=1, le=1000, description="Most tokens one leak report may hold."
+    )
+    leak_report_max_bytes: int = Field(
+        262_144, ge=1024, description="Largest leak report body, in bytes."
+    )
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     access_log: bool = Field(
         True, description="Log one JSON line per HTTP request (method, path, status, duration)."
@@ -265,6 +413,22 @@ class Settings(BaseSettings):
         parse_rates(value)  # raises with a message naming the expected form
         return value
 
+    @field_validator("leak_report_keys_url")
+    @classmethod
+    def _keys_url(cls, value: str | None) -> str | None:
+        from tokenward.leaks.partner import check_keys_url
+
+        return check_keys_url(value) if value else None
+
+    @field_validator("leak_report_keys")
+    @classmethod
+    def _keys_inline(cls, value: str | None) -> str | None:
+        from tokenward.leaks.partner import parse_keys
+
+        if value:
+            parse_keys(value)  # raises with a message saying what is expected
+        return value or None
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -272,18 +436,19 @@ class Settings(BaseSettings):
             raise ValueError("log_level must be debug, info, warning or error")
         return value.lower()
 
+    @field_validator("secret_key_file")
+    @classmethod
+    def _one_key_source(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # a field validator (not a model one): its error quotes the path, not the key
+        if value is not None and info.data.get("secret_key") is not None:
+            raise ValueError("give TOKENWARD_SECRET_KEY or TOKENWARD_SECRET_KEY_FILE, not both")
+        return value
+
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
-        """Settings from the TOML file (if any), then env vars, then explicit overrides."""
-        values: dict[str, Any] = {}
-        config_file = os.environ.get("TOKENWARD_CONFIG_FILE")
-        if config_file:
-            with open(config_file, "rb") as fh:
-                values.update(tomllib.load(fh))
-        env = cls()  # environment variables only
-        values.update(env.model_dump(exclude_unset=True))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(values)
+        """Settings from every source (see the module's docstring); ``overrides`` that are
+        not ``None`` (command-line flags) win."""
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
 
     @property
     def resolved_database_url(self) -> str:

@@ -759,3 +759,18 @@ async def test_an_address_that_keeps_guessing_is_refused_before_any_lookup(pg: H
     with pytest.raises(asyncpg.TooManyConnectionsError, match="too many failed"):  # 53300
         await pg.asyncpg(good.secret)
     assert pg.sink.connections()[-1].decision.reason is Reason.TOO_MANY_FAILURES
+
+
+async def test_a_query_whose_event_cannot_be_written_ends_the_session(pg: Harness):
+    """A query's event joins the audit batch without holding the answer back; once one
+    cannot be written the session ends, and no later query runs unaudited."""
+    assert pg.services.audit is not None
+    token = await pg.token("db:appdb:read")
+    async with await psycopg.AsyncConnection.connect(pg.dsn(token.secret)) as conn:
+        assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
+        await pg.services.audit.close()  # from here on, every event fails
+        with pytest.raises(psycopg.OperationalError):
+            for _ in range(50):
+                await conn.execute("SELECT 1")
+                await asyncio.sleep(0.05)
+        assert conn.closed

@@ -1,4 +1,5 @@
-"""The keyed hash's prepared-key HMAC is byte for byte the standard HMAC-SHA256."""
+"""The keyed hash's prepared HMAC (made once, copied per call) is byte for byte the standard
+HMAC-SHA256."""
 
 from __future__ import annotations
 

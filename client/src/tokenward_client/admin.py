@@ -19,11 +19,13 @@ from tokenward_client.models import (
     AlertPage,
     AuditPage,
     IssuedToken,
+    LeakReport,
     Project,
     ProjectPolicy,
     RotatedToken,
     Rotation,
     Token,
+    TokenLookup,
     TrustPolicy,
     VerifyResult,
 )
@@ -331,3 +333,18 @@ class AdminClient:
     def release_token(self, token_id: str, note: str = "") -> Token:
         path = f"/v1/tokens/{token_id}/release"
         return cast(Token, self.request("POST", path, json={"note": note}))
+
+    # -- leak response
+    def lookup_tokens(self, secrets: list[str]) -> list[TokenLookup]:
+        """What the server knows of each secret (in a POST body, never a URL), in order."""
+        found: list[TokenLookup] = []
+        for start in range(0, len(secrets), 100):  # the endpoint takes 100 at a time
+            body = {"tokens": secrets[start : start + 100]}
+            found.extend(self.request("POST", "/v1/tokens/lookup", json=body)["tokens"])
+        return found
+
+    def report_leaked(self, token_id: str, location: str = "") -> LeakReport:
+        """Report a token as leaked: the server revokes or quarantines it per its project's
+        ``leak_action``, raises an alert and emits ``token.leaked``."""
+        path = f"/v1/tokens/{token_id}/leaked"
+        return cast(LeakReport, self.request("POST", path, json={"location": location}))

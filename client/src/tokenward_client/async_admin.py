@@ -14,11 +14,13 @@ from tokenward_client.models import (
     AlertPage,
     AuditPage,
     IssuedToken,
+    LeakReport,
     Project,
     ProjectPolicy,
     RotatedToken,
     Rotation,
     Token,
+    TokenLookup,
     TrustPolicy,
     VerifyResult,
 )
@@ -161,6 +163,20 @@ class AsyncAdminClient:
     async def release_token(self, token_id: str, note: str = "") -> Token:
         path = f"/v1/tokens/{token_id}/release"
         return cast(Token, await self.request("POST", path, json={"note": note}))
+
+    # -- leak response
+    async def lookup_tokens(self, secrets: list[str]) -> list[TokenLookup]:
+        """What the server knows of each secret (in a POST body, never a URL), in order."""
+        found: list[TokenLookup] = []
+        for start in range(0, len(secrets), 100):  # the endpoint takes 100 at a time
+            body = {"tokens": secrets[start : start + 100]}
+            found.extend((await self.request("POST", "/v1/tokens/lookup", json=body))["tokens"])
+        return found
+
+    async def report_leaked(self, token_id: str, location: str = "") -> LeakReport:
+        """Report a token as leaked: revoked or quarantined per ``leak_action``."""
+        path = f"/v1/tokens/{token_id}/leaked"
+        return cast(LeakReport, await self.request("POST", path, json={"location": location}))
 
     # -- short-lived tokens: trust policies, project policy, automatic rotation
     async def add_trust_policy(self, project: str, **fields: Any) -> TrustPolicy:

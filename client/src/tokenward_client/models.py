@@ -196,6 +196,26 @@ class AlertPage(TypedDict):
     next_cursor: str | None
 
 
+class TokenLookup(TypedDict):
+    """What the server knows of one secret (``POST /v1/tokens/lookup``); never the secret."""
+
+    found: bool
+    hint: str | None
+    id: str | None
+    project: str | None
+    name: str | None
+    kind: str | None
+    state: str | None
+    quarantined: bool | None
+
+
+class LeakReport(Token):
+    """The token after a leak report, with what was done (revoked, quarantined or nothing)."""
+
+    action: str
+    alert_id: str | None
+
+
 class ErrorBody(TypedDict):
     error: str
     message: str

@@ -239,6 +239,16 @@ class VolumeSpikeDetector:
             rate.var = (1 - alpha) * (rate.var + diff * increment)
         rate.intervals += 1
 
+    def observe_many(self, events: list[AccessEvent], cfg: VolumeSpike) -> Finding | None:
+        """The events of one token, in order (a batch of allowed decisions): the first
+        finding they make, if any."""
+        found = None
+        for event in events:
+            finding = self.observe(event, cfg)
+            if found is None:
+                found = finding
+        return found
+
     def observe(self, event: AccessEvent, cfg: VolumeSpike) -> Finding | None:
         token = event.decision.token
         if token is None:

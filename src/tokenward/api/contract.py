@@ -90,6 +90,9 @@ OPERATIONS: dict[str, Operation] = {
     "lift_block": Operation(200, r.LiftedBlock, (404, 409)),
     "get_settings": Operation(200, r.AnomalySettings, (404,)),
     "put_settings": Operation(200, r.AnomalySettings, (404,)),
+    "lookup_tokens": Operation(200, r.TokenLookup),
+    "report_leaked": Operation(200, r.LeakedToken, (404,)),
+    "report_leaks": Operation(200, r.LeakVerdicts, (401, 503), auth="none"),
 }
 
 _AUTHENTICATED = (401, 403, 429, 503)

@@ -45,7 +45,7 @@ from tokenward.api.middleware import (
 )
 from tokenward.api.verification import handle_verify
 from tokenward.asgi import send_json
-from tokenward.audit.writer import (
+from tokenward.audit.durable import (
     UNAVAILABLE_BODY,
     collect_events,
     settle,

@@ -259,6 +259,9 @@ class PolicyBody(Closed):
     access_token_ttl: Duration | None = Field(None, description="Longest access token: 15m.")
     require_dpop: bool = Field(False, strict=True)
     expiry_warning_days: Annotated[int, Field(ge=0, le=365), JSON_INTEGER] | None = None
+    leak_action: Literal["revoke", "quarantine"] = Field(
+        "revoke", description="What a confirmed leak does to a live token."
+    )
 
     @field_validator("max_token_lifetime", "access_token_ttl")
     @classmethod
@@ -282,6 +285,7 @@ async def set_policy(
         access_token_ttl=_seconds(body.access_token_ttl),
         require_dpop=body.require_dpop,
         expiry_warning_days=body.expiry_warning_days,
+        leak_action=body.leak_action,
     )
     return (await _sessions(request).admin.set_policy(actor, project, policy)).public()
 

@@ -8,12 +8,12 @@ from tokenward.errors import NotFound
 
 router = APIRouter()
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
+    """Prometheus text exposition, or OpenMetrics for a scraper that asks for it (Accept)."""
     services = request.app.state.services
     if services.metrics is None:
         raise NotFound("not_found", "metrics are disabled (TOKENWARD_METRICS_ENABLED)")
-    return Response(services.metrics.render(), media_type=CONTENT_TYPE)
+    body, content_type = services.metrics.render(request.headers.get("accept", ""))
+    return Response(body, media_type=content_type)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 Timestamp = str  # RFC 3339, UTC, "Z"
 
@@ -216,6 +216,7 @@ class ProjectPolicy(Open):
     access_token_ttl: int | None = Field(description="Seconds.")
     require_dpop: bool
     expiry_warning_days: int | None
+    leak_action: Literal["revoke", "quarantine"]
 
 
 class TrustPolicy(Open):
@@ -334,3 +335,39 @@ class AuthorizationServerMetadata(Open):
     introspection_endpoint_auth_methods_supported: list[str]
     revocation_endpoint_auth_methods_supported: list[str]
     response_types_supported: list[str]
+
+
+class TokenLookupEntry(Open):
+    """What the server knows of one secret (never the secret): nulls when not found."""
+
+    found: bool
+    hint: str | None = Field(description="tw_live_…abcd, for a well-formed token.")
+    id: str | None = None
+    project: str | None = None
+    name: str | None = None
+    kind: str | None = None
+    state: str | None = None
+    quarantined: bool | None = None
+
+
+class TokenLookup(Open):
+    tokens: list[TokenLookupEntry]
+
+
+class LeakedToken(TokenView):
+    action: Literal["revoked", "quarantined", "none"] = Field(
+        description="What the project's leak_action did (none: a canary, or no longer live)."
+    )
+    alert_id: str | None
+
+
+class LeakVerdict(Open):
+    """GitHub's partner feedback format: the token by its SHA-256, never itself."""
+
+    token_hash: str = Field(description="Hex SHA-256 of the reported token.")
+    token_type: str
+    label: Literal["true_positive", "false_positive"]
+
+
+class LeakVerdicts(RootModel[list[LeakVerdict]]):
+    """One verdict per reported token, in the report's order."""

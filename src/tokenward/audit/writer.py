@@ -10,28 +10,28 @@ a clean shutdown, which flushes) can lose what was queued.
 A full queue applies back-pressure (a new event waits for room); nothing is ever dropped.
 A database that stays down fails the waiting requests closed (503) after ``give_up_after``
 seconds; a response that is already a 503 (a denial: a dependency is down) waits at most
-``DENIAL_WAIT`` seconds for its events.
+``DENIAL_WAIT`` seconds for its events (the request side: :mod:`.durable`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
 import socket
 import time
 from collections.abc import Callable
-from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenward.asgi import send_json
+from tokenward.audit.durable import DENIAL_WAIT as DENIAL_WAIT
+from tokenward.audit.durable import UNAVAILABLE_BODY as UNAVAILABLE_BODY
+from tokenward.audit.durable import DurableResponseMiddleware as DurableResponseMiddleware
+from tokenward.audit.durable import pending_of_request
 from tokenward.audit.records import (
     GENESIS,
     HASHED_FIELDS,
@@ -64,10 +64,6 @@ CHECKPOINT_EVERY = 5.0
 #: Seconds a request waits (in sync mode) for its events before it is answered 503
 #: ``audit_unavailable``; every attempt to write, and every pause between attempts, fits in it.
 GIVE_UP_AFTER = 10.0
-#: Seconds a response that is already a ``503`` (a dependency is down: the decision is a
-#: denial) waits for its events before it is answered ``audit_unavailable``. It says "not
-#: now" either way; holding it the full ``GIVE_UP_AFTER`` would only make the client wait.
-DENIAL_WAIT = 2.0
 
 
 class _Batch:
@@ -111,14 +107,6 @@ class _Batch:
         if future.cancelled():
             return asyncio.CancelledError()
         return future.exception() or self.failed.get(id(row))
-
-
-#: What a request waits for: the batch of each of its events, with the event's row.
-Pending = list[tuple[_Batch, Row]]
-
-#: The events of the HTTP request being handled (set by :class:`DurableResponseMiddleware`);
-#: ``None`` outside a request.
-_pending: ContextVar[Pending | None] = ContextVar("tokenward_audit_pending", default=None)
 
 
 class AuditWriter:
@@ -201,6 +189,21 @@ class AuditWriter:
     async def submit(self, record: AuditRecord) -> None:
         await self.submit_row(record.row())
 
+    def access_nowait(self, event: AccessEvent) -> bool:
+        """Queue an access event's row without a coroutine, when nothing needs waiting for
+        here: inside an HTTP request (its answer waits, see :mod:`.durable`) or in async
+        mode, with room in the queue. ``False``: the bus awaits :meth:`access` instead."""
+        if self._closed or self._inflight >= self.queue_size:
+            return False
+        pending = pending_of_request()
+        if pending is None and self.mode == "sync":
+            return False
+        row = access_row(event)
+        batch = self._enqueue(row)
+        if pending is not None and self.mode == "sync":
+            pending.append((batch, row))
+        return True
+
     async def submit_row(self, row: Row) -> None:
         """Queue ``row``; in sync mode, make sure it is committed before an answer.
 
@@ -217,6 +220,29 @@ class AuditWriter:
             assert space is not None
             space.clear()
             await space.wait()
+        batch = self._enqueue(row)
+        if self.mode == "async":
+            return
+        pending = pending_of_request()
+        if pending is not None:
+            pending.append((batch, row))
+            return
+        await batch.wait()  # a caller that is cancelled does not un-write its event
+        error = batch.error_for(row)
+        if error is not None:
+            raise error
+
+    def enqueue_nowait(self, row: Row) -> _Batch | None:
+        """Queue ``row`` if there is room (``None``: the queue is full, or closed); the batch
+        it joined, whose ``future`` settles once it is written (or has failed)."""
+        if self._closed or self._inflight >= self.queue_size:
+            return None
+        return self._enqueue(row)
+
+    def _enqueue(self, row: Row) -> _Batch:
+        task = self._task
+        if task is None or task.done():
+            self._start()
         self._inflight += 1
         batch = self._batch
         if batch is None:
@@ -228,16 +254,7 @@ class AuditWriter:
             self._idle.clear()
             self._wakeup.set()
         batch.rows.append(row)
-        if self.mode == "async":
-            return
-        pending = _pending.get()
-        if pending is not None:
-            pending.append((batch, row))
-            return
-        await batch.wait()  # a caller that is cancelled does not un-write its event
-        error = batch.error_for(row)
-        if error is not None:
-            raise error
+        return batch
 
     async def flush(self) -> None:
         """Wait until everything queued so far is written (or has failed)."""
@@ -519,84 +536,3 @@ def _expire(batch: _Batch) -> None:
         )
         batch.future.exception()
         batch.wake()
-
-
-class DurableResponseMiddleware:
-    """Holds each response until the audit events of its request are durable.
-
-    Events are queued as the request runs; the one wait happens as the response is about
-    to start. Should the audit log fail, the response is replaced by a 503 (fail closed):
-    nothing is acknowledged that the audit log does not hold.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        pending: Pending = []
-        token = _pending.set(pending)
-        failed = False
-
-        async def durable_send(message: Message) -> None:
-            nonlocal failed
-            if failed:
-                return
-            start = message["type"] == "http.response.start"
-            if start and pending and not await settle(pending, message["status"]):
-                failed = True
-                await _unavailable(send)
-                return
-            await send(message)
-
-        try:
-            await self.app(scope, receive, durable_send)
-        finally:
-            _pending.reset(token)
-            await settle_leftovers(pending)
-
-
-def collect_events() -> tuple[Pending, Token[Pending | None]]:
-    """Start collecting the audit events of the request being served (until ``reset``)."""
-    pending: Pending = []
-    return pending, _pending.set(pending)
-
-
-def stop_collecting(token: Token[Pending | None]) -> None:
-    _pending.reset(token)
-
-
-async def settle(pending: Pending, status: int) -> bool:
-    """Wait until the request's events in ``pending`` are durable (and forget them);
-    ``False`` when one of them could not be written: the answer must then be a 503.
-
-    Batches commit in queue order, so once the last one is settled so are all the earlier
-    ones: one wait, then a look at each event. A response that is already a 503 waits less
-    (an unsettled event counts as not written).
-    """
-    waiting = list(pending)
-    pending.clear()
-    last = waiting[-1][0]
-    if status == 503:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(DENIAL_WAIT):
-                await last.wait()
-    else:
-        await last.wait()
-    return not any(batch.error_for(row) is not None for batch, row in waiting)
-
-
-async def settle_leftovers(pending: Pending) -> None:
-    """Events of a request that sent no response: still wait for them."""
-    if pending:
-        futures = {id(batch): batch.future for batch, _ in pending}
-        await asyncio.shield(asyncio.gather(*futures.values(), return_exceptions=True))
-
-
-UNAVAILABLE_BODY = {"error": "audit_unavailable", "message": "the audit log cannot be written"}
-
-
-async def _unavailable(send: Send) -> None:
-    await send_json(send, 503, UNAVAILABLE_BODY)

@@ -5,7 +5,7 @@ handler, the help layout, output helpers, the admin client), :mod:`tokenward.cli
 writes docs/cli.md from this tree (run ``scripts/cli-docs`` after adding a command):
 
 ========================  ===============================================================
-``server``                ``init``, ``serve``
+``server``                ``init``, ``migrate``, ``serve``
 ``projects``              ``project create|list|allow-ip|policy``
 ``tokens``                ``token create|list|show|revoke|rotate|quarantine|release``
 ``identities``            ``identity create|list|show|update|delete`` (owners of tokens)
@@ -14,6 +14,7 @@ writes docs/cli.md from this tree (run ``scripts/cli-docs`` after adding a comma
 ``audit``                 ``audit list|tail|export|verify|prune``
 ``alerts``                ``alerts list|show|ack``
 ``users``                 ``user …`` (dashboard users, on the database directly)
+``scan``                  ``scan PATH… | -`` (find leaked tokens; docs/leaks.md)
 ========================  ===============================================================
 
 Admin commands talk to a running server: ``TOKENWARD_URL`` and ``TOKENWARD_ADMIN_TOKEN``.
@@ -31,7 +32,8 @@ from tokenward.cli.audit import audit_app
 from tokenward.cli.common import Commands, Group, err, out
 from tokenward.cli.identities import identity_app
 from tokenward.cli.projects import project_app
-from tokenward.cli.server import init, serve
+from tokenward.cli.scan import scan
+from tokenward.cli.server import init, migrate, serve
 from tokenward.cli.tokens import token_app
 from tokenward.cli.trust import trust_app
 from tokenward.cli.users import user_app
@@ -64,7 +66,9 @@ def _root(
 
 
 app.command()(init)
+app.command()(migrate)
 app.command()(serve)
+app.command()(scan)
 app.add_typer(project_app, name="project")
 app.add_typer(token_app, name="token")
 app.add_typer(identity_app, name="identity")

@@ -190,6 +190,7 @@ err = Console(stderr=True, emoji=False)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 #: A token's environment.
 Environment = Literal["live", "test"]
+TokenKindChoice = Literal["api_key", "canary"]
 #: The formats of ``--output`` (cli/output.py).
 OutputFormat = Literal["json", "env", "dotenv", "github"]
 DataDir = Annotated[

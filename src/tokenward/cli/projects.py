@@ -99,6 +99,9 @@ def project_policy(
     warn_days: Annotated[
         int | None, typer.Option(help="Warn this many days before a token expires.")
     ] = None,
+    leak_action: Annotated[
+        str | None, typer.Option(help="revoke or quarantine a leaked token (docs/leaks.md).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a project's token policy, or change the options given."""
@@ -109,6 +112,7 @@ def project_policy(
             "access_token_ttl": access_ttl,
             "require_dpop": require_dpop,
             "expiry_warning_days": warn_days,
+            "leak_action": leak_action,
         }
         changes = {k: v for k, v in changes.items() if v is not None}
         if changes:

@@ -1,4 +1,4 @@
-"""``tokenward init`` and ``tokenward serve``: set up and run the server."""
+"""``tokenward init``, ``tokenward migrate`` and ``tokenward serve``: set up and run the server."""
 
 from __future__ import annotations
 
@@ -168,6 +168,14 @@ def serve(
             show_default="1",
         ),
     ] = None,
+    no_migrate: Annotated[
+        bool,
+        typer.Option(
+            "--no-migrate",
+            help="Never migrate: refuse to start on a schema that is behind "
+            "(replicas, after 'tokenward migrate').",
+        ),
+    ] = False,
 ) -> None:
     """Run the server (admin API, verification API, /authz, /healthz; gateway with --config).
 
@@ -192,8 +200,11 @@ def serve(
         gateway_config=config,
         gateway_port=gateway_port,
         workers=workers,
+        migrate_on_start=False if no_migrate else None,
     )
     configure_logging(settings.log_level)
+    if init_first and not settings.migrate_on_start:
+        fail("--init migrates the database: give --init or --no-migrate, not both", 2)
     processes = settings.worker_count
     problem = settings.workers_problem()
     if problem is not None:
@@ -333,9 +344,10 @@ def _check_tls(cert: Path, key: Path) -> None:
 
 
 def _check_ready(settings: Any) -> None:
-    """The server key loads and the database answers (else the server would fail at start)."""
+    """The server key loads and the database answers (else the server would fail at start);
+    for a server that does not migrate (``--no-migrate``), the schema is not behind."""
     from tokenward.settings import load_hasher
-    from tokenward.store.engine import create_engine
+    from tokenward.store.engine import SchemaBehind, create_engine, require_current_schema
 
     try:
         load_hasher(settings)
@@ -347,13 +359,83 @@ def _check_ready(settings: Any) -> None:
         try:
             async with engine.connect():
                 pass
+            if not settings.migrate_on_start:
+                await require_current_schema(engine)
         finally:
             await engine.dispose()
 
     try:
         asyncio.run(probe())
+    except SchemaBehind as exc:
+        fail(str(exc), 2, error="schema_behind")
     except Exception as exc:
         if expected_error(exc) is None:
             raise
         reason = one_line(getattr(exc, "orig", None) or exc)
         fail(f"cannot use the database {_safe_db(settings)}: {reason}", 3, error="database_error")
+
+
+def migrate(data_dir: DataDir = Path(".tokenward"), as_json: JsonOpt = False) -> None:
+    """Apply the pending database migrations, then exit.
+
+    Run it once before starting replicas with 'serve --no-migrate', and again at each upgrade,
+    before restarting them. A database a newer version migrated is left as it is.
+    """
+    from tokenward.settings import Settings
+    from tokenward.store.engine import create_engine, schema_status
+    from tokenward.store.engine import migrate as apply_migrations
+
+    settings = Settings.load(data_dir=data_dir)
+    database = _safe_db(settings)
+
+    async def run() -> tuple[Any, Any]:
+        engine = create_engine(settings.resolved_database_url, bounded=False)
+        try:
+            before = await schema_status(engine)
+            if before.pending:
+                await apply_migrations(engine)
+            return before, await schema_status(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        before, after = asyncio.run(run())
+    except Exception as exc:
+        if expected_error(exc) is None:
+            raise
+        reason = one_line(getattr(exc, "orig", None) or exc)
+        fail(
+            f"cannot use the database {database}: {reason}",
+            3,
+            as_json=as_json,
+            error="database_error",
+        )
+    applied = [r for r in before.pending if r not in after.pending]
+    if as_json:
+        emit_json(
+            {
+                "database": database,
+                "applied": applied,
+                "pending": list(after.pending),
+                "newer": list(after.unknown),
+            }
+        )
+        return
+    if applied:
+        out.print(
+            Text(
+                f"applied {len(applied)} migration{'s' if len(applied) > 1 else ''} to "
+                f"{database}: {', '.join(applied)}"
+            ),
+            soft_wrap=True,
+        )
+    elif after.unknown:
+        out.print(
+            Text(
+                f"nothing to apply: {database} was migrated by a newer version of tokenward "
+                f"({', '.join(after.unknown)})"
+            ),
+            soft_wrap=True,
+        )
+    else:
+        out.print(Text(f"the database schema is up to date ({database})"), soft_wrap=True)

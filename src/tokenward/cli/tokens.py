@@ -12,6 +12,7 @@ from tokenward.cli.common import (
     Environment,
     JsonOpt,
     OutputFormat,
+    TokenKindChoice,
     add_row,
     call,
     client,
@@ -19,6 +20,7 @@ from tokenward.cli.common import (
     emit_record,
     emit_token,
     err,
+    fail,
     id_column,
     out,
     parse_meta,
@@ -26,6 +28,7 @@ from tokenward.cli.common import (
 )
 from tokenward.cli.common import duration as parse_ttl
 from tokenward.cli.common import grace as parse_grace
+from tokenward.tokens.model import CANARY_SCOPE
 
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 
@@ -33,7 +36,10 @@ token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 @token_app.command("create")
 def token_create(
     project: Annotated[str, typer.Option(help="Project name.")],
-    scope: Annotated[list[str], typer.Option("--scope", help="resource:action (repeatable).")],
+    scope: Annotated[
+        list[str] | None,
+        typer.Option("--scope", help="resource:action (repeatable; a canary needs none)."),
+    ] = None,
     env: Annotated[Environment, typer.Option("--env", help="Environment.")] = "live",
     ttl: Annotated[
         str | None,
@@ -66,6 +72,10 @@ def token_create(
     refill_day: Annotated[
         int | None, typer.Option(help="Day of the month of a monthly refill (1-31).")
     ] = None,
+    kind: Annotated[
+        TokenKindChoice,
+        typer.Option("--kind", help="api_key, or canary (a decoy: any use alerts)."),
+    ] = "api_key",
     strict: Annotated[
         bool,
         typer.Option(
@@ -80,12 +90,15 @@ def token_create(
     (a typo such as records-read or records:reed?) is warned about; --strict refuses it.
     A token without --ttl never expires: that is warned about too.
     """
+    if not scope and kind != "canary":
+        fail("give at least one --scope (only a canary needs none)", 2, as_json=as_json)
     with client(as_json) as c:
         body = call(
             as_json,
             c.create_token,
             project=project,
-            scopes=scope,
+            scopes=scope or [CANARY_SCOPE],
+            kind=kind,
             environment=env,
             ttl=ttl,
             not_before=not_before,

@@ -46,7 +46,7 @@ from tokenward.service import TokenChanges, TokenSpec, lifetime_days
 from tokenward.store.repository import Project
 from tokenward.tokens.credits import parse_refill
 from tokenward.tokens.durations import DurationError, parse_duration, parse_rates
-from tokenward.tokens.model import TokenRecord, TokenState
+from tokenward.tokens.model import CANARY_SCOPE, TokenKind, TokenRecord, TokenState
 from tokenward.tokens.scopes import ScopeError, scope_covers, scopes_allow, validate_scopes
 
 router = APIRouter()
@@ -295,7 +295,7 @@ async def revoke_all(request: Request, name: str) -> Response:
 
 # -- create --------------------------------------------------------------------------------
 def _form_defaults() -> dict[str, Any]:
-    return {"environment": "live", "expiry": "90d", "scopes": "", "rotation": ""}
+    return {"environment": "live", "kind": "api_key", "expiry": "90d", "scopes": "", "rotation": ""}
 
 
 @router.get("/p/{name}/tokens/new")
@@ -334,6 +334,11 @@ def spec_from_form(form: FormData, project: Project, now: datetime) -> TokenSpec
     scopes = validate_scopes(
         s for line in form_list(form, "scopes", 4096) for s in re.split(r"[\s,]+", line) if s
     )
+    kind = form_text(form, "kind", 16) or TokenKind.API_KEY.value
+    if kind not in (TokenKind.API_KEY.value, TokenKind.CANARY.value):
+        raise ValueError("The kind is an API key or a canary.")
+    if not scopes and kind == TokenKind.CANARY.value:
+        scopes = [CANARY_SCOPE]  # a canary authorises nothing: its scopes are decoration
     if not scopes:
         raise ValueError("Give at least one scope, such as records:read.")
     environment = form_text(form, "environment", 4) or "live"
@@ -374,6 +379,7 @@ def spec_from_form(form: FormData, project: Project, now: datetime) -> TokenSpec
         project=project.id,
         scopes=scopes,
         environment=environment,
+        kind=kind,
         name=checked.name,
         principal=checked.principal,
         expires_at=expires_at,

@@ -10,11 +10,13 @@ import ipaddress
 import struct
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
+from tokenward.audit.durable import Waitable, collect_events, stop_collecting
 from tokenward.events import AccessEvent, new_request_id
 from tokenward.gateway import pgwire as w
 from tokenward.gateway.config import PostgresListener
@@ -38,6 +40,33 @@ AUDIT_IN_FLIGHT = 128
 #: prepared statements and portals remembered per session (for the audit text)
 STATEMENTS_KEPT = 4096
 _INT32 = struct.Struct("!i")
+
+
+class _Awaited:
+    """The subscribers that had to be awaited for one event, as a batch of its own."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+
+    async def wait(self) -> None:
+        await asyncio.shield(self.future)
+
+    def error_for(self, item: Any) -> BaseException | None:
+        return self.future.exception()
+
+
+async def _in_order(coroutines: list[Coroutine[Any, Any, None]]) -> None:
+    left = list(reversed(coroutines))
+    try:
+        while left:
+            await left.pop()
+    finally:
+        for coroutine in left:  # never awaited once one failed: closed, not leaked
+            coroutine.close()
+
+
 _LENGTH = struct.Struct("!i")
 #: message types whose content the relay reads (the rest pass by their length only)
 _NOTED_CLIENT = frozenset(b"QPBESFX")
@@ -153,7 +182,10 @@ class Session:
     ending: bool = False
     #: the client sent Terminate
     client_terminated: bool = False
+    #: what the session's query events wait on (their batches' futures), distinct
     audits: set[asyncio.Future[None]] = field(default_factory=set)
+    #: query events not yet settled (back-pressure counts these)
+    unsettled: int = 0
     done: asyncio.Future[None] | None = None
     client_transport: asyncio.Transport | None = None
     upstream_transport: asyncio.Transport | None = None
@@ -415,18 +447,38 @@ class Session:
             (time.perf_counter() - query.started) * 1000,
             scope,
         )
-        future = asyncio.ensure_future(self.gateway.enforcement.events.access(event))
-        self.audits.add(future)
-        future.add_done_callback(self._audited)
-        if len(self.audits) >= AUDIT_IN_FLIGHT:  # back-pressure: stop reading, never drop
+        # No task per query: the event joins the audit writer's current batch (and the
+        # detectors' batch) at once; the session watches the batches' futures.
+        waits, collecting = collect_events()
+        try:
+            rest = self.gateway.enforcement.events.publish(event)
+        finally:
+            stop_collecting(collecting)
+        if rest:  # a subscriber that must be awaited (rare: a failure to count, a full queue)
+            waits.append((_Awaited(asyncio.ensure_future(_in_order(rest))), None))
+        for batch, item in waits:
+            self._watch(batch, item)
+        if self.unsettled >= AUDIT_IN_FLIGHT:  # back-pressure: stop reading, never drop
             self._pause_upstream("audit")
 
-    def _audited(self, future: asyncio.Future[None]) -> None:
-        self.audits.discard(future)
-        if not future.cancelled() and (exc := future.exception()) is not None:
-            log.error("postgres_audit_failed", error=str(exc))
+    def _watch(self, batch: Waitable, item: Any) -> None:
+        future = batch.future
+        if future.done():
+            self._audited(batch, item)
+            return
+        self.unsettled += 1
+        self.audits.add(future)
+        future.add_done_callback(lambda _: self._audited(batch, item, counted=True))
+
+    def _audited(self, batch: Waitable, item: Any, *, counted: bool = False) -> None:
+        self.audits.discard(batch.future)
+        if counted:
+            self.unsettled -= 1
+        error = None if batch.future.cancelled() else batch.error_for(item)
+        if error is not None:
+            log.error("postgres_audit_failed", error=str(error))
             self.terminate("57P01", "tokenward: the audit log is unavailable; session closed")
-        elif len(self.audits) <= AUDIT_IN_FLIGHT // 2:
+        elif self.unsettled <= AUDIT_IN_FLIGHT // 2:
             self._resume_upstream("audit")
 
     # -- relay ------------------------------------------------------------------------------

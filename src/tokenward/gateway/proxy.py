@@ -29,7 +29,7 @@ import json
 import socket
 import ssl
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from aiohttp import web, web_protocol
@@ -37,15 +37,17 @@ from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import LineTooLong
 from multidict import CIMultiDict
 
+from tokenward import tracing
 from tokenward.errors import TokenwardError
 from tokenward.events import recorded_header, request_id_from
 from tokenward.gateway import mcp
-from tokenward.gateway.config import Upstream
+from tokenward.gateway.config import Route, Upstream
 from tokenward.gateway.enforce import DUPLICATE_AUTHORIZATION, Enforcement, Outcome
 from tokenward.gateway.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
 
 # Roles of request headers the gateway reads or never forwards as sent (by lower-case name).
 _DROP, _AUTHORIZATION, _DPOP, _FORWARDED_FOR, _REQUEST_ID, _HOST, _EXPECT, _USER_AGENT = range(8)
+_TRACE_CONTEXT = 8
 _REQUEST_ROLES: dict[bytes, int] = {
     # hop-by-hop, or set by the gateway itself
     b"connection": _DROP,
@@ -76,6 +78,10 @@ _REQUEST_ROLES: dict[bytes, int] = {
     b"expect": _EXPECT,
     # read, and forwarded
     b"user-agent": _USER_AGENT,
+    # forwarded as sent while tracing is off; replaced by the gateway's span when it is on
+    b"traceparent": _TRACE_CONTEXT,
+    b"tracestate": _TRACE_CONTEXT,
+    b"baggage": _TRACE_CONTEXT,
 }
 #: Response headers never passed back as sent (hop-by-hop; the length is the gateway's).
 _DROP_RESPONSE = frozenset(
@@ -100,6 +106,9 @@ _RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _CRLF = b"\r\n"
 _SEP = b": "
 
+if TYPE_CHECKING:
+    from tokenward.metrics import Metrics
+
 
 class _BodyTooLarge(Exception):
     pass
@@ -118,6 +127,7 @@ class _Sent:
         "forwarded_for",
         "host",
         "request_id",
+        "trace_context",
         "user_agent",
     )
 
@@ -127,6 +137,7 @@ class _Sent:
         authorizations = 0
         request_id = host = expect = None
         forwarded_for: list[bytes] = []
+        trace_context: list[bytes] = []
         for name, value in raw_headers:
             lower = name.lower()
             role = _REQUEST_ROLES.get(lower)
@@ -159,7 +170,10 @@ class _Sent:
                     dpop_proof = value.decode("latin-1")
             elif role == _EXPECT:
                 expect = value
+            elif role == _TRACE_CONTEXT:
+                trace_context += (name, _SEP, value, _CRLF)
         self.forward = forward
+        self.trace_context = trace_context
         self.authorization: str | None = authorization
         self.authorizations = authorizations
         self.dpop_proof: str | None = dpop_proof
@@ -225,12 +239,31 @@ class _Server(web.Server):
         return _RequestHandler(self, loop=self._loop, **self._kwargs)
 
 
-class Gateway:
-    """The gateway: an aiohttp server, one connection pool per upstream."""
+class _Watched:
+    """What a traced or measured request reports: its route, upstream and their timings."""
 
-    def __init__(self, enforcement: Enforcement) -> None:
+    __slots__ = ("route", "trace", "upstream", "upstream_seconds", "upstream_status")
+
+    def __init__(self, trace: tracing.RequestTrace | None) -> None:
+        self.trace = trace
+        self.route: Route | None = None
+        self.upstream: str | None = None
+        self.upstream_seconds: float | None = None
+        self.upstream_status = 0
+
+
+class Gateway:
+    """The gateway: an aiohttp server, one connection pool per upstream.
+
+    With ``metrics``, each request is counted and timed per route and status, its upstream's
+    answer too; with tracing on (:mod:`tokenward.tracing`), each is a span.
+    """
+
+    def __init__(self, enforcement: Enforcement, metrics: Metrics | None = None) -> None:
         self.enforcement = enforcement
         self.limits = enforcement.policy.limits
+        self.metrics = metrics
+        self._tracer = tracing.tracer()
         self._pools: dict[str, UpstreamPool] = {}
         self._runner: web.ServerRunner | None = None
         self._scheme = "http"
@@ -277,6 +310,58 @@ class Gateway:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Decide, record the decision, then forward (or answer the denial)."""
+        if self._tracer is None and self.metrics is None:
+            return await self._handle(request, None)
+        return await self._watched(request)
+
+    async def _watched(self, request: web.BaseRequest) -> web.StreamResponse:
+        """:meth:`_handle`, in a span and/or timed for the metrics."""
+        started = time.perf_counter()
+        trace = None
+        if self._tracer is not None:
+            peer = request.remote
+            trace = tracing.start_request(
+                self._tracer,
+                request.raw_headers,
+                request.method,
+                request.raw_path.partition("?")[0],
+                {"client.address": peer} if peer else None,
+            )
+        watched = _Watched(trace)
+        status = 0
+        error: BaseException | None = None
+        try:
+            response = await self._handle(request, watched)
+            status = response.status
+            return response
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            route = watched.route
+            template = route.path if route is not None else "unmatched"
+            if self.metrics is not None:
+                self.metrics.gateway_request(
+                    template,
+                    status,
+                    time.perf_counter() - started,
+                    watched.upstream,
+                    watched.upstream_status,
+                    watched.upstream_seconds,
+                )
+            if trace is not None:
+                if route is not None:
+                    trace.span.set_attribute("tokenward.route", route.name)
+                if watched.upstream is not None:
+                    trace.span.set_attribute("tokenward.upstream", watched.upstream)
+                if watched.upstream_seconds is not None:
+                    latency = round(watched.upstream_seconds * 1000, 3)
+                    trace.span.set_attribute("tokenward.upstream.latency_ms", latency)
+                tracing.end_request(trace, status, template, error)
+
+    async def _handle(
+        self, request: web.BaseRequest, watched: _Watched | None
+    ) -> web.StreamResponse:
         started = time.perf_counter()
         method = request.method
         raw_path = request.raw_path.partition("?")[0]
@@ -302,6 +387,11 @@ class Gateway:
                 dpop_proof=sent.dpop_proof,
                 url=f"{self._scheme}://{host}{raw_path}",
             )
+        trace = watched.trace if watched is not None else None
+        if watched is not None:
+            watched.route = outcome.route
+            if trace is not None:
+                trace.audit_started = time.perf_counter()
         await enforcement.record(
             outcome,
             source="gateway",
@@ -312,6 +402,8 @@ class Gateway:
             user_agent=sent.user_agent or None,
             started=started,
         )
+        if trace is not None:
+            trace.audit_waited()
         if not outcome.allowed:
             return _error(
                 outcome.status, outcome.body(), outcome.limit_headers(), request_id=request_id
@@ -370,10 +462,14 @@ class Gateway:
         if route.upstream.credential is not None:
             filters.append(route.upstream.credential.answer_mask())
         pool = self._pool(route.upstream)
-        head = self._head(request, sent, pool, outcome, client_ip, request_id, has_body, length)
+        head = self._head(
+            request, sent, pool, outcome, client_ip, request_id, has_body, length, trace
+        )
+        if watched is not None:
+            watched.upstream = route.upstream.name
         try:
             return await self._forward(
-                request, outcome, pool, head, has_body, length, request_id, body, filters
+                request, outcome, pool, head, has_body, length, request_id, body, filters, watched
             )
         finally:
             if exchange is not None:
@@ -391,8 +487,12 @@ class Gateway:
         request_id: str,
         has_body: bool,
         length: int | None,
+        trace: tracing.RequestTrace | None = None,
     ) -> bytes:
-        """The request line and headers for the upstream, as one piece of bytes."""
+        """The request line and headers for the upstream, as one piece of bytes.
+
+        Traced, the upstream's parent is the gateway's span (``traceparent``); else the
+        client's trace context goes on as it was sent."""
         target = request.raw_path.encode("utf-8", "surrogateescape")
         forward = sent.forward
         upstream = outcome.route.upstream if outcome.route is not None else None
@@ -408,6 +508,7 @@ class Gateway:
             pool.host_line,
             *forward,
             self.enforcement.identity_lines(outcome),
+            *(sent.trace_context if trace is None else tracing.inject_headers(trace)),
         ]
         if client_ip:
             head += (b"X-Tokenward-Client-IP: ", client_ip.encode(), _CRLF)
@@ -440,6 +541,7 @@ class Gateway:
         request_id: str,
         body: bytes | None = None,
         filters: list[_BodyFilter] | None = None,
+        watched: _Watched | None = None,
     ) -> web.StreamResponse:
         retry = not has_body and request.method in _RETRYABLE
         fresh = False
@@ -452,7 +554,16 @@ class Gateway:
                 return _upstream_unavailable(request_id)
             try:
                 return await self._exchange(
-                    request, outcome, conn, head, has_body, length, request_id, body, filters
+                    request,
+                    outcome,
+                    conn,
+                    head,
+                    has_body,
+                    length,
+                    request_id,
+                    body,
+                    filters,
+                    watched,
                 )
             except UpstreamTimeout:
                 return _upstream_timeout(request_id)
@@ -478,10 +589,13 @@ class Gateway:
         request_id: str,
         body: bytes | None = None,
         filters: list[_BodyFilter] | None = None,
+        watched: _Watched | None = None,
     ) -> web.StreamResponse:
         """One request and its answer on ``conn``; the caller releases the connection.
-        ``body``: the request body as already read (else it streams from the client)."""
+        ``body``: the request body as already read (else it streams from the client).
+        ``watched``: told how long the upstream took to answer (to its status line)."""
         timeout = conn.timeout
+        begun = time.perf_counter() if watched is not None else 0.0
         head_only = request.method == "HEAD"
         sender: asyncio.Task[None] | None = None
         if not has_body or body is not None:
@@ -495,6 +609,9 @@ class Gateway:
                 sender = asyncio.ensure_future(self._send_body(request, conn, first, length))
         try:
             await conn.read_head(timeout)
+            if watched is not None:
+                watched.upstream_seconds = time.perf_counter() - begun
+                watched.upstream_status = conn.status
             return await self._respond(request, outcome, conn, request_id, filters)
         finally:
             if sender is not None and not sender.done():

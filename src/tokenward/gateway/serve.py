@@ -54,7 +54,7 @@ async def serve_with_gateway(
 
     services = await open_services(settings)
     assert services.enforcement is not None
-    gateway = Gateway(services.enforcement)
+    gateway = Gateway(services.enforcement, services.metrics)
     tls = _ssl_context(uvicorn_options)
     databases = PostgresGateway(
         services.enforcement,

@@ -5,6 +5,9 @@
 * ``access_token_ttl``: the longest life of an access token from the token endpoint.
 * ``require_dpop``: every access token of the project must be DPoP-bound.
 * ``expiry_warning_days``: warn this many days before a long-lived token expires.
+* ``leak_action``: what a confirmed leak does to a live token (``tokenward scan --revoke``,
+  ``POST /v1/leaks``): ``revoke`` (the default: a public secret is spent) or ``quarantine``
+  (suspended, reversibly, for a team that wants to look first). See docs/leaks.md.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from tokenward.store.repository import TokenStore
 from tokenward.tokens.durations import format_duration
 
 POLICY_KEY = "policy"
+#: the values of ``leak_action``
+LEAK_ACTIONS = ("revoke", "quarantine")
 
 
 @dataclass(slots=True)
@@ -26,6 +31,7 @@ class ProjectPolicy:
     access_token_ttl: int | None = None
     require_dpop: bool = False
     expiry_warning_days: int | None = None
+    leak_action: str = "revoke"
 
     def public(self) -> dict[str, Any]:
         return asdict(self)

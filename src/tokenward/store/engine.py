@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -76,15 +78,76 @@ def create_engine(
     )
 
 
-def _upgrade(connection: Connection) -> None:
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    if connection.dialect.name == "postgresql":
-        # Replicas starting together must not race each other through the migrations.
-        connection.execute(text("SELECT pg_advisory_xact_lock(7261120001)"))
+def _config(connection: Connection) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
-    command.upgrade(config, "heads")
+    return config
+
+
+def _upgrade(connection: Connection) -> None:
+    # alembic logs through the root logger: which of its lines show is logs.py's choice
+    if connection.dialect.name == "postgresql":
+        # Replicas starting together must not race each other through the migrations.
+        connection.execute(text("SELECT pg_advisory_xact_lock(7261120001)"))
+    command.upgrade(_config(connection), "heads")
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    """Where a database's schema stands against this version's migrations."""
+
+    #: revisions of this version the database lacks, oldest first (``tokenward migrate``)
+    pending: tuple[str, ...]
+    #: revisions in the database this version does not know (a newer version migrated it)
+    unknown: tuple[str, ...]
+
+    @property
+    def behind(self) -> bool:
+        return bool(self.pending)
+
+
+def _status(connection: Connection) -> SchemaStatus:
+    script = ScriptDirectory.from_config(_config(connection))
+    current = set(MigrationContext.configure(connection).get_current_heads())
+    known = [rev.revision for rev in reversed(list(script.walk_revisions()))]
+    unknown = tuple(sorted(current.difference(known)))
+    if unknown:
+        # A newer version migrated it: its migrations include every one of this version
+        # (revisions are only ever added), though their ancestry is not known here.
+        return SchemaStatus(pending=(), unknown=unknown)
+    applied: set[str] = set()
+    for head in current:
+        applied.update(rev.revision for rev in script.iterate_revisions(head, "base") if rev)
+    return SchemaStatus(pending=tuple(r for r in known if r not in applied), unknown=())
+
+
+class SchemaBehind(Exception):
+    """The database lacks migrations of this version, and this process does not migrate."""
+
+    def __init__(self, status: SchemaStatus) -> None:
+        self.status = status
+        shown = ", ".join(status.pending[:3]) + (", …" if len(status.pending) > 3 else "")
+        count = len(status.pending)
+        super().__init__(
+            f"the database schema is behind this version: {count} "
+            f"migration{'s are' if count > 1 else ' is'} pending ({shown}); run "
+            "'tokenward migrate' first (this server does not migrate: --no-migrate)"
+        )
+
+
+async def require_current_schema(engine: AsyncEngine) -> SchemaStatus:
+    """The schema's status; raises :class:`SchemaBehind` when migrations are pending."""
+    status = await schema_status(engine)
+    if status.behind:
+        raise SchemaBehind(status)
+    return status
+
+
+async def schema_status(engine: AsyncEngine) -> SchemaStatus:
+    """The migrations this version has and the database lacks (and the reverse); read-only."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(_status)
 
 
 async def migrate(engine: AsyncEngine) -> None:

@@ -17,6 +17,11 @@ class TokenKind(StrEnum):
     CANARY = "canary"
 
 
+#: the scope a canary gets when none is asked for (a canary authorises nothing: verify
+#: answers "unknown" to whoever presents one, so its scopes are only what it looks like)
+CANARY_SCOPE = "canary:none"
+
+
 class TokenState(StrEnum):
     ACTIVE = "active"
     NOT_YET_VALID = "not_yet_valid"

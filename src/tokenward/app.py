@@ -22,6 +22,7 @@ from tokenward.api import admin, health, oauth, observability, verification
 from tokenward.api import alerts as alerts_api
 from tokenward.api import audit as audit_api
 from tokenward.api import docs as api_docs
+from tokenward.api import identities as identities_api
 from tokenward.api import leaks as leaks_api
 from tokenward.api import usage as usage_api
 from tokenward.api import webhooks as webhooks_api
@@ -39,6 +40,7 @@ from tokenward.events import EventBus
 from tokenward.failures import FailureCounter, failures_of
 from tokenward.fanout import Fanout, make_fanout
 from tokenward.gateway import Enforcement, build_enforcement
+from tokenward.identities.service import IdentityService
 from tokenward.limits import RateLimiter
 from tokenward.logs import access_log, configure_logging
 from tokenward.metrics import Metrics, RequestMetrics
@@ -81,6 +83,7 @@ class Services:
     metrics: Metrics | None = None
     usage: UsageRollup | None = None
     webhooks: WebhookSender | None = None
+    identities: IdentityService | None = None
 
     async def close(self) -> None:
         await self.fanout.stop()
@@ -184,6 +187,7 @@ async def open_services(settings: Settings, *, run_migrations: bool = True) -> S
             minute_days=settings.usage_minute_days,
             hour_days=settings.usage_hour_days,
         ),
+        identities=IdentityService(tokens.identities, tokens),
     )
     # Failed credentials count where their access event is made, for every entry point.
     events.subscribe(FailureCounter(lambda: failures_of(services)))
@@ -309,6 +313,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(verification.router)
     app.include_router(admin.router)
+    app.include_router(identities_api.router)
     app.include_router(oauth.router)
     app.include_router(audit_api.router)
     app.include_router(alerts_api.router)

@@ -22,6 +22,7 @@ from typing import Any
 
 from tokenward.errors import Conflict, Forbidden, Invalid, NotFound, refuse_pasted_tokens
 from tokenward.events import AdminEvent, EventBus, current_request
+from tokenward.identities.store import IdentityStore
 from tokenward.pagination import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -31,6 +32,7 @@ from tokenward.pagination import (
     micros,
 )
 from tokenward.store.repository import GrantLink, Project, TokenQuery, TokenStore
+from tokenward.tokens.credits import Refill
 from tokenward.tokens.durations import MAX_DURATION
 from tokenward.tokens.format import (
     Environment,
@@ -39,7 +41,7 @@ from tokenward.tokens.format import (
     token_hint,
 )
 from tokenward.tokens.hashing import TokenHasher
-from tokenward.tokens.model import TokenKind, TokenRecord, TokenState
+from tokenward.tokens.model import TokenIdentity, TokenKind, TokenRecord, TokenState
 from tokenward.tokens.scopes import is_narrower, validate_scopes
 from tokenward.verify import Verifier, project_message
 
@@ -84,6 +86,12 @@ class TokenSpec:
     dpop_jkt: str | None = None
     #: set for a token minted by a grant (exchange, refresh): where it descends from
     grant: GrantLink | None = None
+    #: the external id of the identity (owner) the token belongs to, in its project
+    identity: str | None = None
+    #: a grant passes its subject's identity on (so the identity's limit still counts)
+    identity_id: str | None = None
+    #: credits that refill (``uses`` defaults to the refill's amount)
+    refill: Refill | None = None
 
 
 @dataclass(slots=True)
@@ -193,6 +201,8 @@ class TokenService:
         self.on_change = on_change
         #: project policy: (project id, wanted expiry, now, clamp) → allowed expiry, or raises
         self.lifetime_cap: LifetimeCap | None = None
+        #: the identities tokens may belong to
+        self.identities = IdentityStore(store.engine)
 
     @property
     def now(self) -> datetime:
@@ -280,6 +290,10 @@ class TokenService:
             )
         if spec.uses is not None and spec.uses < 1:
             raise Invalid("invalid_uses", "uses must be at least 1")
+        identity = await self._identity_of(spec, project_id)
+        uses = spec.uses
+        if spec.refill is not None and uses is None:
+            uses = spec.refill.amount
         secret = generate_token(spec.environment)
         token_id = new_public_id("tok")
         record = TokenRecord(
@@ -298,12 +312,15 @@ class TokenService:
             ip_allowlist=normalize_cidrs(spec.ip_allowlist),
             rate_limit=list(spec.rate_limit),
             rate_limit_key=spec.rate_limit_key,
-            remaining_uses=spec.uses,
+            remaining_uses=uses,
             hint=token_hint(secret),
             key_id=self.hasher.current.id,
             metadata=dict(spec.metadata),
             family_id=spec.family_id,
             dpop_jkt=spec.dpop_jkt,
+            identity=identity,
+            refill=spec.refill,
+            refilled_at=now if spec.refill is not None else None,
         )
         await self.store.insert_token(record, self.hasher.hash(secret), spec.grant)
         await self._audit(
@@ -311,9 +328,31 @@ class TokenService:
             actor,
             project_id,
             record.id,
-            {"scopes": scopes, "environment": spec.environment, "kind": spec.kind},
+            {
+                "scopes": scopes,
+                "environment": spec.environment,
+                "kind": spec.kind,
+                **({"identity": identity.id} if identity is not None else {}),
+                **({"refill": str(spec.refill)} if spec.refill is not None else {}),
+            },
         )
         return Issued(secret, record)
+
+    async def _identity_of(self, spec: TokenSpec, project_id: str | None) -> TokenIdentity | None:
+        """The identity a new token belongs to: named by its external id in the token's
+        project, or passed on by a grant from its subject."""
+        if spec.identity is None and spec.identity_id is None:
+            return None
+        if project_id is None:
+            raise Invalid("project_required", "a token with an identity needs a project")
+        if spec.identity_id is not None:
+            found = await self.identities.get_by_id(spec.identity_id)
+        else:
+            assert spec.identity is not None
+            found = await self.identities.get(project_id, spec.identity)
+        if found is None or found.project_id != project_id:
+            raise NotFound("identity_not_found", "no identity with this external id")
+        return found.as_token_identity()
 
     async def set_lifetime_policy(
         self, actor: TokenRecord, project: str, max_days: int | None
@@ -349,10 +388,18 @@ class TokenService:
         state: TokenState | None = None,
         limit: int = 100,
         after: str | None = None,
+        identity: str | None = None,
     ) -> list[TokenRecord]:
+        """Tokens the actor may see; with ``identity`` (an external id), only the tokens of
+        the identities of that external id in the projects listed."""
         project_ids = await self._visible_projects(actor, project)
         return await self.store.list_tokens(
-            project_ids=project_ids, state=state, now=self.now, limit=limit, after=after
+            project_ids=project_ids,
+            state=state,
+            now=self.now,
+            limit=limit,
+            after=after,
+            identity=identity,
         )
 
     async def token_states(
@@ -494,6 +541,9 @@ class TokenService:
             family_id=old.family_id,
             dpop_jkt=old.dpop_jkt,
             rotation_period=old.rotation_period,
+            identity=old.identity,
+            refill=old.refill,
+            refilled_at=old.refilled_at,  # read again under the row's lock by the store
         )
         updated_old = await self.store.rotate(
             old.id, successor, self.hasher.hash(secret), now + grace

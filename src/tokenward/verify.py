@@ -23,6 +23,7 @@ from tokenward.errors import Unavailable
 from tokenward.limits import RateLimiter, RateResult
 from tokenward.oauth.dpop import DPoPChecker, DPoPError, DPoPRequest
 from tokenward.store.repository import TokenStore
+from tokenward.tokens.credits import available
 from tokenward.tokens.format import TOKEN_LENGTH, TokenFormatError, parse_token
 from tokenward.tokens.hashing import TokenHasher
 from tokenward.tokens.model import STATE_REASONS, Reason, TokenKind, TokenRecord
@@ -87,6 +88,8 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 #: an invalidation message naming a project (its settings changed) rather than a token id
 PROJECT_PREFIX = "project:"
+#: an invalidation message naming an identity (changed or deleted): all its tokens
+IDENTITY_PREFIX = "identity:"
 
 
 def project_message(project_id: str) -> str:
@@ -96,6 +99,12 @@ def project_message(project_id: str) -> str:
     before: its cache TTL stays its bound for project changes.
     """
     return PROJECT_PREFIX + project_id
+
+
+def identity_message(identity_id: str) -> str:
+    """The invalidation message for every token of an identity (see :func:`project_message`:
+    a replica of an earlier release drops nothing for it)."""
+    return IDENTITY_PREFIX + identity_id
 
 
 def utcnow() -> datetime:
@@ -132,6 +141,12 @@ class Decision:
             ),
             "remaining_uses": self.remaining_uses if token else None,
             "ratelimit": self.ratelimit.as_dict() if self.ratelimit else None,
+            # (an unknown token, a canary among them, reveals nothing of its owner)
+            "identity": (
+                token.identity.public()
+                if token and token.identity and self.reason != Reason.UNKNOWN
+                else None
+            ),
         }
 
 
@@ -198,6 +213,7 @@ class Verifier:
         self._epoch = 0
         self._changed: dict[str, int] = {}
         self._project_changed: dict[str, int] = {}
+        self._identity_changed: dict[str, int] = {}
         self._cleared = 0
         self._load_started: dict[str, int] = {}
         self.hits = 0
@@ -224,6 +240,7 @@ class Verifier:
         consume: bool = True,
         route_limit: tuple[str, tuple[str, ...]] | None = None,
         dpop: DPoPRequest | None = None,
+        cost: int = 1,
     ) -> Decision:
         """Decide whether ``credential`` may do ``scope`` from ``ip``.
 
@@ -235,6 +252,8 @@ class Verifier:
         token's own limit and before a use is spent.
         ``dpop`` is the request's DPoP proof context (see :func:`tokenward.oauth.dpop_request`):
         a DPoP-bound token is allowed only with a fresh proof by its key.
+        ``cost`` is the credits the request spends from a token with remaining uses (0: it
+        needs one left and spends none).
         """
         if (
             ip is not None
@@ -313,9 +332,10 @@ class Verifier:
         # 7. Rate limit, then remaining uses (a denied request spends no use).
         ratelimit = None
         if not consume:
-            if record.remaining_uses == 0 and record.replaced_by is None:
+            left = available(record.remaining_uses, record.refill, record.refilled_at, now)
+            if left == 0 and record.replaced_by is None:
                 return Decision(False, Reason.USES_EXHAUSTED, record, None, 0)
-            return Decision(True, Reason.OK, record, None, record.remaining_uses)
+            return Decision(True, Reason.OK, record, None, left)
         if record.rate_limit:
             try:
                 counter = record.rate_limit_counter  # shared by the token's lineage
@@ -324,6 +344,16 @@ class Verifier:
                 return Decision(False, Reason.UNAVAILABLE, record)
             if not ratelimit.allowed:
                 return Decision(False, Reason.RATE_LIMITED, record, ratelimit)
+        identity = record.identity
+        if identity is not None and identity.rate_limit:
+            try:  # one counter for all the identity's tokens, whatever their lineage
+                owner_rate = await self.limiter.hit(identity.id, identity.rate_limit)
+            except Unavailable:
+                return Decision(False, Reason.UNAVAILABLE, record)
+            if not owner_rate.allowed:
+                return Decision(False, Reason.RATE_LIMITED, record, owner_rate)
+            if ratelimit is None or owner_rate.remaining < ratelimit.remaining:
+                ratelimit = owner_rate
         if route_limit is not None:
             try:
                 route_key = f"{route_limit[0]}:{record.rate_limit_counter}"
@@ -337,15 +367,25 @@ class Verifier:
         remaining = record.remaining_uses
         if remaining is not None:
             try:
-                left = await self._guard(
-                    self.store.consume_use(record.id, rotated=record.replaced_by is not None)
+                spent = await self._guard(
+                    self.store.consume_use(
+                        record.id,
+                        rotated=record.replaced_by is not None,
+                        cost=cost,
+                        refill=record.refill,
+                        now=now,
+                    )
                 )
             except Unavailable:
                 return Decision(False, Reason.UNAVAILABLE, record)
-            if left is None:
-                record.remaining_uses = 0
-                return Decision(False, Reason.USES_EXHAUSTED, record, ratelimit, 0)
-            record.remaining_uses = remaining = left
+            # The cached record follows (introspection reads it without spending).
+            if not spent.allowed:
+                if record.refill is None:
+                    record.remaining_uses = spent.remaining
+                return Decision(False, Reason.USES_EXHAUSTED, record, ratelimit, spent.remaining)
+            record.remaining_uses = remaining = spent.remaining
+            if record.refill is not None:
+                record.refilled_at = now  # in the current period: the refill is done
         self._seen[record.id] = (now, ip)
         return Decision(True, Reason.OK, record, ratelimit, remaining)
 
@@ -443,11 +483,16 @@ class Verifier:
                 record.project_id is not None
                 and self._project_changed.get(record.project_id, 0) > epoch
             )
+            or (
+                record.identity_id is not None
+                and self._identity_changed.get(record.identity_id, 0) > epoch
+            )
         )
 
     def _next_epoch(self) -> int:
         self._epoch += 1
-        if len(self._changed) + len(self._project_changed) >= EPOCH_HISTORY:
+        remembered = len(self._changed) + len(self._project_changed) + len(self._identity_changed)
+        if remembered >= EPOCH_HISTORY:
             # Past the bound, the history is summed up as one clear: every read still in
             # flight reads again (safe, only slower), and nothing more is remembered.
             self._cleared = self._epoch
@@ -458,6 +503,7 @@ class Verifier:
         """No load is in flight: no read can predate an invalidation, so none is kept."""
         self._changed.clear()
         self._project_changed.clear()
+        self._identity_changed.clear()
 
     async def _guard(self, awaitable: Any) -> Any:
         """``awaitable`` (a store call), bounded by ``store_timeout``: a store that fails or
@@ -485,6 +531,8 @@ class Verifier:
         """Apply one invalidation message: a token id, or a :func:`project_message`."""
         if message.startswith(PROJECT_PREFIX):
             self.invalidate_project(message[len(PROJECT_PREFIX) :])
+        elif message.startswith(IDENTITY_PREFIX):
+            self.invalidate_identity(message[len(IDENTITY_PREFIX) :])
         else:
             self.invalidate(message)
 
@@ -497,6 +545,20 @@ class Verifier:
                 self._cache.pop(token_hash, None)
                 self._hash_by_id.pop(entry.record.id, None)
         self._notify(None, project_id)
+
+    def invalidate_identity(self, identity_id: str) -> None:
+        """Forget the cached state of every token of an identity (it changed or is gone).
+
+        Holders of sessions are told as for a :meth:`clear` (they re-check all): they keep
+        sessions by token, not by identity.
+        """
+        if self._load_started:
+            self._identity_changed[identity_id] = self._next_epoch()
+        for token_hash, entry in list(self._cache.items()):
+            if entry.record.identity_id == identity_id:
+                self._cache.pop(token_hash, None)
+                self._hash_by_id.pop(entry.record.id, None)
+        self._notify(None, None)
 
     def clear(self) -> None:
         """Forget every cached token, and make every read still in flight read again."""

@@ -307,9 +307,44 @@ class AdminClient:
         path = f"/v1/tokens/{token_id}/rotation"
         return cast(Rotation, self.request("PUT", path, json=given(fields)))
 
-    def verify(self, token: str, scope: str | None = None, ip: str | None = None) -> VerifyResult:
-        body = {"token": token, "scope": scope, "ip": ip}
+    def verify(
+        self, token: str, scope: str | None = None, ip: str | None = None, cost: int | None = None
+    ) -> VerifyResult:
+        """``POST /v1/verify``; ``cost``: the credits the request spends (default 1)."""
+        body: dict[str, Any] = {"token": token, "scope": scope, "ip": ip}
+        if cost is not None:
+            body["cost"] = cost
         return cast(VerifyResult, self.request("POST", "/v1/verify", json=body))
+
+    # -- identities (owners of tokens)
+    def create_identity(self, project: str, external_id: str, **fields: Any) -> dict[str, Any]:
+        """A new identity (``metadata={…}``, ``rate_limit="1000/hour"``)."""
+        body = {"external_id": external_id, **given(fields)}
+        return dict(self.request("POST", f"/v1/projects/{project}/identities", json=body))
+
+    def list_identities(self, project: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """Every identity of a project (all pages)."""
+        params: dict[str, Any] = {"limit": limit}
+        items: list[dict[str, Any]] = []
+        while True:
+            page = self.request("GET", f"/v1/projects/{project}/identities", params=params)
+            items.extend(page["identities"])
+            if not page.get("next"):
+                return items
+            params["after"] = page["next"]
+
+    def get_identity(self, project: str, external_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/projects/{project}/identities/{external_id}"))
+
+    def update_identity(self, project: str, external_id: str, **fields: Any) -> dict[str, Any]:
+        """Change ``metadata`` and/or ``rate_limit`` (``""``: none)."""
+        path = f"/v1/projects/{project}/identities/{external_id}"
+        return dict(self.request("PATCH", path, json=given(fields)))
+
+    def delete_identity(self, project: str, external_id: str) -> dict[str, Any]:
+        """Delete an identity and revoke all its tokens (the caller has confirmed it)."""
+        path = f"/v1/projects/{project}/identities/{external_id}"
+        return dict(self.request("DELETE", path, params={"confirm": "true"}))
 
     # -- audit and alerts
     def audit_page(self, **params: Any) -> AuditPage:

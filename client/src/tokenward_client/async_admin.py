@@ -90,6 +90,38 @@ class AsyncAdminClient:
         body = {"ip_allowlist": ip_allowlist}
         return cast(Project, await self.request("PATCH", f"/v1/projects/{name}", json=body))
 
+    # -- identities (owners of tokens)
+    async def create_identity(
+        self, project: str, external_id: str, **fields: Any
+    ) -> dict[str, Any]:
+        body = {"external_id": external_id, **given(fields)}
+        path = f"/v1/projects/{project}/identities"
+        return dict(await self.request("POST", path, json=body))
+
+    async def list_identities(self, project: str, limit: int = 1000) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        items: list[dict[str, Any]] = []
+        while True:
+            page = await self.request("GET", f"/v1/projects/{project}/identities", params=params)
+            items.extend(page["identities"])
+            if not page.get("next"):
+                return items
+            params["after"] = page["next"]
+
+    async def get_identity(self, project: str, external_id: str) -> dict[str, Any]:
+        path = f"/v1/projects/{project}/identities/{external_id}"
+        return dict(await self.request("GET", path))
+
+    async def update_identity(
+        self, project: str, external_id: str, **fields: Any
+    ) -> dict[str, Any]:
+        path = f"/v1/projects/{project}/identities/{external_id}"
+        return dict(await self.request("PATCH", path, json=given(fields)))
+
+    async def delete_identity(self, project: str, external_id: str) -> dict[str, Any]:
+        path = f"/v1/projects/{project}/identities/{external_id}"
+        return dict(await self.request("DELETE", path, params={"confirm": "true"}))
+
     # -- tokens
     async def create_token(
         self,
@@ -226,9 +258,11 @@ class AsyncAdminClient:
         return cast(Rotation, await self.request("PUT", path, json=given(fields)))
 
     async def verify(
-        self, token: str, scope: str | None = None, ip: str | None = None
+        self, token: str, scope: str | None = None, ip: str | None = None, cost: int | None = None
     ) -> VerifyResult:
-        body = {"token": token, "scope": scope, "ip": ip}
+        body: dict[str, Any] = {"token": token, "scope": scope, "ip": ip}
+        if cost is not None:
+            body["cost"] = cost
         return cast(VerifyResult, await self.request("POST", "/v1/verify", json=body))
 
     # -- audit and alerts

@@ -53,6 +53,10 @@ class Token(TypedDict):
     disabled_at: NotRequired[str | None]
     disabled_reason: NotRequired[str | None]
     disabled_by: NotRequired[str | None]
+    #: the identity (owner): ``{"id", "external_id"}`` (servers with identities)
+    identity: NotRequired[dict[str, str] | None]
+    #: credits that refill: ``{"amount", "interval", "day", "refilled_at"}``
+    refill: NotRequired[dict[str, Any] | None]
     #: active, expired, revoked, rotated, … (in lists and ``get_token``)
     state: NotRequired[str]
 
@@ -95,6 +99,8 @@ class VerifyResult(TypedDict):
     expires_at: str | None
     remaining_uses: int | None
     ratelimit: dict[str, Any] | None
+    #: the token's identity: ``{"id", "external_id", "metadata"}`` (servers with identities)
+    identity: NotRequired[dict[str, Any] | None]
 
 
 class Introspection(TypedDict):

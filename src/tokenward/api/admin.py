@@ -12,6 +12,7 @@ from tokenward.api.auth import AdminRead, AdminWrite
 from tokenward.api.schemas import (
     IDENTIFIER,
     PRINTABLE,
+    ExternalId,
     ProjectCreate,
     ProjectUpdate,
     Rfc3339,
@@ -72,6 +73,7 @@ MetadataFilter = Annotated[
 TOKEN_FILTERS = frozenset(
     {
         "project",
+        "identity",
         "name_prefix",
         "principal",
         "metadata",
@@ -162,6 +164,8 @@ async def create_token(body: TokenCreate, actor: AdminWrite, request: Request) -
         rate_limit=parse_rates(body.rate_limit) if body.rate_limit else [],
         uses=body.uses,
         metadata=body.metadata,
+        identity=body.identity,
+        refill=body.refill_spec(),
     )
     notices = await _scope_notices(request, actor, body.project, body.scopes)
     if notices and body.strict:
@@ -239,6 +243,10 @@ async def list_tokens(
         Rfc3339 | None,
         Query(description="Tokens last used before this time, or never and made before it."),
     ] = None,
+    identity: Annotated[
+        ExternalId | None,
+        Query(description="Only the tokens of the identity with this external id."),
+    ] = None,
     disabled: bool | None = None,
     quarantined: bool | None = None,
     limit: Limit = DEFAULT_LIMIT,
@@ -256,6 +264,7 @@ async def list_tokens(
         environment=environment,
         expires_before=expires_before,
         last_used_before=last_used_before,
+        identity=identity,
         disabled=disabled,
         quarantined=quarantined,
     )

@@ -60,6 +60,52 @@ class ProjectList(Open):
     next_cursor: str | None = Field(description="Pass as cursor for the next page.")
 
 
+class TokenIdentityRef(Open):
+    id: str
+    external_id: str
+
+
+class Refill(Open):
+    """Credits that refill: ``remaining_uses`` is set back to ``amount`` every interval."""
+
+    amount: int
+    interval: Literal["hour", "day", "month"]
+    day: int | None = Field(description="Day of the month of a monthly refill (UTC).")
+    refilled_at: Timestamp | None = Field(description="The last refill (or the creation).")
+
+
+class VerifiedIdentity(Open):
+    id: str
+    external_id: str
+    metadata: dict[str, str]
+
+
+class Identity(Open):
+    """An identity (owner) of tokens: one per user, by the project's own external id."""
+
+    id: str
+    project: str
+    external_id: str
+    metadata: dict[str, str]
+    rate_limit: str | None = Field(description="Counted once for all its tokens.")
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class IdentityView(Identity):
+    tokens: int = Field(description="How many unrevoked tokens it has.")
+
+
+class IdentityList(Open):
+    identities: list[Identity]
+    next: str | None = Field(description="Cursor of the next page (``after``), if any.")
+
+
+class IdentityDeleted(Open):
+    external_id: str
+    revoked: list[str] = Field(description="Ids of the tokens revoked with it.")
+
+
 class Token(Open):
     """What the API shows about a token: never its secret nor its hash."""
 
@@ -94,6 +140,8 @@ class Token(Open):
     disabled_at: Timestamp | None = Field(description="Set while an admin has disabled it.")
     disabled_reason: str | None
     disabled_by: str | None = Field(description="Id of the credential that disabled it.")
+    identity: TokenIdentityRef | None = Field(description="The identity (owner), if any.")
+    refill: Refill | None = Field(description="Credits that refill, if any.")
 
 
 class TokenView(Token):
@@ -141,8 +189,11 @@ class VerifyResult(Open):
     principal: str | None
     scopes: list[str]
     expires_at: Timestamp | None
-    remaining_uses: int | None
+    remaining_uses: int | None = Field(
+        description="Credits left (after this request's cost); null: unlimited."
+    )
     ratelimit: dict[str, Any] | None
+    identity: VerifiedIdentity | None = Field(description="The token's identity, if any.")
 
 
 class Introspection(Open):

@@ -18,6 +18,8 @@ from pydantic import (
 )
 
 from tokenward.errors import Invalid
+from tokenward.identities.model import EXTERNAL_ID
+from tokenward.tokens import credits
 from tokenward.tokens.durations import parse_duration, parse_rates
 from tokenward.tokens.scopes import parse_scope
 
@@ -151,6 +153,15 @@ MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=
 MetaValue = Annotated[str, StringConstraints(max_length=512, pattern=PRINTABLE)]
 
 
+#: an identity's external id (the project's own user id)
+ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=EXTERNAL_ID)]
+RateLimitText = Annotated[str, StringConstraints(max_length=200), documented(RATE_PATTERN)]
+#: credits that refill, ``1000/month``
+REFILL_PATTERN = r"^[1-9][0-9]{0,8}/(?:hour|day|month)$"
+Refill = Annotated[str, StringConstraints(max_length=24, pattern=REFILL_PATTERN)]
+RefillDay = Annotated[int, Field(ge=1, le=31), JSON_INTEGER]
+
+
 class Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -173,7 +184,26 @@ class TokenCreate(Closed):
             "not": {
                 "required": ["ttl", "expires_at"],
                 "properties": {"ttl": {"type": "string"}, "expires_at": {"type": "string"}},
-            }
+            },
+            "dependentSchemas": {
+                # an identity is one of the token's project
+                "identity": {
+                    "anyOf": [
+                        {"properties": {"identity": {"type": "null"}}},
+                        {"required": ["project"], "properties": {"project": {"type": "string"}}},
+                    ]
+                },
+                # a day of the month goes with a monthly refill
+                "refill_day": {
+                    "anyOf": [
+                        {"properties": {"refill_day": {"type": "null"}}},
+                        {
+                            "required": ["refill"],
+                            "properties": {"refill": {"type": "string", "pattern": "/month$"}},
+                        },
+                    ]
+                },
+            },
         },
     )
 
@@ -193,6 +223,17 @@ class TokenCreate(Closed):
     uses: JsonUses | None = None
     metadata: dict[MetaKey, MetaValue] = Field(
         default_factory=dict, max_length=32, json_schema_extra={"additionalProperties": False}
+    )
+    identity: ExternalId | None = Field(
+        None, description="External id of the identity (owner) the token belongs to."
+    )
+    refill: Refill | None = Field(
+        None,
+        description="Credits that refill: remaining uses set back to N every hour, day or "
+        "month (uses defaults to N).",
+    )
+    refill_day: RefillDay | None = Field(
+        None, description="Day of the month of a monthly refill (1 to 31; default 1)."
     )
     strict: bool = Field(
         False,
@@ -223,6 +264,36 @@ class TokenCreate(Closed):
 
     def ttl_delta(self) -> timedelta | None:
         return parse_duration(self.ttl) if self.ttl else None
+
+    def refill_spec(self) -> credits.Refill | None:
+        """The refill asked for; a day without a monthly refill is refused (422)."""
+        if self.refill is None:
+            if self.refill_day is not None:
+                raise Invalid("invalid_refill", "refill_day goes with a monthly refill only")
+            return None
+        try:
+            return credits.parse_refill(self.refill, self.refill_day)
+        except credits.CreditsError as exc:
+            raise Invalid("invalid_refill", str(exc)) from None
+
+
+class IdentityCreate(Closed):
+    external_id: ExternalId = Field(description="The project's own id for its user.")
+    metadata: dict[MetaKey, MetaValue] = Field(
+        default_factory=dict, max_length=32, json_schema_extra={"additionalProperties": False}
+    )
+    rate_limit: RateLimitText | None = Field(
+        None, description="Counted once for all the identity's tokens: 1000/hour."
+    )
+
+
+class IdentityUpdate(Closed):
+    metadata: dict[MetaKey, MetaValue] | None = Field(
+        None, max_length=32, json_schema_extra={"additionalProperties": False}
+    )
+    rate_limit: RateLimitText | Literal[""] | None = Field(
+        None, description="New windows, or an empty string for none."
+    )
 
 
 class TokenSettings(Closed):

@@ -32,6 +32,7 @@ from tokenward.errors import (
 )
 from tokenward.oauth.clientauth import ClientCredentials, client_credentials, invalid_client
 from tokenward.oauth.dpop import DPoPRequest
+from tokenward.tokens.credits import MAX_COST, CreditsError, check_cost
 from tokenward.tokens.format import TokenFormatError, bearer_credential, parse_token
 from tokenward.tokens.model import Reason, TokenRecord
 
@@ -96,6 +97,13 @@ VERIFY_SCHEMA: dict[str, Any] = {
                         "dpop": _optional(8192, description="The request's DPoP proof."),
                         "method": _optional(16, example="GET"),
                         "url": _optional(2048, example="https://api.example.com/records"),
+                        "cost": {
+                            "type": ["integer", "null"],
+                            "minimum": 0,
+                            "maximum": MAX_COST,
+                            "description": "Credits this request spends from a token with "
+                            "remaining uses (default 1; 0 needs one left, spends none).",
+                        },
                     },
                     # A proof is checked against the request it came with.
                     "dependentSchemas": {
@@ -116,7 +124,7 @@ VERIFY_SCHEMA: dict[str, Any] = {
 
 def _verify_body(
     raw: bytes, content_type: str | None = None, max_depth: int = MAX_JSON_DEPTH
-) -> dict[str, str | None]:
+) -> dict[str, Any]:
     if json_nests_deeper(raw, max_depth):  # read as JSON even when sent as a form
         raise BadRequest("json_too_deep", too_deep_message(max_depth))
     try:
@@ -131,7 +139,7 @@ def _verify_body(
         raise BadRequest("invalid_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Invalid("invalid_request", "the body must be a JSON object")
-    unknown = set(body) - _VERIFY_FIELDS.keys()
+    unknown = set(body) - _VERIFY_FIELDS.keys() - {"cost"}
     if unknown:
         # Field names are echoed only when they look like field names (never a pasted secret).
         names = sorted(n if _FIELD_NAME.match(n) else "…" for n in unknown)
@@ -141,10 +149,18 @@ def _verify_body(
     # What the caller typed besides the credential and its proof is recorded (the audit
     # keeps the scope): a token in it is refused, as in every stored text.
     refuse_pasted_tokens(
-        **{name: value for name, value in body.items() if name not in ("token", "dpop")}
+        **{name: value for name, value in body.items() if name not in ("token", "dpop", "cost")}
     )
+    cost = body.pop("cost", None)
+    if isinstance(cost, float) and cost.is_integer():  # JSON's 5.0 is the integer 5
+        cost = int(cost)
+    if cost is not None:
+        try:
+            body["cost"] = check_cost(cost)
+        except CreditsError as exc:
+            raise Invalid("invalid_request", str(exc)) from None
     for name, value in body.items():
-        if value is None and name != "token":
+        if (value is None and name != "token") or name == "cost":
             continue
         if not isinstance(value, str):
             raise Invalid("invalid_request", f"{name}: must be a string")
@@ -192,6 +208,7 @@ async def handle_verify(
         dpop=DPoPRequest(body["dpop"], body["method"] or "", body["url"] or "")
         if body.get("dpop")
         else None,
+        cost=body.get("cost", 1),
     )
     await emit_access(
         services,
@@ -208,7 +225,9 @@ async def handle_verify(
     )
     result = decision.as_dict()
     if decision.reason == Reason.UNKNOWN or decision.token is None:
-        result.update(token_id=None, project=None, environment=None, principal=None, scopes=[])
+        result.update(
+            token_id=None, project=None, environment=None, principal=None, scopes=[], identity=None
+        )
     if decision.reason == Reason.UNAVAILABLE:
         result.update(error="unavailable", message="a dependency is unavailable; access denied")
         return 503, result

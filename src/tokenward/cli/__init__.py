@@ -9,6 +9,7 @@ writes docs/cli.md from this tree (run ``scripts/cli-docs`` after adding a comma
 ``projects``              ``project create|list|allow-ip|policy``
 ``tokens``                ``token create|list|show|update|disable|enable|revoke|rotate``,
                           ``token quarantine|release``
+``identities``            ``identity create|list|show|update|delete`` (owners of tokens)
 ``exchange``              ``token exchange|auto-rotate`` (short-lived tokens for machines)
 ``trust``                 ``trust add|list|remove`` (OIDC workload identity)
 ``audit``                 ``audit list|tail|export|verify|prune``
@@ -32,6 +33,7 @@ from tokenward.cli import exchange as _exchange  # noqa: F401  (registers its to
 from tokenward.cli.alerts import alerts_app
 from tokenward.cli.audit import audit_app
 from tokenward.cli.common import Commands, Group, err, out
+from tokenward.cli.identities import identity_app
 from tokenward.cli.projects import project_app
 from tokenward.cli.scan import scan
 from tokenward.cli.server import init, migrate, serve
@@ -74,6 +76,7 @@ app.command()(serve)
 app.command()(scan)
 app.add_typer(project_app, name="project")
 app.add_typer(token_app, name="token")
+app.add_typer(identity_app, name="identity")
 app.add_typer(trust_app, name="trust")
 app.add_typer(audit_app, name="audit")
 app.add_typer(alerts_app, name="alerts")

@@ -78,6 +78,16 @@ def token_create(
     meta: Annotated[
         list[str] | None, typer.Option("--meta", help="key=value (repeatable).")
     ] = None,
+    identity: Annotated[
+        str | None, typer.Option(help="External id of its identity (owner): user_123.")
+    ] = None,
+    refill: Annotated[
+        str | None,
+        typer.Option(help="Credits that refill: 1000/month, 100/day, 10/hour (--uses: N)."),
+    ] = None,
+    refill_day: Annotated[
+        int | None, typer.Option(help="Day of the month of a monthly refill (1-31).")
+    ] = None,
     kind: Annotated[
         TokenKindChoice,
         typer.Option("--kind", help="api_key, or canary (a decoy: any use alerts)."),
@@ -114,6 +124,9 @@ def token_create(
             principal=principal,
             name=name,
             metadata=parse_meta(meta or []) or None,
+            identity=identity,
+            refill=refill,
+            refill_day=refill_day,
             strict=strict or None,
         )
     if as_json:
@@ -243,6 +256,9 @@ def token_list(
         str | None,
         typer.Option(help="Not used (never used: made) for this long (30d), or since an ISO time."),
     ] = None,
+    identity: Annotated[
+        str | None, typer.Option(help="Only this identity's (its external id).")
+    ] = None,
     disabled: Annotated[
         bool | None, typer.Option("--disabled/--enabled", help="Only disabled (enabled) ones.")
     ] = None,
@@ -259,6 +275,7 @@ def token_list(
         "expires_before": _moment(expires_before, 1, "--expires-before"),
         "last_used_before": _moment(unused_for, -1, "--unused-for"),
         "disabled": disabled,
+        "identity": identity,
         "metadata": parse_meta(meta or []) or None,
     }
     with client(as_json) as c:

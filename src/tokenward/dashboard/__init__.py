@@ -34,6 +34,7 @@ def install(app: FastAPI) -> None:
         routes_admin,
         routes_alerting,
         routes_auth,
+        routes_identities,
         routes_tokens,
         routes_usage,
         routes_webhooks,
@@ -43,6 +44,7 @@ def install(app: FastAPI) -> None:
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
     router.include_router(routes_auth.router)
     router.include_router(routes_tokens.router)
+    router.include_router(routes_identities.router)
     router.include_router(routes_admin.router)
     router.include_router(routes_alerting.router)
     router.include_router(routes_usage.router)

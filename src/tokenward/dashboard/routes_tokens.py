@@ -45,6 +45,7 @@ from tokenward.errors import TokenwardError
 from tokenward.pagination import MAX_CURSOR, decode_cursor, micros
 from tokenward.service import TOKEN_CURSOR, TokenChanges, TokenSpec, lifetime_days, token_cursor
 from tokenward.store.repository import Project, TokenQuery
+from tokenward.tokens.credits import parse_refill
 from tokenward.tokens.durations import DurationError, parse_duration, parse_rates
 from tokenward.tokens.model import CANARY_SCOPE, TokenKind, TokenRecord, TokenState
 from tokenward.tokens.scopes import ScopeError, scope_covers, scopes_allow, validate_scopes
@@ -423,6 +424,12 @@ def spec_from_form(form: FormData, project: Project, now: datetime) -> TokenSpec
     if rotation:
         parse_duration(rotation)
         metadata["rotate_every"] = rotation
+    refill_text, refill_day = form_text(form, "refill", 24), form_text(form, "refill_day", 4)
+    if refill_day and not whole_number(refill_day):
+        raise ValueError("The refill day is a day of the month, 1 to 31.")
+    refill = (
+        parse_refill(refill_text, int(refill_day) if refill_day else None) if refill_text else None
+    )
     return TokenSpec(
         project=project.id,
         scopes=scopes,
@@ -436,6 +443,8 @@ def spec_from_form(form: FormData, project: Project, now: datetime) -> TokenSpec
         rate_limit=parse_rates(rate) if rate else [],
         uses=checked.uses,
         metadata=metadata,
+        identity=form_text(form, "identity", 128) or None,
+        refill=refill,
     )
 
 

@@ -17,6 +17,7 @@
     project = "shop"                # optional: only tokens of this project
     environment = "live"            # optional: only live (or test) tokens
     rate_limit = "10/second;1000/hour"  # optional: per token, on this route
+    cost = 5                        # optional: credits a request spends (default 1)
     mcp = "files"                   # optional: an MCP server; per-tool scopes (docs/agents.md)
 
 An upstream may carry the provider's credential, added to every request the gateway forwards
@@ -40,6 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tokenward.gateway import credentials
+from tokenward.tokens.credits import MAX_COST
 from tokenward.tokens.durations import DurationError, parse_rates
 from tokenward.tokens.scopes import ScopeError, parse_scope
 
@@ -95,6 +97,8 @@ class Route:
     rate_limit: tuple[str, ...] = ()
     #: an MCP server's name: each JSON-RPC message is decided too (gateway/mcp.py)
     mcp: str | None = None
+    #: credits a request on this route spends from a token with remaining uses
+    cost: int = 1
     #: the path up to its first ``{name}``: a request path must start with it
     prefix: str = field(init=False)
     #: the route's limit as the verifier counts it (key, windows), if it has one
@@ -384,6 +388,7 @@ def _route(r: _Reader, i: int, raw: Any, upstreams: dict[str, Upstream]) -> Rout
             "environment",
             "rate_limit",
             "mcp",
+            "cost",
         },
         {"path"} if isinstance(raw, dict) and "mcp" in raw else {"path", "methods", "scope"},
     )
@@ -444,6 +449,10 @@ def _route(r: _Reader, i: int, raw: Any, upstreams: dict[str, Upstream]) -> Rout
         except DurationError as exc:
             raise r.fail("routes", i, "rate_limit", str(exc)) from None
 
+    cost = t.get("cost", 1)
+    if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= MAX_COST:
+        raise r.fail("routes", i, "cost", f"must be an integer from 0 to {MAX_COST}")
+
     name = r.string(t, "routes", i, "name") or f"{i}:{path}"
     return Route(
         index=i,
@@ -457,6 +466,7 @@ def _route(r: _Reader, i: int, raw: Any, upstreams: dict[str, Upstream]) -> Rout
         environment=environment,
         rate_limit=rate_limit,
         mcp=mcp_server,
+        cost=cost,
     )
 
 

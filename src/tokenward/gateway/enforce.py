@@ -147,13 +147,16 @@ class Outcome:
         token = self.decision.token
         if not self.decision.allowed or token is None:
             return []
-        return [
+        headers = [
             ("X-Tokenward-Token-Id", token.id),
             ("X-Tokenward-Principal", _CONTROL_CHARS.sub("", token.principal)),
             ("X-Tokenward-Scopes", " ".join(token.scopes)),
             ("X-Tokenward-Project", token.project or ""),
             ("X-Tokenward-Environment", token.environment),
         ]
+        if token.identity is not None:  # its external id: printable ASCII by construction
+            headers.append(("X-Tokenward-Identity", token.identity.external_id))
+        return headers
 
     def limit_headers(self) -> list[tuple[str, str]]:
         """``RateLimit-*``, ``Retry-After`` on 429, ``WWW-Authenticate`` on 401/scope."""
@@ -335,6 +338,7 @@ class Enforcement:
             project=route.project,
             environment=route.environment,
             route_limit=route.limit,
+            cost=route.cost,
         )
         # 4. A credential that is no token at all counts against the address: its access
         # event does (see record() and tokenward.failures.FailureCounter).

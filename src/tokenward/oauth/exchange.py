@@ -501,6 +501,7 @@ class TokenExchange:
             # The subject's rate limit carries over as one budget, not as a copy: every token
             # of the lineage counts on the subject's counter (its origin's, for a chain).
             rate_limit_key=actor.rate_limit_counter,
+            identity_id=actor.identity_id,  # and the identity's limit still counts
             metadata={k: v for k, v in metadata.items() if k != "bootstrap"},
             family_id=family,
             dpop_jkt=jkt,

@@ -11,15 +11,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, true, update
+from sqlalchemy import and_, case, func, literal, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenward.errors import Conflict, NotFound
 from tokenward.oauth.tables import token_grants
-from tokenward.store.tables import projects, tokens
+from tokenward.store.tables import UTCDateTime, identities, projects, tokens
+from tokenward.tokens.credits import Refill, RefillInterval, available, period_start
 from tokenward.tokens.format import new_public_id
-from tokenward.tokens.model import TokenRecord, TokenState
+from tokenward.tokens.model import TokenIdentity, TokenRecord, TokenState
 
 
 @dataclass(slots=True, frozen=True)
@@ -30,6 +31,14 @@ class GrantLink:
 
     parent_id: str
     origin_id: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class Spent:
+    """What spending credits did: whether it was allowed, and the credits left after it."""
+
+    allowed: bool
+    remaining: int
 
 
 @dataclass(slots=True)
@@ -53,7 +62,15 @@ _SELECT_TOKEN = select(
     *_TOKEN_COLUMNS,
     projects.c.name.label("project_name"),
     projects.c.ip_allowlist.label("project_ip_allowlist"),
-).select_from(tokens.outerjoin(projects, tokens.c.project_id == projects.c.id))
+    # the token's identity, read with it (one lookup on the hot path)
+    identities.c.external_id.label("identity_external_id"),
+    identities.c.metadata.label("identity_metadata"),
+    identities.c.rate_limit.label("identity_rate_limit"),
+).select_from(
+    tokens.outerjoin(projects, tokens.c.project_id == projects.c.id).outerjoin(
+        identities, tokens.c.identity_id == identities.c.id
+    )
+)
 
 
 def state_at(now: datetime) -> Any:
@@ -112,7 +129,29 @@ def _record(row: Any) -> TokenRecord:
         disabled_at=m["disabled_at"],
         disabled_reason=m["disabled_reason"],
         disabled_by=m["disabled_by"],
+        identity=_identity(m),
+        refill=_refill(m),
+        refilled_at=m["refilled_at"],
     )
+
+
+def _identity(m: Any) -> TokenIdentity | None:
+    """The token's identity; ``None`` without one, or once its identity is deleted."""
+    if m["identity_id"] is None or m["identity_external_id"] is None:
+        return None
+    rate = m["identity_rate_limit"]
+    return TokenIdentity(
+        m["identity_id"],
+        m["identity_external_id"],
+        dict(m["identity_metadata"] or {}),
+        tuple(rate.split(";")) if rate else (),
+    )
+
+
+def _refill(m: Any) -> Refill | None:
+    if m["refill_interval"] is None or m["refill_amount"] is None:
+        return None
+    return Refill(int(m["refill_amount"]), RefillInterval(m["refill_interval"]), m["refill_day"])
 
 
 def _project(row: Any) -> Project:
@@ -149,6 +188,11 @@ def _token_values(record: TokenRecord, token_hash: str) -> dict[str, Any]:
         "family_id": record.family_id,
         "dpop_jkt": record.dpop_jkt,
         "rotation_period": record.rotation_period,
+        "identity_id": record.identity_id,
+        "refill_amount": record.refill.amount if record.refill else None,
+        "refill_interval": record.refill.interval.value if record.refill else None,
+        "refill_day": record.refill.day if record.refill else None,
+        "refilled_at": record.refilled_at,
     }
 
 
@@ -179,8 +223,8 @@ class TokenQuery:
     quarantined: bool | None = None
     expiring_days: int | None = None
     unused_days: int | None = None
-    # Hook for owners of tokens (identities): an ``identity_id`` filter goes here, applied
-    # in :func:`_conditions` like ``principal`` once ``tokens.identity_id`` exists.
+    #: the external id of the identity (owner) the tokens belong to
+    identity: str | None = None
 
 
 def _prefix_range(prefix: str) -> tuple[str, str] | None:
@@ -224,6 +268,9 @@ def _conditions(q: TokenQuery, now: datetime, dialect: str = "") -> list[Any]:
         )
     if q.principal is not None:
         out.append(c.principal == q.principal)
+    if q.identity is not None:  # a subquery: the count query has no join to identities
+        owners = select(identities.c.id).where(identities.c.external_id == q.identity)
+        out.append(c.identity_id.in_(owners))
     for key, value in sorted(q.metadata.items()):
         out.append(c["metadata"][key].as_string() == value)
     if q.state:
@@ -453,11 +500,16 @@ class TokenStore:
         now: datetime,
         limit: int = 100,
         after: str | None = None,
+        identity: str | None = None,
     ) -> list[TokenRecord]:
-        """Tokens of the given projects (``None``: all), newest id order, keyset-paginated."""
+        """Tokens of the given projects (``None``: all), newest id order, keyset-paginated;
+        with ``identity`` (an external id), only the tokens of the identities that have it
+        (an indexed lookup on both tables)."""
         query = _SELECT_TOKEN.order_by(tokens.c.id).limit(limit)
         if project_ids is not None:
             query = query.where(tokens.c.project_id.in_(list(project_ids)))
+        if identity is not None:
+            query = query.where(identities.c.external_id == identity)
         if after:
             query = query.where(tokens.c.id > after)
         c = tokens.c
@@ -517,10 +569,17 @@ class TokenStore:
                 .where(tokens.c.id == old_id)
                 .values(remaining_uses=tokens.c.remaining_uses)
             )
-            left = (
-                await conn.execute(select(tokens.c.remaining_uses).where(tokens.c.id == old_id))
-            ).scalar()
+            held = (
+                await conn.execute(
+                    select(tokens.c.remaining_uses, tokens.c.refilled_at).where(
+                        tokens.c.id == old_id
+                    )
+                )
+            ).first()
+            left = held[0] if held is not None else None
             successor.remaining_uses = left
+            if held is not None and successor.refill is not None:
+                successor.refilled_at = held[1]  # the refill period carries over too
             await conn.execute(tokens.insert().values(**_token_values(successor, successor_hash)))
             # A rotated refresh token stays in its grant: it descends from its predecessor.
             origin = (
@@ -604,33 +663,68 @@ class TokenStore:
             row = (await conn.execute(_SELECT_TOKEN.where(tokens.c.id == token_id))).first()
         return _record(row) if row else None
 
-    async def consume_use(self, token_id: str, *, rotated: bool = False) -> int | None:
-        """Spend one use atomically; the uses left after it, or ``None`` when none were left.
+    async def consume_use(
+        self,
+        token_id: str,
+        *,
+        rotated: bool = False,
+        cost: int = 1,
+        refill: Refill | None = None,
+        now: datetime | None = None,
+    ) -> Spent:
+        """Spend ``cost`` credits atomically: allowed only when at least ``cost`` (and at
+        least one) are left; the credits left after it either way.
+
+        A token whose credits refill (``refill``, as the caller read it) is refilled first
+        when its last refill is before the current period (``now``'s): the refill and the
+        spend are one conditional statement, so a refill at a boundary is counted once,
+        however many replicas spend at it (docs/decisions/0035-identities-and-credits.md).
 
         A rotated token in its grace window spends from its successor (the uses were handed
         over at rotation), so the lineage as a whole never gets more uses than it was given.
         """
+        c = tokens.c
         async with self.engine.begin() as conn:
             target = token_id
             if rotated:
                 for _ in range(16):
                     successor = (
-                        await conn.execute(
-                            select(tokens.c.replaced_by).where(tokens.c.id == target)
-                        )
+                        await conn.execute(select(c.replaced_by).where(c.id == target))
                     ).scalar()
                     if successor is None:
                         break
                     target = successor
-            row = (
+            period = period_start(refill, now) if refill is not None and now else None
+            if period is None:
+                credits: Any = c.remaining_uses
+                values: dict[str, Any] = {"remaining_uses": c.remaining_uses - cost}
+            else:
+                start = literal(period, UTCDateTime())
+                due = or_(c.refilled_at.is_(None), c.refilled_at < start)
+                credits = case((due, c.refill_amount), else_=c.remaining_uses)
+                values = {
+                    "remaining_uses": credits - cost,
+                    "refilled_at": case((due, start), else_=c.refilled_at),
+                }
+            spent = (
                 await conn.execute(
                     update(tokens)
-                    .where(tokens.c.id == target, tokens.c.remaining_uses > 0)
-                    .values(remaining_uses=tokens.c.remaining_uses - 1)
-                    .returning(tokens.c.remaining_uses)
+                    .where(c.id == target, credits >= max(cost, 1))
+                    .values(**values)
+                    .returning(c.remaining_uses)
                 )
             ).first()
-        return None if row is None else int(row[0])
+            if spent is not None:
+                return Spent(True, int(spent[0]))
+            # Denied: what is left (a refill due counts, though nothing was written).
+            left = (
+                await conn.execute(select(c.remaining_uses, c.refilled_at).where(c.id == target))
+            ).first()
+        if left is None or left[0] is None:
+            return Spent(False, 0)
+        if period is None or now is None:
+            return Spent(False, int(left[0]))
+        return Spent(False, available(int(left[0]), refill, left[1], now) or 0)
 
     async def touch_many(self, seen: dict[str, tuple[datetime, str | None]]) -> None:
         """Record last-used time and IP for many tokens at once (written in batches)."""

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     TypeDecorator,
+    UniqueConstraint,
 )
 
 from tokenward.errors import refuse_pasted_tokens
@@ -154,6 +155,14 @@ tokens = Table(
     Column("expiry_warned_at", UTCDateTime(), nullable=True),
     Column("quarantined_at", UTCDateTime(), nullable=True),
     Column("quarantine_reason", TypedText(300, "reason"), nullable=True),
+    #: the identity (owner) of the token; its rate limit is shared by all its tokens
+    Column("identity_id", String(32), nullable=True),
+    #: credits that refill: ``remaining_uses`` is set back to ``refill_amount`` every
+    #: ``refill_interval`` (hour, day, month on ``refill_day``); ``refilled_at`` is the last
+    Column("refill_amount", Integer, nullable=True),
+    Column("refill_interval", String(8), nullable=True),
+    Column("refill_day", Integer, nullable=True),
+    Column("refilled_at", UTCDateTime(), nullable=True),
     #: set while an admin has switched the token off (decision 0034); reversible
     Column("disabled_at", UTCDateTime(), nullable=True),
     Column("disabled_reason", TypedText(300, "reason"), nullable=True),
@@ -172,4 +181,19 @@ tokens = Table(
     Index("ix_tokens_project_principal", "project_id", "principal", "created_at", "id"),
     Index("ix_tokens_expires_at", "expires_at"),
     Index("ix_tokens_last_used_at", "last_used_at"),
+    Index("ix_tokens_identity_id", "identity_id"),
+)
+
+#: identities (owners) of tokens: one per user of a project's API, by the project's own id
+identities = Table(
+    "identities",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("project_id", String(32), ForeignKey("projects.id"), nullable=False),
+    Column("external_id", TypedText(128, "external_id"), nullable=False),
+    Column("metadata", TypedJSON("metadata"), nullable=False),
+    Column("rate_limit", String(200), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("project_id", "external_id", name="uq_identities_project_external"),
 )

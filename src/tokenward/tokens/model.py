@@ -7,6 +7,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from tokenward.tokens.credits import Refill
+
 
 class TokenKind(StrEnum):
     API_KEY = "api_key"
@@ -62,6 +64,20 @@ class Reason(StrEnum):
     DISABLED = "disabled"
 
 
+@dataclass(frozen=True, slots=True)
+class TokenIdentity:
+    """The identity (owner) a token belongs to, as the verifier reads it with the token."""
+
+    id: str
+    external_id: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: the identity's own rate limit, one counter for all its tokens (empty: none)
+    rate_limit: tuple[str, ...] = ()
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "external_id": self.external_id, "metadata": dict(self.metadata)}
+
+
 @dataclass(slots=True)
 class TokenRecord:
     """One token's stored state (never its secret)."""
@@ -108,6 +124,16 @@ class TokenRecord:
     disabled_at: datetime | None = None
     disabled_reason: str | None = None
     disabled_by: str | None = None
+    #: the identity (owner) the token belongs to, if any, read with the token
+    identity: TokenIdentity | None = None
+    #: credits that refill: ``remaining_uses`` is set back to ``refill.amount`` each period
+    refill: Refill | None = None
+    #: when the credits were last refilled (or the token created with them)
+    refilled_at: datetime | None = None
+
+    @property
+    def identity_id(self) -> str | None:
+        return self.identity.id if self.identity is not None else None
 
     @property
     def rate_limit_counter(self) -> str:
@@ -163,6 +189,16 @@ class TokenRecord:
             "disabled_at": _iso(self.disabled_at),
             "disabled_reason": self.disabled_reason,
             "disabled_by": self.disabled_by,
+            "identity": (
+                {"id": self.identity.id, "external_id": self.identity.external_id}
+                if self.identity is not None
+                else None
+            ),
+            "refill": (
+                {**self.refill.public(), "refilled_at": _iso(self.refilled_at)}
+                if self.refill is not None
+                else None
+            ),
         }
 
 

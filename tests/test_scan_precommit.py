@@ -33,6 +33,7 @@ def test_the_hooks_file_defines_tokenward_scan():
         "description",
         "entry",
         "language",
+        "additional_dependencies",
         "pass_filenames",
         "types",
     }

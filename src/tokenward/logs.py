@@ -208,6 +208,8 @@ def configure_logging(level: str = "info", stream: Any = None) -> None:
         library.handlers.clear()
         library.propagate = True
         library.setLevel(logging.NOTSET)
+    for chatty in ("httpx", "httpcore"):  # a line per outbound request: the histograms say it
+        logging.getLogger(chatty).setLevel(max(numeric, logging.WARNING))
     migration = logging.getLogger("alembic.runtime.migration")
     if not any(isinstance(f, _MigrationsOnly) for f in migration.filters):
         migration.addFilter(_MigrationsOnly())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 import secrets
 import time
 from urllib.parse import urlsplit
@@ -56,12 +57,23 @@ def signed_headers(
     }
 
 
+#: what an https webhook URL may be: the pattern the API documents (api/schemas.py)
+_HTTPS_URL = re.compile(
+    r"https://[a-z0-9](?:[a-z0-9.-]{0,60}[a-z0-9])?(?::[1-9][0-9]{0,3})?(?:/[A-Za-z0-9._~/-]{0,200})?"
+)
+
+
 def check_webhook_url(url: str) -> str:
     """https, or plain http to loopback only (deliveries carry token ids, and a rotation
     delivers a token)."""
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError("webhook_url must be an https URL")
+    if parts.scheme == "https" and not _HTTPS_URL.fullmatch(url):
+        raise ValueError(
+            "webhook_url: https://host[:port][/path], the path of letters, digits and ._~/- "
+            "only (no query, no user info)"
+        )
     if parts.scheme == "http":
         try:
             loopback = ipaddress.ip_address(parts.hostname).is_loopback

@@ -22,7 +22,7 @@ from tokenward.errors import Forbidden, Invalid, NotFound, Unavailable
 from tokenward.service import TokenService
 from tokenward.tokens.model import TokenRecord
 from tokenward.webhooks.sender import WebhookSender, new_message_id
-from tokenward.webhooks.signing import check_webhook_url, new_webhook_secret
+from tokenward.webhooks.signing import check_endpoint_url, new_webhook_secret
 from tokenward.webhooks.store import EVENT_TYPES, Endpoint, Message, new_endpoint
 
 router = APIRouter(prefix="/v1", tags=["webhooks"], dependencies=[Depends(printable_parameters)])
@@ -128,7 +128,7 @@ async def _visible(request: Request, actor: TokenRecord, endpoint_id: str) -> En
 async def add_webhook(body: WebhookBody, actor: AdminWrite, request: Request) -> Any:
     """Add an endpoint; its signing secret is returned once."""
     try:
-        check_webhook_url(body.url)
+        check_endpoint_url(body.url)
     except ValueError as exc:
         raise Invalid("invalid_webhook_url", str(exc)) from None
     project_id = actor.project_id

@@ -63,17 +63,23 @@ _HTTPS_URL = re.compile(
 )
 
 
+def check_endpoint_url(url: str) -> str:
+    """A lifecycle webhook endpoint's URL: :func:`check_webhook_url`, and an https URL held to
+    the pattern the API documents (no query, no user info)."""
+    if urlsplit(url).scheme == "https" and not _HTTPS_URL.fullmatch(url):
+        raise ValueError(
+            "webhook_url: https://host[:port][/path], the path of letters, digits and ._~/- "
+            "only (no query, no user info)"
+        )
+    return check_webhook_url(url)
+
+
 def check_webhook_url(url: str) -> str:
     """https, or plain http to loopback only (deliveries carry token ids, and a rotation
     delivers a token)."""
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError("webhook_url must be an https URL")
-    if parts.scheme == "https" and not _HTTPS_URL.fullmatch(url):
-        raise ValueError(
-            "webhook_url: https://host[:port][/path], the path of letters, digits and ._~/- "
-            "only (no query, no user info)"
-        )
     if parts.scheme == "http":
         try:
             loopback = ipaddress.ip_address(parts.hostname).is_loopback
